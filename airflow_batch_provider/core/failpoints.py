@@ -1,0 +1,40 @@
+"""Named crash points for crash-safety tests; inert unless ``ABP_FAILPOINTS`` is set.
+
+``ABP_FAILPOINTS="before_sentinel=kill@/tmp/once"`` makes the process that reaches the
+``before_sentinel`` point SIGKILL itself, once: the marker file records that it fired, so
+Ray's retry of the same work (or a rerun) gets past it. Actions: ``kill`` (SIGKILL, as an
+OOM kill or a lost node would) and ``raise`` (a Python exception). Without ``@marker`` the
+point fires every time. Points: ``mid_part``, ``before_sentinel``, ``before_publish``,
+``after_publish``, ``finalize_before_manifest``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "ABP_FAILPOINTS"
+
+
+class FailpointError(RuntimeError):
+    """Raised by a failpoint whose action is ``raise``."""
+
+
+def hit(name: str) -> None:
+    config = os.environ.get(ENV)
+    if not config:
+        return
+    for entry in config.split(","):
+        point, _, rest = entry.partition("=")
+        if point.strip() != name:
+            continue
+        action, _, marker = rest.partition("@")
+        if marker:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue  # fired before
+            os.close(fd)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise FailpointError(f"failpoint {name} fired")

@@ -1,0 +1,259 @@
+"""Job-level steps around the shards: plan (with resume), reset, and finalize.
+
+``plan_job`` lists the input once, reuses the persisted plan for files that did not change,
+and returns only the shards that are not committed yet, grouped into at most ``max_tasks``
+work units (Airflow's ``[core] max_map_length``). ``finalize_job`` proves that every shard
+of the plan is committed and writes the ``_SUCCESS`` manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_batch_provider.core import failpoints
+from airflow_batch_provider.core.commit import (
+    MANIFEST_NAME,
+    JobStorage,
+    check_shard,
+    parse_sentinel,
+    InvalidSentinel,
+)
+from airflow_batch_provider.core.planning import Plan, Shard, list_inputs, split_file
+from airflow_batch_provider.core.spec import BatchSpec, describe_fingerprint_change
+from airflow_batch_provider.core.storage import STAGING_DIR
+from airflow_batch_provider.exceptions import IncompleteJobError, StaleCheckpointError
+
+_PART_SUFFIXES = (".parquet", ".jsonl")
+_CHECK_THREADS = 16
+
+
+@dataclass
+class JobPlan:
+    plan: Plan
+    pending: list[Shard]
+    committed: int
+    notes: list[str] = field(default_factory=list)
+    plan_written: bool = False
+
+    def work_units(self, max_tasks: int) -> list[dict[str, Any]]:
+        return work_units(self.pending, max_tasks)
+
+
+def work_units(shards: list[Shard], max_tasks: int) -> list[dict[str, Any]]:
+    """One mapped task per shard, or several per task when there are more than ``max_tasks``.
+
+    Each unit is JSON-able (it travels through XCom) and carries a ``label`` for the UI.
+    """
+    if not shards:
+        return []
+    per_unit = math.ceil(len(shards) / max(1, max_tasks))
+    units = []
+    for offset in range(0, len(shards), per_unit):
+        group = shards[offset : offset + per_unit]
+        label = group[0].label if len(group) == 1 else f"{len(group)} shards: {group[0].label} .. {group[-1].label}"
+        units.append({"label": label, "shards": [s.to_dict() for s in group]})
+    return units
+
+
+def load_plan(storage: JobStorage) -> Plan | None:
+    raw = storage.checkpoint.read_bytes(storage.plan_path)
+    return None if raw is None else Plan.from_json(raw, storage.plan_path)
+
+
+def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
+    storage = storage or JobStorage.for_spec(spec)
+    notes: list[str] = []
+    if not spec.resume:
+        notes.append(reset_job(storage))
+    files = list_inputs(storage.source, spec)
+    committed = storage.committed_ids()
+    existing = load_plan(storage)
+    if existing is None and committed:
+        _check_sample_sentinel(storage, sorted(committed)[0])
+    if existing is not None and committed:
+        _check_same_spec(storage, existing)
+    elif existing is not None and (
+        existing.spec_fingerprint != spec.fingerprint or existing.rows_per_shard != spec.rows_per_shard
+    ):
+        existing = None  # nothing committed under the old plan: plan afresh
+
+    reusable = {f.relpath: f for f in existing.inputs} if existing else {}
+    old_shards: dict[str, list[Shard]] = {}
+    for shard in existing.shards if existing else []:
+        old_shards.setdefault(shard.relpath, []).append(shard)
+    current = {f.relpath: f for f in files}
+    for relpath, old in reusable.items():
+        new = current.get(relpath)
+        if new is None or new.version != old.version:
+            done = [s.shard_id for s in old_shards.get(relpath, []) if s.shard_id in committed]
+            if done:
+                what = "was removed" if new is None else f"changed (version {old.version} -> {new.version})"
+                raise StaleCheckpointError(
+                    f"input {old.path} {what} since it was planned, and {len(done)} of its shards are "
+                    f"already committed in {spec.sink_root}. Restore the file, or set resume=False "
+                    "(or use a new sink) to start fresh."
+                )
+    shards: list[Shard] = []
+    for file in files:
+        old = reusable.get(file.relpath)
+        if old is not None and old.version == file.version and file.relpath in old_shards:
+            shards.extend(old_shards[file.relpath])
+        else:
+            shards.extend(split_file(storage.source, spec, file))
+    plan = Plan(
+        spec_fingerprint=spec.fingerprint,
+        fingerprint_inputs=spec.fingerprint_inputs(),
+        rows_per_shard=spec.rows_per_shard,
+        source=spec.source,
+        inputs=files,
+        shards=shards,
+    )
+    plan_written = existing is None or existing.to_json() != plan.to_json()
+    if plan_written:
+        storage.checkpoint.write_atomic(storage.plan_path, plan.to_json())
+
+    pending = [s for s in shards if s.shard_id not in committed]
+    done = [s for s in shards if s.shard_id in committed]
+    if done:
+        parts = storage.sink.list_files(spec.sink_root)
+        for shard in done:
+            if storage.part_name(shard.shard_id) not in parts:
+                check = check_shard(storage, shard)  # rolls forward, or quarantines
+                if not check.committed:
+                    pending.append(shard)
+                    notes.append(check.note)
+    return JobPlan(plan, pending, len(shards) - len(pending), notes, plan_written)
+
+
+def _check_same_spec(storage: JobStorage, existing: Plan) -> None:
+    spec = storage.spec
+    if existing.spec_fingerprint != spec.fingerprint:
+        changed = describe_fingerprint_change(existing.fingerprint_inputs, spec.fingerprint_inputs())
+        raise StaleCheckpointError(
+            f"{spec.sink_root} holds committed shards of a different spec ({changed}). Refusing to "
+            "mix outputs of two specs: write to a new sink, or set resume=False to delete this "
+            "job's earlier output and start fresh."
+        )
+    if existing.rows_per_shard != spec.rows_per_shard:
+        raise StaleCheckpointError(
+            f"rows_per_shard changed from {existing.rows_per_shard} to {spec.rows_per_shard}, but "
+            f"{spec.sink_root} holds shards committed with the old layout. Set rows_per_shard="
+            f"{existing.rows_per_shard} to resume, or resume=False to start fresh."
+        )
+
+
+def _check_sample_sentinel(storage: JobStorage, shard_id: str) -> None:
+    """No plan but sentinels: make sure they belong to this spec before trusting any."""
+    path = storage.sentinel_path(shard_id)
+    try:
+        sentinel = parse_sentinel(storage.checkpoint.read_bytes(path) or b"", path, shard_id)
+    except InvalidSentinel:
+        return  # the shard task quarantines it when it gets there
+    spec = storage.spec
+    if sentinel["spec_fingerprint"] != spec.fingerprint:
+        changed = describe_fingerprint_change(sentinel.get("fingerprint_inputs", {}), spec.fingerprint_inputs())
+        raise StaleCheckpointError(
+            f"{spec.sink_root} holds committed shards of a different spec ({changed}); write to a "
+            "new sink, or set resume=False to start fresh."
+        )
+
+
+def reset_job(storage: JobStorage) -> str:
+    """Delete this job's earlier output (resume=False): our part files first, then state.
+
+    Parts go before sentinels so that a crash half-way leaves sentinels without parts
+    (quarantined and recomputed later), never parts without a plan. Files we did not write
+    are left alone.
+    """
+    spec = storage.spec
+    parts = [n for n in storage.sink.list_files(spec.sink_root) if n.startswith("part-") and n.endswith(_PART_SUFFIXES)]
+    for name in parts:
+        storage.sink.delete(f"{spec.sink_root}/{name}")
+    for handle in storage.sink.list_staged(spec.sink_root):
+        storage.sink.discard(handle)
+    storage.sink.delete(storage.manifest_path)
+    sentinels = list(storage.checkpoint.list_files(storage.sentinel_dir))
+    for name in sentinels:
+        storage.checkpoint.delete(f"{storage.sentinel_dir}/{name}")
+    storage.checkpoint.delete(storage.plan_path)
+    return f"resume=False: deleted {len(parts)} part files and {len(sentinels)} sentinels from an earlier run"
+
+
+def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_seconds: float | None = None) -> dict[str, Any]:
+    """Check every planned shard is committed and its part in place; write ``_SUCCESS``."""
+    storage = storage or JobStorage.for_spec(spec)
+    plan = load_plan(storage)
+    if plan is None:
+        raise IncompleteJobError(f"{storage.plan_path} is missing: run the plan step first")
+    committed = storage.committed_ids()
+    missing = [s for s in plan.shards if s.shard_id not in committed]
+    if missing:
+        raise IncompleteJobError(_incomplete_message(spec, missing, "have no sentinel"))
+    with ThreadPoolExecutor(_CHECK_THREADS) as pool:
+        checks = list(pool.map(lambda s: check_shard(storage, s), plan.shards))
+    broken = [s for s, c in zip(plan.shards, checks) if not c.committed]
+    if broken:
+        raise IncompleteJobError(_incomplete_message(spec, broken, "failed validation and were quarantined"))
+    short = [
+        s for s, c in zip(plan.shards, checks)
+        if (c.sentinel or {}).get("lines" if s.unit == "lines" else "rows_in") != s.rows
+    ]
+    if short:
+        raise IncompleteJobError(_incomplete_message(spec, short, "read a different number of rows than planned"))
+    expected = {storage.part_name(s.shard_id) for s in plan.shards}
+    parts = storage.sink.list_files(spec.sink_root)
+    strays = sorted(n for n in parts if n.startswith("part-") and n.endswith(_PART_SUFFIXES) and n not in expected)
+    if strays:
+        raise IncompleteJobError(
+            f"{spec.sink_root} holds {len(strays)} part files that no shard of this plan committed "
+            f"(e.g. {strays[:3]}); readers would see their rows too. Move them away or start fresh."
+        )
+    for handle in storage.sink.list_staged(spec.sink_root):
+        storage.sink.discard(handle)  # leftovers of crashed or losing attempts
+    failpoints.hit("finalize_before_manifest")
+    sentinels = [c.sentinel or {} for c in checks]
+    manifest = {
+        "spec_fingerprint": spec.fingerprint,
+        "fingerprint_inputs": spec.fingerprint_inputs(),
+        "source": spec.source,
+        "sink": spec.sink_root,
+        "finalized_at": time.time(),
+        "shards": len(plan.shards),
+        "rows_in": sum(s.get("rows_in", 0) for s in sentinels),
+        "rows_out": sum(s.get("rows_out", 0) for s in sentinels),
+        "bytes": sum(s.get("bytes", 0) for s in sentinels),
+        "parts": [
+            {
+                "part": s["part"],
+                "shard_id": s["shard_id"],
+                "rows_in": s["rows_in"],
+                "rows_out": s["rows_out"],
+                "bytes": s["bytes"],
+                "sha256": s["sha256"],
+                "input_fingerprint": s["input_fingerprint"],
+                "committed_at": s.get("committed_at"),
+            }
+            for s in sentinels
+        ],
+    }
+    if elapsed_seconds is not None:
+        manifest["elapsed_seconds"] = elapsed_seconds
+    storage.sink.write_atomic(storage.manifest_path, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def _incomplete_message(spec: BatchSpec, shards: list[Shard], what: str) -> str:
+    shown = ", ".join(s.label for s in shards[:5])
+    more = f" and {len(shards) - 5} more" if len(shards) > 5 else ""
+    return (
+        f"{len(shards)} shard(s) of {spec.sink_root} {what}: {shown}{more}. Clear the failed shard "
+        "tasks (or trigger a new run): only those shards are computed again."
+    )
+
+
+__all__ = ["JobPlan", "plan_job", "finalize_job", "reset_job", "work_units", "load_plan", "MANIFEST_NAME", "STAGING_DIR"]

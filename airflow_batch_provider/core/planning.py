@@ -1,0 +1,246 @@
+"""Split the input into shards with ids that come from content, not from position.
+
+A shard is a contiguous range of one input file: Parquet row groups, or JSONL lines (with
+the byte offsets of those lines, so a reader seeks straight to them). Its id hashes the
+file's path relative to the source root, the file's version (size + mtime, or ETag) and the
+range. Adding files or listing them in another order therefore never changes an existing
+shard's id; editing a file in place does (and is caught as stale, see ``jobs.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.storage import Store
+from airflow_batch_provider.exceptions import BatchSpecError, InputDataError
+
+PLAN_SCHEMA_VERSION = 1
+_FORMAT_EXTENSIONS = {"jsonl": (".jsonl", ".ndjson", ".json"), "parquet": (".parquet", ".pq")}
+_SCAN_BLOCK = 8 << 20
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # full path or URL, as the store addresses it
+    relpath: str  # relative to the source root: the stable part of shard ids
+    size: int
+    version: str
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous range of one input file; ``start``/``end`` are lines or row groups."""
+
+    shard_id: str
+    path: str
+    relpath: str
+    version: str
+    unit: str  # "lines" (JSONL) or "row_groups" (Parquet)
+    start: int
+    end: int
+    rows: int  # planned rows (JSONL: physical lines, blank ones included)
+    byte_start: int | None = None
+    byte_end: int | None = None
+
+    @property
+    def input_fingerprint(self) -> str:
+        return f"{self.relpath}@{self.version}[{self.unit}:{self.start}-{self.end}]"
+
+    @property
+    def label(self) -> str:
+        """What the Airflow UI shows for the mapped task (``map_index_template``)."""
+        unit = "lines" if self.unit == "lines" else "row groups"
+        return f"{self.shard_id} {self.relpath} {unit} {self.start}-{self.end}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Shard:
+        return cls(**data)
+
+
+def shard_id_for(relpath: str, version: str, unit: str, start: int, end: int) -> str:
+    key = json.dumps([relpath, version, unit, start, end], separators=(",", ":"))
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def make_shard(file: InputFile, unit: str, start: int, end: int, rows: int, **byte_range: int) -> Shard:
+    return Shard(
+        shard_id=shard_id_for(file.relpath, file.version, unit, start, end),
+        path=file.path,
+        relpath=file.relpath,
+        version=file.version,
+        unit=unit,
+        start=start,
+        end=end,
+        rows=rows,
+        **byte_range,
+    )
+
+
+@dataclass
+class Plan:
+    """Every shard of the job, persisted once as ``{checkpoint_dir}/plan.json``."""
+
+    spec_fingerprint: str
+    fingerprint_inputs: dict[str, Any]
+    rows_per_shard: int
+    source: str
+    inputs: list[InputFile]
+    shards: list[Shard]
+    schema_version: int = PLAN_SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> Plan:
+        try:
+            data = json.loads(raw)
+            if data.get("schema_version") != PLAN_SCHEMA_VERSION:
+                raise ValueError(f"unknown plan schema_version {data.get('schema_version')!r}")
+            data["inputs"] = [InputFile(**f) for f in data["inputs"]]
+            data["shards"] = [Shard(**s) for s in data["shards"]]
+            return cls(**data)
+        except (ValueError, TypeError, KeyError) as err:
+            raise InputDataError(
+                f"{where}: the persisted plan cannot be read ({err}). Delete it to plan again "
+                "(committed shards keep their ids if the input is unchanged)."
+            ) from None
+
+
+# -- listing ------------------------------------------------------------------------------
+def list_inputs(store: Store, spec: BatchSpec) -> list[InputFile]:
+    """The source's input files, sorted by relative path. Fails loudly when there are none."""
+    source = spec.source
+    extensions = _FORMAT_EXTENSIONS[spec.source_format]
+    if any(ch in source for ch in "*?["):
+        root = _glob_root(source)
+        infos = store.fs.glob(_strip_protocol(store, source), detail=True)
+        matches = [(name, info) for name, info in infos.items() if info.get("type") == "file"]
+    elif store.fs.isdir(source):
+        root = source
+        infos = store.fs.find(_strip_protocol(store, source), detail=True, withdirs=False)
+        matches = [
+            (name, info) for name, info in infos.items() if name.lower().endswith(extensions)
+        ]
+    elif store.fs.exists(source):
+        root = posixpath.dirname(source.rstrip("/"))
+        matches = [(source, store.fs.info(source))]
+    else:
+        raise BatchSpecError(f"source={source!r} does not exist (no file, directory or glob match there)")
+    root_key = _strip_protocol(store, root).rstrip("/")
+    files = []
+    for name, info in matches:
+        key = _strip_protocol(store, name)
+        relpath = posixpath.relpath(key, root_key) if root_key else key
+        if any(part.startswith(("_", ".")) for part in relpath.split("/")):
+            continue  # hidden paths, as dataset readers skip them (our own checkpoints too)
+        files.append(
+            InputFile(
+                path=_with_protocol(source, key),
+                relpath=relpath,
+                size=int(info["size"]),
+                version=store.version_of(info),
+            )
+        )
+    if not files:
+        raise BatchSpecError(
+            f"source={source!r} matched no {spec.source_format} input files "
+            f"(looked for {', '.join(extensions)} files); check the path or set source_format"
+        )
+    return sorted(files, key=lambda f: f.relpath)
+
+
+def _glob_root(pattern: str) -> str:
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        if any(ch in part for ch in "*?["):
+            return "/".join(parts[:i])
+    return posixpath.dirname(pattern)
+
+
+def _strip_protocol(store: Store, path: str) -> str:
+    return store.fs._strip_protocol(path)
+
+
+def _with_protocol(source: str, key: str) -> str:
+    if "://" in source and not source.startswith("file://"):
+        return f"{source.split('://', 1)[0]}://{key}"
+    return key
+
+
+# -- splitting ----------------------------------------------------------------------------
+def split_file(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
+    if spec.source_format == "parquet":
+        return _split_parquet(store, spec, file)
+    return _split_jsonl(store, spec, file)
+
+
+def _split_parquet(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
+    try:
+        with store.open_read(file.path) as handle:
+            metadata = pq.ParquetFile(handle).metadata
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError flavours
+        raise InputDataError(f"{file.path}: not a readable Parquet file ({err})") from None
+    if spec.columns:
+        names = set(metadata.schema.names)
+        missing = [c for c in spec.columns if c not in names]
+        if missing:
+            raise BatchSpecError(f"columns {missing} are not in {file.path} (it has {sorted(names)})")
+    shards: list[Shard] = []
+    group_start, rows = 0, 0
+    for index in range(metadata.num_row_groups):
+        group_rows = metadata.row_group(index).num_rows
+        if rows and rows + group_rows > spec.rows_per_shard:
+            shards.append(make_shard(file, "row_groups", group_start, index, rows))
+            group_start, rows = index, 0
+        rows += group_rows
+    if rows or not shards and metadata.num_row_groups:
+        shards.append(make_shard(file, "row_groups", group_start, metadata.num_row_groups, rows))
+    return shards
+
+
+def _split_jsonl(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
+    """One pass over the bytes, noting the offset of every ``rows_per_shard``-th line."""
+    every = spec.rows_per_shard
+    boundaries = [(0, 0)]  # (line number, byte offset) where each shard starts
+    lines = offset = 0
+    last_byte = b"\n"
+    with store.open_read(file.path) as handle:
+        while block := handle.read(_SCAN_BLOCK):
+            newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 0x0A)
+            # after newline k of this block, lines + k + 1 lines are complete
+            for k in range((-lines - 1) % every, len(newlines), every):
+                boundaries.append((lines + k + 1, offset + int(newlines[k]) + 1))
+            lines += len(newlines)
+            offset += len(block)
+            last_byte = block[-1:]
+    if last_byte != b"\n":
+        lines += 1  # a last line without a newline is still a row
+    boundaries.append((lines, offset))
+    return [
+        make_shard(file, "lines", line, end_line, end_line - line, byte_start=byte, byte_end=end_byte)
+        for (line, byte), (end_line, end_byte) in zip(boundaries, boundaries[1:])
+        if end_line > line
+    ]
+
+
+def plan_files(store: Store, spec: BatchSpec, files: list[InputFile]) -> Iterator[Shard]:
+    for file in files:
+        yield from split_file(store, spec, file)

@@ -1,0 +1,243 @@
+"""Run shards on Ray, on long-lived workers that load the model once.
+
+Every Airflow shard task is a separate Ray driver (job), and Ray's task workers do not
+outlive their job, so a model cached in a task worker would be loaded again for every
+shard. Instead shards run on *detached named actors* (``ShardWorker``), one per model
+replica, keyed by what they load (predictor, kwargs, resources). A shard task leases an idle
+replica, calls it, and leaves it warm for the next shard, in this DAG run or the next.
+Replicas exit on their own after ``idle_timeout_s`` without work, freeing their GPUs.
+
+Ray covers a dying worker: the actor is restarted (``max_restarts``) and the call retried
+(``max_task_retries``) with the spec's ``max_retries``. A retried Airflow task reconnects to
+a call still running by its attempt token (``status`` / ``wait``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from airflow_batch_provider.core.planning import Shard
+from airflow_batch_provider.core.spec import BatchSpec
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "airflow_batch_provider"
+DEFAULT_IDLE_TIMEOUT_S = 600.0
+LEASE_TIMEOUT_S = 120.0
+_RESULTS_KEPT = 256
+
+
+@ray.remote(concurrency_groups={"compute": 1, "control": 8})
+class ShardWorker:
+    """A model replica: one predictor instance, one shard at a time, control calls alongside."""
+
+    def __init__(self, predictor: str, predictor_kwargs: dict[str, Any], idle_timeout_s: float):
+        from airflow_batch_provider.core.predictors import build_predictor
+
+        started = time.perf_counter()
+        self.predictor = build_predictor(predictor, predictor_kwargs)
+        self.load_seconds = time.perf_counter() - started
+        self.shards_run = 0
+        self._lock = threading.Lock()
+        self._lease: tuple[str, float] | None = None
+        self._running: str | None = None
+        self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._done = threading.Condition(self._lock)
+        self._last_active = time.monotonic()
+        self._idle_timeout_s = idle_timeout_s
+        threading.Thread(target=self._reap_when_idle, name="abp-idle-reaper", daemon=True).start()
+
+    # -- compute ----------------------------------------------------------------------
+    @ray.method(concurrency_group="compute")
+    def run_shards(
+        self, spec: dict[str, Any], storage_options: dict[str, Any] | None, shards: list[dict[str, Any]], attempt: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        from airflow_batch_provider.core.runner import ShardRunner
+
+        token = attempt["token"]
+        with self._lock:
+            self._running, self._lease = token, None
+            self._last_active = time.monotonic()
+        try:
+            runner = ShardRunner(BatchSpec.from_dict(spec), storage_options, predictor=self.predictor)
+            results = []
+            for shard in shards:
+                result = runner.run(Shard.from_dict(shard), attempt).to_dict()
+                result["worker_pid"] = os.getpid()
+                result["model_load_seconds"] = self.load_seconds if self.shards_run == 0 else 0.0
+                self.shards_run += 1
+                results.append(result)
+            self._finish(token, {"state": "SUCCEEDED", "results": results})
+            return results
+        except BaseException as err:
+            self._finish(token, {"state": "FAILED", "error": f"{type(err).__name__}: {err}"})
+            raise
+
+    def _finish(self, token: str, outcome: dict[str, Any]) -> None:
+        with self._lock:
+            self._results[token] = outcome
+            while len(self._results) > _RESULTS_KEPT:
+                self._results.popitem(last=False)
+            self._running = None
+            self._last_active = time.monotonic()
+            self._done.notify_all()
+
+    # -- control (answered while a shard computes) ------------------------------------
+    @ray.method(concurrency_group="control")
+    def reserve(self, token: str) -> bool:
+        """Lease this replica to one shard task; False while another holds or uses it."""
+        with self._lock:
+            now = time.monotonic()
+            lease_free = self._lease is None or now - self._lease[1] > LEASE_TIMEOUT_S or self._lease[0] == token
+            if self._running is None and lease_free:
+                self._lease = (token, now)
+                self._last_active = now
+                return True
+            return False
+
+    @ray.method(concurrency_group="control")
+    def release(self, token: str) -> None:
+        with self._lock:
+            if self._lease and self._lease[0] == token:
+                self._lease = None
+
+    @ray.method(concurrency_group="control")
+    def status(self, token: str) -> dict[str, Any]:
+        with self._lock:
+            if self._running == token:
+                return {"state": "RUNNING"}
+            return self._results.get(token, {"state": "UNKNOWN"})
+
+    @ray.method(concurrency_group="control")
+    def wait(self, token: str, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._running == token and time.monotonic() < deadline:
+                self._done.wait(timeout=min(5.0, max(0.0, deadline - time.monotonic())))
+            if self._running == token:
+                return {"state": "RUNNING"}
+            return self._results.get(token, {"state": "UNKNOWN"})
+
+    @ray.method(concurrency_group="control")
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "load_seconds": self.load_seconds, "shards_run": self.shards_run}
+
+    def _reap_when_idle(self) -> None:
+        while True:
+            time.sleep(min(10.0, self._idle_timeout_s / 4))
+            with self._lock:
+                idle = self._running is None and time.monotonic() - self._last_active > self._idle_timeout_s
+            if idle:
+                log.info("ShardWorker idle for %.0f s: exiting to free its resources", self._idle_timeout_s)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return
+
+
+# -- client side (the Airflow task) ----------------------------------------------------------
+@dataclass(frozen=True)
+class RayTarget:
+    """How to reach Ray: address (None: RAY_ADDRESS or a local Ray) and auth token."""
+
+    address: str | None = None
+    token: str | None = None
+
+
+def connect(target: RayTarget | None = None) -> None:
+    """``ray.init`` once per process; later calls reuse the connection."""
+    if ray.is_initialized():
+        return
+    target = target or RayTarget()
+    if target.token:
+        os.environ["RAY_AUTH_TOKEN"] = target.token  # read by Ray's client; never logged
+    kwargs: dict[str, Any] = {"namespace": NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": True}
+    if target.address:
+        kwargs["address"] = target.address
+    ray.init(**kwargs)
+    log.info("Connected to Ray at %s", target.address or os.environ.get("RAY_ADDRESS") or "a new local Ray")
+
+
+def worker_key(spec: BatchSpec) -> str:
+    """Replicas are shared by every job that loads the same model with the same resources."""
+    raw = json.dumps([spec.predictor, spec.predictor_kwargs, spec.num_gpus, spec.num_cpus], sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def pool_size(spec: BatchSpec) -> int:
+    """Replicas at most: what the cluster's resources fit (or ``spec.num_workers``)."""
+    if spec.num_workers:
+        return spec.num_workers
+    total = ray.cluster_resources()
+    fits = []
+    if spec.num_gpus:
+        fits.append(int(total.get("GPU", 0) // spec.num_gpus))
+    if spec.num_cpus:
+        fits.append(int(total.get("CPU", 0) // spec.num_cpus))
+    return max(1, min(fits) if fits else 1)
+
+
+def get_worker(spec: BatchSpec, slot: int, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
+    name = f"abp-{worker_key(spec)}-{slot}"
+    options: dict[str, Any] = {
+        "name": name,
+        "namespace": NAMESPACE,
+        "lifetime": "detached",
+        "get_if_exists": True,
+        "num_cpus": spec.num_cpus,
+        "num_gpus": spec.num_gpus,
+        "max_restarts": spec.max_retries,
+        "max_task_retries": spec.max_retries,
+    }
+    if spec.num_cpus >= 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Ray would pin math libraries to 1 thread otherwise; give them the CPUs we asked for.
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(int(spec.num_cpus))}}
+    return name, ShardWorker.options(**options).remote(spec.predictor, spec.predictor_kwargs, idle_timeout_s)
+
+
+def lease_worker(spec: BatchSpec, token: str, *, poll_s: float = 0.5):
+    """An idle replica reserved for ``token``; creates replicas up to :func:`pool_size`."""
+    size = pool_size(spec)
+    waited = 0.0
+    while True:
+        for slot in range(size):
+            name, handle = get_worker(spec, slot)
+            if ray.get(handle.reserve.remote(token)):
+                return name, handle
+        if waited == 0.0:
+            log.info("All %d Ray workers for this model are busy; waiting for one", size)
+        time.sleep(poll_s)
+        waited += poll_s
+
+
+def find_worker(name: str):
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def submit(spec: BatchSpec, shards: list[Shard], attempt: dict[str, Any], storage_options: dict[str, Any] | None = None):
+    """Lease a replica and start the shards on it; returns (worker name, ObjectRef)."""
+    name, handle = lease_worker(spec, attempt["token"])
+    ref = handle.run_shards.remote(spec.to_dict(), storage_options, [s.to_dict() for s in shards], attempt)
+    return name, ref
+
+
+def kill_workers(spec: BatchSpec) -> int:
+    """Stop this model's replicas now (instead of waiting for their idle timeout)."""
+    killed = 0
+    for slot in range(pool_size(spec)):
+        handle = find_worker(f"abp-{worker_key(spec)}-{slot}")
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+            killed += 1
+    return killed

@@ -1,0 +1,97 @@
+"""Run one shard end to end, in-process: check, read, predict, write, commit.
+
+This is what a Ray worker executes (``ray_exec.py``), and what tests and benchmarks call
+directly. The predictor is built once per runner and reused for every shard it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from airflow_batch_provider.core import failpoints
+from airflow_batch_provider.core.commit import JobStorage, check_shard, commit_shard
+from airflow_batch_provider.core.pipeline import BackgroundWriter, prefetch
+from airflow_batch_provider.core.planning import Shard
+from airflow_batch_provider.core.predictors import build_predictor, from_batch, to_batch
+from airflow_batch_provider.core.readers import ReadStats, read_shard
+from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.writers import PartWriter
+
+
+@dataclass
+class ShardResult:
+    """What one shard run did; JSON-able, it travels back through Ray and XCom."""
+
+    shard_id: str
+    status: str  # "computed" | "skipped" (already committed) | "lost_race" (another attempt won)
+    rows_in: int = 0
+    rows_out: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ShardRunner:
+    """Holds a loaded predictor and runs shards of one spec with it."""
+
+    def __init__(
+        self,
+        spec: BatchSpec,
+        storage_options: dict[str, Any] | None = None,
+        predictor: Callable[[Any], Any] | None = None,
+    ):
+        self.spec = spec
+        self.storage = JobStorage.for_spec(spec, storage_options)
+        started = time.perf_counter()
+        self.predictor = predictor or build_predictor(spec.predictor, spec.predictor_kwargs)
+        self.load_seconds = time.perf_counter() - started
+
+    def run(self, shard: Shard, attempt: dict[str, Any]) -> ShardResult:
+        started = time.perf_counter()
+        check = check_shard(self.storage, shard)
+        if check.committed:
+            sentinel = check.sentinel or {}
+            return ShardResult(
+                shard.shard_id, "skipped", sentinel.get("rows_in", 0), sentinel.get("rows_out", 0),
+                sentinel.get("bytes", 0), time.perf_counter() - started, note="already committed",
+            )
+        spec = self.spec
+        staged = self.storage.sink.open_staged(self.storage.part_path(shard.shard_id))
+        stats = ReadStats()
+        model_seconds = 0.0
+        try:
+            part = PartWriter(staged.stream, spec.sink_format)
+            writer = BackgroundWriter(part.write)
+            for index, table in enumerate(prefetch(read_shard(self.storage.source, spec, shard, stats))):
+                tick = time.perf_counter()
+                output = self.predictor(to_batch(table, spec.batch_format))
+                model_seconds += time.perf_counter() - tick
+                writer.submit(from_batch(output, spec.batch_format))
+                if index == 0:
+                    failpoints.hit("mid_part")
+            writer.close()
+            part.close()
+            staged.finish()
+        except BaseException:
+            staged.abort()
+            raise
+        won, sentinel = commit_shard(
+            self.storage, shard, staged, rows_in=stats.rows, rows_out=part.rows, lines=stats.lines, attempt=attempt
+        )
+        failpoints.hit("after_publish")
+        return ShardResult(
+            shard.shard_id,
+            "computed" if won else "lost_race",
+            sentinel["rows_in"],
+            sentinel["rows_out"],
+            sentinel["bytes"],
+            time.perf_counter() - started,
+            model_seconds,
+            note=check.note,
+        )

@@ -1,0 +1,208 @@
+"""The job description a DAG author writes, and the fingerprint that guards resume.
+
+`BatchSpec` knows nothing of Airflow or Ray: it is validated when it is built (at DAG
+parse time), travels as a plain dict through XCom and template rendering, and is rebuilt
+on the other side with `BatchSpec.from_dict`.
+
+The *spec fingerprint* hashes exactly what changes the output rows (predictor, its kwargs,
+formats, the input columns read). Batch size, shard size and resources are left out: they
+change speed, not results. Committed shards are only reused under the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_batch_provider.exceptions import BatchSpecError
+
+SOURCE_FORMATS = ("jsonl", "parquet")
+SINK_FORMATS = ("parquet", "jsonl")
+BATCH_FORMATS = ("numpy", "pandas", "pyarrow")
+_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+#: Fields whose values change the rows a job writes; everything else only changes speed.
+FINGERPRINT_FIELDS = ("predictor", "predictor_kwargs", "source_format", "sink_format", "batch_format", "columns")
+
+#: Default shard size. At ~80 rows/s (MiniLM on 2 CPU cores) a 2,000-row shard takes ~25 s,
+#: so the ~0.3 s of per-shard bookkeeping stays near 1%; on a GPU at ~2,000 rows/s it is
+#: ~1 s per shard, so GPU jobs should raise it (see README, "Choosing rows_per_shard").
+DEFAULT_ROWS_PER_SHARD = 2_000
+
+
+def infer_format(path: str) -> str | None:
+    """Format implied by a path's extension (globs included), or None when it says nothing."""
+    lowered = path.lower().rstrip("/")
+    for ext, fmt in _EXTENSIONS.items():
+        if lowered.endswith(ext):
+            return fmt
+    return None
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What to run, over which input, into which sink.
+
+    :param source: a file, a directory or a glob; a local path or a URL (``s3://bucket/prefix``).
+    :param sink: directory (local or URL) that receives ``part-{shard_id}.{ext}`` files.
+    :param predictor: ``"package.module:ClassName"``: a callable class whose ``__init__``
+        takes ``predictor_kwargs`` and loads the model once, and whose ``__call__(batch)``
+        returns the output batch (Ray Data's ``map_batches`` contract).
+    :param predictor_kwargs: JSON-serialisable keyword arguments for the predictor.
+    :param source_format: ``jsonl`` or ``parquet``; inferred from the extension when omitted.
+    :param sink_format: ``parquet`` (default) or ``jsonl``.
+    :param batch_size: rows per predictor call.
+    :param batch_format: ``numpy`` (dict of arrays), ``pandas`` or ``pyarrow``, as in Ray Data.
+    :param columns: input columns to read (None: all). Part of the fingerprint.
+    :param rows_per_shard: target rows per shard (one part file each).
+    :param num_gpus: GPUs each Ray worker requests.
+    :param num_cpus: CPUs each Ray worker requests.
+    :param num_workers: model replicas (Ray actors) at most; default: as many as the Ray
+        cluster's resources fit. Each loads the model once and serves shard after shard.
+    :param checkpoint_dir: where the plan and the sentinels live; default ``{sink}/_checkpoint``.
+    :param resume: reuse committed shards (default). False deletes this job's earlier output
+        in the sink (our part files, sentinels and manifest only) and starts over.
+    :param max_retries: Ray retries of a shard whose worker process died.
+    :param storage_conn_id: Airflow connection for S3 credentials (``aws`` type).
+    """
+
+    source: str
+    sink: str
+    predictor: str
+    predictor_kwargs: dict[str, Any] = field(default_factory=dict)
+    source_format: str | None = None
+    sink_format: str = "parquet"
+    batch_size: int = 64
+    batch_format: str = "numpy"
+    columns: tuple[str, ...] | None = None
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
+    num_gpus: float = 0
+    num_cpus: float = 1
+    num_workers: int | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = True
+    max_retries: int = 3
+    storage_conn_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_str(self, "source")
+        _require_str(self, "sink")
+        _require_str(self, "predictor")
+        module, sep, cls = self.predictor.partition(":")
+        if not sep or not module or not cls or not cls.isidentifier():
+            raise BatchSpecError(
+                f"predictor={self.predictor!r}: expected 'package.module:ClassName', "
+                "e.g. 'airflow_batch_provider.predictors.sentence_embedding:SentenceEmbedder'"
+            )
+        if not isinstance(self.predictor_kwargs, dict):
+            raise BatchSpecError(f"predictor_kwargs must be a dict, got {type(self.predictor_kwargs).__name__}")
+        try:
+            json.dumps(self.predictor_kwargs, sort_keys=True)
+        except (TypeError, ValueError) as err:
+            raise BatchSpecError(
+                f"predictor_kwargs must be JSON-serialisable (they are fingerprinted and sent to Ray): {err}"
+            ) from None
+        source_format = self.source_format or infer_format(self.source)
+        if source_format is None:
+            raise BatchSpecError(
+                f"source_format: cannot infer it from source={self.source!r}; "
+                f"set source_format to one of {', '.join(SOURCE_FORMATS)}"
+            )
+        object.__setattr__(self, "source_format", source_format)
+        _require_choice(self, "source_format", SOURCE_FORMATS)
+        _require_choice(self, "sink_format", SINK_FORMATS)
+        _require_choice(self, "batch_format", BATCH_FORMATS)
+        if self.columns is not None:
+            if isinstance(self.columns, str) or not all(isinstance(c, str) and c for c in self.columns):
+                raise BatchSpecError(f"columns must be a list of column names, got {self.columns!r}")
+            object.__setattr__(self, "columns", tuple(self.columns))
+        _require_int(self, "batch_size", minimum=1)
+        _require_int(self, "rows_per_shard", minimum=1)
+        _require_int(self, "max_retries", minimum=0)
+        for name in ("num_gpus", "num_cpus"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise BatchSpecError(f"{name} must be a number >= 0, got {value!r}")
+        if self.num_gpus == 0 and self.num_cpus == 0:
+            raise BatchSpecError("num_cpus and num_gpus are both 0: a Ray worker must request some resource")
+        if self.num_workers is not None:
+            _require_int(self, "num_workers", minimum=1)
+        if not isinstance(self.resume, bool):
+            raise BatchSpecError(f"resume must be true or false, got {self.resume!r}")
+        if self.checkpoint_dir is not None:
+            _require_str(self, "checkpoint_dir")
+        if self.storage_conn_id is not None:
+            _require_str(self, "storage_conn_id")
+
+    # -- derived values ---------------------------------------------------------------
+    @property
+    def sink_root(self) -> str:
+        return self.sink.rstrip("/")
+
+    @property
+    def checkpoint_root(self) -> str:
+        return (self.checkpoint_dir or f"{self.sink_root}/_checkpoint").rstrip("/")
+
+    @property
+    def part_extension(self) -> str:
+        return self.sink_format
+
+    def fingerprint_inputs(self) -> dict[str, Any]:
+        """The values the fingerprint hashes, kept in the checkpoint to explain a mismatch."""
+        values = {name: getattr(self, name) for name in FINGERPRINT_FIELDS}
+        values["columns"] = list(self.columns) if self.columns is not None else None
+        return values
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.fingerprint_inputs())
+
+    # -- (de)serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["columns"] = list(self.columns) if self.columns is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BatchSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BatchSpecError(f"unknown BatchSpec field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+def fingerprint_of(values: dict[str, Any]) -> str:
+    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def describe_fingerprint_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Human-readable list of the fingerprinted fields that differ, e.g. for a stale sink."""
+    changes = [
+        f"{name}: {old.get(name)!r} -> {new.get(name)!r}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name) != new.get(name)
+    ]
+    return "; ".join(changes) or "(no field differs; the fingerprint algorithm changed)"
+
+
+def _require_str(spec: BatchSpec, name: str) -> None:
+    value = getattr(spec, name)
+    if not isinstance(value, str) or not value.strip():
+        raise BatchSpecError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _require_choice(spec: BatchSpec, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(spec, name)
+    if value not in allowed:
+        raise BatchSpecError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+def _require_int(spec: BatchSpec, name: str, *, minimum: int) -> None:
+    value = getattr(spec, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BatchSpecError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,77 @@
+"""Predictors used by the tests. They run on Ray workers, so they live in an importable module.
+
+Every predictor appends a line per call to ``calls_log`` (when given), so tests can count
+which rows were computed, across processes and runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+
+class _Logged:
+    def __init__(self, calls_log: str | None = None, fail_marker: str | None = None, fail_mod: int = 0):
+        self.calls_log = calls_log
+        self.fail_marker = fail_marker
+        self.fail_mod = fail_mod
+
+    def log(self, ids: Any) -> None:
+        if self.calls_log:
+            with open(self.calls_log, "a") as handle:
+                handle.write(json.dumps([int(i) for i in ids]) + "\n")
+
+    def maybe_fail(self, ids: Any) -> None:
+        """Fail on batches holding an id divisible by ``fail_mod`` while the marker file exists."""
+        if self.fail_marker and os.path.exists(self.fail_marker):
+            bad = [int(i) for i in ids if self.fail_mod and int(i) % self.fail_mod == 0]
+            if bad:
+                raise RuntimeError(f"injected failure for ids {bad[:3]}")
+
+
+class Doubler(_Logged):
+    """``value * 2`` per row; keeps ``id``."""
+
+    def __init__(self, factor: int = 2, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.log(batch["id"])
+        self.maybe_fail(batch["id"])
+        return {"id": batch["id"], "value": batch["value"] * self.factor}
+
+
+class EvenFilter(_Logged):
+    """Keeps rows with an even id (a filtering predictor: fewer rows out than in)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.log(batch["id"])
+        keep = batch["id"] % 2 == 0
+        return {"id": batch["id"][keep], "value": batch["value"][keep]}
+
+
+class PandasUpper(_Logged):
+    def __call__(self, df):
+        self.log(df["id"])
+        out = df[["id"]].copy()
+        out["text"] = df["text"].str.upper()
+        return out
+
+
+class ArrowPassthrough(_Logged):
+    def __call__(self, table):
+        self.log(table.column("id").to_pylist())
+        return table
+
+
+class Embedder(_Logged):
+    """A 2-D output column (like an embedding model): becomes a fixed-size list column."""
+
+    def __call__(self, batch):
+        self.log(batch["id"])
+        ids = batch["id"].astype(np.float32)
+        return {"id": batch["id"], "embedding": np.stack([ids, ids + 1, ids + 2], axis=1)}
