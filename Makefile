@@ -1,0 +1,36 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both install what is missing
+# into .venv first (torch 2.13.0 CPU build first, so nothing pulls CUDA wheels).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: install demo test test-fast bench bench-gpu clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[examples,test]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+demo: install
+	$(PY) scripts/demo.py
+
+test: install
+	$(PY) -m pytest -ra tests
+
+test-fast: install
+	$(PY) -m pytest -ra -m "not slow" tests
+
+bench: install
+	$(PY) benchmarks/run.py
+
+bench-gpu: install
+	$(PY) benchmarks/gpu.py
+
+clean:
+	rm -rf .demo .bench .pytest_cache

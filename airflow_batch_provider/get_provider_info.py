@@ -1,0 +1,51 @@
+"""Provider metadata, found by Airflow through the ``apache_airflow_provider`` entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-batch-provider",
+        "name": "Batch inference on Ray",
+        "description": "Resumable, sharded offline (GPU) batch inference on Ray, one mapped task per shard.",
+        "versions": ["0.1.0"],
+        "integrations": [
+            {
+                "integration-name": "Ray batch inference",
+                "external-doc-url": "https://docs.ray.io/",
+                "tags": ["software"],
+            }
+        ],
+        "operators": [
+            {
+                "integration-name": "Ray batch inference",
+                "python-modules": ["airflow_batch_provider.operators.batch"],
+            }
+        ],
+        "hooks": [
+            {
+                "integration-name": "Ray batch inference",
+                "python-modules": ["airflow_batch_provider.hooks.ray", "airflow_batch_provider.hooks.storage"],
+            }
+        ],
+        "triggers": [
+            {
+                "integration-name": "Ray batch inference",
+                "python-modules": ["airflow_batch_provider.triggers.shard"],
+            }
+        ],
+        "connection-types": [
+            {
+                "connection-type": "ray",
+                "hook-class-name": "airflow_batch_provider.hooks.ray.RayHook",
+                "hook-name": "Ray",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "login", "extra"],
+                    "relabeling": {"host": "Ray address", "password": "Ray auth token"},
+                    "placeholders": {"host": "10.0.0.5:6379 or ray://head:10001", "password": "RAY_AUTH_TOKEN"},
+                },
+            }
+        ],
+    }

@@ -1,0 +1,49 @@
+"""Airflow connection of type ``ray``: where the Ray cluster is and how to authenticate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from airflow_batch_provider.core.ray_exec import RayTarget, connect
+
+
+class RayHook(BaseHook):
+    """Connects this process to Ray, once.
+
+    Connection fields: ``host`` is the Ray address (``10.0.0.5:6379``, ``ray://head:10001``
+    or ``auto``), ``port`` is appended when the host has none, ``password`` is the Ray auth
+    token (Ray 2.60 ``ray start --head`` turns token auth on). When the connection does not
+    exist, Ray's own environment applies (``RAY_ADDRESS``, ``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_MODE``); with none of those either, a local Ray is started in this process.
+
+    :param ray_conn_id: the ``ray`` connection to use.
+    """
+
+    conn_name_attr = "ray_conn_id"
+    default_conn_name = "ray_default"
+    conn_type = "ray"
+    hook_name = "Ray"
+
+    def __init__(self, ray_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ray_conn_id = ray_conn_id
+
+    def get_target(self) -> RayTarget:
+        try:
+            conn = self.get_connection(self.ray_conn_id)
+        except Exception as err:  # AirflowNotFoundException, or no connection backend reachable
+            if type(err).__name__ not in ("AirflowNotFoundException", "ConnectionNotFound"):
+                raise
+            self.log.info("No %r connection: using RAY_ADDRESS / RAY_AUTH_TOKEN or a local Ray", self.ray_conn_id)
+            return RayTarget()
+        address = conn.host or None
+        if address and conn.port and ":" not in address.split("://")[-1]:
+            address = f"{address}:{conn.port}"
+        return RayTarget(address=address, token=conn.password or None)
+
+    def get_conn(self) -> RayTarget:
+        target = self.get_target()
+        connect(target)
+        return target

@@ -1,0 +1,1 @@
+"""Ready-made predictors (callable classes, Ray Data's ``map_batches`` contract)."""

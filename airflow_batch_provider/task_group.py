@@ -1,0 +1,68 @@
+"""``batch_inference()``: add a whole batch inference job to the current DAG."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import Asset, TaskGroup
+
+from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.hooks.ray import RayHook
+from airflow_batch_provider.operators.batch import BatchShardOperator, FinalizeBatchOperator, PlanBatchOperator
+
+
+def sink_asset(spec: BatchSpec) -> Asset:
+    """The Airflow Asset updated when the job's sink is complete."""
+    uri = spec.sink_root if "://" in spec.sink_root else f"file://{spec.sink_root}"
+    return Asset(name=f"batch_inference:{spec.sink_root}", uri=uri)
+
+
+def batch_inference(
+    spec: BatchSpec,
+    *,
+    group_id: str = "batch_inference",
+    ray_conn_id: str = RayHook.default_conn_name,
+    shard_retries: int = 2,
+    pool: str | None = None,
+    max_active_shards: int | None = None,
+    release_workers: bool = True,
+    shard_kwargs: dict[str, Any] | None = None,
+) -> TaskGroup:
+    """Add ``plan -> shard (mapped, one task per shard) -> finalize`` as a task group.
+
+    :param spec: the job.
+    :param group_id: task group id (several jobs can live in one DAG).
+    :param ray_conn_id: ``ray`` connection for the shard tasks.
+    :param shard_retries: Airflow retries of a failed shard task (only that shard reruns).
+    :param pool: Airflow pool for the shard tasks, e.g. one slot per GPU.
+    :param max_active_shards: shard tasks running at once in one DAG run
+        (``max_active_tis_per_dagrun``); set it to the number of GPUs (or model replicas).
+    :param release_workers: finalize stops the model's Ray workers (else they idle out).
+    :param shard_kwargs: more BaseOperator arguments for the shard tasks.
+    """
+    with TaskGroup(group_id=group_id) as group:
+        plan = PlanBatchOperator(task_id="plan", spec=spec)
+        extra = dict(shard_kwargs or {})
+        if pool:
+            extra["pool"] = pool
+        if max_active_shards:
+            extra["max_active_tis_per_dagrun"] = max_active_shards
+        shards = BatchShardOperator.partial(
+            task_id="shard",
+            spec=spec,
+            ray_conn_id=ray_conn_id,
+            retries=shard_retries,
+            map_index_template="{{ task.work_unit['label'] }}",
+            **extra,
+        ).expand(work_unit=plan.output)
+        finalize = FinalizeBatchOperator(
+            task_id="finalize",
+            spec=spec,
+            plan_task_id=plan.task_id,
+            ray_conn_id=ray_conn_id,
+            release_workers=release_workers,
+            trigger_rule="none_failed",
+            outlets=[sink_asset(spec)],
+        )
+        plan >> shards >> finalize
+    return group
