@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import pytest
+
+from airflow_batch_provider import BatchSpec
+from airflow_batch_provider.exceptions import BatchSpecError
+
+BASE = {"source": "/data/in/*.jsonl", "sink": "/data/out", "predictor": "pkg.mod:Model"}
+
+
+def make(**overrides):
+    return BatchSpec(**{**BASE, **overrides})
+
+
+def test_defaults_and_inferred_format():
+    spec = make()
+    assert spec.source_format == "jsonl"
+    assert spec.sink_format == "parquet"
+    assert spec.resume is True
+    assert spec.checkpoint_root == "/data/out/_checkpoint"
+    assert make(source="s3://b/x.parquet").source_format == "parquet"
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"predictor": "pkg.mod.Model"}, "predictor"),
+        ({"predictor": "pkg.mod:"}, "predictor"),
+        ({"source": "/data/in"}, "source_format"),
+        ({"source_format": "csv"}, "source_format"),
+        ({"sink_format": "csv"}, "sink_format"),
+        ({"batch_format": "torch"}, "batch_format"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"rows_per_shard": -1}, "rows_per_shard"),
+        ({"rows_per_shard": True}, "rows_per_shard"),
+        ({"num_gpus": -1}, "num_gpus"),
+        ({"num_cpus": 0, "num_gpus": 0}, "num_cpus"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"resume": "yes"}, "resume"),
+        ({"predictor_kwargs": {"f": object()}}, "predictor_kwargs"),
+        ({"columns": "text"}, "columns"),
+        ({"sink": ""}, "sink"),
+        ({"num_workers": 0}, "num_workers"),
+    ],
+)
+def test_validation_names_the_field(overrides, field):
+    with pytest.raises(BatchSpecError, match=field):
+        make(**overrides)
+
+
+def test_validation_says_what_is_allowed():
+    with pytest.raises(BatchSpecError, match="allowed: numpy, pandas, pyarrow"):
+        make(batch_format="torch")
+
+
+def test_fingerprint_covers_output_not_speed():
+    spec = make(predictor_kwargs={"k": 1})
+    same = [make(predictor_kwargs={"k": 1}, batch_size=7), make(predictor_kwargs={"k": 1}, num_gpus=1, num_cpus=4),
+            make(predictor_kwargs={"k": 1}, rows_per_shard=5), make(predictor_kwargs={"k": 1}, max_retries=0)]
+    assert {s.fingerprint for s in same} == {spec.fingerprint}
+    different = [make(predictor_kwargs={"k": 2}), make(predictor="pkg.mod:Other", predictor_kwargs={"k": 1}),
+                 make(predictor_kwargs={"k": 1}, sink_format="jsonl"), make(predictor_kwargs={"k": 1}, columns=["text"]),
+                 make(predictor_kwargs={"k": 1}, batch_format="pandas")]
+    assert spec.fingerprint not in {s.fingerprint for s in different}
+
+
+def test_round_trip_through_dict():
+    spec = make(columns=["a", "b"], predictor_kwargs={"x": [1, 2]})
+    assert BatchSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_unknown_field_in_dict():
+    with pytest.raises(BatchSpecError, match="unknown BatchSpec field"):
+        BatchSpec.from_dict({**BASE, "shard_size": 5})
