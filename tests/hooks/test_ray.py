@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import json
+
+from airflow_batch_provider.hooks.ray import RayHook
+
+
+def test_connection_gives_address_and_token(monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RAY_TEST",
+        json.dumps({"conn_type": "ray", "host": "10.1.2.3", "port": 6379, "password": "s3cret-token"}),
+    )
+    target = RayHook(ray_conn_id="ray_test").get_target()
+    assert target.address == "10.1.2.3:6379"
+    assert target.token == "s3cret-token"
+    assert "s3cret" not in repr(RayHook(ray_conn_id="ray_test").__dict__)
+
+
+def test_ray_client_address_keeps_its_port(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_TEST", json.dumps({"conn_type": "ray", "host": "ray://head:10001", "port": 1}))
+    assert RayHook(ray_conn_id="ray_test").get_target().address == "ray://head:10001"
+
+
+def test_missing_connection_falls_back_to_ray_environment(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_RAY_DEFAULT", raising=False)
+    target = RayHook().get_target()
+    assert target.address is None and target.token is None

@@ -1,0 +1,130 @@
+"""End to end through `airflow dags test` with a real local Ray (one Ray per DAG run)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.dataset as ds
+import pytest
+
+from airflow_batch_provider import BatchSpec
+from tests.conftest import rows
+
+pytestmark = pytest.mark.slow
+
+
+def make_spec(source, sink, **kw):
+    kw.setdefault("rows_per_shard", 100)
+    kw.setdefault("predictor", "tests.predictors:Doubler")
+    return BatchSpec(source=source, sink=sink, source_format="jsonl", num_cpus=1, **kw)
+
+
+def sink_table(sink):
+    return ds.dataset(sink, format="parquet").to_table().sort_by("id")
+
+
+def logged_ids(path):
+    if not os.path.exists(path):
+        return []
+    return [i for line in open(path) for i in json.loads(line)]
+
+
+def test_full_run_equals_direct_computation(dag_tester, jsonl_source, tmp_path):
+    spec = make_spec(jsonl_source, str(tmp_path / "out"))
+    run = dag_tester.run(spec)
+    assert run.state == "success", run.output[-3000:]
+    assert run.plan_counts() == (5, 0, 5)
+    table = sink_table(spec.sink_root)
+    expected = {r["id"]: r["value"] * 2 for r in rows(380)}
+    assert dict(zip(table.column("id").to_pylist(), table.column("value").to_pylist())) == expected
+    assert table.num_rows == 380
+    manifest = json.load(open(os.path.join(spec.sink_root, "_SUCCESS")))
+    assert manifest["rows_out"] == 380 and manifest["shards"] == 5
+    # mapped tasks are labelled with their shard id and input range
+    assert "a.jsonl lines 0-100" in run.output
+
+    again = dag_tester.run(spec)
+    assert again.state == "success"
+    assert again.plan_counts() == (5, 5, 0)
+    assert sink_table(spec.sink_root).num_rows == 380
+
+
+def test_failed_shards_then_rerun_computes_only_those(dag_tester, jsonl_source, tmp_path):
+    calls, marker = tmp_path / "calls.log", tmp_path / "fail-now"
+    marker.touch()
+    spec = make_spec(
+        jsonl_source, str(tmp_path / "out"),
+        predictor_kwargs={"calls_log": str(calls), "fail_marker": str(marker), "fail_mod": 97},
+    )
+    first = dag_tester.run(spec)
+    assert first.state == "failed"
+    assert "injected failure" in first.output
+    # ids 0, 97 (shard 0-100), 194 (100-200), 291 (b.jsonl 0-100) fail; 2 of 5 shards commit
+    committed = [n for n in os.listdir(spec.sink_root) if n.startswith("part-")]
+    assert len(committed) == 2
+    first_calls = set(logged_ids(calls))
+    os.remove(marker)
+    calls.write_text("")
+
+    second = dag_tester.run(spec)
+    assert second.state == "success", second.output[-3000:]
+    assert second.plan_counts() == (5, 2, 3)
+    recomputed = sorted(logged_ids(calls))
+    assert recomputed == list(range(0, 200)) + list(range(250, 350))  # only the failed shards
+    assert first_calls  # the first run did compute
+    table = sink_table(spec.sink_root)
+    assert table.column("id").to_pylist() == list(range(380))
+
+
+def test_spec_change_fails_closed_with_a_clear_message(dag_tester, jsonl_source, tmp_path):
+    spec = make_spec(jsonl_source, str(tmp_path / "out"))
+    assert dag_tester.run(spec).state == "success"
+    changed = make_spec(jsonl_source, str(tmp_path / "out"), predictor_kwargs={"factor": 3})
+    run = dag_tester.run(changed)
+    assert run.state == "failed"
+    assert "holds committed shards of a different spec (predictor_kwargs: {} -> {'factor': 3})" in run.output
+    assert "resume=False" in run.output
+    table = sink_table(spec.sink_root)
+    assert table.column("value").to_pylist() == [r["value"] * 2 for r in rows(380)]  # untouched
+
+    fresh = make_spec(jsonl_source, str(tmp_path / "out"), predictor_kwargs={"factor": 3}, resume=False)
+    assert dag_tester.run(fresh).state == "success"
+    assert sink_table(spec.sink_root).column("value").to_pylist() == [r["value"] * 3 for r in rows(380)]
+
+
+def test_filtering_predictor(dag_tester, jsonl_source, tmp_path):
+    spec = make_spec(jsonl_source, str(tmp_path / "out"), predictor="tests.predictors:EvenFilter")
+    run = dag_tester.run(spec)
+    assert run.state == "success", run.output[-3000:]
+    manifest = json.load(open(os.path.join(spec.sink_root, "_SUCCESS")))
+    assert (manifest["rows_in"], manifest["rows_out"]) == (380, 190)
+    assert sink_table(spec.sink_root).column("id").to_pylist() == list(range(0, 380, 2))
+
+
+def test_sigkill_of_ray_worker_before_sentinel_then_rerun(dag_tester, jsonl_source, tmp_path):
+    calls, marker = tmp_path / "calls.log", tmp_path / "killed"
+    spec = make_spec(jsonl_source, str(tmp_path / "out"), predictor_kwargs={"calls_log": str(calls)}, max_retries=0)
+    run = dag_tester.run(spec, extra_env={"ABP_FAILPOINTS": f"before_sentinel=kill@{marker}"})
+    assert marker.exists()  # a Ray worker died after writing its part, before the sentinel
+    assert run.state == "failed"
+    parts = [n for n in os.listdir(spec.sink_root) if n.startswith("part-")]
+    assert len(parts) == 4  # the killed shard's data is staged (hidden), never published
+    calls.write_text("")
+
+    rerun = dag_tester.run(spec)
+    assert rerun.state == "success", rerun.output[-3000:]
+    assert rerun.plan_counts() == (5, 4, 1)
+    shard_ranges = [range(0, 100), range(100, 200), range(200, 250), range(250, 350), range(350, 380)]
+    assert sorted(logged_ids(calls)) in [list(r) for r in shard_ranges]  # only the killed shard
+    assert sink_table(spec.sink_root).column("id").to_pylist() == list(range(380))
+    assert not os.listdir(os.path.join(spec.sink_root, "_staging"))
+
+
+def test_ray_retries_a_killed_worker_within_the_run(dag_tester, jsonl_source, tmp_path):
+    marker = tmp_path / "killed"
+    spec = make_spec(jsonl_source, str(tmp_path / "out"), max_retries=2)
+    run = dag_tester.run(spec, extra_env={"ABP_FAILPOINTS": f"before_sentinel=kill@{marker}"})
+    assert marker.exists()
+    assert run.state == "success", run.output[-3000:]
+    assert sink_table(spec.sink_root).column("id").to_pylist() == list(range(380))
