@@ -158,7 +158,9 @@ def connect(target: RayTarget | None = None) -> None:
         return
     target = target or RayTarget()
     if target.token:
-        os.environ["RAY_AUTH_TOKEN"] = target.token  # read by Ray's client; never logged
+        # Ray 2.60 clients send a token only in token mode; both are read from the environment.
+        os.environ["RAY_AUTH_TOKEN"] = target.token  # never logged
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": True}
     if target.address:
         kwargs["address"] = target.address

@@ -130,9 +130,10 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         return [Shard.from_dict(s) for s in self.work_unit["shards"]]
 
     def execute(self, context: Context) -> dict[str, Any]:
+        started = time.perf_counter()
         RayHook(ray_conn_id=self.ray_conn_id).get_conn()
         self.execute_resumable(context)
-        return self._summarise(self._results or [])
+        return self._summarise(self._results or [], time.perf_counter() - started)
 
     # -- ResumableJobMixin ---------------------------------------------------------------
     def submit_job(self, context: Context) -> dict[str, str]:
@@ -187,7 +188,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             self._results = outcome.get("results", [])
         return self._results
 
-    def _summarise(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+    def _summarise(self, results: list[dict[str, Any]], task_seconds: float) -> dict[str, Any]:
         for r in results:
             rate = r["rows_in"] / r["seconds"] if r["seconds"] else 0.0
             self.log.info(
@@ -196,7 +197,10 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             )
             if r.get("note"):
                 self.log.warning("%s", r["note"])
+        model = sum(r["model_seconds"] for r in results)
+        self.log.info("Shard task wall %.3f s, model %.3f s, overhead %.3f s", task_seconds, model, task_seconds - model)
         return {
+            "task_seconds": task_seconds,
             "shards": [r["shard_id"] for r in results],
             "computed": sum(r["status"] == "computed" for r in results),
             "rows_in": sum(r["rows_in"] for r in results),

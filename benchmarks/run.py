@@ -1,0 +1,328 @@
+"""`make bench`: the provider against a bare model loop and Ray Data, on the same corpus and model.
+
+One invocation:
+1. generates a JSONL corpus (BENCH_ROWS, default 8,000) and starts a Ray head (`ray start
+   --head`, its own temp dir, token auth as Ray 2.60 sets it up);
+2. runs all-MiniLM-L6-v2 over it three ways, model load counted in each:
+   - a bare loop (read JSONL with pyarrow, `SentenceEmbedder` batch by batch, write Parquet),
+   - Ray Data: read_json -> map_batches(SentenceEmbedder, one actor) -> write_parquet,
+   - this provider end to end: `airflow dags test batch_inference_example` on that Ray;
+3. measures per-shard overhead, Ray worker peak RSS at two shard sizes 10x apart, the cost
+   of a resume after half the shards were committed, and plan time over 10,000 committed
+   shards; prints a table with ratios against the bare loop.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+WORK = os.environ.get("BENCH_DIR", os.path.join(ROOT, ".bench"))
+ROWS = int(os.environ.get("BENCH_ROWS", "8000"))
+BATCH = int(os.environ.get("BENCH_BATCH_SIZE", "64"))
+ROWS_PER_SHARD = int(os.environ.get("BENCH_ROWS_PER_SHARD", "1000"))
+CPUS = int(os.environ.get("BENCH_CPUS", str(min(2, os.cpu_count() or 1))))
+PLAN_SHARDS = int(os.environ.get("BENCH_PLAN_SHARDS", "10000"))
+BIN = os.path.dirname(sys.executable)
+PREDICTOR = "airflow_batch_provider.predictors.sentence_embedding:SentenceEmbedder"
+KWARGS = {"text_column": "text", "keep_columns": ["id"]}
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+# -- Ray head ----------------------------------------------------------------------------------
+class RayHead:
+    def __init__(self, temp_dir: str):
+        self.temp_dir = temp_dir
+        self.env: dict[str, str] = {}
+
+    def start(self) -> dict[str, str]:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.makedirs(self.temp_dir, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        out = subprocess.run(
+            [f"{BIN}/ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+             f"--num-cpus={CPUS}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
+            env=env, capture_output=True, text=True,
+        )
+        if out.returncode != 0:
+            sys.exit(f"ray start failed:\n{out.stdout}\n{out.stderr}")
+        found = re.search(r"ray start --address='([^']+)'", out.stdout + out.stderr)
+        self.address = found.group(1) if found else f"127.0.0.1:{port}"
+        self.env = {"RAY_ADDRESS": self.address}
+        token = _find_token(out.stdout + out.stderr)
+        if token:
+            self.env.update(RAY_AUTH_TOKEN=token, RAY_AUTH_MODE="token")
+        os.environ.update(self.env)
+        return self.env
+
+    def stop(self) -> None:
+        """Stop this head only (``ray stop`` would stop every Ray on the machine)."""
+        import psutil
+
+        mine = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
+                if any(self.temp_dir in arg or f"--address={self.address}" == arg for arg in p.info["cmdline"] or [])]
+        victims = {p.pid: p for p in mine}
+        for proc in mine:
+            for child in proc.children(recursive=True):
+                victims[child.pid] = child
+        for proc in victims.values():
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(list(victims.values()), timeout=10)
+
+
+def _find_token(text: str) -> str | None:
+    token_file = os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    if os.path.exists(token_file):
+        return open(token_file).read().strip()
+    match = re.search(r"RAY_AUTH_TOKEN=(\S+)", text)
+    return match.group(1) if match else None
+
+
+# -- the three ways ------------------------------------------------------------------------------
+def bare_loop(corpus: str, out: str) -> float:
+    import pyarrow as pa
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    from airflow_batch_provider.core.predictors import from_batch, to_batch
+    from airflow_batch_provider.predictors.sentence_embedding import SentenceEmbedder
+
+    os.makedirs(out, exist_ok=True)
+    started = time.perf_counter()
+    model = SentenceEmbedder(**KWARGS)
+    writer = None
+    for path in sorted(glob.glob(f"{corpus}/*.jsonl")):
+        table = pj.read_json(path)
+        for offset in range(0, table.num_rows, BATCH):
+            result = from_batch(model(to_batch(table.slice(offset, BATCH), "numpy")), "numpy")
+            if writer is None:
+                writer = pq.ParquetWriter(f"{out}/bare.parquet", result.schema)
+            writer.write_table(result)
+    writer.close()
+    seconds = time.perf_counter() - started
+    assert pq.read_metadata(f"{out}/bare.parquet").num_rows == ROWS
+    del pa
+    return seconds
+
+
+def ray_data(corpus: str, out: str) -> float:
+    import ray
+
+    from airflow_batch_provider.predictors.sentence_embedding import SentenceEmbedder
+
+    ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+    started = time.perf_counter()
+    (
+        ray.data.read_json(sorted(glob.glob(f"{corpus}/*.jsonl")))
+        .map_batches(SentenceEmbedder, fn_constructor_kwargs=KWARGS, batch_size=BATCH, concurrency=1,
+                     num_cpus=CPUS, batch_format="numpy")
+        .write_parquet(out)
+    )
+    seconds = time.perf_counter() - started
+    ray.shutdown()
+    import pyarrow.dataset as ds
+
+    assert ds.dataset(out, format="parquet").count_rows() == ROWS
+    return seconds
+
+
+def provider_env(corpus: str, sink: str, rows_per_shard: int = ROWS_PER_SHARD) -> dict[str, str]:
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": f"{WORK}/airflow",
+        "AIRFLOW__CORE__DAGS_FOLDER": f"{ROOT}/dags",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "BATCH_DEMO_SOURCE": f"{corpus}/*.jsonl",
+        "BATCH_DEMO_SINK": sink,
+        "BATCH_DEMO_BATCH_SIZE": str(BATCH),
+        "BATCH_DEMO_ROWS_PER_SHARD": str(rows_per_shard),
+        "BATCH_DEMO_NUM_CPUS": str(CPUS),
+        "BATCH_DEMO_NUM_GPUS": os.environ.get("BATCH_DEMO_NUM_GPUS", "0"),
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+
+
+def provider(corpus: str, sink: str) -> tuple[float, float, str]:
+    env = provider_env(corpus, sink)
+    subprocess.run([f"{BIN}/airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+    started = time.perf_counter()
+    out = subprocess.run([f"{BIN}/airflow", "dags", "test", "batch_inference_example"], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - started
+    text = out.stdout + out.stderr
+    open(f"{WORK}/provider.log", "w").write(text)
+    if "state=success" not in text:
+        sys.exit(f"provider run failed; see {WORK}/provider.log")
+    manifest = json.load(open(f"{sink}/_SUCCESS"))
+    assert manifest["rows_out"] == ROWS
+    return manifest["elapsed_seconds"], wall, text
+
+
+def shard_overheads(log_text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"Shard task wall [\d.]+ s, model [\d.]+ s, overhead ([\d.]+) s", log_text)]
+
+
+# -- memory, resume, plan ------------------------------------------------------------------------
+def worker_peak_rss(corpus: str, rows_per_shard: int) -> tuple[float, int]:
+    """Peak RSS (MiB) of a fresh model replica after running one shard of ``rows_per_shard``."""
+    import ray
+
+    from airflow_batch_provider import BatchSpec
+    from airflow_batch_provider.core import ray_exec
+    from airflow_batch_provider.core.commit import new_attempt
+    from airflow_batch_provider.core.jobs import plan_job
+
+    sink = f"{WORK}/rss-{rows_per_shard}"
+    shutil.rmtree(sink, ignore_errors=True)
+    spec = BatchSpec(source=f"{corpus}/*.jsonl", sink=sink, predictor=PREDICTOR, predictor_kwargs=KWARGS,
+                     batch_size=BATCH, rows_per_shard=rows_per_shard, num_cpus=CPUS)
+    ray_exec.connect()
+    ray_exec.kill_workers(spec)
+    shard = plan_job(spec).pending[0]
+    _, ref = ray_exec.submit(spec, [shard], new_attempt())
+    result = ray.get(ref)[0]
+    status = open(f"/proc/{result['worker_pid']}/status").read()
+    peak_kib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
+    ray_exec.kill_workers(spec)
+    return peak_kib / 1024, result["rows_in"]
+
+
+def resume_cost(corpus: str, sink: str) -> tuple[float, int, int]:
+    """Uncommit half the shards, rerun the DAG: wall time, rows computed, committed rows recomputed."""
+    from airflow_batch_provider import BatchSpec
+    from airflow_batch_provider.core.commit import JobStorage
+    from airflow_batch_provider.core.jobs import load_plan
+
+    spec = BatchSpec(source=f"{corpus}/*.jsonl", sink=sink, predictor=PREDICTOR, predictor_kwargs=KWARGS,
+                     rows_per_shard=ROWS_PER_SHARD)
+    storage = JobStorage.for_spec(spec)
+    shards = load_plan(storage).shards
+    dropped = shards[::2]
+    for shard in dropped:
+        os.remove(storage.sentinel_path(shard.shard_id))
+        os.remove(storage.part_path(shard.shard_id))
+    kept_ids = set(storage.committed_ids())
+    before = {s.shard_id: os.stat(storage.part_path(s.shard_id)).st_mtime_ns for s in shards if s.shard_id in kept_ids}
+    env = provider_env(corpus, sink)
+    started = time.perf_counter()
+    out = subprocess.run([f"{BIN}/airflow", "dags", "test", "batch_inference_example"], env=env,
+                         capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - started
+    text = out.stdout + out.stderr
+    if "state=success" not in text:
+        sys.exit("resume run failed")
+    computed = sum(int(x) for x in re.findall(r"Shard \S+ computed: (\d+) rows in", text))
+    touched = [sid for sid, mtime in before.items() if os.stat(storage.part_path(sid)).st_mtime_ns != mtime]
+    recomputed_committed = sum(s.rows for s in shards if s.shard_id in touched)
+    return wall, computed, recomputed_committed
+
+
+def plan_time_10k() -> tuple[float, int, float]:
+    """Plan over a sink holding PLAN_SHARDS committed shards (one row each), on local disk."""
+    from airflow_batch_provider import BatchSpec
+    from airflow_batch_provider.core.commit import new_attempt
+    from airflow_batch_provider.core.jobs import plan_job
+    from airflow_batch_provider.core.runner import ShardRunner
+
+    src = f"{WORK}/plan10k/in"
+    os.makedirs(src, exist_ok=True)
+    with open(f"{src}/rows.jsonl", "w") as handle:
+        handle.writelines(json.dumps({"id": i}) + "\n" for i in range(PLAN_SHARDS))
+    spec = BatchSpec(source=src, source_format="jsonl", sink=f"{WORK}/plan10k/out",
+                     predictor="benchmarks.identity:Identity", rows_per_shard=1)
+    started = time.perf_counter()
+    runner = ShardRunner(spec)
+    for shard in plan_job(spec).pending:
+        runner.run(shard, new_attempt())
+    commit_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    job = plan_job(spec)
+    seconds = time.perf_counter() - started
+    assert job.committed == PLAN_SHARDS and not job.pending
+    return seconds, job.committed, commit_seconds / PLAN_SHARDS
+
+
+def main() -> None:
+    from scripts.make_corpus import write_corpus
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    corpus = f"{WORK}/corpus"
+    write_corpus(corpus, ROWS, files=4)
+    log(f"corpus: {ROWS} rows in 4 JSONL files; batch {BATCH}; {CPUS} CPUs; rows_per_shard {ROWS_PER_SHARD}")
+    head = RayHead(f"/tmp/abp-bench-ray-{os.getpid()}")
+    head.start()
+    log(f"Ray head started at {head.address}")
+    try:
+        log("bare loop ...")
+        bare = bare_loop(corpus, f"{WORK}/bare")
+        log(f"bare loop {bare:.1f} s")
+        log("Ray Data ...")
+        rd = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); "
+                             "from benchmarks.run import ray_data; "
+                             f"print('SECONDS', ray_data({corpus!r}, {WORK + '/raydata'!r}))"],
+                            capture_output=True, text=True, env=os.environ)
+        match = re.search(r"SECONDS ([\d.]+)", rd.stdout)
+        if not match:
+            sys.exit(f"Ray Data run failed:\n{rd.stdout[-2000:]}\n{rd.stderr[-4000:]}")
+        ray_data_s = float(match.group(1))
+        log(f"Ray Data {ray_data_s:.1f} s")
+        log("provider (airflow dags test) ...")
+        prov, prov_wall, prov_log = provider(corpus, f"{WORK}/provider")
+        overheads = shard_overheads(prov_log)
+        log(f"provider {prov:.1f} s (whole command {prov_wall:.1f} s)")
+        log("resume after half the shards committed ...")
+        resume_wall, resume_rows, recomputed = resume_cost(corpus, f"{WORK}/provider")
+        log("worker RSS at two shard sizes ...")
+        small = max(1, ROWS_PER_SHARD // 5)
+        rss_small, rows_small = worker_peak_rss(corpus, small)
+        rss_large, rows_large = worker_peak_rss(corpus, small * 10)
+    finally:
+        head.stop()
+    log(f"plan over {PLAN_SHARDS} committed shards ...")
+    plan_s, plan_n, per_shard_commit = plan_time_10k()
+
+    rate = lambda s: ROWS / s  # noqa: E731
+    print()
+    print(f"{'way':<46}{'seconds':>10}{'rows/s':>10}{'x bare':>9}")
+    for name, secs in (("bare loop (model load included)", bare), ("Ray Data read_json->map_batches->write", ray_data_s),
+                       ("provider, airflow dags test (plan->finalize)", prov)):
+        print(f"{name:<46}{secs:>10.1f}{rate(secs):>10.1f}{bare / secs:>9.3f}")
+    print(f"{'provider, whole dags-test command':<46}{prov_wall:>10.1f}{rate(prov_wall):>10.1f}{bare / prov_wall:>9.3f}")
+    print()
+    median = statistics.median(overheads) if overheads else float("nan")
+    print(f"per-shard overhead (task wall - model), median of {len(overheads)}: {median:.3f} s "
+          f"(shard of {ROWS_PER_SHARD} rows ~ {ROWS_PER_SHARD / rate(prov):.1f} s)")
+    print(f"Ray worker peak RSS: {rss_small:.0f} MiB at {rows_small} rows/shard, {rss_large:.0f} MiB at "
+          f"{rows_large} rows/shard -> {rss_large / rss_small:.3f}x")
+    print(f"resume after half the shards committed: {resume_wall:.1f} s, {resume_rows} rows computed "
+          f"({ROWS - resume_rows} skipped), committed rows computed again: {recomputed}")
+    print(f"plan over {plan_n} committed shards (local disk): {plan_s:.2f} s "
+          f"(committing them took {per_shard_commit * 1000:.1f} ms per 1-row shard)")
+
+
+if __name__ == "__main__":
+    main()
