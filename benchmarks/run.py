@@ -2,7 +2,8 @@
 
 One invocation:
 1. generates a JSONL corpus (BENCH_ROWS, default 8,000) and starts a Ray head (`ray start
-   --head`, its own temp dir, token auth as Ray 2.60 sets it up);
+   --head`, its own temp dir, token auth as Ray 2.60 sets it up) with one logical CPU more
+   than the model gets, so Ray Data's read/write tasks can run beside its 2-CPU actor;
 2. runs all-MiniLM-L6-v2 over it three ways, model load counted in each:
    - a bare loop (read JSONL with pyarrow, `SentenceEmbedder` batch by batch, write Parquet),
    - Ray Data: read_json -> map_batches(SentenceEmbedder, one actor) -> write_parquet,
@@ -60,7 +61,7 @@ class RayHead:
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         out = subprocess.run(
             [f"{BIN}/ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-             f"--num-cpus={CPUS}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
+             f"--num-cpus={CPUS + 1}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
             env=env, capture_output=True, text=True,
         )
         if out.returncode != 0:
