@@ -151,8 +151,11 @@ class S3Server:
         except OSError:
             return "(no log)"
 
-    def stop(self) -> None:
-        """SIGTERM (then SIGKILL) the process group of the server we started, by its PID."""
+    def stop(self, grace_s: float = 3.0) -> None:
+        """SIGTERM (then SIGKILL) the process group of the server we started, by its PID.
+
+        ``weed`` takes ~15 s to stop gracefully; test data is throwaway, so we wait less.
+        """
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             try:
@@ -160,7 +163,7 @@ class S3Server:
             except ProcessLookupError:
                 pass
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
