@@ -75,6 +75,9 @@ def _build_client(options: dict[str, Any]) -> Any:
     if options.get("endpoint_url"):
         client_kwargs["endpoint_url"] = options["endpoint_url"]
     session = boto3.session.Session(profile_name=options.get("profile"))
+    # botocore parses every LastModified of a LIST page with dateutil: ~0.1 ms per key, most
+    # of the time of listing 10,000 sentinels. ISO 8601 is all S3 sends; parse it natively.
+    session._session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
     return session.client(
         "s3",
         aws_access_key_id=options.get("key"),
@@ -83,6 +86,19 @@ def _build_client(options: dict[str, Any]) -> Any:
         config=Config(**config_kwargs),
         **client_kwargs,
     )
+
+
+def _parse_timestamp(value: str) -> Any:
+    """S3's ISO 8601 timestamps via ``datetime.fromisoformat``; anything else via botocore."""
+    from datetime import datetime, timezone
+
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    except (ValueError, AttributeError):
+        from botocore.utils import parse_timestamp
+
+        return parse_timestamp(value)
 
 
 def _code(err: Exception) -> str:
