@@ -54,6 +54,17 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def _die_with_parent() -> None:
+    """In the child (Linux): get SIGTERM when the test process dies, even by SIGKILL, so a
+    killed pytest never leaves a ``weed`` server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class S3Server:
     """One ``weed server -s3`` process and how to reach it."""
@@ -118,7 +129,8 @@ class S3Server:
         self.log_path = os.path.join(self.workdir, "weed.log")
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
         self.process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+            args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         self._wait_ready()
