@@ -256,6 +256,10 @@ class RequestCounter:
         self.clients = clients
         self.by_operation: dict[str, int] = {}
         self.by_method: dict[str, int] = {}
+        self.bytes_received = 0  # GetObject bodies (Content-Length of each response)
+
+    def _received(self, parsed: Any = None, **_: Any) -> None:
+        self.bytes_received += int((parsed or {}).get("ContentLength") or 0)
 
     def _count(self, request: Any = None, event_name: str = "", **_: Any) -> None:
         operation = event_name.rsplit(".", 1)[-1]
@@ -266,11 +270,13 @@ class RequestCounter:
     def __enter__(self) -> RequestCounter:
         for client in self.clients:
             client.meta.events.register("before-send.s3", self._count, unique_id=f"abp-count-{id(self)}")
+            client.meta.events.register("after-call.s3.GetObject", self._received, unique_id=f"abp-bytes-{id(self)}")
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for client in self.clients:
             client.meta.events.unregister("before-send.s3", unique_id=f"abp-count-{id(self)}")
+            client.meta.events.unregister("after-call.s3.GetObject", unique_id=f"abp-bytes-{id(self)}")
 
     @property
     def total(self) -> int:

@@ -194,6 +194,26 @@ def test_version_changes_with_content(store, s3_server, s3_bucket):
     assert store.list_files(f"s3://{s3_bucket}/v")["a.json"].version != before
 
 
+def test_parquet_shard_is_streamed_by_row_group_not_read_whole(s3_server, s3_bucket):
+    import numpy as np
+
+    from airflow_batch_provider.core.readers import ReadStats, read_shard
+
+    values = np.random.default_rng(1).random(16 * 131072)  # 16 row groups of 1 MiB, incompressible
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"id": np.arange(len(values)), "value": values}), buffer, row_group_size=131072, compression="none")
+    put(s3_server, s3_bucket, "in/big.parquet", buffer.getvalue())
+    spec = spec_on(s3_bucket, rows_per_shard=131072, batch_size=8192)
+    storage = JobStorage.for_spec(spec, s3_server.storage_options())
+    shards = plan_job(spec, storage).pending
+    assert len(shards) == 16
+    with RequestCounter(*store_clients(storage.source)) as count:
+        rows = sum(t.num_rows for t in read_shard(storage.source, spec, shards[3], ReadStats()))
+    assert rows == 131072
+    size = len(buffer.getvalue())
+    assert 0 < count.bytes_received < size / 2, (count.bytes_received, size)  # ranged GETs, not the object
+
+
 # -- a whole job, in process --------------------------------------------------------------------
 def read_sink(s3_server, sink: str) -> pa.Table:
     fs = s3fs.S3FileSystem(**s3_server.storage_options())
