@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo test test-fast bench bench-gpu clean
+.PHONY: install demo test test-fast bench bench-gpu bench-s3 clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ bench: install
 
 bench-gpu: install
 	$(PY) benchmarks/gpu.py
+
+# Planning over 10,000 committed shards on a SeaweedFS S3 server it starts and stops itself.
+bench-s3: install
+	$(PY) benchmarks/s3_plan.py --shards $(or $(SHARDS),10000)
 
 clean:
 	rm -rf .demo .bench .pytest_cache

@@ -28,6 +28,10 @@ class StaleCheckpointError(BatchError):
     """The sink holds work of a different spec or of changed input: never reused silently."""
 
 
+class StorageError(BatchError, OSError):
+    """An object store request failed (names the URL, the server's error and what to do)."""
+
+
 class CommitError(BatchError):
     """A shard's committed state is inconsistent (missing part, bad sentinel...)."""
 

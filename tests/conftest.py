@@ -53,3 +53,6 @@ def parquet_source(tmp_path):
     write_parquet(str(src / "a.parquet"), rows(300), row_group_size=50)
     write_parquet(str(src / "b.parquet"), rows(70, start=300), row_group_size=50)
     return str(src)
+
+
+from tests.s3_server import s3_bucket, s3_server  # noqa: E402,F401  (pytest fixtures, S3 on SeaweedFS)

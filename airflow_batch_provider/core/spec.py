@@ -66,7 +66,8 @@ class BatchSpec:
     :param resume: reuse committed shards (default). False deletes this job's earlier output
         in the sink (our part files, sentinels and manifest only) and starts over.
     :param max_retries: Ray retries of a shard whose worker process died.
-    :param storage_conn_id: Airflow connection for S3 credentials (``aws`` type).
+    :param storage_conn_id: Airflow connection for S3 credentials (``aws`` type; default
+        ``aws_default``). URLs may name it instead, as ``s3://conn_id@bucket/prefix``.
     """
 
     source: str
@@ -91,6 +92,7 @@ class BatchSpec:
         _require_str(self, "source")
         _require_str(self, "sink")
         _require_str(self, "predictor")
+        self._take_conn_id_from_urls()
         module, sep, cls = self.predictor.partition(":")
         if not sep or not module or not cls or not cls.isidentifier():
             raise BatchSpecError(
@@ -136,6 +138,35 @@ class BatchSpec:
             _require_str(self, "checkpoint_dir")
         if self.storage_conn_id is not None:
             _require_str(self, "storage_conn_id")
+
+    def _take_conn_id_from_urls(self) -> None:
+        """Accept Airflow's ``s3://conn_id@bucket/key``: strip the id, use it as storage_conn_id.
+
+        Paths are kept without it, so what is logged, listed and written never carries
+        connection names into object keys, and one job uses exactly one connection.
+        """
+        from airflow_batch_provider.core.storage import split_conn_id
+
+        found: dict[str, str] = {}
+        for name in ("source", "sink", "checkpoint_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                continue
+            url, conn_id = split_conn_id(value)
+            if conn_id:
+                object.__setattr__(self, name, url)
+                found[name] = conn_id
+        ids = set(found.values()) | ({self.storage_conn_id} if self.storage_conn_id and found else set())
+        if len(ids) > 1:
+            named = ", ".join(f"{k}: {v!r}" for k, v in found.items())
+            if self.storage_conn_id:
+                named += f", storage_conn_id: {self.storage_conn_id!r}"
+            raise BatchSpecError(
+                f"the URLs name different connections ({named}); one job reads and writes with one "
+                "aws connection: use the same conn_id everywhere, or drop it from the URLs and set storage_conn_id"
+            )
+        if found and not self.storage_conn_id:
+            object.__setattr__(self, "storage_conn_id", next(iter(ids)))
 
     # -- derived values ---------------------------------------------------------------
     @property

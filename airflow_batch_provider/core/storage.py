@@ -263,10 +263,40 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+_S3_SCHEMES = ("s3", "s3a")
+
+
+def split_conn_id(url: str) -> tuple[str, str | None]:
+    """``s3://conn_id@bucket/key`` (Airflow's ObjectStoragePath form) -> (``s3://bucket/key``, conn_id).
+
+    URLs without a connection id, and non-S3 URLs, come back unchanged with None. Bucket
+    names cannot hold ``@``, so the split is unambiguous.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in _S3_SCHEMES:
+        return url, None
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return url, None
+    conn_id, _, bucket = authority.rpartition("@")
+    return f"{scheme}://{bucket}{slash}{path}", conn_id or None
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` -> (``bucket``, ``some/key``)."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() not in _S3_SCHEMES:
+        raise ValueError(f"{url!r} is not an s3:// URL")
+    bucket, _, key = (rest if sep else url).partition("/")
+    if not bucket:
+        raise ValueError(f"{url!r}: no bucket name; expected s3://bucket/prefix")
+    return bucket, key
+
+
 def store_for(url: str, storage_options: dict[str, Any] | None = None) -> Store:
     """The store that serves ``url`` (a local path, ``file://`` or ``s3://`` URL)."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
-    if protocol in ("s3", "s3a"):
+    if protocol in _S3_SCHEMES:
         from airflow_batch_provider.core.s3 import S3Store
 
         return S3Store(storage_options or {})

@@ -1,0 +1,362 @@
+"""The S3 backend of ``Store``: commits without rename or copy.
+
+S3 has no rename (a "move" is a copy plus a delete, neither atomic nor cheap), so the commit
+protocol of ``core/commit.py`` maps onto S3 like this:
+
+* **staging** is a multipart upload *at the part's final key* that is not completed yet:
+  its bytes are durable on the server but no reader, LIST or GET sees them;
+* the **commit point** is the sentinel, written with a conditional create
+  (``PutObject`` with ``If-None-Match: *``): of two racing attempts, exactly one gets 200,
+  the other 412 ``PreconditionFailed``;
+* **publish** is ``CompleteMultipartUpload`` of the winner's upload (the upload id and part
+  ETags are in the sentinel's ``staged`` handle, so anyone can roll a crash forward), and
+  **discard** is ``AbortMultipartUpload`` of the loser's *own* upload: it never touches the
+  object at the key, which may be the winner's.
+
+Requests are counted in the design: listing a prefix is one paginated ``ListObjectsV2``
+(1000 keys a page) with a delimiter; existence and size are one ``HEAD``; small files one
+``GET``/``PUT``. Listing errors (missing bucket, denied) are raised, never read as "empty".
+
+Reading and source discovery go through s3fs (``fs``), which streams: a Parquet file is read
+footer first, then row group by row group in ranged GETs; it is never loaded whole. The
+commit primitives use a boto3 client built from the same storage options, one per process
+and options (boto3 clients are thread-safe and slow to build).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from typing import IO, Any, BinaryIO
+
+from airflow_batch_provider.core.storage import FileInfo, StagedPart, Store, split_s3_url
+from airflow_batch_provider.exceptions import StorageError
+
+#: Multipart part size. S3 needs >= 5 MiB for every part but the last; 8 MiB keeps memory
+#: per writing shard small while a 10 GiB part still needs only 1,280 of the 10,000 parts.
+PART_SIZE = 8 << 20
+#: s3fs read block (readahead): a JSONL block or a Parquet column chunk per ranged GET.
+READ_BLOCK = 8 << 20
+_PART_PREFIX = "part-"
+_PART_SUFFIXES = (".parquet", ".jsonl")
+_CONFLICT_RETRIES = 4
+_MAX_POOL = 32
+
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def s3_client(storage_options: dict[str, Any]) -> Any:
+    """A boto3 S3 client for fsspec/s3fs-style storage options, shared within the process.
+
+    Understands what ``ObjectStorageHook`` produces and s3fs accepts: ``key``, ``secret``,
+    ``token``, ``endpoint_url``, ``profile``, ``anon``, ``client_kwargs`` (``region_name``,
+    ``verify``...) and ``config_kwargs`` (botocore ``Config``).
+    """
+    cache_key = json.dumps(storage_options, sort_keys=True, default=str)
+    with _clients_lock:
+        client = _clients.get(cache_key)
+        if client is None:
+            client = _clients[cache_key] = _build_client(storage_options)
+        return client
+
+
+def _build_client(options: dict[str, Any]) -> Any:
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    config_kwargs = {"max_pool_connections": _MAX_POOL, **(options.get("config_kwargs") or {})}
+    if options.get("anon"):
+        config_kwargs["signature_version"] = UNSIGNED
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    if options.get("endpoint_url"):
+        client_kwargs["endpoint_url"] = options["endpoint_url"]
+    session = boto3.session.Session(profile_name=options.get("profile"))
+    # botocore parses every LastModified of a LIST page with dateutil: ~0.1 ms per key, most
+    # of the time of listing 10,000 sentinels. ISO 8601 is all S3 sends; parse it natively.
+    session._session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
+    return session.client(
+        "s3",
+        aws_access_key_id=options.get("key"),
+        aws_secret_access_key=options.get("secret"),
+        aws_session_token=options.get("token"),
+        config=Config(**config_kwargs),
+        **client_kwargs,
+    )
+
+
+def _parse_timestamp(value: str) -> Any:
+    """S3's ISO 8601 timestamps via ``datetime.fromisoformat``; anything else via botocore."""
+    from datetime import datetime, timezone
+
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    except (ValueError, AttributeError):
+        from botocore.utils import parse_timestamp
+
+        return parse_timestamp(value)
+
+
+def _code(err: Exception) -> str:
+    response = getattr(err, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _status(err: Exception) -> int:
+    response = getattr(err, "response", None) or {}
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _failure(err: Exception, action: str, url: str) -> StorageError:
+    """A StorageError that names the object, the S3 error and what to do (never a secret)."""
+    code = _code(err) or type(err).__name__
+    bucket = split_s3_url(url)[0]
+    hint = ""
+    if code == "NoSuchBucket":
+        hint = f" Bucket {bucket!r} does not exist: create it, or fix the URL."
+    elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403"):
+        hint = " Check the credentials (login/password) of the aws connection named by storage_conn_id."
+    elif type(err).__name__ in ("EndpointConnectionError", "ConnectTimeoutError"):
+        hint = " Check the connection's endpoint_url and that the S3 server is reachable."
+    response = getattr(err, "response", None)
+    message = (response or {}).get("Error", {}).get("Message") if response else str(err)
+    return StorageError(f"S3 {action} of {url} failed: {code}: {message}.{hint}")
+
+
+class _MultipartWriter:
+    """The raw stream under a staged S3 part: buffers ``PART_SIZE`` and uploads each part.
+
+    The upload is created with the first part (a shard that fails before writing anything
+    leaves no upload behind) and never completed here: that is ``S3Store.publish``.
+    """
+
+    def __init__(self, client: Any, handle: dict[str, Any], part_size: int):
+        self._client = client
+        self._handle = handle
+        self._part_size = part_size
+        self._buffer = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._buffer += data
+        while len(self._buffer) >= self._part_size:
+            chunk = bytes(self._buffer[: self._part_size])
+            del self._buffer[: self._part_size]
+            self._upload(chunk)
+        return len(data)
+
+    def flush(self) -> None:  # parts go out when full; the last one in finish()
+        pass
+
+    def finish(self) -> None:
+        """Upload the last (possibly small, possibly only) part."""
+        if self._buffer or not self._handle["parts"]:
+            chunk, self._buffer = bytes(self._buffer), bytearray()
+            self._upload(chunk)
+        self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _upload(self, chunk: bytes) -> None:
+        handle = self._handle
+        url = f"s3://{handle['bucket']}/{handle['key']}"
+        try:
+            if handle["upload_id"] is None:
+                handle["upload_id"] = self._client.create_multipart_upload(Bucket=handle["bucket"], Key=handle["key"])[
+                    "UploadId"
+                ]
+            number = len(handle["parts"]) + 1
+            response = self._client.upload_part(
+                Bucket=handle["bucket"], Key=handle["key"], UploadId=handle["upload_id"], PartNumber=number, Body=chunk
+            )
+        except Exception as err:
+            if _code(err) or type(err).__module__.startswith("botocore"):
+                raise _failure(err, "multipart upload", url) from None
+            raise
+        handle["parts"].append({"PartNumber": number, "ETag": response["ETag"]})
+
+
+class S3Store(Store):
+    """Objects under ``s3://bucket/prefix``; see the module docstring for the commit mapping.
+
+    :param storage_options: s3fs-style options (``ObjectStorageHook.storage_options()``).
+    :param part_size: multipart part size in bytes (>= 5 MiB on AWS; tests use less).
+    """
+
+    def __init__(self, storage_options: dict[str, Any], *, part_size: int = PART_SIZE):
+        import s3fs
+
+        options = dict(storage_options)
+        # Our own writes go through boto3, so a cached listing in s3fs would be stale.
+        super().__init__(s3fs.S3FileSystem(**{"use_listings_cache": False, **options}))
+        self.client = s3_client(options)
+        self.part_size = part_size
+
+    # -- reading -----------------------------------------------------------------------
+    def open_read(self, path: str) -> IO[bytes]:
+        return self.fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
+
+    def read_bytes(self, path: str) -> bytes | None:
+        bucket, key = split_s3_url(path)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as err:
+            if _code(err) in ("NoSuchKey", "404"):
+                return None
+            raise _failure(err, "GET", path) from None
+
+    def _head(self, path: str) -> dict[str, Any] | None:
+        bucket, key = split_s3_url(path)
+        try:
+            return self.client.head_object(Bucket=bucket, Key=key)
+        except Exception as err:
+            if _code(err) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise _failure(err, "HEAD", path) from None
+
+    def exists(self, path: str) -> bool:
+        return self._head(path) is not None
+
+    def size(self, path: str) -> int | None:
+        head = self._head(path)
+        return None if head is None else int(head["ContentLength"])
+
+    def list_files(self, prefix: str) -> dict[str, FileInfo]:
+        """Objects directly under ``prefix``: one paginated LIST with a ``/`` delimiter.
+
+        An empty or absent prefix is ``{}``; a missing bucket or a denied LIST raises.
+        """
+        bucket, key = split_s3_url(prefix)
+        key = f"{key.rstrip('/')}/" if key else ""
+        files: dict[str, FileInfo] = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=key, Delimiter="/", PaginationConfig={"PageSize": 1000}
+            )
+            for page in pages:
+                for entry in page.get("Contents", ()):
+                    name = entry["Key"][len(key) :]
+                    if name:
+                        files[name] = FileInfo(name=name, size=int(entry["Size"]), version=self.version_of(entry))
+        except StorageError:
+            raise
+        except Exception as err:
+            raise _failure(err, "LIST", prefix) from None
+        return files
+
+    def version_of(self, info: dict[str, Any]) -> str:
+        """ETag + size (+ version id on versioned buckets): changes with the content."""
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        size = int(info.get("size", info.get("Size", 0)) or 0)
+        version_id = info.get("VersionId") or info.get("version_id")
+        tag = f"{etag}-{size}"
+        return f"{tag}@{version_id}" if version_id and version_id != "null" else tag
+
+    def delete(self, path: str) -> None:
+        bucket, key = split_s3_url(path)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key)
+        except Exception as err:
+            if _code(err) not in ("NoSuchKey", "404"):
+                raise _failure(err, "DELETE", path) from None
+
+    # -- commit primitives ----------------------------------------------------------------
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """One PUT: S3 replaces an object atomically (readers see old or new, never half)."""
+        bucket, key = split_s3_url(path)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as err:
+            raise _failure(err, "PUT", path) from None
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Conditional create (``If-None-Match: *``): True for the one writer that wins.
+
+        412 ``PreconditionFailed``: the object exists, we lost. 409
+        ``ConditionalRequestConflict``: another conditional write is in flight; S3 asks to
+        retry, which then answers 412 (it won) or 200 (it failed). Still undecided after a
+        few tries counts as lost: the shard stays pending and is never written twice.
+        """
+        bucket, key = split_s3_url(path)
+        for attempt in range(_CONFLICT_RETRIES):
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except Exception as err:
+                code, status = _code(err), _status(err)
+                if code == "PreconditionFailed" or status == 412:
+                    return False
+                if code == "ConditionalRequestConflict" or status == 409:
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                raise _failure(err, "conditional PUT", path) from None
+        return False
+
+    def open_staged(self, final_path: str) -> StagedPart:
+        bucket, key = split_s3_url(final_path)
+        handle: dict[str, Any] = {"kind": "s3", "bucket": bucket, "key": key, "upload_id": None, "parts": []}
+        raw = _MultipartWriter(self.client, handle, self.part_size)
+        return StagedPart(self, final_path, raw, handle)  # type: ignore[arg-type]
+
+    def _finish_staged(self, raw: BinaryIO, handle: dict[str, Any]) -> None:
+        raw.finish()  # type: ignore[attr-defined]
+
+    def publish(self, handle: dict[str, Any]) -> bool:
+        """``CompleteMultipartUpload``; idempotent (an upload completed before is fine)."""
+        bucket, key, upload_id = handle["bucket"], handle["key"], handle.get("upload_id")
+        url = f"s3://{bucket}/{key}"
+        if upload_id:
+            try:
+                self.client.complete_multipart_upload(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in handle["parts"]]},
+                )
+                return True
+            except Exception as err:
+                if _code(err) != "NoSuchUpload":
+                    raise _failure(err, "CompleteMultipartUpload", url) from None
+        # The upload is gone: completed by an earlier publish (then the object is there), or
+        # aborted (the caller sees the part missing and quarantines the sentinel).
+        return self.exists(url)
+
+    def discard(self, handle: dict[str, Any]) -> None:
+        """Abort this attempt's upload; the object at the key (maybe the winner's) stays."""
+        upload_id = handle.get("upload_id")
+        if not upload_id:
+            return
+        try:
+            self.client.abort_multipart_upload(Bucket=handle["bucket"], Key=handle["key"], UploadId=upload_id)
+        except Exception as err:
+            if _code(err) not in ("NoSuchUpload", "404"):
+                raise _failure(err, "AbortMultipartUpload", f"s3://{handle['bucket']}/{handle['key']}") from None
+
+    def list_staged(self, sink: str) -> list[dict[str, Any]]:
+        """Uncompleted uploads of part files directly under ``sink`` (paginated)."""
+        bucket, key = split_s3_url(sink)
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        handles = []
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            for page in pages:
+                for upload in page.get("Uploads", ()):
+                    name = upload["Key"][len(prefix) :]
+                    if name.startswith(_PART_PREFIX) and name.endswith(_PART_SUFFIXES):
+                        handles.append(
+                            {"kind": "s3", "bucket": bucket, "key": upload["Key"], "upload_id": upload["UploadId"], "parts": []}
+                        )
+        except Exception as err:
+            raise _failure(err, "ListMultipartUploads", sink) from None
+        return handles
+
+
+def multipart_etag(parts: list[dict[str, Any]]) -> str:
+    """The ETag S3 gives a completed multipart object: md5 of the part md5s, ``-N``."""
+    digest = hashlib.md5(b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts), usedforsecurity=False)
+    return f"{digest.hexdigest()}-{len(parts)}"
