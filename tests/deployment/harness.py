@@ -391,7 +391,11 @@ class AirflowClient:
             state = self.run_state(dag_id, run_id)
             return state if state in states else None
 
-        return wait_for(done, timeout, interval=0.5, what=f"run {run_id} of {dag_id} to reach {sorted(states)}")
+        try:
+            return wait_for(done, timeout, interval=0.5, what=f"run {run_id} of {dag_id} to reach {sorted(states)}")
+        except TimeoutError as err:
+            tis = [(t["task_id"], t["map_index"], t["state"], t["try_number"]) for t in self.task_instances(dag_id, run_id)]
+            raise TimeoutError(f"{err}; task instances: {tis}") from None
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         return self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=1000)["task_instances"]
