@@ -30,6 +30,12 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_batch_provider.hooks.ray", "airflow_batch_provider.hooks.storage"],
             }
         ],
+        "triggers": [
+            {
+                "integration-name": "Ray batch inference",
+                "python-modules": ["airflow_batch_provider.triggers.shard"],
+            }
+        ],
         "connection-types": [
             {
                 "connection-type": "ray",

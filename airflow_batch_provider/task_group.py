@@ -26,6 +26,7 @@ def batch_inference(
     pool: str | None = None,
     max_active_shards: int | None = None,
     release_workers: bool = True,
+    deferrable: bool | None = None,
     shard_kwargs: dict[str, Any] | None = None,
 ) -> TaskGroup:
     """Add ``plan -> shard (mapped, one task per shard) -> finalize`` as a task group.
@@ -38,6 +39,8 @@ def batch_inference(
     :param max_active_shards: shard tasks running at once in one DAG run
         (``max_active_tis_per_dagrun``); set it to the number of GPUs (or model replicas).
     :param release_workers: finalize stops the model's Ray workers (else they idle out).
+    :param deferrable: shard tasks defer while Ray computes and hold no worker slot (needs a
+        running ``airflow triggerer``); default ``[operators] default_deferrable``.
     :param shard_kwargs: more BaseOperator arguments for the shard tasks.
     """
     with TaskGroup(group_id=group_id) as group:
@@ -47,6 +50,8 @@ def batch_inference(
             extra["pool"] = pool
         if max_active_shards:
             extra["max_active_tis_per_dagrun"] = max_active_shards
+        if deferrable is not None:
+            extra["deferrable"] = deferrable
         shards = BatchShardOperator.partial(
             task_id="shard",
             spec=spec,

@@ -75,3 +75,17 @@ class Embedder(_Logged):
         self.log(batch["id"])
         ids = batch["id"].astype(np.float32)
         return {"id": batch["id"], "embedding": np.stack([ids, ids + 1, ids + 2], axis=1)}
+
+
+class SlowDoubler(Doubler):
+    """``Doubler`` that sleeps ``sleep_s`` per batch, so a shard takes seconds (deployment tests)."""
+
+    def __init__(self, sleep_s: float = 1.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.sleep_s = sleep_s
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
+        time.sleep(self.sleep_s)
+        return super().__call__(batch)

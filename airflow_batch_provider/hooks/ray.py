@@ -34,10 +34,25 @@ class RayHook(BaseHook):
         try:
             conn = self.get_connection(self.ray_conn_id)
         except Exception as err:  # AirflowNotFoundException, or no connection backend reachable
-            if type(err).__name__ not in ("AirflowNotFoundException", "ConnectionNotFound"):
-                raise
-            self.log.info("No %r connection: using RAY_ADDRESS / RAY_AUTH_TOKEN or a local Ray", self.ray_conn_id)
-            return RayTarget()
+            return self._no_connection(err)
+        return self._target_from(conn)
+
+    async def aget_target(self) -> RayTarget:
+        """:meth:`get_target` for triggers: reads the connection without blocking the event loop."""
+        try:
+            conn = await self.aget_connection(self.ray_conn_id)
+        except Exception as err:
+            return self._no_connection(err)
+        return self._target_from(conn)
+
+    def _no_connection(self, err: Exception) -> RayTarget:
+        if type(err).__name__ not in ("AirflowNotFoundException", "ConnectionNotFound"):
+            raise err
+        self.log.info("No %r connection: using RAY_ADDRESS / RAY_AUTH_TOKEN or a local Ray", self.ray_conn_id)
+        return RayTarget()
+
+    @staticmethod
+    def _target_from(conn: Any) -> RayTarget:
         address = conn.host or None
         if address and conn.port and ":" not in address.split("://")[-1]:
             address = f"{address}:{conn.port}"

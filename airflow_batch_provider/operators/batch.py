@@ -24,6 +24,7 @@ from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.exceptions import BatchError
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.hooks.storage import storage_options_for
+from airflow_batch_provider.triggers.shard import RayShardTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -112,16 +113,33 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     :param spec: the ``BatchSpec`` (or its dict).
     :param work_unit: one item of the plan task's output (``{"label", "shards"}``).
     :param ray_conn_id: ``ray`` connection; see :class:`~airflow_batch_provider.hooks.ray.RayHook`.
+    :param deferrable: submit the Ray work, then defer to
+        :class:`~airflow_batch_provider.triggers.shard.RayShardTrigger` while Ray computes,
+        so the task holds no worker slot (needs ``airflow triggerer``). Default:
+        ``[operators] default_deferrable``.
+    :param poll_interval: seconds between the trigger's status checks (deferrable only).
     """
 
     template_fields: Sequence[str] = ("spec", "work_unit", "ray_conn_id")
     external_id_key = "ray_shard_call"
     ui_color = "#fdf1e8"
+    #: seconds to wait, after submitting, for the Ray worker to report the call as started.
+    start_timeout_s: float = 60.0
 
-    def __init__(self, *, work_unit: dict[str, Any], ray_conn_id: str = RayHook.default_conn_name, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        work_unit: dict[str, Any],
+        ray_conn_id: str = RayHook.default_conn_name,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.work_unit = work_unit
         self.ray_conn_id = ray_conn_id
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
         self._ref: Any = None
         self._results: list[dict[str, Any]] | None = None
 
@@ -132,8 +150,75 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         started = time.perf_counter()
         RayHook(ray_conn_id=self.ray_conn_id).get_conn()
+        if self.deferrable:
+            return self._execute_deferrable(context)
         self.execute_resumable(context)
         return self._summarise(self._results or [], time.perf_counter() - started)
+
+    # -- deferrable path -------------------------------------------------------------------
+    def _execute_deferrable(self, context: Context) -> dict[str, Any]:
+        """Submit (or reconnect to) the Ray work, check once, then defer to the trigger."""
+        store = context.get("task_state_store")
+        external_id = store.get(self.external_id_key) if store is not None else None
+        status = self.get_job_status(external_id, context) if external_id else None
+        if status == "SUCCEEDED":
+            self.log.info("Ray work %s already finished; not submitting again", external_id)
+            return self._summarise(self.get_job_result(external_id, context))
+        if status == "RUNNING":
+            self.log.info("Reconnecting to running Ray work %s", external_id)
+        else:
+            if external_id:
+                self.log.warning("Earlier Ray work %s is %s; computing what is not committed", external_id, status)
+            external_id = self.submit_job(context)
+            if store is not None:
+                store.set(self.external_id_key, external_id)
+            status = self._wait_started(external_id, context)
+        if status == "SUCCEEDED":
+            return self._summarise(self.get_job_result(external_id, context))
+        if status == "FAILED":
+            self._raise_failed(external_id)
+        self.log.info("Deferring while Ray computes shard(s) %s (%s)", self.work_unit["label"], external_id)
+        self.defer(
+            trigger=RayShardTrigger(
+                worker=external_id["worker"],
+                token=external_id["token"],
+                spec=self.spec,
+                shards=self.work_unit["shards"],
+                ray_conn_id=self.ray_conn_id,
+                label=self.work_unit["label"],
+                poll_interval=self.poll_interval,
+            ),
+            method_name="execute_complete",
+            timeout=self.execution_timeout,
+        )
+
+    def _wait_started(self, external_id: dict[str, str], context: Context) -> str:
+        """The submitted call is queued on the actor; wait until the actor reports it (or its end)."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            status = self.get_job_status(external_id, context)
+            if status != "UNKNOWN" or time.monotonic() > deadline:
+                return status
+            time.sleep(0.2)
+
+    def _raise_failed(self, external_id: dict[str, str]) -> None:
+        handle = ray_exec.find_worker(external_id["worker"])
+        outcome = ray_exec.ray.get(handle.status.remote(external_id["token"])) if handle else {}
+        raise BatchInferenceException(f"shard(s) {self.work_unit['label']} failed on Ray: {outcome.get('error')}")
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume after the trigger fired: validate its event, return the shard summary."""
+        if not isinstance(event, dict) or "status" not in event:
+            raise BatchInferenceException(
+                f"shard(s) {self.work_unit['label']}: the trigger returned no valid event ({event!r}); retrying computes what is not committed"
+            )
+        if event["status"] != "success":
+            raise BatchInferenceException(event.get("message") or f"shard(s) {self.work_unit['label']} failed: {event!r}")
+        results = event.get("results")
+        if not isinstance(results, list):
+            raise BatchInferenceException(f"shard(s) {self.work_unit['label']}: success event without results ({event!r})")
+        self.log.info("Ray work %s finished", event.get("token"))
+        return self._summarise(results)
 
     # -- ResumableJobMixin ---------------------------------------------------------------
     def submit_job(self, context: Context) -> dict[str, str]:

@@ -1,0 +1,112 @@
+"""Session fixtures: one real deployment (Postgres, Ray head, four Airflow components) for all
+deployment scenarios, the DAGs they run, and a timing report printed at the end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.deployment.harness import AirflowClient, Deployment
+
+HERE = Path(__file__).parent
+TIMINGS: dict[str, Any] = {}
+_REPORT: list[Path] = []
+
+#: The DAGs of the scenarios: rows, shard size, seconds per batch (SlowDoubler), options.
+SCENARIO_DAGS: dict[str, dict[str, Any]] = {
+    # 8 shards of 2 batches x 1 s; two at a time (max_active_tis_per_dagrun)
+    "deploy_scheduler_kill": {"rows": 80, "sleep_s": 1.0, "max_active_shards": 2},
+    # 3 shards of 2 batches x 3 s
+    "deploy_task_kill": {"rows": 30, "sleep_s": 3.0, "max_active_shards": 3, "num_workers": 3},
+    # 6 shards; the batches holding id 0 and 35 fail while the marker file exists; no retries
+    "deploy_clear_failed": {"rows": 60, "sleep_s": 0.2, "retries": 0, "fail_mod": 35, "max_active_shards": 3, "num_workers": 3},
+    # 5 deferrable shards of 2 batches x 4 s, five model replicas, no cap
+    "deploy_deferrable": {"rows": 50, "sleep_s": 4.0, "deferrable": True, "num_workers": 5},
+    # 4 shards in a 1-slot pool ("one GPU")
+    "deploy_pool_cap": {"rows": 40, "sleep_s": 1.0, "pool": "gpu_slots", "num_workers": 2},
+}
+
+
+def _write_input(path: Path, rows: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for i in range(rows):
+            handle.write(json.dumps({"id": i, "value": i}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def deployment():
+    root = Path(tempfile.mkdtemp(prefix="abp-deploy-"))
+    dep = Deployment(root)
+    data = root / "data"
+    configs = []
+    for dag_id, opts in SCENARIO_DAGS.items():
+        base = data / dag_id
+        _write_input(base / "in" / "rows.jsonl", opts["rows"])
+        kwargs: dict[str, Any] = {"sleep_s": opts["sleep_s"], "calls_log": str(base / "calls.log")}
+        if opts.get("fail_mod"):
+            kwargs.update(fail_marker=str(base / "FAIL"), fail_mod=opts["fail_mod"])
+        configs.append(
+            {
+                "dag_id": dag_id,
+                "source": str(base / "in" / "*.jsonl"),
+                "sink": str(base / "out"),
+                "predictor_kwargs": kwargs,
+                **{k: v for k, v in opts.items() if k not in ("rows", "sleep_s", "fail_mod")},
+            }
+        )
+    dep.dags.mkdir(parents=True, exist_ok=True)
+    (dep.dags / "deploy_dags.json").write_text(json.dumps(configs, indent=1))
+    shutil.copy(HERE / "dag_template.py", dep.dags / "deploy_dags.py")
+    _REPORT.append(root / "timings.json")
+    try:
+        dep.start()
+        TIMINGS["startup"] = {k: round(v, 1) for k, v in dep.timings.items()}
+        yield dep
+    finally:
+        dep.stop()
+        _REPORT[0].write_text(json.dumps(TIMINGS, indent=1))  # the root (logs, data) is kept for inspection
+
+
+@pytest.fixture(scope="session")
+def client(deployment) -> AirflowClient:
+    return AirflowClient(deployment.base_url)
+
+
+@pytest.fixture
+def scenario(deployment, client, request):
+    """The scenario's DAG (parsed and unpaused), its paths, and a timer for the report."""
+    dag_id = request.node.get_closest_marker("dag").args[0]
+    base = deployment.root / "data" / dag_id
+    client.wait_dag(dag_id)
+    started = time.monotonic()
+
+    class Scenario:
+        pass
+
+    s = Scenario()
+    s.dag_id = dag_id
+    s.base = base
+    s.sink = base / "out"
+    s.calls_log = base / "calls.log"
+    s.opts = SCENARIO_DAGS[dag_id]
+    s.timings = {}
+    yield s
+    s.timings["test_s"] = round(time.monotonic() - started, 1)
+    TIMINGS[request.node.name] = s.timings
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not TIMINGS:
+        return
+    terminalreporter.write_sep("=", "deployment timings (seconds)")
+    for name, values in TIMINGS.items():
+        terminalreporter.write_line(f"{name}: {json.dumps(values)}")
+    if _REPORT:
+        terminalreporter.write_line(f"(also in {_REPORT[0]})")

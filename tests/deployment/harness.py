@@ -1,0 +1,428 @@
+"""A real Airflow 3.3 deployment for end-to-end tests: Postgres, the four components, a Ray head.
+
+Everything runs from this repository (``PYTHONPATH``) with the Python that runs pytest:
+
+* a fresh PostgreSQL database on ``127.0.0.1:5432`` (trust auth, user ``postgres``), dropped
+  at the end;
+* a Ray head (``ray start --head``) on free ports with its own ``--temp-dir`` (so nobody
+  else's ``ray.init()`` finds it) and its own auth token (``RAY_AUTH_TOKEN``, so
+  ``~/.ray/auth_token`` is never written); tasks get address and token through the
+  ``ray_default`` connection (``AIRFLOW_CONN_RAY_DEFAULT``);
+* ``airflow api-server``, ``scheduler``, ``dag-processor`` and ``triggerer`` with the
+  LocalExecutor;
+
+each started in its own session so that it, and whatever it forks, is stopped by process
+group at the end. Tests talk to Airflow only through the REST API v2 (:class:`AirflowClient`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PG_DSN = os.environ.get("ABP_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
+ADMIN_PASSWORD = "admin-pw"
+TERMINAL = {"success", "failed"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _pg_connect(dbname: str = "postgres"):
+    import psycopg2
+
+    rest = PG_DSN.split("://", 1)[1]
+    userhost, _, _ = rest.partition("/")
+    user, _, hostport = userhost.rpartition("@")
+    host, _, port = hostport.partition(":")
+    conn = psycopg2.connect(host=host, port=int(port or 5432), user=user or "postgres", dbname=dbname)
+    conn.autocommit = True
+    return conn
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    pgid: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+@dataclass
+class Deployment:
+    root: Path
+    parallelism: int = 3
+    ray_cpus: int = 16
+    procs: dict[str, Proc] = field(default_factory=dict)
+    old_pgids: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    db_name: str = ""
+    api_port: int = 0
+    ray_address: str = ""
+    ray_token: str = ""
+    ray_pgid: int = 0
+
+    # -- paths -------------------------------------------------------------------------
+    @property
+    def home(self) -> Path:
+        return self.root / "airflow"
+
+    @property
+    def dags(self) -> Path:
+        return self.root / "dags"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    # -- start -------------------------------------------------------------------------
+    def start(self) -> None:
+        for d in (self.home, self.dags, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        self.create_database()
+        self.start_ray()
+        self.timings["ray_head_s"] = time.monotonic() - started
+        tick = time.monotonic()
+        self.airflow("db", "migrate", timeout=300)
+        self.timings["db_migrate_s"] = time.monotonic() - tick
+        tick = time.monotonic()
+        for component in ("api-server", "scheduler", "dag-processor", "triggerer"):
+            self.start_component(component)
+        self.wait_healthy()
+        self.timings["airflow_components_s"] = time.monotonic() - tick
+        self.timings["total_startup_s"] = time.monotonic() - started
+
+    def create_database(self) -> None:
+        self.db_name = f"abp_deploy_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        conn = _pg_connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{self.db_name}"')
+        finally:
+            conn.close()
+
+    def drop_database(self) -> None:
+        if not self.db_name:
+            return
+        conn = _pg_connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (self.db_name,))
+                cur.execute(f'DROP DATABASE IF EXISTS "{self.db_name}"')
+        finally:
+            conn.close()
+
+    def start_ray(self) -> None:
+        # Ray's socket paths must stay short: a temp dir under /tmp, not under pytest's tmp.
+        temp_dir = Path(f"/tmp/abp-ray-{os.getpid()}-{uuid.uuid4().hex[:4]}")
+        temp_dir.mkdir()
+        (self.root / "ray_temp_dir").write_text(str(temp_dir))
+        self.ray_token = secrets.token_hex(32)
+        port = free_port()
+        env = self.base_env()
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.ray_token)
+        cmd = [
+            str(BIN / "ray"), "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={temp_dir}",
+            f"--num-cpus={self.ray_cpus}", "--num-gpus=0", "--include-dashboard=false",
+            f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--ray-client-server-port={free_port()}",
+            "--disable-usage-stats", "--object-store-memory=200000000",
+        ]
+        proc = self._spawn("ray-head", cmd, env)
+        self.ray_pgid = proc.pgid
+        address_file = temp_dir / "ray_current_cluster"
+        wait_for(lambda: address_file.exists() and address_file.read_text().strip(), 120, what="the Ray head")
+        self.ray_address = address_file.read_text().strip()
+        probe = (
+            "import ray; ray.init(address=%r, logging_level='ERROR'); "
+            "assert ray.cluster_resources().get('CPU'); print('ray ok')" % self.ray_address
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env={**env, "RAY_AUTH_TOKEN": self.ray_token},
+            capture_output=True, text=True, timeout=120,
+        )
+        if "ray ok" not in out.stdout:
+            raise RuntimeError(f"cannot connect to the Ray head at {self.ray_address}: {out.stderr[-2000:]}")
+
+    def base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RAY_"))}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        env["OMP_NUM_THREADS"] = "1"
+        return env
+
+    def airflow_env(self) -> dict[str, str]:
+        env = self.base_env()
+        env.update(
+            AIRFLOW_HOME=str(self.home),
+            AIRFLOW__CORE__DAGS_FOLDER=str(self.dags),
+            AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+            AIRFLOW__CORE__PARALLELISM=str(self.parallelism),
+            AIRFLOW__CORE__LOAD_EXAMPLES="False",
+            AIRFLOW__CORE__FERNET_KEY=_fernet_key(self.root),
+            AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="admin:admin",
+            AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
+            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"{PG_DSN}/{self.db_name}",
+            AIRFLOW__API__BASE_URL=self.base_url,
+            AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{self.base_url}/execution/",
+            AIRFLOW__API_AUTH__JWT_SECRET=_secret(self.root, "jwt"),
+            AIRFLOW__API__SECRET_KEY=_secret(self.root, "api"),
+            AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(self.logs),
+            AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD="10",
+            AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL="5",
+            AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="60",
+            AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+            AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="10",
+            AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC="2",
+            AIRFLOW_CONN_RAY_DEFAULT=json.dumps({"conn_type": "ray", "host": self.ray_address, "password": self.ray_token}),
+        )
+        return env
+
+    def airflow(self, *args: str, timeout: float = 120) -> str:
+        out = subprocess.run(
+            [str(BIN / "airflow"), *args], env=self.airflow_env(), capture_output=True, text=True, timeout=timeout, cwd=self.root
+        )
+        if out.returncode:
+            raise RuntimeError(f"airflow {' '.join(args)} failed ({out.returncode}): {out.stderr[-3000:]}")
+        return out.stdout
+
+    def start_component(self, component: str) -> Proc:
+        if not self.api_port:
+            self.api_port = free_port()
+            (self.home / "simple_auth_manager_passwords.json.generated").write_text(json.dumps({"admin": ADMIN_PASSWORD}))
+        args = [component]
+        if component == "api-server":
+            args += ["--host", "127.0.0.1", "--port", str(self.api_port), "--workers", "1"]
+        return self._spawn(component, [str(BIN / "airflow"), *args], self.airflow_env())
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> Proc:
+        old = self.procs.get(name)
+        if old is not None:
+            self.old_pgids.append(old.pgid)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        count = sum(1 for p in self.logs.glob(f"{name}*.log"))
+        log = self.logs / f"{name}{'-' + str(count) if count else ''}.log"
+        handle = open(log, "wb")
+        popen = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
+        proc = Proc(name, popen, log, pgid=popen.pid)
+        self.procs[name] = proc
+        return proc
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        def healthy():
+            for name, proc in self.procs.items():
+                if proc.popen.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({proc.popen.returncode}); log tail:\n{proc.log.read_text()[-3000:]}")
+            try:
+                body = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                return False
+            parts = ("metadatabase", "scheduler", "triggerer", "dag_processor")
+            return all((body.get(p) or {}).get("status") == "healthy" for p in parts)
+
+        wait_for(healthy, timeout, what="healthy Airflow components")
+
+    # -- faults ------------------------------------------------------------------------
+    def kill_component(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Kill one component's main process only (its forked workers live on, as in a crash)."""
+        proc = self.procs[name]
+        os.kill(proc.pid, sig)
+        proc.popen.wait(timeout=30)
+        return proc.pid
+
+    # -- stop --------------------------------------------------------------------------
+    def stop(self) -> None:
+        groups = [p.pgid for p in self.procs.values() if p.name != "ray-head"] + self.old_pgids
+        _stop_groups(groups)
+        if self.ray_pgid:
+            _stop_groups([self.ray_pgid])
+        for proc in self.procs.values():
+            try:
+                proc.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.drop_database()
+        ray_temp = self.root / "ray_temp_dir"
+        if ray_temp.exists():
+            shutil.rmtree(ray_temp.read_text(), ignore_errors=True)
+
+
+def _stop_groups(pgids: list[int], grace: float = 10.0) -> None:
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_group_alive(g) for g in pgids):
+        time.sleep(0.2)
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _secret(root: Path, name: str) -> str:
+    path = root / f".{name}_secret"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(32))
+    return path.read_text()
+
+
+def _fernet_key(root: Path) -> str:
+    path = root / ".fernet_key"
+    if not path.exists():
+        from cryptography.fernet import Fernet
+
+        path.write_text(Fernet.generate_key().decode())
+    return path.read_text()
+
+
+def task_pid(ti_id: str) -> int | None:
+    """PID of the task runner process of a task instance (its title is ``airflow worker -- <ti id>``)."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if cmdline.strip() == f"airflow worker -- {ti_id}":
+            return proc.info["pid"]
+    return None
+
+
+class AirflowClient:
+    """The REST API v2, as the UI uses it."""
+
+    def __init__(self, base_url: str, username: str = "admin", password: str = ADMIN_PASSWORD):
+        self.http = httpx.Client(base_url=base_url, timeout=30)
+        token = self.http.post("/auth/token", json={"username": username, "password": password})
+        token.raise_for_status()
+        self.http.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
+
+    def _ok(self, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            raise AssertionError(f"{response.request.method} {response.request.url} -> {response.status_code}: {response.text[:2000]}")
+        return response.json() if response.content else None
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self._ok(self.http.get(path, params=params))
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self._ok(self.http.post(path, json=body))
+
+    def patch(self, path: str, body: dict[str, Any]) -> Any:
+        return self._ok(self.http.patch(path, json=body))
+
+    # -- helpers -------------------------------------------------------------------------
+    def wait_dag(self, dag_id: str, timeout: float = 180) -> dict[str, Any]:
+        def parsed():
+            response = self.http.get(f"/api/v2/dags/{dag_id}")
+            if response.status_code == 200:
+                return response.json()
+            errors = self.get("/api/v2/importErrors").get("import_errors", [])
+            if errors:
+                raise AssertionError(f"DAG import errors: {errors}")
+            return None
+
+        return wait_for(parsed, timeout, what=f"DAG {dag_id} to be parsed")
+
+    def unpause(self, dag_id: str) -> None:
+        self.patch(f"/api/v2/dags/{dag_id}", {"is_paused": False})
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        body = self.post(f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
+        return body["dag_run_id"]
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
+
+    def wait_run(self, dag_id: str, run_id: str, states=TERMINAL, timeout: float = 300, on_poll=None) -> str:
+        def done():
+            if on_poll:
+                on_poll()
+            state = self.run_state(dag_id, run_id)
+            return state if state in states else None
+
+        try:
+            return wait_for(done, timeout, interval=0.5, what=f"run {run_id} of {dag_id} to reach {sorted(states)}")
+        except TimeoutError as err:
+            tis = [(t["task_id"], t["map_index"], t["state"], t["try_number"]) for t in self.task_instances(dag_id, run_id)]
+            raise TimeoutError(f"{err}; task instances: {tis}") from None
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        return self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=1000)["task_instances"]
+
+    def shard_tis(self, dag_id: str, run_id: str, task_id: str) -> list[dict[str, Any]]:
+        return sorted((t for t in self.task_instances(dag_id, run_id) if t["task_id"] == task_id), key=lambda t: t["map_index"])
+
+    def tries(self, dag_id: str, run_id: str, task_id: str, map_index: int) -> list[dict[str, Any]]:
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/tries"
+        return self.get(path)["task_instances"]
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1, key: str = "return_value") -> Any:
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
+        return self.get(path, map_index=map_index, deserialize=True)["value"]
+
+    def log_text(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}"
+        body = self.get(path, map_index=map_index, full_content=True)
+        content = body.get("content")
+        return content if isinstance(content, str) else "\n".join(json.dumps(c) if not isinstance(c, str) else c for c in content or [])
+
+    def clear_failed(self, dag_id: str, run_id: str, task_ids: list[Any]) -> Any:
+        body = {
+            "dry_run": False,
+            "dag_run_id": run_id,
+            "only_failed": True,
+            "include_downstream": True,
+            "task_ids": task_ids,
+        }
+        return self.post(f"/api/v2/dags/{dag_id}/clearTaskInstances", body)

@@ -1,0 +1,113 @@
+"""BatchShardOperator's deferrable path: defer after submit, execute_complete validates events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from airflow.sdk.exceptions import TaskDeferred
+
+from airflow_batch_provider.operators import batch as batch_mod
+from airflow_batch_provider.operators.batch import BatchInferenceException, BatchShardOperator
+from airflow_batch_provider.triggers.shard import RayShardTrigger
+
+SPEC = {"source": "/in/*.jsonl", "sink": "/out", "predictor": "tests.predictors:Doubler"}
+UNIT = {"label": "s0", "shards": [{"shard_id": "s0"}]}
+RESULT = {"shard_id": "s0", "status": "computed", "rows_in": 4, "rows_out": 4, "bytes": 10, "seconds": 1.0, "model_seconds": 0.5}
+
+
+def op(**kwargs: Any) -> BatchShardOperator:
+    return BatchShardOperator(task_id="shard", spec=SPEC, work_unit=UNIT, ray_conn_id="ray_x", **kwargs)
+
+
+class Store(dict):
+    def set(self, key, value):
+        self[key] = value
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
+
+
+def test_deferrable_defaults_to_config(monkeypatch):
+    assert op().deferrable is False
+    assert op(deferrable=True).deferrable is True
+
+
+def test_execute_complete_success_returns_summary():
+    summary = op(deferrable=True).execute_complete({}, {"status": "success", "token": "t", "results": [RESULT]})
+    assert summary["shards"] == ["s0"] and summary["computed"] == 1 and summary["rows_in"] == 4
+
+
+@pytest.mark.parametrize(
+    "event, needle",
+    [
+        (None, "no valid event"),
+        ({"no": "status"}, "no valid event"),
+        ({"status": "error", "message": "shard(s) s0 failed on Ray: boom"}, "boom"),
+        ({"status": "success"}, "without results"),
+    ],
+)
+def test_execute_complete_raises_on_bad_or_failed_event(event, needle):
+    with pytest.raises(BatchInferenceException, match=needle):
+        op(deferrable=True).execute_complete({}, event)
+
+
+def test_execute_submits_then_defers_with_conn_id_not_token(monkeypatch):
+    task = op(deferrable=True, poll_interval=2)
+    store = Store()
+    monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w", "token": "t1"})
+    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: "RUNNING")
+    with pytest.raises(TaskDeferred) as deferred:
+        task.execute({"task_state_store": store})
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, RayShardTrigger)
+    assert deferred.value.method_name == "execute_complete"
+    path, kwargs = trigger.serialize()
+    assert kwargs["ray_conn_id"] == "ray_x" and kwargs["token"] == "t1" and kwargs["poll_interval"] == 2
+    assert store[BatchShardOperator.external_id_key] == {"worker": "w", "token": "t1"}
+
+
+def test_execute_reconnects_to_running_work_without_submitting(monkeypatch):
+    task = op(deferrable=True)
+    store = Store({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
+    monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: pytest.fail("submitted again"))
+    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: "RUNNING")
+    with pytest.raises(TaskDeferred) as deferred:
+        task.execute({"task_state_store": store})
+    assert deferred.value.trigger.token == "old"
+
+
+def test_execute_returns_early_when_already_finished(monkeypatch):
+    task = op(deferrable=True)
+    monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w", "token": "t"})
+    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: "SUCCEEDED")
+    monkeypatch.setattr(BatchShardOperator, "get_job_result", lambda self, ext, ctx: [RESULT])
+    assert task.execute({"task_state_store": Store()})["computed"] == 1
+
+
+def test_execute_resubmits_when_earlier_work_is_lost(monkeypatch):
+    task = op(deferrable=True)
+    store = Store({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
+    statuses = iter(["LOST", "RUNNING"])
+    monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w", "token": "new"})
+    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: next(statuses))
+    with pytest.raises(TaskDeferred) as deferred:
+        task.execute({"task_state_store": store})
+    assert deferred.value.trigger.token == "new"
+    assert store[BatchShardOperator.external_id_key]["token"] == "new"
+
+
+def test_batch_inference_plumbs_deferrable():
+    import pendulum
+    from airflow.sdk import DAG
+
+    from airflow_batch_provider import BatchSpec, batch_inference
+
+    spec = BatchSpec(**SPEC)
+    with DAG("d", schedule=None, start_date=pendulum.datetime(2026, 1, 1)) as dag:
+        batch_inference(spec, deferrable=True, max_active_shards=2)
+    shard = dag.get_task("batch_inference.shard")
+    assert shard.partial_kwargs["deferrable"] is True
+    assert shard.max_active_tis_per_dagrun == 2
