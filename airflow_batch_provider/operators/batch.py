@@ -273,7 +273,8 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             self._results = outcome.get("results", [])
         return self._results
 
-    def _summarise(self, results: list[dict[str, Any]], task_seconds: float) -> dict[str, Any]:
+    def _summarise(self, results: list[dict[str, Any]], task_seconds: float | None = None) -> dict[str, Any]:
+        """Log each shard's figures; ``task_seconds`` (sync path only) also gives the overhead."""
         for r in results:
             rate = r["rows_in"] / r["seconds"] if r["seconds"] else 0.0
             self.log.info(
@@ -283,7 +284,8 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             if r.get("note"):
                 self.log.warning("%s", r["note"])
         model = sum(r["model_seconds"] for r in results)
-        self.log.info("Shard task wall %.3f s, model %.3f s, overhead %.3f s", task_seconds, model, task_seconds - model)
+        if task_seconds is not None:
+            self.log.info("Shard task wall %.3f s, model %.3f s, overhead %.3f s", task_seconds, model, task_seconds - model)
         return {
             "task_seconds": task_seconds,
             "shards": [r["shard_id"] for r in results],
