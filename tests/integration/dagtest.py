@@ -18,21 +18,24 @@ from airflow_batch_provider import BatchSpec
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DAG_ID = "abp_integration"
 
+# An empty spec file (a run of another DAG in the same folder) still parses, with a dummy spec.
 DAG_FILE = '''
 import json, os
 import pendulum
 from airflow.sdk import dag
 from airflow_batch_provider import BatchSpec, batch_inference
 
-spec = BatchSpec.from_dict(json.load(open(os.environ["ABP_TEST_SPEC"])))
+spec = BatchSpec.from_dict(
+    json.load(open(os.environ["ABP_TEST_SPEC"])) or {{"source": "-", "sink": "-", "predictor": "m:C", "source_format": "jsonl"}}
+)
 
 
-@dag(dag_id="abp_integration", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
-def abp_integration():
-    batch_inference(spec, shard_retries=int(os.environ.get("ABP_TEST_SHARD_RETRIES", "0")))
+@dag(dag_id="{dag_id}", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
+def test_dag():
+    batch_inference(spec, shard_retries=int(os.environ.get("ABP_TEST_SHARD_RETRIES", "0")){group_kwargs})
 
 
-abp_integration()
+test_dag()
 '''
 
 
@@ -49,17 +52,27 @@ class DagRun:
     def plan_counts(self) -> tuple[int, int, int]:
         """(shards, already committed, to compute) from the plan task's log line."""
         match = re.search(r"Plan for \S+: (\d+) shards .*?, (\d+) already committed, (\d+) to compute", self.output)
-        assert match, self.output[-3000:]
+        assert match, self.output[-4000:]
         return tuple(int(x) for x in match.groups())  # type: ignore[return-value]
 
 
 class DagTester:
-    def __init__(self, home: str):
+    """``airflow dags test`` runner: own AIRFLOW_HOME (SQLite), one generated DAG file.
+
+    :param dag_id: id of the generated DAG.
+    :param group_kwargs: more ``batch_inference`` arguments, as source text (``", max_active_shards=2"``).
+    :param connections: Airflow connections by id, as ``AIRFLOW_CONN_*`` values.
+    """
+
+    def __init__(
+        self, home: str, *, dag_id: str = DAG_ID, group_kwargs: str = "", connections: dict[str, str] | None = None
+    ):
         self.home = home
+        self.dag_id = dag_id
         self.dags = os.path.join(home, "dags")
         os.makedirs(self.dags, exist_ok=True)
-        with open(os.path.join(self.dags, "abp_integration.py"), "w") as handle:
-            handle.write(DAG_FILE)
+        with open(os.path.join(self.dags, f"{dag_id}.py"), "w") as handle:
+            handle.write(DAG_FILE.format(dag_id=dag_id, group_kwargs=group_kwargs))
         self.env = {
             **os.environ,
             "AIRFLOW_HOME": home,
@@ -67,6 +80,7 @@ class DagTester:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "RAY_ADDRESS": "local",
             "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            **{f"AIRFLOW_CONN_{name.upper()}": value for name, value in (connections or {}).items()},
         }
         self.env.pop("ABP_FAILPOINTS", None)
         subprocess.run([self._airflow, "db", "migrate"], env=self.env, check=True, capture_output=True)
@@ -75,12 +89,32 @@ class DagTester:
     def _airflow(self) -> str:
         return os.path.join(os.path.dirname(sys.executable), "airflow")
 
-    def run(self, spec: BatchSpec, *, shard_retries: int = 0, extra_env: dict[str, str] | None = None) -> DagRun:
+    def run(
+        self,
+        spec: BatchSpec | dict | None,
+        *,
+        shard_retries: int = 0,
+        extra_env: dict[str, str] | None = None,
+        dag_id: str | None = None,
+    ) -> DagRun:
         spec_path = os.path.join(self.home, "spec.json")
         with open(spec_path, "w") as handle:
-            json.dump(spec.to_dict(), handle)
+            json.dump(spec.to_dict() if isinstance(spec, BatchSpec) else spec or {}, handle)
         env = {**self.env, "ABP_TEST_SPEC": spec_path, "ABP_TEST_SHARD_RETRIES": str(shard_retries), **(extra_env or {})}
         proc = subprocess.run(
-            [self._airflow, "dags", "test", DAG_ID], env=env, capture_output=True, text=True, cwd=ROOT, timeout=600
+            [self._airflow, "dags", "test", dag_id or self.dag_id],
+            env=env, capture_output=True, text=True, cwd=ROOT, timeout=600,
         )
         return DagRun(proc.returncode, proc.stdout + proc.stderr)
+
+    def files_containing(self, needle: str) -> list[str]:
+        """Every file under AIRFLOW_HOME (SQLite DB with XComs and rendered fields, task logs)
+        whose bytes contain ``needle``."""
+        hits = []
+        for folder, _, names in os.walk(self.home):
+            for name in names:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as handle:
+                    if needle.encode() in handle.read():
+                        hits.append(path)
+        return hits

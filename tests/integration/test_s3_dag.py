@@ -10,10 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
-import subprocess
-import sys
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -21,98 +17,18 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DAG_ID = "abp_s3_integration"
+from tests.integration.dagtest import ROOT, DagTester
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-DAG_FILE = '''
-import json, os
-import pendulum
-from airflow.sdk import dag
-from airflow_batch_provider import BatchSpec, batch_inference
-
-spec = BatchSpec.from_dict(json.load(open(os.environ["ABP_TEST_SPEC"])) or {"source": "-", "sink": "-", "predictor": "m:C", "source_format": "jsonl"})
-
-
-@dag(dag_id="abp_s3_integration", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
-def abp_s3_integration():
-    batch_inference(spec, shard_retries=0, max_active_shards=2)
-
-
-abp_s3_integration()
-'''
-
-
-@dataclass
-class DagRun:
-    returncode: int
-    output: str
-
-    @property
-    def state(self) -> str:
-        found = re.findall(r"DagRun Finished: .*?state=(\w+)", self.output)
-        return found[-1] if found else "unknown"
-
-    def plan_counts(self) -> tuple[int, int, int]:
-        match = re.search(r"Plan for \S+: (\d+) shards .*?, (\d+) already committed, (\d+) to compute", self.output)
-        assert match, self.output[-4000:]
-        return tuple(int(x) for x in match.groups())  # type: ignore[return-value]
-
-
-class S3DagTester:
-    """Minimal ``airflow dags test`` runner: own AIRFLOW_HOME (SQLite), generated DAG file."""
-
-    def __init__(self, home: str, connections: dict[str, str]):
-        self.home = home
-        self.dags = os.path.join(home, "dags")
-        os.makedirs(self.dags, exist_ok=True)
-        with open(os.path.join(self.dags, f"{DAG_ID}.py"), "w") as handle:
-            handle.write(DAG_FILE)
-        self.env = {
-            **os.environ,
-            "AIRFLOW_HOME": home,
-            "AIRFLOW__CORE__DAGS_FOLDER": self.dags,
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "RAY_ADDRESS": "local",
-            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            **{f"AIRFLOW_CONN_{name.upper()}": value for name, value in connections.items()},
-        }
-        self.env.pop("ABP_FAILPOINTS", None)
-        subprocess.run([self.airflow, "db", "migrate"], env=self.env, check=True, capture_output=True)
-
-    @property
-    def airflow(self) -> str:
-        return os.path.join(os.path.dirname(sys.executable), "airflow")
-
-    def run(self, spec: dict | None, *, extra_env: dict[str, str] | None = None, dag_id: str = DAG_ID) -> DagRun:
-        spec_path = os.path.join(self.home, "spec.json")
-        with open(spec_path, "w") as handle:
-            json.dump(spec or {}, handle)
-        env = {**self.env, "ABP_TEST_SPEC": spec_path, **(extra_env or {})}
-        proc = subprocess.run(
-            [self.airflow, "dags", "test", dag_id], env=env, capture_output=True, text=True, cwd=ROOT, timeout=600
-        )
-        return DagRun(proc.returncode, proc.stdout + proc.stderr)
-
-    def files_containing(self, needle: str) -> list[str]:
-        """Every file under AIRFLOW_HOME (SQLite DB with XComs and rendered fields, task logs)
-        whose bytes contain ``needle``."""
-        hits = []
-        for folder, _, names in os.walk(self.home):
-            for name in names:
-                path = os.path.join(folder, name)
-                with open(path, "rb") as handle:
-                    if needle.encode() in handle.read():
-                        hits.append(path)
-        return hits
 
 
 @pytest.fixture(scope="module")
 def tester(s3_server, tmp_path_factory):
-    return S3DagTester(
+    return DagTester(
         str(tmp_path_factory.mktemp("airflow_home_s3")),
-        {"aws_default": s3_server.connection_json(), "abp_lake": s3_server.connection_json()},
+        dag_id="abp_s3_integration",
+        group_kwargs=", max_active_shards=2",
+        connections={"aws_default": s3_server.connection_json(), "abp_lake": s3_server.connection_json()},
     )
 
 
