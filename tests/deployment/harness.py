@@ -318,6 +318,9 @@ def _stop_groups(pgids: list[int], grace: float = 10.0) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_group_alive(g) for g in pgids):
+        time.sleep(0.1)
 
 
 def _group_alive(pgid: int) -> bool:
