@@ -262,11 +262,28 @@ class Deployment:
 
         wait_for(healthy, timeout, what="healthy Airflow components")
 
+    def wait_new_scheduler(self, since: float, timeout: float = 120) -> None:
+        """Wait until a scheduler heartbeat newer than ``since`` (epoch seconds) is recorded."""
+        from datetime import datetime
+
+        def beat():
+            body = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5).json()
+            latest = (body.get("scheduler") or {}).get("latest_scheduler_heartbeat")
+            return latest and datetime.fromisoformat(latest).timestamp() > since
+
+        wait_for(beat, timeout, what="the new scheduler's first heartbeat")
+
     # -- faults ------------------------------------------------------------------------
-    def kill_component(self, name: str, sig: int = signal.SIGKILL) -> int:
-        """Kill one component's main process only (its forked workers live on, as in a crash)."""
+    def kill_component(self, name: str, sig: int = signal.SIGKILL, *, whole_group: bool = True) -> int:
+        """Kill a component as a crashed host or container would: with ``whole_group`` its forked
+        workers and their task processes die too (a LocalExecutor worker that outlives its
+        scheduler keeps the scheduler's Postgres connection, and its open transaction's row
+        locks, alive: the next scheduler would then skip that DAG run)."""
         proc = self.procs[name]
-        os.kill(proc.pid, sig)
+        if whole_group:
+            os.killpg(proc.pgid, sig)
+        else:
+            os.kill(proc.pid, sig)
         proc.popen.wait(timeout=30)
         return proc.pid
 
@@ -301,6 +318,9 @@ def _stop_groups(pgids: list[int], grace: float = 10.0) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_group_alive(g) for g in pgids):
+        time.sleep(0.1)
 
 
 def _group_alive(pgid: int) -> bool:

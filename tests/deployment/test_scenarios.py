@@ -87,10 +87,24 @@ def start_run(client: AirflowClient, dag_id: str) -> str:
     return client.trigger(dag_id)
 
 
+def retry_outcome(log: str) -> str:
+    """What a retried shard task did, from its log (ResumableJobMixin / deferrable path messages)."""
+    if "Reconnecting to existing job" in log or "Reconnected to running Ray work" in log or "Reconnecting to running Ray work" in log:
+        return "reconnected"
+    if "already completed successfully" in log or "already finished; not submitting again" in log:
+        return "already finished"
+    return "recomputed"
+
+
 # -- scenario 1 -------------------------------------------------------------------------------
 @pytest.mark.dag("deploy_scheduler_kill")
 def test_1_scheduler_sigkill_mid_run(deployment: Deployment, client: AirflowClient, scenario):
-    """SIGKILL the scheduler while shards run; a new scheduler finishes the run; nothing committed recomputes."""
+    """SIGKILL the scheduler while shards run; a new scheduler finishes the run; nothing committed recomputes.
+
+    The scheduler is killed with its LocalExecutor workers and their task processes (as when
+    its host or container dies); the Ray work of the running shards goes on. The new scheduler
+    resets the orphaned task instances, their next try reconnects (task_state_store).
+    """
     started = time.monotonic()
     run_id = start_run(client, scenario.dag_id)
 
@@ -100,13 +114,15 @@ def test_1_scheduler_sigkill_mid_run(deployment: Deployment, client: AirflowClie
 
     wait_for(some_done_some_running, 240, what="a committed shard and a running one")
     done_before = committed(scenario.sink)
+    n_pending = sum(t["state"] in (None, "scheduled", "queued") for t in client.shard_tis(scenario.dag_id, run_id, SHARD))
     calls_before = calls(scenario.calls_log)
     killed = deployment.kill_component("scheduler", signal.SIGKILL)
     scenario.timings["killed_scheduler_pid"] = killed
     time.sleep(2)
     tick = time.monotonic()
+    restarted_at = time.time()
     deployment.start_component("scheduler")
-    deployment.wait_healthy()
+    deployment.wait_new_scheduler(restarted_at)
     scenario.timings["scheduler_restart_s"] = round(time.monotonic() - tick, 1)
 
     assert client.wait_run(scenario.dag_id, run_id, timeout=480) == "success"
@@ -125,7 +141,18 @@ def test_1_scheduler_sigkill_mid_run(deployment: Deployment, client: AirflowClie
     # the cap of the DAG (max_active_tis_per_dagrun=2) held across the restart
     assert max_overlap(client.shard_tis(scenario.dag_id, run_id, SHARD)) <= 2
     scenario.timings["committed_at_kill"] = len(done_before)
-    scenario.timings["tries"] = {t["map_index"]: t["try_number"] for t in client.shard_tis(scenario.dag_id, run_id, SHARD)}
+    scenario.timings["shards_not_started_at_kill"] = n_pending
+    tis = client.shard_tis(scenario.dag_id, run_id, SHARD)
+    scenario.timings["tries"] = {t["map_index"]: t["try_number"] for t in tis}
+    retried = [t for t in tis if t["try_number"] > 1]
+    assert retried, "no shard was running when the scheduler died"
+    outcomes = {}
+    for ti in retried:
+        log = client.log_text(scenario.dag_id, run_id, SHARD, ti["try_number"], ti["map_index"])
+        outcomes[ti["map_index"]] = retry_outcome(log)
+        if outcomes[ti["map_index"]] != "recomputed":  # reconnected: its rows were computed once
+            assert all(after[i] == 1 for i in plan[ti["map_index"]]["ids"])
+    scenario.timings["retries"] = outcomes
 
 
 # -- scenario 2 -------------------------------------------------------------------------------
@@ -158,12 +185,11 @@ def test_2_task_process_sigkill_reconnects(deployment: Deployment, client: Airfl
     tries = client.tries(scenario.dag_id, run_id, SHARD, index)
     assert max(t["try_number"] for t in tries) >= 2, tries
     log = client.log_text(scenario.dag_id, run_id, SHARD, 2, index)
-    reconnected = "Reconnecting to existing job" in log or "Reconnected to running Ray work" in log
-    already = "already completed successfully" in log
+    outcome = retry_outcome(log)
     after = calls(scenario.calls_log)
     twice = sorted(i for i, n in after.items() if n > 1)
-    scenario.timings["retry"] = "reconnected" if reconnected else "already finished" if already else "recomputed"
-    if reconnected or already:
+    scenario.timings["retry"] = outcome
+    if outcome != "recomputed":
         assert not twice, f"reconnected, yet ids computed twice: {twice}"
     else:
         assert set(twice) <= set(plan[index]["ids"]), f"rows of other shards recomputed: {twice}"
