@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo test test-fast bench bench-gpu bench-s3 clean
+.PHONY: install demo test test-fast lint bench bench-gpu bench-s3 clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -ra -m "not slow" tests
+
+# Checks chosen in pyproject.toml ([tool.ruff]): syntax errors, pyflakes, bugbear, import order.
+lint: install
+	$(VENV)/bin/ruff check airflow_batch_provider benchmarks dags scripts tests
 
 bench: install
 	$(PY) benchmarks/run.py

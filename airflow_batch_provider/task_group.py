@@ -33,7 +33,7 @@ def batch_inference(
 
     :param spec: the job.
     :param group_id: task group id (several jobs can live in one DAG).
-    :param ray_conn_id: ``ray`` connection for the shard tasks.
+    :param ray_conn_id: ``ray`` connection for the plan (starts replicas ahead) and shard tasks.
     :param shard_retries: Airflow retries of a failed shard task (only that shard reruns).
     :param pool: Airflow pool for the shard tasks, e.g. one slot per GPU.
     :param max_active_shards: shard tasks running at once in one DAG run
@@ -44,7 +44,10 @@ def batch_inference(
     :param shard_kwargs: more BaseOperator arguments for the shard tasks.
     """
     with TaskGroup(group_id=group_id) as group:
-        plan = PlanBatchOperator(task_id="plan", spec=spec)
+        # Replicas started ahead by the plan: no more than the shards that can run at once
+        # (a pool's size is not known here, so with a pool only the first replica).
+        ahead = max_active_shards if max_active_shards else (1 if pool else None)
+        plan = PlanBatchOperator(task_id="plan", spec=spec, ray_conn_id=ray_conn_id, start_workers=ahead)
         extra = dict(shard_kwargs or {})
         if pool:
             extra["pool"] = pool

@@ -33,11 +33,11 @@ def main() -> int:
     corpus = f"{run.WORK}/corpus"
     write_corpus(corpus, run.ROWS, files=4)
     print(f"GPU: {torch.cuda.get_device_name(0)}; {run.ROWS} rows, batch {run.BATCH}, {run.ROWS_PER_SHARD} rows/shard")
-    bare = run.bare_loop(corpus, f"{run.WORK}/bare")
+    bare, _ = run.bare_loop(corpus, f"{run.WORK}/bare")
     head = run.RayHead(f"/tmp/abp-bench-gpu-{os.getpid()}")
     head.start()
     try:
-        provider, wall, log_text = run.provider(corpus, f"{run.WORK}/provider")
+        provider, wall, log_text, _ = run.provider(corpus, f"{run.WORK}/provider", head)
     finally:
         head.stop()
     overheads = run.shard_overheads(log_text)

@@ -75,16 +75,38 @@ class RayHead:
         os.environ.update(self.env)
         return self.env
 
-    def stop(self) -> None:
-        """Stop this head only (``ray stop`` would stop every Ray on the machine)."""
+    def processes(self) -> dict[int, "psutil.Process"]:  # noqa: F821
+        """This head's processes (GCS, raylet, agents, workers) and their children."""
         import psutil
 
         mine = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
                 if any(self.temp_dir in arg or f"--address={self.address}" == arg for arg in p.info["cmdline"] or [])]
-        victims = {p.pid: p for p in mine}
+        found = {p.pid: p for p in mine}
         for proc in mine:
             for child in proc.children(recursive=True):
-                victims[child.pid] = child
+                found[child.pid] = child
+        return found
+
+    def system_cpu_seconds(self) -> dict[int, float]:
+        """CPU seconds so far of each of this head's processes that is not a model replica."""
+        import psutil
+
+        seconds = {}
+        for pid, proc in self.processes().items():
+            try:
+                if "ShardWorker" in " ".join(proc.cmdline()) + proc.name():
+                    continue
+                times = proc.cpu_times()
+                seconds[pid] = times.user + times.system
+            except psutil.Error:
+                continue
+        return seconds
+
+    def stop(self) -> None:
+        """Stop this head only (``ray stop`` would stop every Ray on the machine)."""
+        import psutil
+
+        victims = self.processes()
         for proc in victims.values():
             try:
                 proc.kill()
@@ -104,7 +126,8 @@ def _find_token(text: str) -> str | None:
 
 
 # -- the three ways ------------------------------------------------------------------------------
-def bare_loop(corpus: str, out: str) -> float:
+def bare_loop(corpus: str, out: str) -> tuple[float, float]:
+    """Seconds for the whole loop, and for loading the model (imports included)."""
     import pyarrow as pa
     import pyarrow.json as pj
     import pyarrow.parquet as pq
@@ -115,6 +138,7 @@ def bare_loop(corpus: str, out: str) -> float:
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
     model = SentenceEmbedder(**KWARGS)
+    load = time.perf_counter() - started
     writer = None
     for path in sorted(glob.glob(f"{corpus}/*.jsonl")):
         table = pj.read_json(path)
@@ -127,7 +151,7 @@ def bare_loop(corpus: str, out: str) -> float:
     seconds = time.perf_counter() - started
     assert pq.read_metadata(f"{out}/bare.parquet").num_rows == ROWS
     del pa
-    return seconds
+    return seconds, load
 
 
 def ray_data(corpus: str, out: str) -> float:
@@ -167,20 +191,46 @@ def provider_env(corpus: str, sink: str, rows_per_shard: int = ROWS_PER_SHARD) -
     }
 
 
-def provider(corpus: str, sink: str) -> tuple[float, float, str]:
-    env = provider_env(corpus, sink)
-    subprocess.run([f"{BIN}/airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+def _children_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def dags_test(env: dict[str, str], log_name: str) -> tuple[float, str]:
+    """``airflow dags test`` of the example DAG: seconds and its output (kept in WORK/log_name)."""
     started = time.perf_counter()
     out = subprocess.run([f"{BIN}/airflow", "dags", "test", "batch_inference_example"], env=env,
                          capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - started
     text = out.stdout + out.stderr
-    open(f"{WORK}/provider.log", "w").write(text)
+    open(f"{WORK}/{log_name}", "w").write(text)
     if "state=success" not in text:
-        sys.exit(f"provider run failed; see {WORK}/provider.log")
+        sys.exit(f"the DAG run failed; see {WORK}/{log_name}")
+    return wall, text
+
+
+def provider(corpus: str, sink: str, head: RayHead | None = None) -> tuple[float, float, str, dict[str, float]]:
+    """Seconds plan->finalize, seconds of the whole command, its log, and CPU used beside the model."""
+    env = provider_env(corpus, sink)
+    subprocess.run([f"{BIN}/airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+    ray_before = head.system_cpu_seconds() if head else {}
+    airflow_before = _children_cpu_seconds()
+    wall, text = dags_test(env, "provider.log")
+    ray_after = head.system_cpu_seconds() if head else {}
+    cpu = {
+        "airflow": _children_cpu_seconds() - airflow_before,
+        "ray": sum(ray_after[pid] - ray_before.get(pid, 0.0) for pid in ray_after),
+    }
     manifest = json.load(open(f"{sink}/_SUCCESS"))
     assert manifest["rows_out"] == ROWS
-    return manifest["elapsed_seconds"], wall, text
+    return manifest["elapsed_seconds"], wall, text, cpu
+
+
+def replica_load_seconds(log_text: str) -> float:
+    found = re.findall(r"loaded the model in ([\d.]+) s", log_text)
+    return sum(float(x) for x in found)
 
 
 def shard_overheads(log_text: str) -> list[float]:
@@ -228,14 +278,7 @@ def resume_cost(corpus: str, sink: str) -> tuple[float, int, int]:
         os.remove(storage.part_path(shard.shard_id))
     kept_ids = set(storage.committed_ids())
     before = {s.shard_id: os.stat(storage.part_path(s.shard_id)).st_mtime_ns for s in shards if s.shard_id in kept_ids}
-    env = provider_env(corpus, sink)
-    started = time.perf_counter()
-    out = subprocess.run([f"{BIN}/airflow", "dags", "test", "batch_inference_example"], env=env,
-                         capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - started
-    text = out.stdout + out.stderr
-    if "state=success" not in text:
-        sys.exit("resume run failed")
+    wall, text = dags_test(provider_env(corpus, sink), "resume.log")
     computed = sum(int(x) for x in re.findall(r"Shard \S+ computed: (\d+) rows in", text))
     touched = [sid for sid, mtime in before.items() if os.stat(storage.part_path(sid)).st_mtime_ns != mtime]
     recomputed_committed = sum(s.rows for s in shards if s.shard_id in touched)
@@ -267,6 +310,14 @@ def plan_time_10k() -> tuple[float, int, float]:
     return seconds, job.committed, commit_seconds / PLAN_SHARDS
 
 
+def _disconnect() -> None:
+    """Leave Ray before stopping the head: a connected driver exits the process when its GCS goes."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def main() -> None:
     from scripts.make_corpus import write_corpus
 
@@ -279,8 +330,8 @@ def main() -> None:
     log(f"Ray head started at {head.address}")
     try:
         log("bare loop ...")
-        bare = bare_loop(corpus, f"{WORK}/bare")
-        log(f"bare loop {bare:.1f} s")
+        bare, bare_load = bare_loop(corpus, f"{WORK}/bare")
+        log(f"bare loop {bare:.1f} s (model load {bare_load:.1f} s)")
         log("Ray Data ...")
         rd = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); "
                              "from benchmarks.run import ray_data; "
@@ -292,7 +343,7 @@ def main() -> None:
         ray_data_s = float(match.group(1))
         log(f"Ray Data {ray_data_s:.1f} s")
         log("provider (airflow dags test) ...")
-        prov, prov_wall, prov_log = provider(corpus, f"{WORK}/provider")
+        prov, prov_wall, prov_log, prov_cpu = provider(corpus, f"{WORK}/provider", head)
         overheads = shard_overheads(prov_log)
         log(f"provider {prov:.1f} s (whole command {prov_wall:.1f} s)")
         log("resume after half the shards committed ...")
@@ -302,6 +353,7 @@ def main() -> None:
         rss_small, rows_small = worker_peak_rss(corpus, small)
         rss_large, rows_large = worker_peak_rss(corpus, small * 10)
     finally:
+        _disconnect()
         head.stop()
     log(f"plan over {PLAN_SHARDS} committed shards ...")
     plan_s, plan_n, per_shard_commit = plan_time_10k()
@@ -315,6 +367,10 @@ def main() -> None:
     print(f"{'provider, whole dags-test command':<46}{prov_wall:>10.1f}{rate(prov_wall):>10.1f}{bare / prov_wall:>9.3f}")
     print()
     median = statistics.median(overheads) if overheads else float("nan")
+    print(f"model load: bare loop {bare_load:.1f} s in process; provider {replica_load_seconds(prov_log):.1f} s on the Ray "
+          "worker, started by the plan step")
+    print(f"CPU used beside the model during the provider run ({CPUS} cores): Ray's own processes "
+          f"{prov_cpu['ray']:.1f} s, the airflow dags-test process {prov_cpu['airflow']:.1f} s (its start-up included)")
     print(f"per-shard overhead (task wall - model), median of {len(overheads)}: {median:.3f} s "
           f"(shard of {ROWS_PER_SHARD} rows ~ {ROWS_PER_SHARD / rate(prov):.1f} s)")
     print(f"Ray worker peak RSS: {rss_small:.0f} MiB at {rows_small} rows/shard, {rss_large:.0f} MiB at "

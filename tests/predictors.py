@@ -89,3 +89,16 @@ class SlowDoubler(Doubler):
 
         time.sleep(self.sleep_s)
         return super().__call__(batch)
+
+
+class SlowLoad(Doubler):
+    """``Doubler`` whose model takes ``load_s`` to load; appends its pid to ``loads_log`` once loaded."""
+
+    def __init__(self, load_s: float = 2.0, loads_log: str | None = None, **kwargs: Any):
+        import time
+
+        super().__init__(**kwargs)
+        time.sleep(load_s)
+        if loads_log:
+            with open(loads_log, "a") as handle:
+                handle.write(f"{os.getpid()}\n")

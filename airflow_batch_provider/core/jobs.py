@@ -16,13 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core import failpoints
-from airflow_batch_provider.core.commit import (
-    MANIFEST_NAME,
-    JobStorage,
-    check_shard,
-    parse_sentinel,
-    InvalidSentinel,
-)
+from airflow_batch_provider.core.commit import MANIFEST_NAME, InvalidSentinel, JobStorage, check_shard, parse_sentinel
 from airflow_batch_provider.core.planning import Plan, Shard, list_inputs, split_file
 from airflow_batch_provider.core.spec import BatchSpec, describe_fingerprint_change
 from airflow_batch_provider.core.storage import STAGING_DIR
@@ -197,11 +191,11 @@ def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_
         raise IncompleteJobError(_incomplete_message(spec, missing, "have no sentinel"))
     with ThreadPoolExecutor(_CHECK_THREADS) as pool:
         checks = list(pool.map(lambda s: check_shard(storage, s), plan.shards))
-    broken = [s for s, c in zip(plan.shards, checks) if not c.committed]
+    broken = [s for s, c in zip(plan.shards, checks, strict=True) if not c.committed]
     if broken:
         raise IncompleteJobError(_incomplete_message(spec, broken, "failed validation and were quarantined"))
     short = [
-        s for s, c in zip(plan.shards, checks)
+        s for s, c in zip(plan.shards, checks, strict=True)
         if (c.sentinel or {}).get("lines" if s.unit == "lines" else "rows_in") != s.rows
     ]
     if short:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import posixpath
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from typing import Any, Iterator
 
 import numpy as np
@@ -236,7 +237,7 @@ def _split_jsonl(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
     boundaries.append((lines, offset))
     return [
         make_shard(file, "lines", line, end_line, end_line - line, byte_start=byte, byte_end=end_byte)
-        for (line, byte), (end_line, end_byte) in zip(boundaries, boundaries[1:])
+        for (line, byte), (end_line, end_byte) in pairwise(boundaries)
         if end_line > line
     ]
 

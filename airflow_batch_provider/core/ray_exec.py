@@ -216,10 +216,19 @@ def get_worker(spec: BatchSpec, slot: int, idle_timeout_s: float = DEFAULT_IDLE_
         "max_restarts": spec.max_retries,
         "max_task_retries": spec.max_retries,
     }
-    if spec.num_cpus >= 1 and "OMP_NUM_THREADS" not in os.environ:
-        # Ray would pin math libraries to 1 thread otherwise; give them the CPUs we asked for.
-        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(int(spec.num_cpus))}}
+    # No runtime_env: Ray sets OMP_NUM_THREADS from num_cpus itself, and a runtime_env would
+    # keep the replica off Ray's pre-started worker processes (a new process per replica).
     return name, ShardWorker.options(**options).remote(spec.predictor, spec.predictor_kwargs, idle_timeout_s)
+
+
+def start_workers(spec: BatchSpec, wanted: int) -> list[str]:
+    """Create up to ``wanted`` replicas (at most :func:`pool_size`) without waiting for them.
+
+    Called by the plan step: the models load on Ray while Airflow schedules the shard tasks,
+    which then lease warm replicas. Replicas that already exist are left as they are.
+    """
+    count = min(pool_size(spec), wanted)
+    return [get_worker(spec, slot)[0] for slot in range(count)]
 
 
 def lease_worker(spec: BatchSpec, token: str, *, poll_s: float = 0.5):
@@ -242,6 +251,16 @@ def find_worker(name: str):
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         return None
+
+
+def work_status(worker: str, token: str, timeout: float | None = None) -> dict[str, Any]:
+    """How the call ``token`` on replica ``worker`` is doing: ``ShardWorker.status``'s answer
+    (``state`` RUNNING, SUCCEEDED with ``results``, FAILED with ``error``, or UNKNOWN), or
+    ``{"state": "LOST"}`` when the replica is gone."""
+    handle = find_worker(worker)
+    if handle is None:
+        return {"state": "LOST"}
+    return ray.get(handle.status.remote(token), timeout=timeout)
 
 
 def submit(spec: BatchSpec, shards: list[Shard], attempt: dict[str, Any], storage_options: dict[str, Any] | None = None):

@@ -33,6 +33,14 @@ class ShardResult:
     model_seconds: float = 0.0
     note: str = ""
 
+    @classmethod
+    def skipped(cls, shard_id: str, sentinel: dict[str, Any] | None, seconds: float = 0.0, note: str = "") -> ShardResult:
+        """A shard found committed: its counts come from its sentinel."""
+        sentinel = sentinel or {}
+        return cls(
+            shard_id, "skipped", sentinel.get("rows_in", 0), sentinel.get("rows_out", 0), sentinel.get("bytes", 0), seconds, note=note
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -56,11 +64,7 @@ class ShardRunner:
         started = time.perf_counter()
         check = check_shard(self.storage, shard)
         if check.committed:
-            sentinel = check.sentinel or {}
-            return ShardResult(
-                shard.shard_id, "skipped", sentinel.get("rows_in", 0), sentinel.get("rows_out", 0),
-                sentinel.get("bytes", 0), time.perf_counter() - started, note="already committed",
-            )
+            return ShardResult.skipped(shard.shard_id, check.sentinel, time.perf_counter() - started, note="already committed")
         spec = self.spec
         staged = self.storage.sink.open_staged(self.storage.part_path(shard.shard_id))
         stats = ReadStats()

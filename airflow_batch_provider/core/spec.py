@@ -27,10 +27,11 @@ _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".p
 #: Fields whose values change the rows a job writes; everything else only changes speed.
 FINGERPRINT_FIELDS = ("predictor", "predictor_kwargs", "source_format", "sink_format", "batch_format", "columns")
 
-#: Default shard size. At ~80 rows/s (MiniLM on 2 CPU cores) a 2,000-row shard takes ~25 s,
-#: so the ~0.3 s of per-shard bookkeeping stays near 1%; on a GPU at ~2,000 rows/s it is
-#: ~1 s per shard, so GPU jobs should raise it (see README, "Choosing rows_per_shard").
-DEFAULT_ROWS_PER_SHARD = 2_000
+#: Default shard size. At ~110 rows/s (MiniLM on 2 CPU cores) a 10,000-row shard takes ~90 s,
+#: so the ~2 s a real deployment spends between two shard tasks stays near 2% (0.05 s of our
+#: own per-shard work: 0.1%); GPU jobs at thousands of rows/s should raise it (README,
+#: "Choosing rows_per_shard").
+DEFAULT_ROWS_PER_SHARD = 10_000
 
 
 def infer_format(path: str) -> str | None:

@@ -65,9 +65,24 @@ class PlanBatchOperator(_SpecOperator):
     Returns a list of ``{"label", "shards"}`` dicts, one per mapped shard task. Committed
     shards are left out; with more pending shards than ``[core] max_map_length``, several
     shards share one task so that the mapping always fits.
+
+    :param ray_conn_id: ``ray`` connection, for starting the model replicas ahead.
+    :param start_workers: when shards are pending, start up to this many of the model's Ray
+        replicas now, without waiting, so the model loads while Airflow schedules the shard
+        tasks. ``None``: as many as the pending tasks and the cluster allow (what shard tasks
+        running all at once would create); ``0``: none. Keep it at the shard tasks'
+        concurrency cap, or replicas beyond it hold their CPUs/GPUs unused until ``finalize``
+        releases them. Best effort: if Ray cannot be reached, a warning is logged and the
+        shard tasks start the replicas instead.
     """
 
+    template_fields: Sequence[str] = ("spec", "ray_conn_id")
     ui_color = "#e8f4fd"
+
+    def __init__(self, *, ray_conn_id: str = RayHook.default_conn_name, start_workers: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ray_conn_id = ray_conn_id
+        self.start_workers = start_workers
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         started = time.time()
@@ -100,7 +115,19 @@ class PlanBatchOperator(_SpecOperator):
                 "pending_rows": sum(s.rows for s in job.pending),
             },
         )
+        wanted = len(units) if self.start_workers is None else min(len(units), self.start_workers)
+        if wanted > 0:
+            self._start_workers(spec, wanted)
         return units
+
+    def _start_workers(self, spec: BatchSpec, wanted: int) -> None:
+        try:
+            RayHook(ray_conn_id=self.ray_conn_id).get_conn()
+            names = ray_exec.start_workers(spec, wanted)
+        except Exception as err:  # an optimisation only: the shard tasks connect and report
+            self.log.warning("Could not start Ray workers ahead (%s: %s); the shard tasks will start them", type(err).__name__, err)
+            return
+        self.log.info("Started %s Ray worker(s) ahead, loading the model: %s", len(names), ", ".join(names))
 
 
 class BatchShardOperator(ResumableJobMixin, _SpecOperator):
@@ -202,8 +229,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             time.sleep(0.2)
 
     def _raise_failed(self, external_id: dict[str, str]) -> None:
-        handle = ray_exec.find_worker(external_id["worker"])
-        outcome = ray_exec.ray.get(handle.status.remote(external_id["token"])) if handle else {}
+        outcome = ray_exec.work_status(external_id["worker"], external_id["token"])
         raise BatchInferenceException(f"shard(s) {self.work_unit['label']} failed on Ray: {outcome.get('error')}")
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -232,10 +258,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         return {"worker": worker, "token": attempt["token"]}
 
     def get_job_status(self, external_id: Any, context: Context) -> str:
-        handle = ray_exec.find_worker(external_id["worker"])
-        if handle is None:
-            return "LOST"
-        return ray_exec.ray.get(handle.status.remote(external_id["token"]))["state"]
+        return ray_exec.work_status(external_id["worker"], external_id["token"])["state"]
 
     def is_job_active(self, status: str) -> bool:
         return status == "RUNNING"
@@ -268,8 +291,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
 
     def get_job_result(self, external_id: Any, context: Context) -> Any:
         if self._results is None:
-            handle = ray_exec.find_worker(external_id["worker"])
-            outcome = ray_exec.ray.get(handle.status.remote(external_id["token"])) if handle else {}
+            outcome = ray_exec.work_status(external_id["worker"], external_id["token"])
             self._results = outcome.get("results", [])
         return self._results
 
@@ -281,6 +303,8 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
                 "Shard %s %s: %s rows in, %s rows out, %s bytes, %.2f s (model %.2f s, %.1f rows/s)",
                 r["shard_id"], r["status"], r["rows_in"], r["rows_out"], r["bytes"], r["seconds"], r["model_seconds"], rate,
             )
+            if r.get("model_load_seconds"):
+                self.log.info("Ray worker %s loaded the model in %.2f s (once; later shards reuse it)", r.get("worker_pid"), r["model_load_seconds"])
             if r.get("note"):
                 self.log.warning("%s", r["note"])
         model = sum(r["model_seconds"] for r in results)

@@ -107,11 +107,8 @@ class RayShardTrigger(BaseTrigger):
     def _status(self) -> dict[str, Any]:
         from airflow_batch_provider.core import ray_exec
 
-        handle = ray_exec.find_worker(self.worker)
-        if handle is None:
-            return {"state": LOST}
         try:
-            return ray_exec.ray.get(handle.status.remote(self.token), timeout=60)
+            return ray_exec.work_status(self.worker, self.token, timeout=60)
         except ray_exec.ray.exceptions.RayActorError:
             return {"state": LOST}
 
@@ -131,6 +128,7 @@ class RayShardTrigger(BaseTrigger):
     def _committed_results(self) -> list[dict[str, Any]] | None:
         from airflow_batch_provider.core.commit import JobStorage, check_shard
         from airflow_batch_provider.core.planning import Shard
+        from airflow_batch_provider.core.runner import ShardResult
         from airflow_batch_provider.core.spec import BatchSpec
         from airflow_batch_provider.hooks.storage import storage_options_for
 
@@ -141,19 +139,7 @@ class RayShardTrigger(BaseTrigger):
             check = check_shard(storage, Shard.from_dict(raw))
             if not check.committed:
                 return None
-            sentinel = check.sentinel or {}
-            results.append(
-                {
-                    "shard_id": raw["shard_id"],
-                    "status": "skipped",
-                    "rows_in": sentinel.get("rows_in", 0),
-                    "rows_out": sentinel.get("rows_out", 0),
-                    "bytes": sentinel.get("bytes", 0),
-                    "seconds": 0.0,
-                    "model_seconds": 0.0,
-                    "note": "committed while its Ray worker went away",
-                }
-            )
+            results.append(ShardResult.skipped(raw["shard_id"], check.sentinel, note="committed while its Ray worker went away").to_dict())
         return results
 
     def _event(self, status: str, **payload: Any) -> TriggerEvent:

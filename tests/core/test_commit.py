@@ -127,7 +127,7 @@ def test_resume_false_starts_fresh(spec):
     finalize_job(fresh)
     table = ds.dataset(spec.sink_root, format="parquet").to_table()
     assert sorted(table.column("id").to_pylist()) == list(range(380))
-    assert all(v == i * 0.5 * 3 for i, v in zip(table.column("id").to_pylist(), table.column("value").to_pylist()))
+    assert all(v == i * 0.5 * 3 for i, v in zip(table.column("id").to_pylist(), table.column("value").to_pylist(), strict=True))
 
 
 def test_racing_attempts_one_wins_loser_discards_only_its_own(spec):

@@ -11,7 +11,7 @@ from airflow_batch_provider.core.jobs import plan_job, work_units
 from airflow_batch_provider.core.planning import list_inputs, split_file
 from airflow_batch_provider.core.readers import ReadStats, read_shard
 from airflow_batch_provider.exceptions import BatchSpecError, StaleCheckpointError
-from tests.conftest import rows, write_jsonl, write_parquet
+from tests.conftest import rows, write_jsonl
 
 
 def spec_for(source, sink, **kw):

@@ -37,7 +37,7 @@ def test_full_run_equals_direct_computation(dag_tester, jsonl_source, tmp_path):
     assert run.plan_counts() == (5, 0, 5)
     table = sink_table(spec.sink_root)
     expected = {r["id"]: r["value"] * 2 for r in rows(380)}
-    assert dict(zip(table.column("id").to_pylist(), table.column("value").to_pylist())) == expected
+    assert dict(zip(table.column("id").to_pylist(), table.column("value").to_pylist(), strict=True)) == expected
     assert table.num_rows == 380
     manifest = json.load(open(os.path.join(spec.sink_root, "_SUCCESS")))
     assert manifest["rows_out"] == 380 and manifest["shards"] == 5

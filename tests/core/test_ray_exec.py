@@ -1,0 +1,78 @@
+"""Model replicas on Ray: started ahead by the plan step, then leased and reused by shards."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+from airflow_batch_provider import BatchSpec
+from airflow_batch_provider.core import ray_exec
+from airflow_batch_provider.core.commit import new_attempt
+from airflow_batch_provider.core.jobs import plan_job
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, namespace=ray_exec.NAMESPACE, logging_level="ERROR", include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def slow_spec(source: str, sink: str, loads_log: str, **kwargs) -> BatchSpec:
+    return BatchSpec(
+        source=source, source_format="jsonl", sink=sink, predictor="tests.predictors:SlowLoad",
+        predictor_kwargs={"load_s": 3.0, "loads_log": loads_log}, num_cpus=1, rows_per_shard=100, **kwargs,
+    )
+
+
+def test_started_replica_loads_in_background_and_serves_the_shards(local_ray, jsonl_source, tmp_path):
+    loads = str(tmp_path / "loads.log")
+    spec = slow_spec(jsonl_source, str(tmp_path / "out"), loads, num_workers=1)
+    pending = plan_job(spec).pending
+    try:
+        names = ray_exec.start_workers(spec, wanted=len(pending))
+        assert names == [f"abp-{ray_exec.worker_key(spec)}-0"]  # capped by num_workers
+        handle = ray_exec.find_worker(names[0])
+        assert handle is not None
+        # start_workers did not wait for the model: it is still loading.
+        with pytest.raises(ray.exceptions.GetTimeoutError):
+            ray.get(handle.info.remote(), timeout=0.5)
+        assert ray_exec.start_workers(spec, wanted=len(pending)) == names  # existing replica kept
+
+        name, ref = ray_exec.submit(spec, pending[:2], new_attempt())
+        results = ray.get(ref)
+        assert name == names[0]
+        pid = ray.get(handle.info.remote())["pid"]
+        assert {r["worker_pid"] for r in results} == {pid}
+        assert [r["status"] for r in results] == ["computed", "computed"]
+        assert open(loads).read().split() == [str(pid)]  # loaded once, by the replica started ahead
+    finally:
+        ray_exec.kill_workers(spec)
+
+
+def test_start_workers_creates_no_more_than_wanted_or_the_pool(local_ray, jsonl_source, tmp_path):
+    spec = slow_spec(jsonl_source, str(tmp_path / "out"), str(tmp_path / "loads.log"))
+    try:
+        assert ray_exec.pool_size(spec) == 2  # 2 CPUs, 1 per replica
+        assert ray_exec.start_workers(spec, wanted=0) == []
+        assert len(ray_exec.start_workers(spec, wanted=1)) == 1
+        assert len(ray_exec.start_workers(spec, wanted=50)) == 2
+    finally:
+        assert ray_exec.kill_workers(spec) == 2
+
+
+def test_replica_math_threads_follow_num_cpus(local_ray, jsonl_source, tmp_path):
+    """Ray sets OMP_NUM_THREADS from the replica's num_cpus (no runtime_env of ours needed)."""
+    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"),
+                     predictor="tests.predictors:Doubler", num_cpus=2)
+    if "OMP_NUM_THREADS" in os.environ:
+        pytest.skip("OMP_NUM_THREADS is set in this environment; Ray passes it through instead")
+    try:
+        handle = ray_exec.get_worker(spec, 0)[1]
+        env = ray.get(handle.__ray_call__.remote(lambda self: os.environ.get("OMP_NUM_THREADS")))
+        assert env == "2"
+    finally:
+        ray_exec.kill_workers(spec)
+

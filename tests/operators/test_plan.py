@@ -1,0 +1,84 @@
+"""PlanBatchOperator: the mapped work units, and the model replicas it starts ahead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from airflow_batch_provider.operators import batch as batch_mod
+from airflow_batch_provider.operators.batch import PlanBatchOperator
+from airflow_batch_provider.task_group import batch_inference
+
+
+class FakeTI:
+    def __init__(self):
+        self.xcom: dict[str, Any] = {}
+
+    def xcom_push(self, key, value):
+        self.xcom[key] = value
+
+
+@pytest.fixture
+def started(monkeypatch):
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: calls.append(("connect", 0)))
+    monkeypatch.setattr(batch_mod.ray_exec, "start_workers", lambda spec, wanted: calls.append(("start", wanted)) or ["abp-x-0"])
+    return calls
+
+
+def plan(source: str, sink: str, **kwargs: Any) -> tuple[list[dict[str, Any]], FakeTI]:
+    spec = {"source": source, "source_format": "jsonl", "sink": sink, "predictor": "tests.predictors:Doubler", "rows_per_shard": 100}
+    ti = FakeTI()
+    units = PlanBatchOperator(task_id="plan", spec=spec, **kwargs).execute({"ti": ti})
+    return units, ti
+
+
+def test_plan_starts_replicas_for_the_pending_units(started, jsonl_source, tmp_path):
+    units, ti = plan(jsonl_source, str(tmp_path / "out"))
+    assert len(units) == 5 and ti.xcom["summary"]["pending_rows"] == 380
+    assert started == [("connect", 0), ("start", 5)]
+
+
+def test_plan_can_leave_replicas_to_the_shard_tasks(started, jsonl_source, tmp_path):
+    plan(jsonl_source, str(tmp_path / "out"), start_workers=0)
+    assert started == []
+
+
+def test_plan_starts_no_more_replicas_than_asked(started, jsonl_source, tmp_path):
+    plan(jsonl_source, str(tmp_path / "out"), start_workers=2)
+    assert started == [("connect", 0), ("start", 2)]
+
+
+def test_plan_with_nothing_pending_starts_nothing(started, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.jsonl").write_text("")
+    units, _ = plan(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert units == [] and started == []
+
+
+def test_unreachable_ray_is_a_warning_not_a_failed_plan(monkeypatch, jsonl_source, tmp_path, capsys):
+    def refuse(self):
+        raise ConnectionError("Could not reach Ray at 10.0.0.9:6379")
+
+    monkeypatch.setattr(batch_mod.RayHook, "get_conn", refuse)
+    units, _ = plan(jsonl_source, str(tmp_path / "out"))
+    assert len(units) == 5
+    logged = capsys.readouterr().out  # the task logger (structlog) writes to stdout here
+    assert "Could not start Ray workers ahead (ConnectionError: Could not reach Ray at 10.0.0.9:6379)" in logged
+
+
+@pytest.mark.parametrize(
+    "caps, ahead",
+    [({}, None), ({"max_active_shards": 3}, 3), ({"pool": "gpu_slots"}, 1), ({"pool": "gpu_slots", "max_active_shards": 2}, 2)],
+)
+def test_batch_inference_starts_no_more_replicas_than_shards_can_run(caps, ahead):
+    from airflow.sdk import DAG
+
+    from airflow_batch_provider import BatchSpec
+
+    with DAG("d", schedule=None):
+        spec = BatchSpec(source="/in/*.jsonl", sink="/out", predictor="tests.predictors:Doubler")
+        group = batch_inference(spec, ray_conn_id="ray_gpu", **caps)
+    plan_task = group.children["batch_inference.plan"]
+    assert plan_task.ray_conn_id == "ray_gpu" and plan_task.start_workers == ahead
