@@ -114,19 +114,28 @@ class ShardWorker:
     @ray.method(concurrency_group="control")
     def status(self, token: str) -> dict[str, Any]:
         with self._lock:
-            if self._running == token:
-                return {"state": "RUNNING"}
-            return self._results.get(token, {"state": "UNKNOWN"})
+            return self._state_of(token)
 
     @ray.method(concurrency_group="control")
     def wait(self, token: str, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         with self._lock:
-            while self._running == token and time.monotonic() < deadline:
-                self._done.wait(timeout=min(5.0, max(0.0, deadline - time.monotonic())))
-            if self._running == token:
-                return {"state": "RUNNING"}
-            return self._results.get(token, {"state": "UNKNOWN"})
+            while self._state_of(token)["state"] == "RUNNING" and time.monotonic() < deadline:
+                self._done.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            return self._state_of(token)
+
+    def _state_of(self, token: str) -> dict[str, Any]:
+        """RUNNING also covers a call leased to ``token`` that has not started yet: Ray runs
+        control calls on their own threads, so ``status`` can be answered before the
+        ``run_shards`` call it follows is picked up (on a busy machine, for a while); reporting
+        that as UNKNOWN would fail the shard task. A lease whose call never came expires."""
+        if self._running == token:
+            return {"state": "RUNNING"}
+        if token in self._results:
+            return self._results[token]
+        if self._lease is not None and self._lease[0] == token and time.monotonic() - self._lease[1] <= LEASE_TIMEOUT_S:
+            return {"state": "RUNNING", "queued": True}
+        return {"state": "UNKNOWN"}
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:

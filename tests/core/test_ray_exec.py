@@ -76,3 +76,24 @@ def test_replica_math_threads_follow_num_cpus(local_ray, jsonl_source, tmp_path)
     finally:
         ray_exec.kill_workers(spec)
 
+
+def test_a_leased_call_not_yet_started_reports_running(local_ray, jsonl_source, tmp_path):
+    """Between the lease and the start of ``run_shards``, ``status`` answers RUNNING (queued):
+    a shard task (or its trigger) asking in that moment must not take the work for lost."""
+    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"),
+                     predictor="tests.predictors:Doubler", num_cpus=1, num_workers=1)
+    pending = plan_job(spec).pending
+    attempt = new_attempt()
+    try:
+        name, handle = ray_exec.lease_worker(spec, attempt["token"])
+        assert ray_exec.work_status(name, attempt["token"]) == {"state": "RUNNING", "queued": True}
+        assert ray_exec.work_status(name, "another-token") == {"state": "UNKNOWN"}
+        assert ray.get(handle.wait.remote("another-token", 5.0)) == {"state": "UNKNOWN"}  # no wait for work it never got
+
+        ref = handle.run_shards.remote(spec.to_dict(), None, [s.to_dict() for s in pending[:1]], attempt)
+        outcome = ray.get(handle.wait.remote(attempt["token"], 60.0))
+        assert outcome["state"] == "SUCCEEDED"
+        assert outcome["results"] == ray.get(ref)
+        assert ray_exec.work_status(name, attempt["token"])["state"] == "SUCCEEDED"
+    finally:
+        ray_exec.kill_workers(spec)

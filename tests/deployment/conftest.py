@@ -20,8 +20,8 @@ _REPORT: list[Path] = []
 
 #: The DAGs of the scenarios: rows, shard size, seconds per batch (SlowDoubler), options.
 SCENARIO_DAGS: dict[str, dict[str, Any]] = {
-    # 8 shards of 2 batches x 1 s; two at a time (max_active_tis_per_dagrun)
-    "deploy_scheduler_kill": {"rows": 80, "sleep_s": 1.0, "max_active_shards": 2},
+    # 8 shards of 3 batches (4, 4, 2 rows) x 1 s; two at a time (max_active_tis_per_dagrun)
+    "deploy_scheduler_kill": {"rows": 80, "sleep_s": 1.0, "batch_size": 4, "max_active_shards": 2},
     # 3 shards of 2 batches x 3 s
     "deploy_task_kill": {"rows": 30, "sleep_s": 3.0, "max_active_shards": 3, "num_workers": 3},
     # 6 shards; the batches holding id 0 and 35 fail while the marker file exists; no retries

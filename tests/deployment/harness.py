@@ -208,7 +208,9 @@ class Deployment:
             AIRFLOW__API_AUTH__JWT_SECRET=_secret(self.root, "jwt"),
             AIRFLOW__API__SECRET_KEY=_secret(self.root, "api"),
             AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(self.logs),
-            AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD="10",
+            # Airflow's default (30 s): a scheduler whose loop runs late on a busy 2-core machine
+            # must not take itself for dead and reset its own running tasks (seen at 10 s).
+            AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD="30",
             AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL="5",
             AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="60",
             AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",

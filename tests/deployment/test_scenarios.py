@@ -108,15 +108,26 @@ def test_1_scheduler_sigkill_mid_run(deployment: Deployment, client: AirflowClie
     started = time.monotonic()
     run_id = start_run(client, scenario.dag_id)
 
-    def some_done_some_running():
-        states = [t["state"] for t in client.shard_tis(scenario.dag_id, run_id, SHARD)]
-        return "success" in states and "running" in states and len(committed(scenario.sink)) >= 1
+    def some_done_one_mid_shard():
+        """A committed shard, and a running one in the middle of its Ray work: a batch done (the
+        predictor logs a batch when it ends) and the last one not, so it still has a batch (1 s)
+        to go when the kill lands a few ms later. (A shard seen "running" in its last moments
+        would finish first and never be retried; one still starting up has nothing on Ray.)"""
+        tis = client.shard_tis(scenario.dag_id, run_id, SHARD)
+        if "success" not in {t["state"] for t in tis} or not committed(scenario.sink):
+            return None
+        plan, seen = unit_ids(client, scenario.dag_id, run_id), calls(scenario.calls_log)
+        mid = [
+            t["map_index"] for t in tis
+            if t["state"] == "running" and 0 < sum(bool(seen[i]) for i in plan[t["map_index"]]["ids"]) < len(plan[t["map_index"]]["ids"])
+        ]
+        return (tis, mid) if mid else None
 
-    wait_for(some_done_some_running, 240, what="a committed shard and a running one")
-    done_before = committed(scenario.sink)
-    n_pending = sum(t["state"] in (None, "scheduled", "queued") for t in client.shard_tis(scenario.dag_id, run_id, SHARD))
+    tis_before, mid_shard = wait_for(some_done_one_mid_shard, 240, interval=0.2, what="a committed shard and one mid-way on Ray")
+    done_before = committed(scenario.sink)  # read before the calls: a shard committed here has all its calls in calls_before
     calls_before = calls(scenario.calls_log)
     killed = deployment.kill_component("scheduler", signal.SIGKILL)
+    n_pending = sum(t["state"] in (None, "scheduled", "queued") for t in tis_before)
     scenario.timings["killed_scheduler_pid"] = killed
     time.sleep(2)
     tick = time.monotonic()
@@ -153,6 +164,11 @@ def test_1_scheduler_sigkill_mid_run(deployment: Deployment, client: AirflowClie
         if outcomes[ti["map_index"]] != "recomputed":  # reconnected: its rows were computed once
             assert all(after[i] == 1 for i in plan[ti["map_index"]]["ids"])
     scenario.timings["retries"] = outcomes
+    # The shard caught mid-way kept computing on Ray while no Airflow process watched it; its
+    # retry picked up that work (task_state_store) instead of computing it again.
+    for index in mid_shard:
+        assert outcomes.get(index, "not retried") in ("reconnected", "already finished"), (index, outcomes)
+        assert all(after[i] == 1 for i in plan[index]["ids"])
 
 
 # -- scenario 2 -------------------------------------------------------------------------------
@@ -279,7 +295,8 @@ def test_deferrable_shards_free_worker_slots(deployment: Deployment, client: Air
     tis = client.shard_tis(scenario.dag_id, run_id, SHARD)
     log = client.log_text(scenario.dag_id, run_id, SHARD, tis[0]["try_number"], tis[0]["map_index"])
     assert "Deferring while Ray computes" in log
-    assert all(client.xcom(scenario.dag_id, run_id, SHARD, t["map_index"])["computed"] == 1 for t in tis)
+    outputs = {t["map_index"]: client.xcom(scenario.dag_id, run_id, SHARD, t["map_index"]) for t in tis}
+    assert all(out["computed"] == 1 for out in outputs.values()), outputs
     assert max(calls(scenario.calls_log).values()) == 1
     assert_each_row_once(scenario.sink, scenario.opts["rows"])
 
