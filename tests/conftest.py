@@ -55,4 +55,16 @@ def parquet_source(tmp_path):
     return str(src)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray (2 CPUs) in this process for the module's tests, in the provider's namespace."""
+    import ray
+
+    from airflow_batch_provider.core.ray_exec import NAMESPACE
+
+    ray.init(num_cpus=2, namespace=NAMESPACE, logging_level="ERROR", include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
 from tests.s3_server import s3_bucket, s3_server  # noqa: E402,F401  (pytest fixtures, S3 on SeaweedFS)

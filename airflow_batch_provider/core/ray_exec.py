@@ -51,6 +51,7 @@ class ShardWorker:
         self._lock = threading.Lock()
         self._lease: tuple[str, float] | None = None
         self._running: str | None = None
+        self._running_attempt: dict[str, Any] = {}
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._done = threading.Condition(self._lock)
         self._last_active = time.monotonic()
@@ -66,7 +67,7 @@ class ShardWorker:
 
         token = attempt["token"]
         with self._lock:
-            self._running, self._lease = token, None
+            self._running, self._lease, self._running_attempt = token, None, attempt
             self._last_active = time.monotonic()
         try:
             runner = ShardRunner(BatchSpec.from_dict(spec), storage_options, predictor=self.predictor)
@@ -88,7 +89,7 @@ class ShardWorker:
             self._results[token] = outcome
             while len(self._results) > _RESULTS_KEPT:
                 self._results.popitem(last=False)
-            self._running = None
+            self._running, self._running_attempt = None, {}
             self._last_active = time.monotonic()
             self._done.notify_all()
 
@@ -136,6 +137,16 @@ class ShardWorker:
         if self._lease is not None and self._lease[0] == token and time.monotonic() - self._lease[1] <= LEASE_TIMEOUT_S:
             return {"state": "RUNNING", "queued": True}
         return {"state": "UNKNOWN"}
+
+    @ray.method(concurrency_group="control")
+    def running_for(self, task_key: dict[str, Any]) -> str | None:
+        """The token of the call running now for this task (``task_key``: the attempt's fields
+        that every try of one Airflow task instance shares), or None."""
+        with self._lock:
+            attempt = self._running_attempt
+            if attempt and all(attempt.get(k) == v for k, v in task_key.items()):
+                return attempt["token"]
+            return None
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
@@ -213,8 +224,12 @@ def pool_size(spec: BatchSpec) -> int:
     return max(1, min(fits) if fits else 1)
 
 
+def worker_name(spec: BatchSpec, slot: int) -> str:
+    return f"abp-{worker_key(spec)}-{slot}"
+
+
 def get_worker(spec: BatchSpec, slot: int, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
-    name = f"abp-{worker_key(spec)}-{slot}"
+    name = worker_name(spec, slot)
     options: dict[str, Any] = {
         "name": name,
         "namespace": NAMESPACE,
@@ -272,6 +287,32 @@ def work_status(worker: str, token: str, timeout: float | None = None) -> dict[s
     return ray.get(handle.status.remote(token), timeout=timeout)
 
 
+def find_running_work(spec: BatchSpec, task_key: dict[str, Any], timeout_s: float = 2.0) -> dict[str, str] | None:
+    """``{"worker", "token"}`` of a call that an earlier try of the same task left running, or None.
+
+    A retry normally finds its earlier try's call in ``task_state_store``; this covers a try that
+    died (or was reset by the scheduler) after submitting but before that id was stored. Only
+    replicas that exist are asked, and one still loading its model (it runs nothing yet) is not
+    waited for beyond ``timeout_s``.
+    """
+    asked = {}
+    for slot in range(pool_size(spec)):
+        handle = find_worker(worker_name(spec, slot))
+        if handle is not None:
+            asked[handle.running_for.remote(task_key)] = worker_name(spec, slot)
+    if not asked:
+        return None
+    ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
+    for ref in ready:
+        try:
+            token = ray.get(ref)
+        except ray.exceptions.RayActorError:  # a replica that died or restarts runs nothing of ours
+            continue
+        if token:
+            return {"worker": asked[ref], "token": token}
+    return None
+
+
 def submit(spec: BatchSpec, shards: list[Shard], attempt: dict[str, Any], storage_options: dict[str, Any] | None = None):
     """Lease a replica and start the shards on it; returns (worker name, ObjectRef)."""
     name, handle = lease_worker(spec, attempt["token"])
@@ -283,7 +324,7 @@ def kill_workers(spec: BatchSpec) -> int:
     """Stop this model's replicas now (instead of waiting for their idle timeout)."""
     killed = 0
     for slot in range(pool_size(spec)):
-        handle = find_worker(f"abp-{worker_key(spec)}-{slot}")
+        handle = find_worker(worker_name(spec, slot))
         if handle is not None:
             ray.kill(handle, no_restart=True)
             killed += 1

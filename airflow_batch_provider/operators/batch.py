@@ -135,7 +135,8 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
 
     The Ray call is recorded in ``task_state_store`` (``ResumableJobMixin``): a retry whose
     Ray work is still running waits for it instead of starting it again, and a retry of a
-    shard that got committed meanwhile returns at once.
+    shard that got committed meanwhile returns at once. A try that died between submitting and
+    recording is covered too: its retry asks the model's replicas for work of this task.
 
     :param spec: the ``BatchSpec`` (or its dict).
     :param work_unit: one item of the plan task's output (``{"label", "shards"}``).
@@ -249,10 +250,14 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     # -- ResumableJobMixin ---------------------------------------------------------------
     def submit_job(self, context: Context) -> dict[str, str]:
         ti = context["ti"]
-        attempt = new_attempt(
-            dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, map_index=ti.map_index, try_number=ti.try_number
-        )
+        task_key = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
         spec = self.batch_spec
+        if ti.try_number > 1 and (running := ray_exec.find_running_work(spec, task_key)):
+            # An earlier try submitted this work but died before task_state_store held its id.
+            self.log.info("Reconnecting to running Ray work %s of an earlier try (its id was never stored)", running)
+            self._ref = None
+            return running
+        attempt = new_attempt(**task_key, try_number=ti.try_number)
         worker, self._ref = ray_exec.submit(spec, self.shards, attempt, storage_options_for(spec))
         self.log.info("Shard(s) %s submitted to Ray worker %s (attempt %s)", self.work_unit["label"], worker, attempt["token"])
         return {"worker": worker, "token": attempt["token"]}

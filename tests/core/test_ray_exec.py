@@ -13,13 +13,6 @@ from airflow_batch_provider.core.commit import new_attempt
 from airflow_batch_provider.core.jobs import plan_job
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, namespace=ray_exec.NAMESPACE, logging_level="ERROR", include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def slow_spec(source: str, sink: str, loads_log: str, **kwargs) -> BatchSpec:
     return BatchSpec(
         source=source, source_format="jsonl", sink=sink, predictor="tests.predictors:SlowLoad",
@@ -95,5 +88,26 @@ def test_a_leased_call_not_yet_started_reports_running(local_ray, jsonl_source, 
         assert outcome["state"] == "SUCCEEDED"
         assert outcome["results"] == ray.get(ref)
         assert ray_exec.work_status(name, attempt["token"])["state"] == "SUCCEEDED"
+    finally:
+        ray_exec.kill_workers(spec)
+
+
+def test_running_work_is_found_by_its_task_whatever_the_try(local_ray, jsonl_source, tmp_path):
+    """A retry whose earlier try died before recording its Ray call can still find that call."""
+    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
+                     predictor_kwargs={"sleep_s": 1.0}, batch_size=5, rows_per_shard=10, num_cpus=1, num_workers=2)
+    pending = plan_job(spec).pending
+    task_key = {"dag_id": "d", "run_id": "r", "task_id": "batch.shard", "map_index": 3}
+    first_try = new_attempt(**task_key, try_number=1)
+    try:
+        assert ray_exec.find_running_work(spec, task_key) is None  # no replica yet: nothing asked
+        name, ref = ray_exec.submit(spec, pending[:1], first_try)
+        while ray_exec.work_status(name, first_try["token"]).get("queued"):
+            pass
+        assert ray_exec.find_running_work(spec, task_key) == {"worker": name, "token": first_try["token"]}
+        assert ray_exec.find_running_work(spec, {**task_key, "map_index": 4}) is None
+        assert ray_exec.find_running_work(spec, {**task_key, "run_id": "another run"}) is None
+        ray.get(ref)
+        assert ray_exec.find_running_work(spec, task_key) is None  # finished: a retry finds the commit instead
     finally:
         ray_exec.kill_workers(spec)

@@ -1,0 +1,73 @@
+"""A retry of a shard task whose earlier try died before recording its Ray call (on a local Ray)."""
+
+from __future__ import annotations
+
+import collections
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from airflow_batch_provider import BatchSpec
+from airflow_batch_provider.core import ray_exec
+from airflow_batch_provider.core.commit import new_attempt
+from airflow_batch_provider.core.jobs import plan_job
+from airflow_batch_provider.core.planning import Shard
+from airflow_batch_provider.operators import batch as batch_mod
+from airflow_batch_provider.operators.batch import BatchShardOperator
+
+
+class Store(dict):
+    def set(self, key, value):
+        self[key] = value
+
+
+@pytest.fixture
+def job(local_ray, jsonl_source, tmp_path, monkeypatch):
+    monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)  # the module's local Ray is connected
+    calls = tmp_path / "calls.log"
+    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
+                     predictor_kwargs={"sleep_s": 1.0, "calls_log": str(calls)}, batch_size=5, rows_per_shard=10, num_cpus=1, num_workers=2)
+    unit = {"label": "first shard", "shards": [plan_job(spec).pending[0].to_dict()]}
+    yield SimpleNamespace(spec=spec, unit=unit, calls=calls)
+    ray_exec.kill_workers(spec)
+
+
+def context(try_number: int, store: Store):
+    ti = SimpleNamespace(dag_id="d", run_id="r", task_id="batch.shard", map_index=0, try_number=try_number, stats_tags={})
+    return {"ti": ti, "task_state_store": store}
+
+
+def row_calls(calls_log) -> collections.Counter:
+    counter: collections.Counter = collections.Counter()
+    for line in calls_log.read_text().splitlines():
+        counter.update(json.loads(line))
+    return counter
+
+
+def test_retry_reconnects_to_work_whose_id_was_never_stored(job, capsys):
+    # Try 1 submitted its shard to Ray and died before task_state_store.set.
+    first = new_attempt(dag_id="d", run_id="r", task_id="batch.shard", map_index=0, try_number=1)
+    worker, _ = ray_exec.submit(job.spec, [Shard.from_dict(job.unit["shards"][0])], first)
+    while ray_exec.work_status(worker, first["token"]).get("queued"):
+        pass
+
+    store = Store()
+    task = BatchShardOperator(task_id="batch.shard", spec=job.spec.to_dict(), work_unit=job.unit, deferrable=False)
+    summary = task.execute(context(2, store))
+
+    assert "Reconnecting to running Ray work" in capsys.readouterr().out
+    assert store[BatchShardOperator.external_id_key] == {"worker": worker, "token": first["token"]}
+    assert summary["computed"] == 1 and summary["rows_out"] == 10
+    assert sorted(row_calls(job.calls).items()) == [(i, 1) for i in range(10)]  # each row computed once
+
+
+def test_retry_with_nothing_running_submits_and_a_first_try_asks_nobody(job, monkeypatch):
+    store = Store()
+    task = BatchShardOperator(task_id="batch.shard", spec=job.spec.to_dict(), work_unit=job.unit, deferrable=False)
+    assert task.execute(context(2, store))["computed"] == 1  # nothing of an earlier try on Ray: computed now
+
+    monkeypatch.setattr(ray_exec, "find_running_work", lambda *a, **k: pytest.fail("a first try asked the replicas"))
+    again = BatchShardOperator(task_id="batch.shard", spec=job.spec.to_dict(), work_unit=job.unit, deferrable=False)
+    assert again.execute(context(1, Store()))["computed"] == 0  # committed by the run above
+    assert sorted(row_calls(job.calls).items()) == [(i, 1) for i in range(10)]
