@@ -4,10 +4,12 @@ One invocation:
 1. generates a JSONL corpus (BENCH_ROWS, default 8,000) and starts a Ray head (`ray start
    --head`, its own temp dir, token auth as Ray 2.60 sets it up) with one logical CPU more
    than the model gets, so Ray Data's read/write tasks can run beside its 2-CPU actor;
-2. runs all-MiniLM-L6-v2 over it three ways, model load counted in each:
+2. runs all-MiniLM-L6-v2 over it three ways, each from a cold process, model load counted:
    - a bare loop (read JSONL with pyarrow, `SentenceEmbedder` batch by batch, write Parquet),
    - Ray Data: read_json -> map_batches(SentenceEmbedder, one actor) -> write_parquet,
    - this provider end to end: `airflow dags test batch_inference_example` on that Ray;
+   the bare loop and the provider run BENCH_REPEATS times each (default 2), interleaved
+   (bare, provider, Ray Data, provider, bare) so that the machine's drift in speed cancels;
 3. measures per-shard overhead, Ray worker peak RSS at two shard sizes 10x apart, the cost
    of a resume after half the shards were committed, and plan time over 10,000 committed
    shards; prints a table with ratios against the bare loop.
@@ -24,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,6 +36,7 @@ BATCH = int(os.environ.get("BENCH_BATCH_SIZE", "64"))
 ROWS_PER_SHARD = int(os.environ.get("BENCH_ROWS_PER_SHARD", "1000"))
 CPUS = int(os.environ.get("BENCH_CPUS", str(min(2, os.cpu_count() or 1))))
 PLAN_SHARDS = int(os.environ.get("BENCH_PLAN_SHARDS", "10000"))
+REPEATS = max(1, int(os.environ.get("BENCH_REPEATS", "2")))  # timed runs of the bare loop and of the provider
 BIN = os.path.dirname(sys.executable)
 PREDICTOR = "airflow_batch_provider.predictors.sentence_embedding:SentenceEmbedder"
 KWARGS = {"text_column": "text", "keep_columns": ["id"]}
@@ -211,13 +215,15 @@ def dags_test(env: dict[str, str], log_name: str) -> tuple[float, str]:
     return wall, text
 
 
-def provider(corpus: str, sink: str, head: RayHead | None = None) -> tuple[float, float, str, dict[str, float]]:
+def provider(
+    corpus: str, sink: str, head: RayHead | None = None, log_name: str = "provider.log"
+) -> tuple[float, float, str, dict[str, float]]:
     """Seconds plan->finalize, seconds of the whole command, its log, and CPU used beside the model."""
     env = provider_env(corpus, sink)
     subprocess.run([f"{BIN}/airflow", "db", "migrate"], env=env, check=True, capture_output=True)
     ray_before = head.system_cpu_seconds() if head else {}
     airflow_before = _children_cpu_seconds()
-    wall, text = dags_test(env, "provider.log")
+    wall, text = dags_test(env, log_name)
     ray_after = head.system_cpu_seconds() if head else {}
     cpu = {
         "airflow": _children_cpu_seconds() - airflow_before,
@@ -318,34 +324,73 @@ def _disconnect() -> None:
         ray.shutdown()
 
 
+def schedule(repeats: int) -> list[str]:
+    """The order of the timed runs: bare loop and provider alternate, mirrored around Ray Data.
+
+    This machine's speed drifts by several percent over minutes (other tenants, clock), so
+    runs taken in one order only would credit that drift to whichever way ran in the faster
+    minutes. With ``repeats=2`` the order is bare, provider, Ray Data, provider, bare: a
+    linear drift cancels in the mean of each way.
+    """
+    first, second = [], []
+    for index in range(repeats):
+        pair = ["bare", "provider"] if index % 2 == 0 else ["provider", "bare"]
+        (first if index < (repeats + 1) // 2 else second).extend(pair)
+    return first + ["ray_data"] + second
+
+
+def in_fresh_process(function: str, *args: str) -> Any:
+    """Call ``benchmarks.run.<function>(*args)`` in a new Python process and return its result.
+
+    Every timed way starts cold, as a user's script would: imports and model load are paid
+    each time, and nothing loaded by an earlier run (torch, the model, a Ray driver) helps.
+    """
+    code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); from benchmarks import run; "
+            f"print('RESULT', json.dumps(run.{function}(*{args!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    match = re.search(r"^RESULT (.*)$", out.stdout, re.MULTILINE)
+    if out.returncode != 0 or not match:
+        sys.exit(f"{function} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return json.loads(match.group(1))
+
+
 def main() -> None:
     from scripts.make_corpus import write_corpus
 
     shutil.rmtree(WORK, ignore_errors=True)
     corpus = f"{WORK}/corpus"
     write_corpus(corpus, ROWS, files=4)
+    order = schedule(REPEATS)
     log(f"corpus: {ROWS} rows in 4 JSONL files; batch {BATCH}; {CPUS} CPUs; rows_per_shard {ROWS_PER_SHARD}")
+    log(f"run order: {', '.join(order)}")
     head = RayHead(f"/tmp/abp-bench-ray-{os.getpid()}")
     head.start()
     log(f"Ray head started at {head.address}")
+    bare, bare_load, prov, prov_wall, overheads, prov_loads = [], [], [], [], [], []
+    prov_cpu: dict[str, float] = {"ray": 0.0, "airflow": 0.0}
     try:
-        log("bare loop ...")
-        bare, bare_load = bare_loop(corpus, f"{WORK}/bare")
-        log(f"bare loop {bare:.1f} s (model load {bare_load:.1f} s)")
-        log("Ray Data ...")
-        rd = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); "
-                             "from benchmarks.run import ray_data; "
-                             f"print('SECONDS', ray_data({corpus!r}, {WORK + '/raydata'!r}))"],
-                            capture_output=True, text=True, env=os.environ)
-        match = re.search(r"SECONDS ([\d.]+)", rd.stdout)
-        if not match:
-            sys.exit(f"Ray Data run failed:\n{rd.stdout[-2000:]}\n{rd.stderr[-4000:]}")
-        ray_data_s = float(match.group(1))
-        log(f"Ray Data {ray_data_s:.1f} s")
-        log("provider (airflow dags test) ...")
-        prov, prov_wall, prov_log, prov_cpu = provider(corpus, f"{WORK}/provider", head)
-        overheads = shard_overheads(prov_log)
-        log(f"provider {prov:.1f} s (whole command {prov_wall:.1f} s)")
+        for step, way in enumerate(order):
+            if way == "bare":
+                log("bare loop ...")
+                seconds, load = in_fresh_process("bare_loop", corpus, f"{WORK}/bare-{step}")
+                bare.append(seconds)
+                bare_load.append(load)
+                log(f"bare loop {seconds:.1f} s (model load {load:.1f} s)")
+            elif way == "ray_data":
+                log("Ray Data ...")
+                ray_data_s = in_fresh_process("ray_data", corpus, f"{WORK}/raydata")
+                log(f"Ray Data {ray_data_s:.1f} s")
+            else:
+                log("provider (airflow dags test) ...")
+                sink = f"{WORK}/provider" if not prov else f"{WORK}/provider-{step}"
+                seconds, wall, text, cpu = provider(corpus, sink, head, log_name=f"provider-{len(prov) + 1}.log")
+                prov.append(seconds)
+                prov_wall.append(wall)
+                overheads.extend(shard_overheads(text))
+                prov_loads.append(replica_load_seconds(text))
+                for key in prov_cpu:
+                    prov_cpu[key] += cpu[key] / REPEATS
+                log(f"provider {seconds:.1f} s (whole command {wall:.1f} s)")
         log("resume after half the shards committed ...")
         resume_wall, resume_rows, recomputed = resume_cost(corpus, f"{WORK}/provider")
         log("worker RSS at two shard sizes ...")
@@ -358,21 +403,27 @@ def main() -> None:
     log(f"plan over {PLAN_SHARDS} committed shards ...")
     plan_s, plan_n, per_shard_commit = plan_time_10k()
 
+    mean = statistics.mean
+    base = mean(bare)
     rate = lambda s: ROWS / s  # noqa: E731
+    runs = lambda xs: " / ".join(f"{x:.1f}" for x in xs)  # noqa: E731
     print()
-    print(f"{'way':<46}{'seconds':>10}{'rows/s':>10}{'x bare':>9}")
-    for name, secs in (("bare loop (model load included)", bare), ("Ray Data read_json->map_batches->write", ray_data_s),
-                       ("provider, airflow dags test (plan->finalize)", prov)):
-        print(f"{name:<46}{secs:>10.1f}{rate(secs):>10.1f}{bare / secs:>9.3f}")
-    print(f"{'provider, whole dags-test command':<46}{prov_wall:>10.1f}{rate(prov_wall):>10.1f}{bare / prov_wall:>9.3f}")
+    print(f"{'way (mean of the runs)':<46}{'seconds':>10}{'rows/s':>10}{'x bare':>9}   runs (s)")
+    rows = (("bare loop (model load included)", bare), ("Ray Data read_json->map_batches->write", [ray_data_s]),
+            ("provider, airflow dags test (plan->finalize)", prov), ("provider, whole dags-test command", prov_wall))
+    for name, secs in rows:
+        print(f"{name:<46}{mean(secs):>10.1f}{rate(mean(secs)):>10.1f}{base / mean(secs):>9.3f}   {runs(secs)}")
+    if REPEATS > 1:
+        pairs = [b / p for b, p in zip(bare, prov, strict=True)]
+        print(f"provider / bare loop, run by run (plan->finalize): {', '.join(f'{x:.3f}x' for x in pairs)}")
     print()
     median = statistics.median(overheads) if overheads else float("nan")
-    print(f"model load: bare loop {bare_load:.1f} s in process; provider {replica_load_seconds(prov_log):.1f} s on the Ray "
+    print(f"model load: bare loop {mean(bare_load):.1f} s in process; provider {mean(prov_loads):.1f} s on the Ray "
           "worker, started by the plan step")
-    print(f"CPU used beside the model during the provider run ({CPUS} cores): Ray's own processes "
+    print(f"CPU used beside the model per provider run ({CPUS} cores): Ray's own processes "
           f"{prov_cpu['ray']:.1f} s, the airflow dags-test process {prov_cpu['airflow']:.1f} s (its start-up included)")
     print(f"per-shard overhead (task wall - model), median of {len(overheads)}: {median:.3f} s "
-          f"(shard of {ROWS_PER_SHARD} rows ~ {ROWS_PER_SHARD / rate(prov):.1f} s)")
+          f"(shard of {ROWS_PER_SHARD} rows ~ {ROWS_PER_SHARD / rate(mean(prov)):.1f} s)")
     print(f"Ray worker peak RSS: {rss_small:.0f} MiB at {rows_small} rows/shard, {rss_large:.0f} MiB at "
           f"{rows_large} rows/shard -> {rss_large / rss_small:.3f}x")
     print(f"resume after half the shards committed: {resume_wall:.1f} s, {resume_rows} rows computed "
