@@ -7,6 +7,11 @@ replica, keyed by what they load (predictor, kwargs, resources). A shard task le
 replica, calls it, and leaves it warm for the next shard, in this DAG run or the next.
 Replicas exit on their own after ``idle_timeout_s`` without work, freeing their GPUs.
 
+A shard task that finds every replica busy waits *on* a replica (``reserve`` with a wait)
+rather than polling it, so it gets the replica the moment the running shard ends: with
+more shard tasks allowed than replicas (``max_active_shards``), the next shard starts on a
+warm replica without waiting for Airflow to schedule its task.
+
 Ray covers a dying worker: the actor is restarted (``max_restarts``) and the call retried
 (``max_task_retries``) with the spec's ``max_retries``. A retried Airflow task reconnects to
 a call still running by its attempt token (``status`` / ``wait``).
@@ -15,6 +20,7 @@ a call still running by its attempt token (``status`` / ``wait``).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -34,12 +40,17 @@ log = logging.getLogger(__name__)
 NAMESPACE = "airflow_batch_provider"
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 LEASE_TIMEOUT_S = 120.0
+#: longest one ``reserve`` call waits on a busy replica before the client looks at the others.
+LEASE_WAIT_S = 2.0
 _RESULTS_KEPT = 256
 
 
-@ray.remote(concurrency_groups={"compute": 1, "control": 8})
+@ray.remote(concurrency_groups={"compute": 1, "control": 8, "lease": 64})
 class ShardWorker:
-    """A model replica: one predictor instance, one shard at a time, control calls alongside."""
+    """A model replica: one predictor instance, one shard at a time, control calls alongside.
+
+    ``reserve`` calls, which may block while they wait for the replica, have a thread group of
+    their own ("lease"), so that waiting shard tasks never hold up ``status`` or ``wait``."""
 
     def __init__(self, predictor: str, predictor_kwargs: dict[str, Any], idle_timeout_s: float):
         from airflow_batch_provider.core.predictors import build_predictor
@@ -94,23 +105,34 @@ class ShardWorker:
             self._done.notify_all()
 
     # -- control (answered while a shard computes) ------------------------------------
-    @ray.method(concurrency_group="control")
-    def reserve(self, token: str) -> bool:
-        """Lease this replica to one shard task; False while another holds or uses it."""
+    @ray.method(concurrency_group="lease")
+    def reserve(self, token: str, wait_s: float = 0.0) -> bool:
+        """Lease this replica to one shard task; False while another holds or uses it.
+
+        With ``wait_s`` > 0 a busy replica answers as soon as it is free (its shard ended, or
+        the lease holding it was released or expired), or False after ``wait_s``."""
+        deadline = time.monotonic() + wait_s
         with self._lock:
-            now = time.monotonic()
-            lease_free = self._lease is None or now - self._lease[1] > LEASE_TIMEOUT_S or self._lease[0] == token
-            if self._running is None and lease_free:
-                self._lease = (token, now)
-                self._last_active = now
-                return True
-            return False
+            while True:
+                now = time.monotonic()
+                lease_free = self._lease is None or now - self._lease[1] > LEASE_TIMEOUT_S or self._lease[0] == token
+                if self._running is None and lease_free:
+                    self._lease = (token, now)
+                    self._last_active = now
+                    return True
+                wake = deadline - now
+                if wake <= 0:
+                    return False
+                if self._running is None and self._lease is not None:  # held by a lease: it may expire first
+                    wake = min(wake, self._lease[1] + LEASE_TIMEOUT_S - now + 0.01)
+                self._done.wait(timeout=wake)
 
     @ray.method(concurrency_group="control")
     def release(self, token: str) -> None:
         with self._lock:
             if self._lease and self._lease[0] == token:
                 self._lease = None
+                self._done.notify_all()
 
     @ray.method(concurrency_group="control")
     def status(self, token: str) -> dict[str, Any]:
@@ -255,19 +277,25 @@ def start_workers(spec: BatchSpec, wanted: int) -> list[str]:
     return [get_worker(spec, slot)[0] for slot in range(count)]
 
 
-def lease_worker(spec: BatchSpec, token: str, *, poll_s: float = 0.5):
-    """An idle replica reserved for ``token``; creates replicas up to :func:`pool_size`."""
+def lease_worker(spec: BatchSpec, token: str, *, wait_s: float = LEASE_WAIT_S):
+    """An idle replica reserved for ``token``; creates replicas up to :func:`pool_size`.
+
+    When all are busy, it waits on one replica at a time (``wait_s`` each, taking turns from
+    a slot that depends on ``token``, so that waiting tasks spread over the replicas) and
+    looks at all of them again between waits; a replica that frees up is taken at once.
+    """
     size = pool_size(spec)
-    waited = 0.0
-    while True:
+    first = int(hashlib.sha256(token.encode()).hexdigest()[:8], 16) % size
+    for turn in itertools.count():
         for slot in range(size):
             name, handle = get_worker(spec, slot)
             if ray.get(handle.reserve.remote(token)):
                 return name, handle
-        if waited == 0.0:
+        if turn == 0:
             log.info("All %d Ray workers for this model are busy; waiting for one", size)
-        time.sleep(poll_s)
-        waited += poll_s
+        name, handle = get_worker(spec, (first + turn) % size)
+        if ray.get(handle.reserve.remote(token, wait_s)):
+            return name, handle
 
 
 def find_worker(name: str):

@@ -111,3 +111,47 @@ def test_running_work_is_found_by_its_task_whatever_the_try(local_ray, jsonl_sou
         assert ray_exec.find_running_work(spec, task_key) is None  # finished: a retry finds the commit instead
     finally:
         ray_exec.kill_workers(spec)
+
+
+def test_a_waiting_lease_gets_the_replica_when_its_shard_ends(local_ray, jsonl_source, tmp_path):
+    """A shard task that finds the replica busy waits on it and gets it as the running shard
+    ends, not at some later poll; while it waits, status calls are still answered."""
+    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
+                     predictor_kwargs={"sleep_s": 1.0}, batch_size=5, rows_per_shard=10, num_cpus=1, num_workers=1)
+    pending = plan_job(spec).pending
+    first = new_attempt()
+    try:
+        name, ref = ray_exec.submit(spec, pending[:1], first)
+        handle = ray_exec.find_worker(name)
+        assert ray.get(handle.reserve.remote("other")) is False  # busy: no wait asked, none done
+        assert ray.get(handle.reserve.remote("other", 0.2)) is False  # still busy when the wait ran out
+        waiting = [handle.reserve.remote(f"waiting-{i}", 20.0) for i in range(12)]  # more than the control threads
+        assert ray.get(handle.status.remote(first["token"]), timeout=10)["state"] == "RUNNING"
+        assert [r["status"] for r in ray.get(ref)] == ["computed"]
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=30)
+        assert ready and ray.get(ready[0]) is True  # granted when the shard ended, long before its 20 s
+        winner = f"waiting-{waiting.index(ready[0])}"
+        assert ray_exec.work_status(name, winner) == {"state": "RUNNING", "queued": True}
+        ray.get(handle.release.remote(winner))
+        ready, rest = ray.wait(waiting, num_returns=2, timeout=30)
+        assert len(ready) == 2 and ray.get(ready) == [True, True]  # the release handed it to one more waiter...
+        assert ray.wait(rest, timeout=0.5)[0] == []  # ...and the others still wait
+    finally:
+        ray_exec.kill_workers(spec)
+
+
+def test_lease_worker_waits_for_a_busy_replica(local_ray, jsonl_source, tmp_path):
+    """With every replica busy, ``lease_worker`` waits (turn after turn) and gets the replica
+    once its shard ends."""
+    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
+                     predictor_kwargs={"sleep_s": 0.5}, batch_size=5, rows_per_shard=10, num_cpus=1, num_workers=1)
+    pending = plan_job(spec).pending
+    try:
+        name, first = ray_exec.submit(spec, pending[:1], new_attempt())
+        attempt = new_attempt()
+        second_name, handle = ray_exec.lease_worker(spec, attempt["token"], wait_s=0.3)  # waits in several turns
+        assert second_name == name
+        second = handle.run_shards.remote(spec.to_dict(), None, [pending[1].to_dict()], attempt)
+        assert [r["status"] for r in ray.get(first) + ray.get(second)] == ["computed", "computed"]
+    finally:
+        ray_exec.kill_workers(spec)
