@@ -33,7 +33,7 @@ def main() -> int:
     corpus = f"{run.WORK}/corpus"
     write_corpus(corpus, run.ROWS, files=4)
     print(f"GPU: {torch.cuda.get_device_name(0)}; {run.ROWS} rows, batch {run.BATCH}, {run.ROWS_PER_SHARD} rows/shard")
-    bare, _ = run.bare_loop(corpus, f"{run.WORK}/bare")
+    bare = run.bare_loop(corpus, f"{run.WORK}/bare")["seconds"]
     head = run.RayHead(f"/tmp/abp-bench-gpu-{os.getpid()}")
     head.start()
     try:

@@ -130,8 +130,8 @@ def _find_token(text: str) -> str | None:
 
 
 # -- the three ways ------------------------------------------------------------------------------
-def bare_loop(corpus: str, out: str) -> tuple[float, float]:
-    """Seconds for the whole loop, and for loading the model (imports included)."""
+def bare_loop(corpus: str, out: str) -> dict[str, float]:
+    """Seconds for the whole loop, for loading the model (imports included), and in the model."""
     import pyarrow as pa
     import pyarrow.json as pj
     import pyarrow.parquet as pq
@@ -144,10 +144,14 @@ def bare_loop(corpus: str, out: str) -> tuple[float, float]:
     model = SentenceEmbedder(**KWARGS)
     load = time.perf_counter() - started
     writer = None
+    model_seconds = 0.0
     for path in sorted(glob.glob(f"{corpus}/*.jsonl")):
         table = pj.read_json(path)
         for offset in range(0, table.num_rows, BATCH):
-            result = from_batch(model(to_batch(table.slice(offset, BATCH), "numpy")), "numpy")
+            tick = time.perf_counter()
+            output = model(to_batch(table.slice(offset, BATCH), "numpy"))
+            model_seconds += time.perf_counter() - tick
+            result = from_batch(output, "numpy")
             if writer is None:
                 writer = pq.ParquetWriter(f"{out}/bare.parquet", result.schema)
             writer.write_table(result)
@@ -155,7 +159,7 @@ def bare_loop(corpus: str, out: str) -> tuple[float, float]:
     seconds = time.perf_counter() - started
     assert pq.read_metadata(f"{out}/bare.parquet").num_rows == ROWS
     del pa
-    return seconds, load
+    return {"seconds": seconds, "load_seconds": load, "model_seconds": model_seconds}
 
 
 def ray_data(corpus: str, out: str) -> float:
@@ -177,6 +181,37 @@ def ray_data(corpus: str, out: str) -> float:
 
     assert ds.dataset(out, format="parquet").count_rows() == ROWS
     return seconds
+
+
+def core_driver(corpus: str, sink: str) -> dict[str, float]:
+    """The provider's core without Airflow: plan, each shard on the Ray replica in turn, finalize.
+
+    Same spec, replica and commit protocol as the DAG's tasks, driven by one Python process; the
+    difference to the Airflow run is what Airflow adds (task start-up, state, XCom, logs).
+    """
+    import ray
+
+    from airflow_batch_provider import BatchSpec
+    from airflow_batch_provider.core import ray_exec
+    from airflow_batch_provider.core.commit import new_attempt
+    from airflow_batch_provider.core.jobs import finalize_job, plan_job
+
+    ray_exec.connect()
+    spec = BatchSpec(source=f"{corpus}/*.jsonl", sink=sink, predictor=PREDICTOR, predictor_kwargs=KWARGS,
+                     batch_size=BATCH, rows_per_shard=ROWS_PER_SHARD, num_cpus=CPUS)
+    started = time.perf_counter()
+    job = plan_job(spec)
+    ray_exec.start_workers(spec, 1)
+    model = 0.0
+    for shard in job.pending:
+        _, ref = ray_exec.submit(spec, [shard], new_attempt())
+        model += sum(r["model_seconds"] for r in ray.get(ref))
+    manifest = finalize_job(spec)
+    seconds = time.perf_counter() - started
+    ray_exec.kill_workers(spec)
+    ray.shutdown()
+    assert manifest["rows_out"] == ROWS
+    return {"seconds": seconds, "model_seconds": model}
 
 
 def provider_env(corpus: str, sink: str, rows_per_shard: int = ROWS_PER_SHARD) -> dict[str, str]:
@@ -325,18 +360,17 @@ def _disconnect() -> None:
 
 
 def schedule(repeats: int) -> list[str]:
-    """The order of the timed runs: bare loop and provider alternate, mirrored around Ray Data.
+    """The order of the timed runs: the bare loop, the core and the provider, mirrored around Ray Data.
 
     This machine's speed drifts by several percent over minutes (other tenants, clock), so
     runs taken in one order only would credit that drift to whichever way ran in the faster
-    minutes. With ``repeats=2`` the order is bare, provider, Ray Data, provider, bare: a
-    linear drift cancels in the mean of each way.
+    minutes. With ``repeats=2`` the order is bare, core, provider, Ray Data, provider, core,
+    bare: a linear drift cancels in the mean of each way.
     """
-    first, second = [], []
-    for index in range(repeats):
-        pair = ["bare", "provider"] if index % 2 == 0 else ["provider", "bare"]
-        (first if index < (repeats + 1) // 2 else second).extend(pair)
-    return first + ["ray_data"] + second
+    ways = ["bare", "core", "provider"]
+    blocks = [ways if index % 2 == 0 else ways[::-1] for index in range(repeats)]
+    half = (repeats + 1) // 2
+    return [way for block in blocks[:half] for way in block] + ["ray_data"] + [way for block in blocks[half:] for way in block]
 
 
 def in_fresh_process(function: str, *args: str) -> Any:
@@ -366,16 +400,20 @@ def main() -> None:
     head = RayHead(f"/tmp/abp-bench-ray-{os.getpid()}")
     head.start()
     log(f"Ray head started at {head.address}")
-    bare, bare_load, prov, prov_wall, overheads, prov_loads = [], [], [], [], [], []
+    bare: list[dict[str, float]] = []
+    core: list[dict[str, float]] = []
+    prov, prov_wall, prov_model, overheads, prov_loads = [], [], [], [], []
     prov_cpu: dict[str, float] = {"ray": 0.0, "airflow": 0.0}
     try:
         for step, way in enumerate(order):
             if way == "bare":
                 log("bare loop ...")
-                seconds, load = in_fresh_process("bare_loop", corpus, f"{WORK}/bare-{step}")
-                bare.append(seconds)
-                bare_load.append(load)
-                log(f"bare loop {seconds:.1f} s (model load {load:.1f} s)")
+                bare.append(in_fresh_process("bare_loop", corpus, f"{WORK}/bare-{step}"))
+                log(f"bare loop {bare[-1]['seconds']:.1f} s (model load {bare[-1]['load_seconds']:.1f} s)")
+            elif way == "core":
+                log("provider core without Airflow ...")
+                core.append(in_fresh_process("core_driver", corpus, f"{WORK}/core-{step}"))
+                log(f"provider core {core[-1]['seconds']:.1f} s")
             elif way == "ray_data":
                 log("Ray Data ...")
                 ray_data_s = in_fresh_process("ray_data", corpus, f"{WORK}/raydata")
@@ -386,6 +424,7 @@ def main() -> None:
                 seconds, wall, text, cpu = provider(corpus, sink, head, log_name=f"provider-{len(prov) + 1}.log")
                 prov.append(seconds)
                 prov_wall.append(wall)
+                prov_model.append(sum(float(x) for x in re.findall(r"computed: \d+ rows in, .*? \(model ([\d.]+) s", text)))
                 overheads.extend(shard_overheads(text))
                 prov_loads.append(replica_load_seconds(text))
                 for key in prov_cpu:
@@ -404,24 +443,31 @@ def main() -> None:
     plan_s, plan_n, per_shard_commit = plan_time_10k()
 
     mean = statistics.mean
-    base = mean(bare)
+    bare_s = [b["seconds"] for b in bare]
+    base = mean(bare_s)
     rate = lambda s: ROWS / s  # noqa: E731
     runs = lambda xs: " / ".join(f"{x:.1f}" for x in xs)  # noqa: E731
     print()
     print(f"{'way (mean of the runs)':<46}{'seconds':>10}{'rows/s':>10}{'x bare':>9}   runs (s)")
-    rows = (("bare loop (model load included)", bare), ("Ray Data read_json->map_batches->write", [ray_data_s]),
+    rows = (("bare loop (model load included)", bare_s), ("Ray Data read_json->map_batches->write", [ray_data_s]),
+            ("provider core, no Airflow (plan->finalize)", [c["seconds"] for c in core]),
             ("provider, airflow dags test (plan->finalize)", prov), ("provider, whole dags-test command", prov_wall))
     for name, secs in rows:
         print(f"{name:<46}{mean(secs):>10.1f}{rate(mean(secs)):>10.1f}{base / mean(secs):>9.3f}   {runs(secs)}")
     if REPEATS > 1:
-        pairs = [b / p for b, p in zip(bare, prov, strict=True)]
+        pairs = [b / p for b, p in zip(bare_s, prov, strict=True)]
         print(f"provider / bare loop, run by run (plan->finalize): {', '.join(f'{x:.3f}x' for x in pairs)}")
     print()
-    median = statistics.median(overheads) if overheads else float("nan")
-    print(f"model load: bare loop {mean(bare_load):.1f} s in process; provider {mean(prov_loads):.1f} s on the Ray "
-          "worker, started by the plan step")
+    model = {"bare loop": [b["model_seconds"] for b in bare], "core": [c["model_seconds"] for c in core], "provider": prov_model}
+    print("seconds in the predictor's calls (same rows, same batches): "
+          + "; ".join(f"{name} {mean(xs):.1f} ({runs(xs)})" for name, xs in model.items()))
+    print(f"seconds beside them: bare loop {base - mean(model['bare loop']):.1f} (model load and I/O), "
+          f"core {mean(c['seconds'] for c in core) - mean(model['core']):.1f}, provider {mean(prov) - mean(prov_model):.1f}")
+    print(f"model load: bare loop {mean(b['load_seconds'] for b in bare):.1f} s in process; provider {mean(prov_loads):.1f} s "
+          "on the Ray worker, started by the plan step")
     print(f"CPU used beside the model per provider run ({CPUS} cores): Ray's own processes "
           f"{prov_cpu['ray']:.1f} s, the airflow dags-test process {prov_cpu['airflow']:.1f} s (its start-up included)")
+    median = statistics.median(overheads) if overheads else float("nan")
     print(f"per-shard overhead (task wall - model), median of {len(overheads)}: {median:.3f} s "
           f"(shard of {ROWS_PER_SHARD} rows ~ {ROWS_PER_SHARD / rate(mean(prov)):.1f} s)")
     print(f"Ray worker peak RSS: {rss_small:.0f} MiB at {rows_small} rows/shard, {rss_large:.0f} MiB at "
