@@ -53,8 +53,11 @@ class ShardWorker:
     their own ("lease"), so that waiting shard tasks never hold up ``status`` or ``wait``."""
 
     def __init__(self, predictor: str, predictor_kwargs: dict[str, Any], idle_timeout_s: float):
+        from airflow_batch_provider.core.allocator import keep_freed_memory
         from airflow_batch_provider.core.predictors import build_predictor
 
+        # Before the model loads: this process serves only this replica, shard after shard.
+        self.keeps_freed_memory = keep_freed_memory()
         started = time.perf_counter()
         self.predictor = build_predictor(predictor, predictor_kwargs)
         self.load_seconds = time.perf_counter() - started
@@ -172,7 +175,8 @@ class ShardWorker:
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "load_seconds": self.load_seconds, "shards_run": self.shards_run}
+        return {"pid": os.getpid(), "load_seconds": self.load_seconds, "shards_run": self.shards_run,
+                "keeps_freed_memory": self.keeps_freed_memory}
 
     def _reap_when_idle(self) -> None:
         while True:
