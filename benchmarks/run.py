@@ -4,12 +4,13 @@ One invocation:
 1. generates a JSONL corpus (BENCH_ROWS, default 8,000) and starts a Ray head (`ray start
    --head`, its own temp dir, token auth as Ray 2.60 sets it up) with one logical CPU more
    than the model gets, so Ray Data's read/write tasks can run beside its 2-CPU actor;
-2. runs all-MiniLM-L6-v2 over it three ways, each from a cold process, model load counted:
+2. runs all-MiniLM-L6-v2 over it four ways, each from a cold process, model load counted:
    - a bare loop (read JSONL with pyarrow, `SentenceEmbedder` batch by batch, write Parquet),
    - Ray Data: read_json -> map_batches(SentenceEmbedder, one actor) -> write_parquet,
+   - the provider's core without Airflow (plan, each shard on the Ray replica, finalize),
    - this provider end to end: `airflow dags test batch_inference_example` on that Ray;
-   the bare loop and the provider run BENCH_REPEATS times each (default 2), interleaved
-   (bare, provider, Ray Data, provider, bare) so that the machine's drift in speed cancels;
+   all but Ray Data run BENCH_REPEATS times each (default 2), interleaved (see ``schedule``)
+   so that the machine's drift in speed cancels;
 3. measures per-shard overhead, Ray worker peak RSS at two shard sizes 10x apart, the cost
    of a resume after half the shards were committed, and plan time over 10,000 committed
    shards; prints a table with ratios against the bare loop.
@@ -129,7 +130,7 @@ def _find_token(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-# -- the three ways ------------------------------------------------------------------------------
+# -- the ways ------------------------------------------------------------------------------
 def bare_loop(corpus: str, out: str) -> dict[str, float]:
     """Seconds for the whole loop, for loading the model (imports included), and in the model."""
     import pyarrow as pa
@@ -191,14 +192,12 @@ def core_driver(corpus: str, sink: str) -> dict[str, float]:
     """
     import ray
 
-    from airflow_batch_provider import BatchSpec
     from airflow_batch_provider.core import ray_exec
     from airflow_batch_provider.core.commit import new_attempt
     from airflow_batch_provider.core.jobs import finalize_job, plan_job
 
     ray_exec.connect()
-    spec = BatchSpec(source=f"{corpus}/*.jsonl", sink=sink, predictor=PREDICTOR, predictor_kwargs=KWARGS,
-                     batch_size=BATCH, rows_per_shard=ROWS_PER_SHARD, num_cpus=CPUS)
+    spec = bench_spec(corpus, sink)
     started = time.perf_counter()
     job = plan_job(spec)
     ray_exec.start_workers(spec, 1)
@@ -212,6 +211,14 @@ def core_driver(corpus: str, sink: str) -> dict[str, float]:
     ray.shutdown()
     assert manifest["rows_out"] == ROWS
     return {"seconds": seconds, "model_seconds": model}
+
+
+def bench_spec(corpus: str, sink: str, rows_per_shard: int = ROWS_PER_SHARD):
+    """The spec the example DAG runs with the bench's settings (see ``provider_env``)."""
+    from airflow_batch_provider import BatchSpec
+
+    return BatchSpec(source=f"{corpus}/*.jsonl", sink=sink, predictor=PREDICTOR, predictor_kwargs=KWARGS,
+                     batch_size=BATCH, rows_per_shard=rows_per_shard, num_cpus=CPUS)
 
 
 def provider_env(corpus: str, sink: str, rows_per_shard: int = ROWS_PER_SHARD) -> dict[str, str]:
@@ -274,6 +281,11 @@ def replica_load_seconds(log_text: str) -> float:
     return sum(float(x) for x in found)
 
 
+def shard_model_seconds(log_text: str) -> float:
+    """Seconds in the predictor's calls over the shards the run computed."""
+    return sum(float(x) for x in re.findall(r"computed: \d+ rows in, .*? \(model ([\d.]+) s", log_text))
+
+
 def shard_overheads(log_text: str) -> list[float]:
     return [float(x) for x in re.findall(r"Shard task wall [\d.]+ s, model [\d.]+ s, overhead ([\d.]+) s", log_text)]
 
@@ -283,15 +295,13 @@ def worker_peak_rss(corpus: str, rows_per_shard: int) -> tuple[float, int]:
     """Peak RSS (MiB) of a fresh model replica after running one shard of ``rows_per_shard``."""
     import ray
 
-    from airflow_batch_provider import BatchSpec
     from airflow_batch_provider.core import ray_exec
     from airflow_batch_provider.core.commit import new_attempt
     from airflow_batch_provider.core.jobs import plan_job
 
     sink = f"{WORK}/rss-{rows_per_shard}"
     shutil.rmtree(sink, ignore_errors=True)
-    spec = BatchSpec(source=f"{corpus}/*.jsonl", sink=sink, predictor=PREDICTOR, predictor_kwargs=KWARGS,
-                     batch_size=BATCH, rows_per_shard=rows_per_shard, num_cpus=CPUS)
+    spec = bench_spec(corpus, sink, rows_per_shard)
     ray_exec.connect()
     ray_exec.kill_workers(spec)
     shard = plan_job(spec).pending[0]
@@ -424,7 +434,7 @@ def main() -> None:
                 seconds, wall, text, cpu = provider(corpus, sink, head, log_name=f"provider-{len(prov) + 1}.log")
                 prov.append(seconds)
                 prov_wall.append(wall)
-                prov_model.append(sum(float(x) for x in re.findall(r"computed: \d+ rows in, .*? \(model ([\d.]+) s", text)))
+                prov_model.append(shard_model_seconds(text))
                 overheads.extend(shard_overheads(text))
                 prov_loads.append(replica_load_seconds(text))
                 for key in prov_cpu:

@@ -31,6 +31,11 @@ MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 
+def is_glibc() -> bool:
+    """Whether this process runs on glibc, whose malloc the settings here are for."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Tune this process's glibc malloc to reuse freed memory; True if it was applied.
 
@@ -38,7 +43,7 @@ def keep_freed_memory() -> bool:
     """
     if os.environ.get(OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

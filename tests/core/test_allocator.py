@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -12,9 +11,7 @@ import pytest
 
 from airflow_batch_provider.core import allocator
 
-glibc_only = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the malloc settings are glibc's; other C libraries are left alone"
-)
+glibc_only = pytest.mark.skipif(not allocator.is_glibc(), reason="the malloc settings are glibc's; other C libraries are left alone")
 
 # Batch after batch in a non-main thread (where Ray runs actor calls), like a forward pass:
 # six buffers of 1-30 MiB (sizes vary with each batch's padded length) written and freed.

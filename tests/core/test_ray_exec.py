@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import platform
 
 import pytest
 import ray
 
 from airflow_batch_provider import BatchSpec
-from airflow_batch_provider.core import ray_exec
+from airflow_batch_provider.core import allocator, ray_exec
 from airflow_batch_provider.core.commit import new_attempt
 from airflow_batch_provider.core.jobs import plan_job
 
@@ -40,7 +39,7 @@ def test_started_replica_loads_in_background_and_serves_the_shards(local_ray, js
         assert name == names[0]
         info = ray.get(handle.info.remote())
         pid = info["pid"]
-        assert info["keeps_freed_memory"] is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+        assert info["keeps_freed_memory"] is allocator.is_glibc()
         assert {r["worker_pid"] for r in results} == {pid}
         assert [r["status"] for r in results] == ["computed", "computed"]
         assert open(loads).read().split() == [str(pid)]  # loaded once, by the replica started ahead
