@@ -1,40 +1,9 @@
-"""Errors of the provider's core.
-
-They derive from plain Python exceptions so the core stays free of Airflow; the Airflow
-layer wraps them in :class:`airflow_batch_provider.operators.batch.BatchInferenceException`.
-Every message names the file, row or field at fault and says what to do.
-"""
+"""The provider's exception: what an Airflow task of a batch inference job raises."""
 
 from __future__ import annotations
 
-
-class BatchError(Exception):
-    """Base class of everything this package raises on purpose."""
+from airflow.sdk.exceptions import AirflowException
 
 
-class BatchSpecError(BatchError, ValueError):
-    """A BatchSpec field has a value we cannot run."""
-
-
-class InputDataError(BatchError, ValueError):
-    """An input file cannot be read as the declared format (names the file and row)."""
-
-
-class PredictorError(BatchError):
-    """The predictor could not be loaded, or returned something that is not a batch."""
-
-
-class StaleCheckpointError(BatchError):
-    """The sink holds work of a different spec or of changed input: never reused silently."""
-
-
-class StorageError(BatchError, OSError):
-    """An object store request failed (names the URL, the server's error and what to do)."""
-
-
-class CommitError(BatchError):
-    """A shard's committed state is inconsistent (missing part, bad sentinel...)."""
-
-
-class IncompleteJobError(BatchError):
-    """Finalize found shards of the plan that are not committed."""
+class BatchInferenceException(AirflowException):
+    """A batch inference step failed; the message says which shard or file and what to do."""

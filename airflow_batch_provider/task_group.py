@@ -6,9 +6,9 @@ from typing import Any
 
 from airflow.sdk import Asset, TaskGroup
 
-from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.operators.batch import BatchShardOperator, FinalizeBatchOperator, PlanBatchOperator
+from airflow_batch_provider.spec import BatchSpec
 
 
 def sink_asset(spec: BatchSpec) -> Asset:

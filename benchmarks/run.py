@@ -99,7 +99,7 @@ class RayHead:
         seconds = {}
         for pid, proc in self.processes().items():
             try:
-                if "ShardWorker" in " ".join(proc.cmdline()) + proc.name():
+                if "ray::Replica" in " ".join(proc.cmdline()) + proc.name():
                     continue
                 times = proc.cpu_times()
                 seconds[pid] = times.user + times.system
@@ -137,7 +137,7 @@ def bare_loop(corpus: str, out: str) -> dict[str, float]:
     import pyarrow.json as pj
     import pyarrow.parquet as pq
 
-    from airflow_batch_provider.core.predictors import from_batch, to_batch
+    from airflow_batch_provider.core.execution.batches import from_batch, to_batch
     from airflow_batch_provider.predictors.sentence_embedding import SentenceEmbedder
 
     os.makedirs(out, exist_ok=True)
@@ -192,22 +192,21 @@ def core_driver(corpus: str, sink: str) -> dict[str, float]:
     """
     import ray
 
-    from airflow_batch_provider.core import ray_exec
-    from airflow_batch_provider.core.commit import new_attempt
-    from airflow_batch_provider.core.jobs import finalize_job, plan_job
+    from airflow_batch_provider.core import api
 
-    ray_exec.connect()
-    spec = bench_spec(corpus, sink)
+    api.connect()
+    spec = bench_spec(corpus, sink).core()
     started = time.perf_counter()
-    job = plan_job(spec)
-    ray_exec.start_workers(spec, 1)
+    job = api.plan(spec)
+    pool = api.ReplicaPool(spec)
+    pool.start(1)
     model = 0.0
     for shard in job.pending:
-        _, ref = ray_exec.submit(spec, [shard], new_attempt())
-        model += sum(r["model_seconds"] for r in ray.get(ref))
-    manifest = finalize_job(spec)
+        work = pool.submit([shard], api.new_attempt())
+        model += sum(r["model_seconds"] for r in pool.result(work))
+    manifest = api.finalize(spec)
     seconds = time.perf_counter() - started
-    ray_exec.kill_workers(spec)
+    pool.shutdown()
     ray.shutdown()
     assert manifest["rows_out"] == ROWS
     return {"seconds": seconds, "model_seconds": model}
@@ -293,31 +292,27 @@ def shard_overheads(log_text: str) -> list[float]:
 # -- memory, resume, plan ------------------------------------------------------------------------
 def worker_peak_rss(corpus: str, rows_per_shard: int) -> tuple[float, int]:
     """Peak RSS (MiB) of a fresh model replica after running one shard of ``rows_per_shard``."""
-    import ray
-
-    from airflow_batch_provider.core import ray_exec
-    from airflow_batch_provider.core.commit import new_attempt
-    from airflow_batch_provider.core.jobs import plan_job
+    from airflow_batch_provider.core import api
 
     sink = f"{WORK}/rss-{rows_per_shard}"
     shutil.rmtree(sink, ignore_errors=True)
-    spec = bench_spec(corpus, sink, rows_per_shard)
-    ray_exec.connect()
-    ray_exec.kill_workers(spec)
-    shard = plan_job(spec).pending[0]
-    _, ref = ray_exec.submit(spec, [shard], new_attempt())
-    result = ray.get(ref)[0]
+    spec = bench_spec(corpus, sink, rows_per_shard).core()
+    api.connect()
+    pool = api.ReplicaPool(spec)
+    pool.shutdown()
+    shard = api.plan(spec).pending[0]
+    result = pool.result(pool.submit([shard], api.new_attempt()))[0]
     status = open(f"/proc/{result['worker_pid']}/status").read()
     peak_kib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
-    ray_exec.kill_workers(spec)
+    pool.shutdown()
     return peak_kib / 1024, result["rows_in"]
 
 
 def resume_cost(corpus: str, sink: str) -> tuple[float, int, int]:
     """Uncommit half the shards, rerun the DAG: wall time, rows computed, committed rows recomputed."""
     from airflow_batch_provider import BatchSpec
-    from airflow_batch_provider.core.commit import JobStorage
-    from airflow_batch_provider.core.jobs import load_plan
+    from airflow_batch_provider.core.domain.jobs import load_plan
+    from airflow_batch_provider.core.domain.layout import JobStorage
 
     spec = BatchSpec(source=f"{corpus}/*.jsonl", sink=sink, predictor=PREDICTOR, predictor_kwargs=KWARGS,
                      rows_per_shard=ROWS_PER_SHARD)
@@ -339,9 +334,9 @@ def resume_cost(corpus: str, sink: str) -> tuple[float, int, int]:
 def plan_time_10k() -> tuple[float, int, float]:
     """Plan over a sink holding PLAN_SHARDS committed shards (one row each), on local disk."""
     from airflow_batch_provider import BatchSpec
-    from airflow_batch_provider.core.commit import new_attempt
-    from airflow_batch_provider.core.jobs import plan_job
-    from airflow_batch_provider.core.runner import ShardRunner
+    from airflow_batch_provider.core.domain.commit import new_attempt
+    from airflow_batch_provider.core.domain.jobs import plan_job
+    from airflow_batch_provider.core.execution.runner import ShardRunner
 
     src = f"{WORK}/plan10k/in"
     os.makedirs(src, exist_ok=True)

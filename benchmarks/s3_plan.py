@@ -27,9 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from airflow_batch_provider import BatchSpec  # noqa: E402
-from airflow_batch_provider.core.commit import SENTINEL_SCHEMA_VERSION, JobStorage  # noqa: E402
-from airflow_batch_provider.core.jobs import plan_job  # noqa: E402
-from airflow_batch_provider.core.storage import split_s3_url  # noqa: E402
+from airflow_batch_provider.core.domain.commit import SENTINEL_SCHEMA_VERSION  # noqa: E402
+from airflow_batch_provider.core.domain.jobs import plan_job  # noqa: E402
+from airflow_batch_provider.core.domain.layout import JobStorage  # noqa: E402
+from airflow_batch_provider.core.stores.urls import split_s3_url  # noqa: E402
 from tests.s3_server import RequestCounter, S3Server, store_clients  # noqa: E402
 
 
@@ -69,8 +70,8 @@ def populate(server: S3Server, spec: BatchSpec, storage: JobStorage, threads: in
 COLD = """
 import json, sys, time
 from airflow_batch_provider import BatchSpec
-from airflow_batch_provider.core.commit import JobStorage
-from airflow_batch_provider.core.jobs import plan_job
+from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.domain.jobs import plan_job
 spec, options = BatchSpec.from_dict(json.loads(sys.argv[1])), json.loads(sys.argv[2])
 started = time.perf_counter()
 job = plan_job(spec, JobStorage.for_spec(spec, options))

@@ -60,7 +60,7 @@ def local_ray():
     """A local Ray (2 CPUs) in this process for the module's tests, in the provider's namespace."""
     import ray
 
-    from airflow_batch_provider.core.ray_exec import NAMESPACE
+    from airflow_batch_provider.core.ray.connection import NAMESPACE
 
     ray.init(num_cpus=2, namespace=NAMESPACE, logging_level="ERROR", include_dashboard=False)
     yield

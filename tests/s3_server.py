@@ -293,7 +293,7 @@ def store_clients(*stores: Any) -> list[Any]:
         client = getattr(store, "client", None)
         if client is not None:
             clients[id(client)] = client
-        fs = getattr(store, "fs", None)
+        fs = getattr(store, "_fs", None)  # the store keeps its fsspec filesystem to itself
         if fs is not None and hasattr(fs, "connect"):
             if getattr(fs, "_s3", None) is None:
                 fs.connect()

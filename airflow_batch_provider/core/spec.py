@@ -17,12 +17,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_batch_provider.exceptions import BatchSpecError
+from airflow_batch_provider.core.errors import BatchSpecError
 
+#: File formats and the extensions that name them; the first one is what a sink part is
+#: written with. Format inference, directory scans and part names all read this table.
+FORMAT_EXTENSIONS = {"jsonl": (".jsonl", ".ndjson", ".json"), "parquet": (".parquet", ".pq")}
 SOURCE_FORMATS = ("jsonl", "parquet")
 SINK_FORMATS = ("parquet", "jsonl")
 BATCH_FORMATS = ("numpy", "pandas", "pyarrow")
-_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 #: Fields whose values change the rows a job writes; everything else only changes speed.
 FINGERPRINT_FIELDS = ("predictor", "predictor_kwargs", "source_format", "sink_format", "batch_format", "columns")
@@ -37,10 +39,15 @@ DEFAULT_ROWS_PER_SHARD = 10_000
 def infer_format(path: str) -> str | None:
     """Format implied by a path's extension (globs included), or None when it says nothing."""
     lowered = path.lower().rstrip("/")
-    for ext, fmt in _EXTENSIONS.items():
-        if lowered.endswith(ext):
+    for fmt, extensions in FORMAT_EXTENSIONS.items():
+        if lowered.endswith(extensions):
             return fmt
     return None
+
+
+def file_extension(file_format: str) -> str:
+    """The extension a file of ``file_format`` is written with (``.parquet``, ``.jsonl``)."""
+    return FORMAT_EXTENSIONS[file_format][0]
 
 
 @dataclass(frozen=True)
@@ -67,8 +74,9 @@ class BatchSpec:
     :param resume: reuse committed shards (default). False deletes this job's earlier output
         in the sink (our part files, sentinels and manifest only) and starts over.
     :param max_retries: Ray retries of a shard whose worker process died.
-    :param storage_conn_id: Airflow connection for S3 credentials (``aws`` type; default
-        ``aws_default``). URLs may name it instead, as ``s3://conn_id@bucket/prefix``.
+
+    Credentials are not part of the spec: the core takes storage options (s3fs style) next
+    to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from.
     """
 
     source: str
@@ -87,13 +95,11 @@ class BatchSpec:
     checkpoint_dir: str | None = None
     resume: bool = True
     max_retries: int = 3
-    storage_conn_id: str | None = None
 
     def __post_init__(self) -> None:
         _require_str(self, "source")
         _require_str(self, "sink")
         _require_str(self, "predictor")
-        self._take_conn_id_from_urls()
         module, sep, cls = self.predictor.partition(":")
         if not sep or not module or not cls or not cls.isidentifier():
             raise BatchSpecError(
@@ -137,37 +143,6 @@ class BatchSpec:
             raise BatchSpecError(f"resume must be true or false, got {self.resume!r}")
         if self.checkpoint_dir is not None:
             _require_str(self, "checkpoint_dir")
-        if self.storage_conn_id is not None:
-            _require_str(self, "storage_conn_id")
-
-    def _take_conn_id_from_urls(self) -> None:
-        """Accept Airflow's ``s3://conn_id@bucket/key``: strip the id, use it as storage_conn_id.
-
-        Paths are kept without it, so what is logged, listed and written never carries
-        connection names into object keys, and one job uses exactly one connection.
-        """
-        from airflow_batch_provider.core.storage import split_conn_id
-
-        found: dict[str, str] = {}
-        for name in ("source", "sink", "checkpoint_dir"):
-            value = getattr(self, name)
-            if not isinstance(value, str):
-                continue
-            url, conn_id = split_conn_id(value)
-            if conn_id:
-                object.__setattr__(self, name, url)
-                found[name] = conn_id
-        ids = set(found.values()) | ({self.storage_conn_id} if self.storage_conn_id and found else set())
-        if len(ids) > 1:
-            named = ", ".join(f"{k}: {v!r}" for k, v in found.items())
-            if self.storage_conn_id:
-                named += f", storage_conn_id: {self.storage_conn_id!r}"
-            raise BatchSpecError(
-                f"the URLs name different connections ({named}); one job reads and writes with one "
-                "aws connection: use the same conn_id everywhere, or drop it from the URLs and set storage_conn_id"
-            )
-        if found and not self.storage_conn_id:
-            object.__setattr__(self, "storage_conn_id", next(iter(ids)))
 
     # -- derived values ---------------------------------------------------------------
     @property
@@ -177,10 +152,6 @@ class BatchSpec:
     @property
     def checkpoint_root(self) -> str:
         return (self.checkpoint_dir or f"{self.sink_root}/_checkpoint").rstrip("/")
-
-    @property
-    def part_extension(self) -> str:
-        return self.sink_format
 
     def fingerprint_inputs(self) -> dict[str, Any]:
         """The values the fingerprint hashes, kept in the checkpoint to explain a mismatch."""

@@ -6,7 +6,7 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from airflow_batch_provider.core.ray_exec import RayTarget, connect
+from airflow_batch_provider.core.api import RayTarget, connect
 
 
 class RayHook(BaseHook):

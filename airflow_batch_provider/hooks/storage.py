@@ -12,8 +12,8 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from airflow_batch_provider.core.spec import BatchSpec
-from airflow_batch_provider.core.storage import is_remote
+from airflow_batch_provider.core.api import needs_credentials
+from airflow_batch_provider.spec import BatchSpec
 
 DEFAULT_AWS_CONN_ID = "aws_default"
 
@@ -63,6 +63,6 @@ class ObjectStorageHook(BaseHook):
 
 def storage_options_for(spec: BatchSpec) -> dict[str, Any] | None:
     """Storage options for the spec's URLs: None when everything is on local disk."""
-    if not any(is_remote(url) for url in (spec.source, spec.sink_root, spec.checkpoint_root)):
+    if not needs_credentials(spec):
         return None
     return ObjectStorageHook(spec.storage_conn_id or DEFAULT_AWS_CONN_ID).storage_options()

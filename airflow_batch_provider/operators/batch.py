@@ -1,41 +1,60 @@
 """The three operators of a batch inference job: plan, shard (mapped), finalize.
 
-They are thin: each turns the templated spec dict back into a ``BatchSpec`` and calls the
-core (``airflow_batch_provider.core``). ``batch_inference()`` in ``task_group.py`` wires
-them into a task group; use them directly only for unusual layouts.
+They are thin: each turns the templated spec dict back into a ``BatchSpec``, resolves the
+storage connection, and calls the core through its one entry point
+(``airflow_batch_provider.core.api``). ``batch_inference()`` in ``task_group.py`` wires them
+into a task group; use them directly only for unusual layouts.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator, conf
-from airflow.sdk.bases.resumablejobmixin import ResumableJobMixin
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk import BaseOperator, ResumableJobMixin, conf
 
-from airflow_batch_provider.core import ray_exec
-from airflow_batch_provider.core.commit import JobStorage, new_attempt
-from airflow_batch_provider.core.jobs import finalize_job, plan_job
-from airflow_batch_provider.core.planning import Shard
-from airflow_batch_provider.core.spec import BatchSpec
-from airflow_batch_provider.exceptions import BatchError
+from airflow_batch_provider.core import api
+from airflow_batch_provider.exceptions import BatchInferenceException
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.hooks.storage import storage_options_for
+from airflow_batch_provider.spec import BatchSpec
 from airflow_batch_provider.triggers.shard import RayShardTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-
-class BatchInferenceException(AirflowException):
-    """A batch inference step failed; the message says which shard/file and what to do."""
+__all__ = ["BatchInferenceException", "BatchShardOperator", "FinalizeBatchOperator", "PlanBatchOperator", "work_units"]
 
 
 def _spec_dict(spec: BatchSpec | dict[str, Any]) -> dict[str, Any]:
     return spec.to_dict() if isinstance(spec, BatchSpec) else dict(spec)
+
+
+def work_units(shards: list[api.Shard], max_tasks: int) -> list[dict[str, Any]]:
+    """One mapped task per shard, or several per task when there are more than ``max_tasks``
+    (Airflow's ``[core] max_map_length``), so that the mapping always fits.
+
+    Each unit is JSON-able (it travels through XCom) and carries the ``label`` the UI shows
+    for the mapped task (``map_index_template``).
+    """
+    if not shards:
+        return []
+    per_unit = math.ceil(len(shards) / max(1, max_tasks))
+    units = []
+    for offset in range(0, len(shards), per_unit):
+        group = shards[offset : offset + per_unit]
+        first, last = group[0].description, group[-1].description
+        label = first if len(group) == 1 else f"{len(group)} shards: {first} .. {last}"
+        units.append({"label": label, "shards": [s.to_dict() for s in group]})
+    return units
+
+
+def attempt_key(ti: Any) -> str:
+    """What every try of one mapped task instance shares: how a retry finds an earlier try's call."""
+    return f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}"
 
 
 class _SpecOperator(BaseOperator):
@@ -51,12 +70,16 @@ class _SpecOperator(BaseOperator):
     def batch_spec(self) -> BatchSpec:
         try:
             return BatchSpec.from_dict(self.spec)
-        except BatchError as err:
+        except api.BatchError as err:
             raise BatchInferenceException(str(err)) from None
 
     @cached_property
-    def job_storage(self) -> JobStorage:
-        return JobStorage.for_spec(self.batch_spec, storage_options_for(self.batch_spec))
+    def core_spec(self) -> api.BatchSpec:
+        return self.batch_spec.core()
+
+    @cached_property
+    def storage_options(self) -> dict[str, Any] | None:
+        return storage_options_for(self.batch_spec)
 
 
 class PlanBatchOperator(_SpecOperator):
@@ -86,14 +109,14 @@ class PlanBatchOperator(_SpecOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         started = time.time()
-        spec = self.batch_spec
+        spec = self.core_spec
         try:
-            job = plan_job(spec, self.job_storage)
-        except BatchError as err:
+            job = api.plan(spec, self.storage_options)
+        except api.BatchError as err:
             raise BatchInferenceException(str(err)) from None
         for note in job.notes:
             self.log.warning("%s", note)
-        units = job.work_units(conf.getint("core", "max_map_length", fallback=1024))
+        units = work_units(job.pending, conf.getint("core", "max_map_length", fallback=1024))
         self.log.info(
             "Plan for %s: %s shards (%s rows), %s already committed, %s to compute in %s mapped tasks; plan %s",
             spec.sink_root,
@@ -120,10 +143,10 @@ class PlanBatchOperator(_SpecOperator):
             self._start_workers(spec, wanted)
         return units
 
-    def _start_workers(self, spec: BatchSpec, wanted: int) -> None:
+    def _start_workers(self, spec: api.BatchSpec, wanted: int) -> None:
         try:
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
-            names = ray_exec.start_workers(spec, wanted)
+            names = api.ReplicaPool(spec).start(wanted)
         except Exception as err:  # an optimisation only: the shard tasks connect and report
             self.log.warning("Could not start Ray workers ahead (%s: %s); the shard tasks will start them", type(err).__name__, err)
             return
@@ -131,12 +154,13 @@ class PlanBatchOperator(_SpecOperator):
 
 
 class BatchShardOperator(ResumableJobMixin, _SpecOperator):
-    """Compute one work unit (usually one shard) on a Ray worker and commit its part.
+    """Compute one work unit (usually one shard) on a Ray model replica and commit its part.
 
-    The Ray call is recorded in ``task_state_store`` (``ResumableJobMixin``): a retry whose
-    Ray work is still running waits for it instead of starting it again, and a retry of a
-    shard that got committed meanwhile returns at once. A try that died between submitting and
-    recording is covered too: its retry asks the model's replicas for work of this task.
+    The Ray call is recorded in ``task_state_store`` (``ResumableJobMixin``, on both paths): a
+    retry whose Ray work is still running waits for it instead of starting it again, and a
+    retry of a shard that got committed meanwhile returns at once. A try that died between
+    submitting and recording is covered too: its retry asks the model's replicas for work of
+    this task instance.
 
     :param spec: the ``BatchSpec`` (or its dict).
     :param work_unit: one item of the plan task's output (``{"label", "shards"}``).
@@ -151,7 +175,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     template_fields: Sequence[str] = ("spec", "work_unit", "ray_conn_id")
     external_id_key = "ray_shard_call"
     ui_color = "#fdf1e8"
-    #: seconds to wait, after submitting, for the Ray worker to report the call as started.
+    #: seconds to wait, after submitting, for the Ray replica to report the call as started.
     start_timeout_s: float = 60.0
 
     def __init__(
@@ -168,44 +192,98 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         self.ray_conn_id = ray_conn_id
         self.deferrable = deferrable
         self.poll_interval = poll_interval
-        self._ref: Any = None
         self._results: list[dict[str, Any]] | None = None
 
     @cached_property
-    def shards(self) -> list[Shard]:
-        return [Shard.from_dict(s) for s in self.work_unit["shards"]]
+    def shards(self) -> list[api.Shard]:
+        return [api.Shard.from_dict(s) for s in self.work_unit["shards"]]
+
+    @cached_property
+    def replicas(self) -> api.ReplicaPool:
+        return api.ReplicaPool(self.core_spec)
+
+    @property
+    def label(self) -> str:
+        return self.work_unit["label"]
 
     def execute(self, context: Context) -> dict[str, Any]:
         started = time.perf_counter()
         RayHook(ray_conn_id=self.ray_conn_id).get_conn()
+        results = self.execute_resumable(context)
+        return self._summarise(results, None if self.deferrable else time.perf_counter() - started)
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume after the trigger fired: validate its event, return the shard summary."""
+        if not isinstance(event, dict) or "status" not in event:
+            raise BatchInferenceException(
+                f"shard(s) {self.label}: the trigger returned no valid event ({event!r}); retrying computes what is not committed"
+            )
+        if event["status"] != "success":
+            raise BatchInferenceException(event.get("message") or f"shard(s) {self.label} failed: {event!r}")
+        results = event.get("results")
+        if not isinstance(results, list):
+            raise BatchInferenceException(f"shard(s) {self.label}: success event without results ({event!r})")
+        self.log.info("Ray work %s finished", event.get("token"))
+        return self._summarise(results)
+
+    # -- ResumableJobMixin ---------------------------------------------------------------
+    def submit_job(self, context: Context) -> dict[str, str]:
+        ti = context["ti"]
+        key = attempt_key(ti)
+        if ti.try_number > 1 and (running := self.replicas.find_running(key)):
+            # An earlier try submitted this work but died before task_state_store held its id.
+            self.log.info("Reconnecting to running Ray work %s of an earlier try (its id was never stored)", running)
+            return running
+        attempt = api.new_attempt(key, try_number=ti.try_number)
+        work = self.replicas.submit(self.shards, attempt, self.storage_options)
+        self.log.info("Shard(s) %s submitted to Ray worker %s (attempt %s)", self.label, work["worker"], work["token"])
+        return work
+
+    def get_job_status(self, external_id: Any, context: Context) -> str:
+        return self.replicas.status(external_id)["state"]
+
+    def is_job_active(self, status: str) -> bool:
+        return status == api.RunState.RUNNING
+
+    def is_job_succeeded(self, status: str) -> bool:
+        return status == api.RunState.SUCCEEDED
+
+    def poll_until_complete(self, external_id: Any, context: Context) -> list[dict[str, Any]]:
+        """Sync: block until the Ray work ends. Deferrable: check once, then defer to the trigger.
+
+        Returns the shard results (``execute_resumable`` hands them on when it reconnected)."""
         if self.deferrable:
-            return self._execute_deferrable(context)
-        self.execute_resumable(context)
-        return self._summarise(self._results or [], time.perf_counter() - started)
+            self._defer_unless_done(external_id, context)
+            return self.get_job_result(external_id, context)
+        while True:
+            try:
+                results = self.replicas.result(external_id)
+            except api.RayWorkError as err:
+                raise BatchInferenceException(f"shard(s) {self.label}: {err}") from None
+            if results is not None:
+                self._results = results
+                return results
+            self.log.warning("Ray work %s is gone (replica restarted?); computing what is not committed", external_id)
+            external_id = self.submit_job(context)
+            if (store := context.get("task_state_store")) is not None:
+                store.set(self.external_id_key, external_id)
+
+    def get_job_result(self, external_id: Any, context: Context) -> list[dict[str, Any]]:
+        if self._results is None:
+            self._results = self.replicas.status(external_id).get("results", [])
+        return self._results
 
     # -- deferrable path -------------------------------------------------------------------
-    def _execute_deferrable(self, context: Context) -> dict[str, Any]:
-        """Submit (or reconnect to) the Ray work, check once, then defer to the trigger."""
-        store = context.get("task_state_store")
-        external_id = store.get(self.external_id_key) if store is not None else None
-        status = self.get_job_status(external_id, context) if external_id else None
-        if status == "SUCCEEDED":
-            self.log.info("Ray work %s already finished; not submitting again", external_id)
-            return self._summarise(self.get_job_result(external_id, context))
-        if status == "RUNNING":
-            self.log.info("Reconnecting to running Ray work %s", external_id)
-        else:
-            if external_id:
-                self.log.warning("Earlier Ray work %s is %s; computing what is not committed", external_id, status)
-            external_id = self.submit_job(context)
-            if store is not None:
-                store.set(self.external_id_key, external_id)
-            status = self._wait_started(external_id, context)
-        if status == "SUCCEEDED":
-            return self._summarise(self.get_job_result(external_id, context))
-        if status == "FAILED":
-            self._raise_failed(external_id)
-        self.log.info("Deferring while Ray computes shard(s) %s (%s)", self.work_unit["label"], external_id)
+    def _defer_unless_done(self, external_id: dict[str, str], context: Context) -> None:
+        """The call was just submitted or found running: return if it has already ended well,
+        raise if it failed, else defer to the trigger while Ray computes."""
+        status = self._wait_started(external_id, context)
+        if status == api.RunState.SUCCEEDED:
+            return
+        if status == api.RunState.FAILED:
+            outcome = self.replicas.status(external_id)
+            raise BatchInferenceException(f"shard(s) {self.label} failed on Ray: {outcome.get('error')}")
+        self.log.info("Deferring while Ray computes shard(s) %s (%s)", self.label, external_id)
         self.defer(
             trigger=RayShardTrigger(
                 worker=external_id["worker"],
@@ -213,7 +291,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
                 spec=self.spec,
                 shards=self.work_unit["shards"],
                 ray_conn_id=self.ray_conn_id,
-                label=self.work_unit["label"],
+                label=self.label,
                 poll_interval=self.poll_interval,
             ),
             method_name="execute_complete",
@@ -221,84 +299,13 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         )
 
     def _wait_started(self, external_id: dict[str, str], context: Context) -> str:
-        """The submitted call is queued on the actor; wait until the actor reports it (or its end)."""
+        """A submitted call is queued on the actor; wait until the actor reports it (or its end)."""
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             status = self.get_job_status(external_id, context)
-            if status != "UNKNOWN" or time.monotonic() > deadline:
+            if status != api.RunState.UNKNOWN or time.monotonic() > deadline:
                 return status
             time.sleep(0.2)
-
-    def _raise_failed(self, external_id: dict[str, str]) -> None:
-        outcome = ray_exec.work_status(external_id["worker"], external_id["token"])
-        raise BatchInferenceException(f"shard(s) {self.work_unit['label']} failed on Ray: {outcome.get('error')}")
-
-    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Resume after the trigger fired: validate its event, return the shard summary."""
-        if not isinstance(event, dict) or "status" not in event:
-            raise BatchInferenceException(
-                f"shard(s) {self.work_unit['label']}: the trigger returned no valid event ({event!r}); retrying computes what is not committed"
-            )
-        if event["status"] != "success":
-            raise BatchInferenceException(event.get("message") or f"shard(s) {self.work_unit['label']} failed: {event!r}")
-        results = event.get("results")
-        if not isinstance(results, list):
-            raise BatchInferenceException(f"shard(s) {self.work_unit['label']}: success event without results ({event!r})")
-        self.log.info("Ray work %s finished", event.get("token"))
-        return self._summarise(results)
-
-    # -- ResumableJobMixin ---------------------------------------------------------------
-    def submit_job(self, context: Context) -> dict[str, str]:
-        ti = context["ti"]
-        task_key = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "map_index": ti.map_index}
-        spec = self.batch_spec
-        if ti.try_number > 1 and (running := ray_exec.find_running_work(spec, task_key)):
-            # An earlier try submitted this work but died before task_state_store held its id.
-            self.log.info("Reconnecting to running Ray work %s of an earlier try (its id was never stored)", running)
-            self._ref = None
-            return running
-        attempt = new_attempt(**task_key, try_number=ti.try_number)
-        worker, self._ref = ray_exec.submit(spec, self.shards, attempt, storage_options_for(spec))
-        self.log.info("Shard(s) %s submitted to Ray worker %s (attempt %s)", self.work_unit["label"], worker, attempt["token"])
-        return {"worker": worker, "token": attempt["token"]}
-
-    def get_job_status(self, external_id: Any, context: Context) -> str:
-        return ray_exec.work_status(external_id["worker"], external_id["token"])["state"]
-
-    def is_job_active(self, status: str) -> bool:
-        return status == "RUNNING"
-
-    def is_job_succeeded(self, status: str) -> bool:
-        return status == "SUCCEEDED"
-
-    def poll_until_complete(self, external_id: Any, context: Context) -> None:
-        if self._ref is not None:
-            try:
-                self._results = ray_exec.ray.get(self._ref)
-            except Exception as err:
-                raise BatchInferenceException(_ray_error_message(err, self.work_unit["label"])) from None
-            return
-        self.log.info("Reconnected to running Ray work %s; waiting for it", external_id)
-        handle = ray_exec.find_worker(external_id["worker"])
-        while handle is not None:
-            outcome = ray_exec.ray.get(handle.wait.remote(external_id["token"], 30.0))
-            if outcome["state"] == "RUNNING":
-                continue
-            if outcome["state"] == "SUCCEEDED":
-                self._results = outcome["results"]
-                return
-            if outcome["state"] == "FAILED":
-                raise BatchInferenceException(f"shard(s) {self.work_unit['label']} failed on Ray: {outcome['error']}")
-            break
-        self.log.warning("Ray work %s is gone (worker restarted?); computing what is not committed", external_id)
-        self.submit_job(context)
-        self.poll_until_complete(external_id, context)
-
-    def get_job_result(self, external_id: Any, context: Context) -> Any:
-        if self._results is None:
-            outcome = ray_exec.work_status(external_id["worker"], external_id["token"])
-            self._results = outcome.get("results", [])
-        return self._results
 
     def _summarise(self, results: list[dict[str, Any]], task_seconds: float | None = None) -> dict[str, Any]:
         """Log each shard's figures; ``task_seconds`` (sync path only) also gives the overhead."""
@@ -349,8 +356,8 @@ class FinalizeBatchOperator(_SpecOperator):
             summary = context["ti"].xcom_pull(task_ids=self.plan_task_id, key="summary") or {}
         elapsed = time.time() - summary["started_at"] if "started_at" in summary else None
         try:
-            manifest = finalize_job(self.batch_spec, self.job_storage, elapsed_seconds=elapsed)
-        except BatchError as err:
+            manifest = api.finalize(self.core_spec, self.storage_options, elapsed_seconds=elapsed)
+        except api.BatchError as err:
             raise BatchInferenceException(str(err)) from None
         result = {k: manifest[k] for k in ("shards", "rows_in", "rows_out", "bytes", "sink", "spec_fingerprint")}
         result["computed_this_run"] = summary.get("pending")
@@ -359,19 +366,12 @@ class FinalizeBatchOperator(_SpecOperator):
             result["rows_per_second"] = summary["pending_rows"] / elapsed
         self.log.info(
             "Batch complete: %s shards, %s rows in, %s rows out, %s bytes in %s (%s computed this run)",
-            result["shards"], result["rows_in"], result["rows_out"], result["bytes"], self.batch_spec.sink_root, summary.get("pending"),
+            result["shards"], result["rows_in"], result["rows_out"], result["bytes"], self.core_spec.sink_root, summary.get("pending"),
         )
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = {k: v for k, v in result.items() if v is not None}
         if self.release_workers and summary.get("pending"):
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
-            released = ray_exec.kill_workers(self.batch_spec)
+            released = api.ReplicaPool(self.core_spec).shutdown()
             self.log.info("Released %s Ray worker(s) of this model", released)
         return result
-
-
-def _ray_error_message(err: Exception, label: str) -> str:
-    cause = getattr(err, "cause", None)
-    if isinstance(cause, BatchError):
-        return f"shard(s) {label}: {cause}"
-    return f"shard(s) {label} failed on Ray: {type(cause or err).__name__}: {cause or err}"

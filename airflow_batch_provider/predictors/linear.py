@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from airflow_batch_provider.exceptions import PredictorError
+from airflow_batch_provider.core.errors import PredictorError
 
 LINKS = ("identity", "logistic")
 

@@ -1,14 +1,16 @@
 """The trigger of a deferred shard task: polls its Ray work from the triggerer.
 
 While Ray computes a shard, the deferred task holds no worker slot; this trigger asks the
-Ray worker actor (``ShardWorker.status``) how the call with the task's attempt token is
-doing, every ``poll_interval`` seconds, with every blocking Ray call in a thread
-(``asyncio.to_thread``) so the triggerer's event loop never blocks.
+model replica (through the core's ``ReplicaPool.status``) how the call with the task's
+attempt token is doing, every ``poll_interval`` seconds, with every blocking call in a
+thread (``asyncio.to_thread``) so the triggerer's event loop never blocks.
 
-When the worker is gone (its actor was killed, or its idle timeout ended it, or Ray lost
-its result), the sink decides: if every shard of the work unit has a commit sentinel the
-work is done (its results are rebuilt from the sentinels); otherwise the trigger reports a
-failure and the task's retry computes what is not committed.
+When the replica is gone (its actor was killed, or its idle timeout ended it, or Ray lost
+its result), the sink decides: if every shard of the work unit is committed with its part
+in place the work is done (its results are rebuilt from the sentinels); otherwise the
+trigger reports a failure and the task's retry computes what is not committed. The trigger
+only reads: it never publishes, quarantines or deletes anything in the sink; writes happen
+in task processes.
 
 Secrets never travel in the trigger's kwargs (they are stored in Airflow's database): it
 carries the ``ray`` connection id and reads address and token in the triggerer.
@@ -22,19 +24,19 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_batch_provider.core import api
 from airflow_batch_provider.hooks.ray import RayHook
-
-#: States of ``ShardWorker.status``.
-RUNNING, SUCCEEDED, FAILED, UNKNOWN, LOST = "RUNNING", "SUCCEEDED", "FAILED", "UNKNOWN", "LOST"
+from airflow_batch_provider.hooks.storage import storage_options_for
+from airflow_batch_provider.spec import BatchSpec
 
 
 class RayShardTrigger(BaseTrigger):
-    """Wait for one shard task's Ray work (a ``ShardWorker.run_shards`` call) to finish.
+    """Wait for one shard task's Ray work (a ``Replica.run_shards`` call) to finish.
 
     Yields one event: ``{"status": "success", "results": [...], "worker", "token"}`` with the
     per-shard results, or ``{"status": "error", "message": ..., "worker", "token"}``.
 
-    :param worker: name of the Ray ``ShardWorker`` actor running the work.
+    :param worker: name of the Ray model replica running the work.
     :param token: the attempt token the work was submitted with.
     :param spec: the ``BatchSpec`` dict (to check the sink when the worker is gone).
     :param shards: the work unit's shard dicts.
@@ -83,34 +85,31 @@ class RayShardTrigger(BaseTrigger):
             while True:
                 outcome = await asyncio.to_thread(self._status)
                 state = outcome.get("state")
-                if state == RUNNING:
+                if state == api.RunState.RUNNING:
                     self.log.debug("Ray work %s of shard(s) %s still running", self.token, self.label)
                     await asyncio.sleep(self.poll_interval)
                     continue
-                if state == SUCCEEDED:
+                if state == api.RunState.SUCCEEDED:
                     yield self._event("success", results=outcome.get("results", []))
-                elif state == FAILED:
+                elif state == api.RunState.FAILED:
                     yield self._event("error", message=f"shard(s) {self.label} failed on Ray: {outcome.get('error')}")
                 else:
-                    yield await self._from_sink(state or UNKNOWN)
+                    yield await self._from_sink(str(state or api.RunState.UNKNOWN))
                 return
         except Exception as err:  # report it as an event: the task fails (and retries) with this message
             yield self._event("error", message=f"shard(s) {self.label}: polling Ray failed: {type(err).__name__}: {err}")
 
     # -- helpers (blocking ones run in a thread) -----------------------------------------
-    async def _connect(self) -> None:
-        from airflow_batch_provider.core import ray_exec
+    def _spec(self) -> BatchSpec:
+        return BatchSpec.from_dict(self.spec)
 
+    async def _connect(self) -> None:
         target = await RayHook(ray_conn_id=self.ray_conn_id).aget_target()
-        await asyncio.to_thread(ray_exec.connect, target)
+        await asyncio.to_thread(api.connect, target)
 
     def _status(self) -> dict[str, Any]:
-        from airflow_batch_provider.core import ray_exec
-
-        try:
-            return ray_exec.work_status(self.worker, self.token, timeout=60)
-        except ray_exec.ray.exceptions.RayActorError:
-            return {"state": LOST}
+        pool = api.ReplicaPool(self._spec().core())
+        return pool.status({"worker": self.worker, "token": self.token}, timeout=60)
 
     async def _from_sink(self, state: str) -> TriggerEvent:
         committed = await asyncio.to_thread(self._committed_results)
@@ -126,21 +125,9 @@ class RayShardTrigger(BaseTrigger):
         )
 
     def _committed_results(self) -> list[dict[str, Any]] | None:
-        from airflow_batch_provider.core.commit import JobStorage, check_shard
-        from airflow_batch_provider.core.planning import Shard
-        from airflow_batch_provider.core.runner import ShardResult
-        from airflow_batch_provider.core.spec import BatchSpec
-        from airflow_batch_provider.hooks.storage import storage_options_for
-
-        spec = BatchSpec.from_dict(self.spec)
-        storage = JobStorage.for_spec(spec, storage_options_for(spec))
-        results = []
-        for raw in self.shards:
-            check = check_shard(storage, Shard.from_dict(raw))
-            if not check.committed:
-                return None
-            results.append(ShardResult.skipped(raw["shard_id"], check.sentinel, note="committed while its Ray worker went away").to_dict())
-        return results
+        spec = self._spec()
+        shards = [api.Shard.from_dict(raw) for raw in self.shards]
+        return api.committed_results(spec.core(), storage_options_for(spec), shards)
 
     def _event(self, status: str, **payload: Any) -> TriggerEvent:
         return TriggerEvent({"status": status, "worker": self.worker, "token": self.token, **payload})

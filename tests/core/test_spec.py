@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from airflow_batch_provider import BatchSpec
-from airflow_batch_provider.exceptions import BatchSpecError
+from airflow_batch_provider.core.errors import BatchSpecError
+from airflow_batch_provider.core.spec import BatchSpec
 
 BASE = {"source": "/data/in/*.jsonl", "sink": "/data/out", "predictor": "pkg.mod:Model"}
 
@@ -72,3 +72,13 @@ def test_round_trip_through_dict():
 def test_unknown_field_in_dict():
     with pytest.raises(BatchSpecError, match="unknown BatchSpec field"):
         BatchSpec.from_dict({**BASE, "shard_size": 5})
+
+
+def test_one_format_table_for_inference_scans_and_part_names():
+    from airflow_batch_provider.core.domain.layout import is_part_name, part_name
+
+    assert BatchSpec(source="/in/x.json", sink="/o", predictor="m:C").source_format == "jsonl"
+    assert BatchSpec(source="/in/*.ndjson", sink="/o", predictor="m:C").source_format == "jsonl"
+    assert BatchSpec(source="/in/x.pq", sink="/o", predictor="m:C").source_format == "parquet"
+    assert part_name("abc", "parquet") == "part-abc.parquet" and part_name("abc", "jsonl") == "part-abc.jsonl"
+    assert is_part_name("part-abc.jsonl") and not is_part_name("part-abc.json") and not is_part_name("_SUCCESS")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from airflow_batch_provider import BatchSpec
-from airflow_batch_provider.exceptions import PredictorError
+from airflow_batch_provider.core.errors import PredictorError
 from airflow_batch_provider.hooks.storage import storage_options_for
 from airflow_batch_provider.predictors.linear import LinearModel
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from airflow_batch_provider.operators import batch as batch_mod
-from airflow_batch_provider.operators.batch import PlanBatchOperator
+from airflow_batch_provider.operators.batch import PlanBatchOperator, work_units
 from airflow_batch_provider.task_group import batch_inference
 
 
@@ -23,7 +23,7 @@ class FakeTI:
 def started(monkeypatch):
     calls: list[tuple[str, int]] = []
     monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: calls.append(("connect", 0)))
-    monkeypatch.setattr(batch_mod.ray_exec, "start_workers", lambda spec, wanted: calls.append(("start", wanted)) or ["abp-x-0"])
+    monkeypatch.setattr(batch_mod.api.ReplicaPool, "start", lambda pool, wanted: calls.append(("start", wanted)) or ["abp-x-0"])
     return calls
 
 
@@ -82,3 +82,16 @@ def test_batch_inference_starts_no_more_replicas_than_shards_can_run(caps, ahead
         group = batch_inference(spec, ray_conn_id="ray_gpu", **caps)
     plan_task = group.children["batch_inference.plan"]
     assert plan_task.ray_conn_id == "ray_gpu" and plan_task.start_workers == ahead
+
+
+def test_more_shards_than_max_map_length_share_tasks(tmp_path, jsonl_source):
+    from airflow_batch_provider.core.api import BatchSpec, plan
+
+    spec = BatchSpec(source=jsonl_source, sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+                     source_format="jsonl", rows_per_shard=3)  # 127 shards
+    pending = plan(spec).pending
+    units = work_units(pending, max_tasks=50)
+    assert len(units) <= 50
+    assert sorted(s["shard_id"] for u in units for s in u["shards"]) == sorted(s.shard_id for s in pending)
+    assert "shards:" in units[0]["label"]
+    assert [u["label"] for u in work_units(pending[:2], 50)] == [s.description for s in pending[:2]]

@@ -8,13 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from airflow_batch_provider import BatchSpec
-from airflow_batch_provider.core import ray_exec
-from airflow_batch_provider.core.commit import new_attempt
-from airflow_batch_provider.core.jobs import plan_job
-from airflow_batch_provider.core.planning import Shard
+from airflow_batch_provider.core.api import BatchSpec, ReplicaPool, Shard, new_attempt, plan
 from airflow_batch_provider.operators import batch as batch_mod
-from airflow_batch_provider.operators.batch import BatchShardOperator
+from airflow_batch_provider.operators.batch import BatchShardOperator, attempt_key
 
 
 class Store(dict):
@@ -28,9 +24,9 @@ def job(local_ray, jsonl_source, tmp_path, monkeypatch):
     calls = tmp_path / "calls.log"
     spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
                      predictor_kwargs={"sleep_s": 1.0, "calls_log": str(calls)}, batch_size=5, rows_per_shard=10, num_cpus=1, num_workers=2)
-    unit = {"label": "first shard", "shards": [plan_job(spec).pending[0].to_dict()]}
+    unit = {"label": "first shard", "shards": [plan(spec).pending[0].to_dict()]}
     yield SimpleNamespace(spec=spec, unit=unit, calls=calls)
-    ray_exec.kill_workers(spec)
+    ReplicaPool(spec).shutdown()
 
 
 def context(try_number: int, store: Store):
@@ -47,9 +43,10 @@ def row_calls(calls_log) -> collections.Counter:
 
 def test_retry_reconnects_to_work_whose_id_was_never_stored(job, capsys):
     # Try 1 submitted its shard to Ray and died before task_state_store.set.
-    first = new_attempt(dag_id="d", run_id="r", task_id="batch.shard", map_index=0, try_number=1)
-    worker, _ = ray_exec.submit(job.spec, [Shard.from_dict(job.unit["shards"][0])], first)
-    while ray_exec.work_status(worker, first["token"]).get("queued"):
+    first = new_attempt(attempt_key(context(1, Store())["ti"]), try_number=1)
+    pool = ReplicaPool(job.spec)
+    work = pool.submit([Shard.from_dict(job.unit["shards"][0])], first)
+    while pool.status(work).get("queued"):
         pass
 
     store = Store()
@@ -57,7 +54,7 @@ def test_retry_reconnects_to_work_whose_id_was_never_stored(job, capsys):
     summary = task.execute(context(2, store))
 
     assert "Reconnecting to running Ray work" in capsys.readouterr().out
-    assert store[BatchShardOperator.external_id_key] == {"worker": worker, "token": first["token"]}
+    assert store[BatchShardOperator.external_id_key] == {"worker": work["worker"], "token": first["token"]}
     assert summary["computed"] == 1 and summary["rows_out"] == 10
     assert sorted(row_calls(job.calls).items()) == [(i, 1) for i in range(10)]  # each row computed once
 
@@ -67,7 +64,39 @@ def test_retry_with_nothing_running_submits_and_a_first_try_asks_nobody(job, mon
     task = BatchShardOperator(task_id="batch.shard", spec=job.spec.to_dict(), work_unit=job.unit, deferrable=False)
     assert task.execute(context(2, store))["computed"] == 1  # nothing of an earlier try on Ray: computed now
 
-    monkeypatch.setattr(ray_exec, "find_running_work", lambda *a, **k: pytest.fail("a first try asked the replicas"))
+    monkeypatch.setattr(ReplicaPool, "find_running", lambda *a, **k: pytest.fail("a first try asked the replicas"))
     again = BatchShardOperator(task_id="batch.shard", spec=job.spec.to_dict(), work_unit=job.unit, deferrable=False)
     assert again.execute(context(1, Store()))["computed"] == 0  # committed by the run above
     assert sorted(row_calls(job.calls).items()) == [(i, 1) for i in range(10)]
+
+
+def test_work_lost_while_waiting_is_resubmitted_and_the_new_call_recorded(monkeypatch):
+    """Sync path: the reconnected call vanishes (its replica restarted); the task submits again,
+    records the new call in task_state_store and waits for that one, not the old."""
+    unit = {"label": "s0", "shards": []}
+    task = BatchShardOperator(task_id="batch.shard", spec={"source": "/in/a.jsonl", "sink": "/out", "predictor": "m:C"},
+                              work_unit=unit, deferrable=False)
+    waited: list[str] = []
+    result = {"shard_id": "s0", "status": "computed", "rows_in": 1, "rows_out": 1, "bytes": 1, "seconds": 1.0, "model_seconds": 1.0}
+
+    class Pool:
+        def status(self, work):
+            return {"state": "RUNNING"}
+
+        def result(self, work):
+            waited.append(work["token"])
+            return None if work["token"] == "old" else [result]
+
+        def find_running(self, key):
+            return None
+
+        def submit(self, shards, attempt, options):
+            return {"worker": "w2", "token": "new"}
+
+    monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
+    task.__dict__["replicas"] = Pool()
+    store = Store({BatchShardOperator.external_id_key: {"worker": "w1", "token": "old"}})
+    summary = task.execute(context(2, store))
+    assert waited == ["old", "new"]
+    assert store[BatchShardOperator.external_id_key] == {"worker": "w2", "token": "new"}
+    assert summary["computed"] == 1

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from airflow_batch_provider.core import ray_exec
+from airflow_batch_provider.core import api
+from airflow_batch_provider.core.ray import pool as pool_mod
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.triggers import shard as shard_mod
 from airflow_batch_provider.triggers.shard import RayShardTrigger
@@ -52,7 +53,7 @@ def fake_ray(monkeypatch):
     state: dict[str, Any] = {"handle": None, "connected": 0, "threads": set()}
 
     async def aget_target(self):
-        return ray_exec.RayTarget(address="1.2.3.4:6379", token="secret")
+        return api.RayTarget(address="1.2.3.4:6379", token="secret")
 
     def connect(target):
         state["connected"] += 1
@@ -65,9 +66,9 @@ def fake_ray(monkeypatch):
         return ref
 
     monkeypatch.setattr(RayHook, "aget_target", aget_target)
-    monkeypatch.setattr(ray_exec, "connect", connect)
-    monkeypatch.setattr(ray_exec, "find_worker", lambda name: state["handle"])
-    monkeypatch.setattr(ray_exec.ray, "get", get)
+    monkeypatch.setattr(api, "connect", connect)
+    monkeypatch.setattr(pool_mod, "find_replica", lambda name: state["handle"])
+    monkeypatch.setattr(pool_mod.ray, "get", get)
     return state
 
 
@@ -115,9 +116,10 @@ def test_worker_gone_and_shard_missing_is_error(fake_ray, monkeypatch):
 
 def test_committed_results_reads_real_sentinels(tmp_path):
     """The sink check on real files: plan + run one shard, then ask the trigger."""
-    from airflow_batch_provider.core.commit import JobStorage, new_attempt
-    from airflow_batch_provider.core.jobs import plan_job
-    from airflow_batch_provider.core.runner import ShardRunner
+    from airflow_batch_provider.core.domain.commit import new_attempt
+    from airflow_batch_provider.core.domain.jobs import plan_job
+    from airflow_batch_provider.core.domain.layout import JobStorage
+    from airflow_batch_provider.core.execution.runner import ShardRunner
     from airflow_batch_provider.core.spec import BatchSpec
 
     src = tmp_path / "in"
@@ -141,3 +143,36 @@ def test_module_is_listed_in_provider_info():
 
     modules = [m for t in get_provider_info()["triggers"] for m in t["python-modules"]]
     assert shard_mod.__name__ in modules
+
+
+def test_committed_results_only_reads_the_sink(tmp_path):
+    """A commit whose part is not yet published is not rolled forward by the triggerer: it
+    counts as not committed, and the sink is left exactly as it was (the shard task heals it)."""
+    import os
+
+    from airflow_batch_provider.core.domain.commit import check_shard, commit_shard, new_attempt
+    from airflow_batch_provider.core.domain.jobs import plan_job
+    from airflow_batch_provider.core.domain.layout import JobStorage
+    from airflow_batch_provider.core.spec import BatchSpec
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in range(3)))
+    spec = BatchSpec(source=str(src / "*.jsonl"), sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler")
+    storage = JobStorage.for_spec(spec)
+    shard = plan_job(spec, storage).pending[0]
+    staged = storage.sink.open_staged(storage.part_path(shard.shard_id))
+    staged.stream.write(b"{}\n")
+    staged.finish()
+    staged.publish = lambda: True  # the process "dies" between its commit and its publish
+    commit_shard(storage, shard, staged, rows_in=3, rows_out=3, lines=3, attempt=new_attempt())
+
+    def snapshot():
+        return sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, files in os.walk(tmp_path) for f in files)
+
+    before = snapshot()
+    trigger = make(spec=spec.to_dict(), shards=[shard.to_dict()])
+    assert trigger._committed_results() is None
+    assert snapshot() == before  # nothing published, quarantined or deleted
+    assert check_shard(storage, shard).committed  # a task process rolls it forward
+    assert trigger._committed_results()[0]["rows_in"] == 3

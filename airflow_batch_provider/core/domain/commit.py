@@ -28,62 +28,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_batch_provider.core.planning import Shard
+from airflow_batch_provider.core import failpoints
+from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.errors import StaleCheckpointError
 from airflow_batch_provider.core.spec import BatchSpec, describe_fingerprint_change
-from airflow_batch_provider.core.storage import StagedPart, Store, store_for
-from airflow_batch_provider.exceptions import StaleCheckpointError
+from airflow_batch_provider.core.stores import StagedPart
 
 log = logging.getLogger(__name__)
 
 SENTINEL_SCHEMA_VERSION = 1
-SENTINEL_DIR = "shards"
-QUARANTINE_DIR = "quarantine"
-MANIFEST_NAME = "_SUCCESS"
-PLAN_NAME = "plan.json"
-
-
-@dataclass
-class JobStorage:
-    """The stores and paths of one job: its sink and its checkpoint directory."""
-
-    spec: BatchSpec
-    source: Store
-    sink: Store
-    checkpoint: Store
-
-    @classmethod
-    def for_spec(cls, spec: BatchSpec, storage_options: dict[str, Any] | None = None) -> JobStorage:
-        return cls(
-            spec,
-            store_for(spec.source, storage_options),
-            store_for(spec.sink_root, storage_options),
-            store_for(spec.checkpoint_root, storage_options),
-        )
-
-    def part_name(self, shard_id: str) -> str:
-        return f"part-{shard_id}.{self.spec.part_extension}"
-
-    def part_path(self, shard_id: str) -> str:
-        return f"{self.spec.sink_root}/{self.part_name(shard_id)}"
-
-    @property
-    def sentinel_dir(self) -> str:
-        return f"{self.spec.checkpoint_root}/{SENTINEL_DIR}"
-
-    def sentinel_path(self, shard_id: str) -> str:
-        return f"{self.sentinel_dir}/{shard_id}.json"
-
-    @property
-    def plan_path(self) -> str:
-        return f"{self.spec.checkpoint_root}/{PLAN_NAME}"
-
-    @property
-    def manifest_path(self) -> str:
-        return f"{self.spec.sink_root}/{MANIFEST_NAME}"
-
-    def committed_ids(self) -> set[str]:
-        """Shard ids with a sentinel: one (paginated) listing of the sentinel directory."""
-        return {name[: -len(".json")] for name in self.checkpoint.list_files(self.sentinel_dir) if name.endswith(".json")}
 
 
 @dataclass
@@ -99,8 +53,22 @@ class InvalidSentinel(Exception):
     """A sentinel that cannot be trusted (corrupt, unknown schema, wrong shard)."""
 
 
-def new_attempt(**details: Any) -> dict[str, Any]:
-    return {"token": uuid.uuid4().hex, **details}
+def new_attempt(key: str = "", **details: Any) -> dict[str, Any]:
+    """A new attempt at some shards: a unique ``token`` (names its Ray call and is recorded in
+    the sentinel it commits) and the caller's opaque ``key``, shared by every retry of one
+    unit of work (so a retry can find what an earlier try left running)."""
+    return {"token": uuid.uuid4().hex, "key": key, **details}
+
+
+def different_spec_error(spec: BatchSpec, recorded: dict[str, Any], what: str) -> StaleCheckpointError:
+    """The one message for work of another spec found in the sink (never reused silently).
+
+    ``what`` says where it was found, e.g. ``"<sentinel> was committed by"``."""
+    changed = describe_fingerprint_change(recorded, spec.fingerprint_inputs())
+    return StaleCheckpointError(
+        f"{what} a different spec ({changed}). Refusing to mix outputs of two specs in {spec.sink_root}: "
+        "write to a new sink, or set resume=False to delete this job's earlier output and start fresh."
+    )
 
 
 def parse_sentinel(raw: bytes, where: str, shard_id: str) -> dict[str, Any]:
@@ -121,49 +89,73 @@ def parse_sentinel(raw: bytes, where: str, shard_id: str) -> dict[str, Any]:
 
 
 def check_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
-    """Is this shard committed, with its part in place? Heals what it safely can.
+    """Is this shard committed, with its part in place? Heals what it safely can: rolls a
+    commit whose part was never published forward, quarantines a sentinel it cannot trust.
 
     Raises StaleCheckpointError when the shard was committed by a different spec.
     """
+    sentinel, invalid = _read_sentinel(storage, shard)
+    if invalid:
+        return ShardCheck(committed=False, note=quarantine(storage, shard.shard_id, invalid))
+    if sentinel is None:
+        return ShardCheck(committed=False)
+    part = storage.part_path(shard.shard_id)
+    size = storage.sink.size(part)
+    if size is None and sentinel.get("staged"):
+        storage.sink.staged_from(sentinel["staged"]).publish()  # roll forward a crash between commit and publish
+        size = storage.sink.size(part)
+    problem = _part_problem(part, sentinel, size)
+    if problem:
+        return ShardCheck(False, note=quarantine(storage, shard.shard_id, problem))
+    return ShardCheck(committed=True, sentinel=sentinel)
+
+
+def inspect_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
+    """:func:`check_shard` without healing: reads only, for processes that must not write to
+    the sink (the triggerer). A commit not yet published counts as not committed here."""
+    sentinel, invalid = _read_sentinel(storage, shard)
+    if sentinel is None:
+        return ShardCheck(committed=False, note=invalid)
+    part = storage.part_path(shard.shard_id)
+    problem = _part_problem(part, sentinel, storage.sink.size(part))
+    return ShardCheck(committed=not problem, sentinel=None if problem else sentinel, note=problem)
+
+
+def _read_sentinel(storage: JobStorage, shard: Shard) -> tuple[dict[str, Any] | None, str]:
+    """(sentinel, "") for a valid one of this job, (None, why) for one that cannot be
+    trusted, (None, "") for none. Raises StaleCheckpointError for another spec or input."""
     path = storage.sentinel_path(shard.shard_id)
     raw = storage.checkpoint.read_bytes(path)
     if raw is None:
-        return ShardCheck(committed=False)
+        return None, ""
     try:
         sentinel = parse_sentinel(raw, path, shard.shard_id)
     except InvalidSentinel as err:
-        return ShardCheck(committed=False, note=quarantine(storage, shard.shard_id, str(err)))
+        return None, str(err)
     spec = storage.spec
     if sentinel["spec_fingerprint"] != spec.fingerprint:
-        changed = describe_fingerprint_change(sentinel.get("fingerprint_inputs", {}), spec.fingerprint_inputs())
-        raise StaleCheckpointError(
-            f"{path} was committed by a different spec ({changed}). Refusing to mix outputs of two "
-            f"specs in {spec.sink_root}: write to a new sink, or set resume=False to delete this "
-            "job's earlier output and start fresh."
-        )
+        raise different_spec_error(spec, sentinel.get("fingerprint_inputs", {}), f"{path} was committed by")
     if sentinel["input_fingerprint"] != shard.input_fingerprint:
         raise StaleCheckpointError(
             f"{path} covers input {sentinel['input_fingerprint']}, but the plan now has "
             f"{shard.input_fingerprint}; the input changed. Restore it, or set resume=False to start fresh."
         )
-    part = storage.part_path(shard.shard_id)
-    size = storage.sink.size(part)
-    if size is None and sentinel.get("staged"):
-        storage.sink.publish(sentinel["staged"])  # roll forward a crash between commit and publish
-        size = storage.sink.size(part)
+    return sentinel, ""
+
+
+def _part_problem(part: str, sentinel: dict[str, Any], size: int | None) -> str:
     if size is None:
-        return ShardCheck(False, note=quarantine(storage, shard.shard_id, f"{part} is missing"))
+        return f"{part} is missing"
     if size != sentinel["bytes"]:
-        reason = f"{part} has {size} bytes, its sentinel says {sentinel['bytes']} (truncated or overwritten)"
-        return ShardCheck(False, note=quarantine(storage, shard.shard_id, reason))
-    return ShardCheck(committed=True, sentinel=sentinel)
+        return f"{part} has {size} bytes, its sentinel says {sentinel['bytes']} (truncated or overwritten)"
+    return ""
 
 
 def quarantine(storage: JobStorage, shard_id: str, reason: str) -> str:
     """Move a sentinel that cannot be trusted out of the way, so the shard is recomputed."""
     path = storage.sentinel_path(shard_id)
     raw = storage.checkpoint.read_bytes(path) or b""
-    target = f"{storage.spec.checkpoint_root}/{QUARANTINE_DIR}/{shard_id}.{int(time.time() * 1000)}.json"
+    target = storage.quarantine_path(shard_id, int(time.time() * 1000))
     record = json.dumps({"reason": reason, "sentinel": raw.decode("utf-8", "replace")}).encode()
     storage.checkpoint.write_atomic(target, record)
     storage.checkpoint.delete(path)
@@ -187,8 +179,6 @@ def commit_shard(
     Returns (won, sentinel): ``won`` is False when another attempt committed first; the
     returned sentinel is then the winner's.
     """
-    from airflow_batch_provider.core import failpoints
-
     spec = storage.spec
     sentinel = {
         "schema_version": SENTINEL_SCHEMA_VERSION,
@@ -210,9 +200,9 @@ def commit_shard(
     path = storage.sentinel_path(shard.shard_id)
     won = storage.checkpoint.create_exclusive(path, json.dumps(sentinel, sort_keys=True).encode())
     if not won:
-        staged.store.discard(staged.handle)
+        staged.abort()
         winner = parse_sentinel(storage.checkpoint.read_bytes(path) or b"", path, shard.shard_id)
         return False, winner
     failpoints.hit("before_publish")
-    storage.sink.publish(staged.handle)
+    staged.publish()
     return True, sentinel

@@ -1,28 +1,25 @@
 """Job-level steps around the shards: plan (with resume), reset, and finalize.
 
 ``plan_job`` lists the input once, reuses the persisted plan for files that did not change,
-and returns only the shards that are not committed yet, grouped into at most ``max_tasks``
-work units (Airflow's ``[core] max_map_length``). ``finalize_job`` proves that every shard
-of the plan is committed and writes the ``_SUCCESS`` manifest.
+and returns the shards that are not committed yet. ``finalize_job`` proves that every shard of
+the plan is committed and writes the ``_SUCCESS`` manifest.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core import failpoints
-from airflow_batch_provider.core.commit import MANIFEST_NAME, InvalidSentinel, JobStorage, check_shard, parse_sentinel
-from airflow_batch_provider.core.planning import Plan, Shard, list_inputs, split_file
-from airflow_batch_provider.core.spec import BatchSpec, describe_fingerprint_change
-from airflow_batch_provider.core.storage import STAGING_DIR
-from airflow_batch_provider.exceptions import IncompleteJobError, StaleCheckpointError
+from airflow_batch_provider.core.domain.commit import InvalidSentinel, check_shard, different_spec_error, parse_sentinel
+from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.domain.planning import Plan, Shard, list_inputs, split_file
+from airflow_batch_provider.core.errors import IncompleteJobError, StaleCheckpointError
+from airflow_batch_provider.core.spec import BatchSpec
 
-_PART_SUFFIXES = (".parquet", ".jsonl")
 _CHECK_THREADS = 16
 
 
@@ -34,25 +31,6 @@ class JobPlan:
     notes: list[str] = field(default_factory=list)
     plan_written: bool = False
 
-    def work_units(self, max_tasks: int) -> list[dict[str, Any]]:
-        return work_units(self.pending, max_tasks)
-
-
-def work_units(shards: list[Shard], max_tasks: int) -> list[dict[str, Any]]:
-    """One mapped task per shard, or several per task when there are more than ``max_tasks``.
-
-    Each unit is JSON-able (it travels through XCom) and carries a ``label`` for the UI.
-    """
-    if not shards:
-        return []
-    per_unit = math.ceil(len(shards) / max(1, max_tasks))
-    units = []
-    for offset in range(0, len(shards), per_unit):
-        group = shards[offset : offset + per_unit]
-        label = group[0].label if len(group) == 1 else f"{len(group)} shards: {group[0].label} .. {group[-1].label}"
-        units.append({"label": label, "shards": [s.to_dict() for s in group]})
-    return units
-
 
 def load_plan(storage: JobStorage) -> Plan | None:
     raw = storage.checkpoint.read_bytes(storage.plan_path)
@@ -60,6 +38,7 @@ def load_plan(storage: JobStorage) -> Plan | None:
 
 
 def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
+    """List the input, reuse or write the plan, and find the shards still to compute."""
     storage = storage or JobStorage.for_spec(spec)
     notes: list[str] = []
     if not spec.resume:
@@ -115,7 +94,7 @@ def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
     pending = [s for s in shards if s.shard_id not in committed]
     done = [s for s in shards if s.shard_id in committed]
     if done:
-        parts = storage.sink.list_files(spec.sink_root)
+        parts = set(storage.part_files())
         for shard in done:
             if storage.part_name(shard.shard_id) not in parts:
                 check = check_shard(storage, shard)  # rolls forward, or quarantines
@@ -128,12 +107,7 @@ def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
 def _check_same_spec(storage: JobStorage, existing: Plan) -> None:
     spec = storage.spec
     if existing.spec_fingerprint != spec.fingerprint:
-        changed = describe_fingerprint_change(existing.fingerprint_inputs, spec.fingerprint_inputs())
-        raise StaleCheckpointError(
-            f"{spec.sink_root} holds committed shards of a different spec ({changed}). Refusing to "
-            "mix outputs of two specs: write to a new sink, or set resume=False to delete this "
-            "job's earlier output and start fresh."
-        )
+        raise different_spec_error(spec, existing.fingerprint_inputs, f"{spec.sink_root} holds committed shards of")
     if existing.rows_per_shard != spec.rows_per_shard:
         raise StaleCheckpointError(
             f"rows_per_shard changed from {existing.rows_per_shard} to {spec.rows_per_shard}, but "
@@ -151,11 +125,7 @@ def _check_sample_sentinel(storage: JobStorage, shard_id: str) -> None:
         return  # the shard task quarantines it when it gets there
     spec = storage.spec
     if sentinel["spec_fingerprint"] != spec.fingerprint:
-        changed = describe_fingerprint_change(sentinel.get("fingerprint_inputs", {}), spec.fingerprint_inputs())
-        raise StaleCheckpointError(
-            f"{spec.sink_root} holds committed shards of a different spec ({changed}); write to a "
-            "new sink, or set resume=False to start fresh."
-        )
+        raise different_spec_error(spec, sentinel.get("fingerprint_inputs", {}), f"{spec.sink_root} holds committed shards of")
 
 
 def reset_job(storage: JobStorage) -> str:
@@ -166,11 +136,11 @@ def reset_job(storage: JobStorage) -> str:
     are left alone.
     """
     spec = storage.spec
-    parts = [n for n in storage.sink.list_files(spec.sink_root) if n.startswith("part-") and n.endswith(_PART_SUFFIXES)]
+    parts = storage.part_files()
     for name in parts:
         storage.sink.delete(f"{spec.sink_root}/{name}")
-    for handle in storage.sink.list_staged(spec.sink_root):
-        storage.sink.discard(handle)
+    for staged in storage.staged_parts():
+        staged.abort()
     storage.sink.delete(storage.manifest_path)
     sentinels = list(storage.checkpoint.list_files(storage.sentinel_dir))
     for name in sentinels:
@@ -201,15 +171,14 @@ def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_
     if short:
         raise IncompleteJobError(_incomplete_message(spec, short, "read a different number of rows than planned"))
     expected = {storage.part_name(s.shard_id) for s in plan.shards}
-    parts = storage.sink.list_files(spec.sink_root)
-    strays = sorted(n for n in parts if n.startswith("part-") and n.endswith(_PART_SUFFIXES) and n not in expected)
+    strays = sorted(n for n in storage.part_files() if n not in expected)
     if strays:
         raise IncompleteJobError(
             f"{spec.sink_root} holds {len(strays)} part files that no shard of this plan committed "
             f"(e.g. {strays[:3]}); readers would see their rows too. Move them away or start fresh."
         )
-    for handle in storage.sink.list_staged(spec.sink_root):
-        storage.sink.discard(handle)  # leftovers of crashed or losing attempts
+    for staged in storage.staged_parts():
+        staged.abort()  # leftovers of crashed or losing attempts
     failpoints.hit("finalize_before_manifest")
     sentinels = [c.sentinel or {} for c in checks]
     manifest = {
@@ -243,12 +212,10 @@ def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_
 
 
 def _incomplete_message(spec: BatchSpec, shards: list[Shard], what: str) -> str:
-    shown = ", ".join(s.label for s in shards[:5])
+    shown = ", ".join(s.description for s in shards[:5])
     more = f" and {len(shards) - 5} more" if len(shards) > 5 else ""
     return (
         f"{len(shards)} shard(s) of {spec.sink_root} {what}: {shown}{more}. Clear the failed shard "
         "tasks (or trigger a new run): only those shards are computed again."
     )
 
-
-__all__ = ["JobPlan", "plan_job", "finalize_job", "reset_job", "work_units", "load_plan", "MANIFEST_NAME", "STAGING_DIR"]

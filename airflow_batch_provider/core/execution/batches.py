@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from airflow_batch_provider.exceptions import PredictorError
+from airflow_batch_provider.core.errors import PredictorError
 
 
 def load_predictor_class(path: str) -> type:

@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from airflow_batch_provider.exceptions import PredictorError
+from airflow_batch_provider.core.errors import PredictorError
 
 
 class PartWriter:

@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from airflow_batch_provider.core.planning import Shard
+from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.errors import InputDataError
 from airflow_batch_provider.core.spec import BatchSpec
-from airflow_batch_provider.core.storage import Store
-from airflow_batch_provider.exceptions import InputDataError
+from airflow_batch_provider.core.stores import Store
 
 JSONL_BLOCK_BYTES = 8 << 20
 

@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 
-from airflow_batch_provider import BatchSpec
-from airflow_batch_provider.core.commit import JobStorage
-from airflow_batch_provider.core.jobs import plan_job, work_units
-from airflow_batch_provider.core.planning import list_inputs, split_file
-from airflow_batch_provider.core.readers import ReadStats, read_shard
-from airflow_batch_provider.exceptions import BatchSpecError, StaleCheckpointError
+from airflow_batch_provider.core.domain.jobs import plan_job
+from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.domain.planning import list_inputs, split_file
+from airflow_batch_provider.core.errors import BatchSpecError, StaleCheckpointError
+from airflow_batch_provider.core.execution.readers import ReadStats, read_shard
+from airflow_batch_provider.core.spec import BatchSpec
 from tests.conftest import rows, write_jsonl
 
 
@@ -106,19 +106,9 @@ def test_empty_directory_is_a_clear_error(tmp_path):
         plan_job(spec)
 
 
-def test_more_shards_than_max_map_length_share_tasks(tmp_path, jsonl_source):
-    spec = spec_for(jsonl_source, str(tmp_path / "out"), rows_per_shard=3)  # 127 shards
-    pending = plan_job(spec).pending
-    units = work_units(pending, max_tasks=50)
-    assert len(units) <= 50
-    assert sorted(s["shard_id"] for u in units for s in u["shards"]) == sorted(s.shard_id for s in pending)
-    assert "shards:" in units[0]["label"]
-    assert [u["label"] for u in work_units(pending[:2], 50)] == [s.label for s in pending[:2]]
-
-
 def test_rows_per_shard_change_after_commits_fails_closed(tmp_path, jsonl_source):
-    from airflow_batch_provider.core.commit import new_attempt
-    from airflow_batch_provider.core.runner import ShardRunner
+    from airflow_batch_provider.core.domain.commit import new_attempt
+    from airflow_batch_provider.core.execution.runner import ShardRunner
 
     spec = spec_for(jsonl_source, str(tmp_path / "out"))
     job = plan_job(spec)
@@ -128,8 +118,8 @@ def test_rows_per_shard_change_after_commits_fails_closed(tmp_path, jsonl_source
 
 
 def test_edited_input_with_committed_shards_fails_closed(tmp_path, jsonl_source):
-    from airflow_batch_provider.core.commit import new_attempt
-    from airflow_batch_provider.core.runner import ShardRunner
+    from airflow_batch_provider.core.domain.commit import new_attempt
+    from airflow_batch_provider.core.execution.runner import ShardRunner
 
     spec = spec_for(jsonl_source, str(tmp_path / "out"))
     job = plan_job(spec)

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from airflow_batch_provider.core import allocator
+from airflow_batch_provider.core.execution import allocator
+from tests.conftest import ROOT
 
 glibc_only = pytest.mark.skipif(not allocator.is_glibc(), reason="the malloc settings are glibc's; other C libraries are left alone")
 
@@ -20,7 +21,7 @@ _BATCHES = """
 import json, resource, sys, threading
 import numpy as np
 sys.path.insert(0, {root!r})
-from airflow_batch_provider.core.allocator import keep_freed_memory
+from airflow_batch_provider.core.execution.allocator import keep_freed_memory
 applied = keep_freed_memory()
 faults = []
 def batches():
@@ -41,8 +42,7 @@ print(json.dumps({{"applied": applied, "faults": faults[0]}}))
 
 
 def _run_batches(**env: str) -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", _BATCHES.format(root=root)], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", _BATCHES.format(root=ROOT)], capture_output=True, text=True, check=True,
                          env={**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 

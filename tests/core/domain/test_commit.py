@@ -10,11 +10,12 @@ import sys
 import pyarrow.dataset as ds
 import pytest
 
-from airflow_batch_provider import BatchSpec
-from airflow_batch_provider.core.commit import JobStorage, check_shard, commit_shard, new_attempt
-from airflow_batch_provider.core.jobs import finalize_job, plan_job
-from airflow_batch_provider.core.runner import ShardRunner
-from airflow_batch_provider.exceptions import IncompleteJobError, StaleCheckpointError
+from airflow_batch_provider.core.domain.commit import check_shard, commit_shard, new_attempt
+from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
+from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.errors import IncompleteJobError, StaleCheckpointError
+from airflow_batch_provider.core.execution.runner import ShardRunner
+from airflow_batch_provider.core.spec import BatchSpec
 from tests.conftest import ROOT
 
 
@@ -156,7 +157,7 @@ def test_crash_between_sentinel_and_publish_rolls_forward(spec):
     staged.finish()
     sentinel = {"x": 1}
     # create the sentinel but do not publish (what a crash right after the commit leaves)
-    from airflow_batch_provider.core import commit as commit_mod
+    from airflow_batch_provider.core.domain import commit as commit_mod
 
     won = storage.checkpoint.create_exclusive(
         storage.sentinel_path(shard.shard_id),
@@ -173,10 +174,10 @@ def test_crash_between_sentinel_and_publish_rolls_forward(spec):
 CRASH_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-from airflow_batch_provider import BatchSpec
-from airflow_batch_provider.core.commit import new_attempt
-from airflow_batch_provider.core.jobs import plan_job
-from airflow_batch_provider.core.runner import ShardRunner
+from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.domain.commit import new_attempt
+from airflow_batch_provider.core.domain.jobs import plan_job
+from airflow_batch_provider.core.execution.runner import ShardRunner
 spec = BatchSpec.from_dict({spec!r})
 runner = ShardRunner(spec)
 for shard in plan_job(spec).pending:

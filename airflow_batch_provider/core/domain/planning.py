@@ -11,29 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from airflow_batch_provider.core.spec import BatchSpec
-from airflow_batch_provider.core.storage import Store
-from airflow_batch_provider.exceptions import BatchSpecError, InputDataError
+from airflow_batch_provider.core.errors import BatchSpecError, InputDataError
+from airflow_batch_provider.core.spec import FORMAT_EXTENSIONS, BatchSpec
+from airflow_batch_provider.core.stores import InputFile, Store
 
 PLAN_SCHEMA_VERSION = 1
-_FORMAT_EXTENSIONS = {"jsonl": (".jsonl", ".ndjson", ".json"), "parquet": (".parquet", ".pq")}
 _SCAN_BLOCK = 8 << 20
-
-
-@dataclass(frozen=True)
-class InputFile:
-    path: str  # full path or URL, as the store addresses it
-    relpath: str  # relative to the source root: the stable part of shard ids
-    size: int
-    version: str
 
 
 @dataclass(frozen=True)
@@ -56,8 +46,8 @@ class Shard:
         return f"{self.relpath}@{self.version}[{self.unit}:{self.start}-{self.end}]"
 
     @property
-    def label(self) -> str:
-        """What the Airflow UI shows for the mapped task (``map_index_template``)."""
+    def description(self) -> str:
+        """The shard in words, for messages: ``<id> <file> lines 0-2000``."""
         unit = "lines" if self.unit == "lines" else "row groups"
         return f"{self.shard_id} {self.relpath} {unit} {self.start}-{self.end}"
 
@@ -127,63 +117,21 @@ class Plan:
 
 # -- listing ------------------------------------------------------------------------------
 def list_inputs(store: Store, spec: BatchSpec) -> list[InputFile]:
-    """The source's input files, sorted by relative path. Fails loudly when there are none."""
-    source = spec.source
-    extensions = _FORMAT_EXTENSIONS[spec.source_format]
-    if any(ch in source for ch in "*?["):
-        root = _glob_root(source)
-        infos = store.fs.glob(_strip_protocol(store, source), detail=True)
-        matches = [(name, info) for name, info in infos.items() if info.get("type") == "file"]
-    elif store.fs.isdir(source):
-        root = source
-        infos = store.fs.find(_strip_protocol(store, source), detail=True, withdirs=False)
-        matches = [
-            (name, info) for name, info in infos.items() if name.lower().endswith(extensions)
-        ]
-    elif store.fs.exists(source):
-        root = posixpath.dirname(source.rstrip("/"))
-        matches = [(source, store.fs.info(source))]
-    else:
-        raise BatchSpecError(f"source={source!r} does not exist (no file, directory or glob match there)")
-    root_key = _strip_protocol(store, root).rstrip("/")
-    files = []
-    for name, info in matches:
-        key = _strip_protocol(store, name)
-        relpath = posixpath.relpath(key, root_key) if root_key else key
-        if any(part.startswith(("_", ".")) for part in relpath.split("/")):
-            continue  # hidden paths, as dataset readers skip them (our own checkpoints too)
-        files.append(
-            InputFile(
-                path=_with_protocol(source, key),
-                relpath=relpath,
-                size=int(info["size"]),
-                version=store.version_of(info),
-            )
-        )
+    """The source's input files, sorted by relative path. Fails loudly when there are none.
+
+    Hidden paths (a part starting with ``_`` or ``.``) are skipped, as dataset readers skip
+    them: a sink or checkpoint directory under the source is never read back as input."""
+    extensions = FORMAT_EXTENSIONS[spec.source_format]
+    found = store.find_inputs(spec.source, extensions)
+    if found is None:
+        raise BatchSpecError(f"source={spec.source!r} does not exist (no file, directory or glob match there)")
+    files = [f for f in found if not any(part.startswith(("_", ".")) for part in f.relpath.split("/"))]
     if not files:
         raise BatchSpecError(
-            f"source={source!r} matched no {spec.source_format} input files "
+            f"source={spec.source!r} matched no {spec.source_format} input files "
             f"(looked for {', '.join(extensions)} files); check the path or set source_format"
         )
     return sorted(files, key=lambda f: f.relpath)
-
-
-def _glob_root(pattern: str) -> str:
-    parts = pattern.split("/")
-    for i, part in enumerate(parts):
-        if any(ch in part for ch in "*?["):
-            return "/".join(parts[:i])
-    return posixpath.dirname(pattern)
-
-
-def _strip_protocol(store: Store, path: str) -> str:
-    return store.fs._strip_protocol(path)
-
-
-def _with_protocol(source: str, key: str) -> str:
-    if "://" in source and not source.startswith("file://"):
-        return f"{source.split('://', 1)[0]}://{key}"
-    return key
 
 
 # -- splitting ----------------------------------------------------------------------------
@@ -240,8 +188,3 @@ def _split_jsonl(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
         for (line, byte), (end_line, end_byte) in pairwise(boundaries)
         if end_line > line
     ]
-
-
-def plan_files(store: Store, spec: BatchSpec, files: list[InputFile]) -> Iterator[Shard]:
-    for file in files:
-        yield from split_file(store, spec, file)

@@ -1,7 +1,7 @@
 """Run one shard end to end, in-process: check, read, predict, write, commit.
 
-This is what a Ray worker executes (``ray_exec.py``), and what tests and benchmarks call
-directly. The predictor is built once per runner and reused for every shard it runs.
+This is what a Ray model replica executes (``core/ray/replica.py``), and what tests and
+benchmarks call directly. The predictor is built once per runner and reused for every shard it runs.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from airflow_batch_provider.core import failpoints
-from airflow_batch_provider.core.commit import JobStorage, check_shard, commit_shard
-from airflow_batch_provider.core.pipeline import BackgroundWriter, prefetch
-from airflow_batch_provider.core.planning import Shard
-from airflow_batch_provider.core.predictors import build_predictor, from_batch, to_batch
-from airflow_batch_provider.core.readers import ReadStats, read_shard
+from airflow_batch_provider.core.domain.commit import check_shard, commit_shard
+from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
+from airflow_batch_provider.core.execution.readers import ReadStats, read_shard
+from airflow_batch_provider.core.execution.threads import BackgroundWriter, prefetch
+from airflow_batch_provider.core.execution.writers import PartWriter
 from airflow_batch_provider.core.spec import BatchSpec
-from airflow_batch_provider.core.writers import PartWriter
 
 
 @dataclass

@@ -6,6 +6,7 @@ on the data path is mocked.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -16,13 +17,15 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from airflow_batch_provider import BatchSpec
-from airflow_batch_provider.core.commit import JobStorage, check_shard, commit_shard, new_attempt
-from airflow_batch_provider.core.jobs import finalize_job, plan_job
-from airflow_batch_provider.core.runner import ShardRunner
-from airflow_batch_provider.core.s3 import S3Store, multipart_etag
-from airflow_batch_provider.core.storage import split_conn_id, split_s3_url, store_for
-from airflow_batch_provider.exceptions import StaleCheckpointError, StorageError
+from airflow_batch_provider.core.domain.commit import check_shard, commit_shard, new_attempt
+from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
+from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.errors import StaleCheckpointError, StorageError
+from airflow_batch_provider.core.execution.runner import ShardRunner
+from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.stores import store_for
+from airflow_batch_provider.core.stores.s3 import S3Store
+from airflow_batch_provider.core.stores.urls import split_s3_url
 from tests.s3_server import RequestCounter, store_clients
 
 pytestmark = pytest.mark.timeout(300)
@@ -48,6 +51,12 @@ def uploads(s3_server, bucket: str) -> list[dict]:
     return s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
 
 
+def multipart_etag(parts: list[dict]) -> str:
+    """The ETag S3 gives a completed multipart object: md5 of the part md5s, ``-N``."""
+    digest = hashlib.md5(b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts), usedforsecurity=False)
+    return f"{digest.hexdigest()}-{len(parts)}"
+
+
 def staged(store: S3Store, url: str, data: bytes):
     part = store.open_staged(url)
     part.stream.write(data)
@@ -56,15 +65,8 @@ def staged(store: S3Store, url: str, data: bytes):
 
 
 # -- urls ------------------------------------------------------------------------------------
-def test_conn_id_in_url_is_stripped_and_becomes_storage_conn_id():
-    assert split_conn_id("s3://my_minio@bucket/a/b") == ("s3://bucket/a/b", "my_minio")
-    assert split_conn_id("s3://bucket/a") == ("s3://bucket/a", None)
-    assert split_conn_id("/tmp/x@y") == ("/tmp/x@y", None)
+def test_s3_url_splits_into_bucket_and_key():
     assert split_s3_url("s3://bucket/a/b.json") == ("bucket", "a/b.json")
-    spec = BatchSpec(source="s3://lake@b/in/*.jsonl", sink="s3://lake@b/out", predictor="tests.predictors:Doubler")
-    assert (spec.source, spec.sink, spec.storage_conn_id) == ("s3://b/in/*.jsonl", "s3://b/out", "lake")
-    with pytest.raises(ValueError, match="different connections"):
-        BatchSpec(source="s3://a@b/in.jsonl", sink="s3://b/out", predictor="m:C", storage_conn_id="other")
 
 
 # -- commit primitives ------------------------------------------------------------------------
@@ -81,18 +83,18 @@ def test_staged_part_is_invisible_until_published(store, s3_server, s3_bucket):
     part = staged(store, url, b'{"id": 1}\n')
     assert store.size(url) is None and store.list_files(f"s3://{s3_bucket}/out") == {}
     assert [u["Key"] for u in uploads(s3_server, s3_bucket)] == ["out/part-a.jsonl"]
-    assert store.publish(part.handle) is True
+    assert part.publish() is True
     assert store.read_bytes(url) == b'{"id": 1}\n'
-    assert store.publish(part.handle) is True  # idempotent: a roll-forward after a publish
-    store.discard(part.handle)  # aborting a completed upload leaves the object alone
+    assert store.staged_from(part.handle).publish() is True  # idempotent: a roll-forward after a publish
+    part.abort()  # aborting a completed upload leaves the object alone
     assert store.read_bytes(url) == b'{"id": 1}\n'
     assert uploads(s3_server, s3_bucket) == []
 
 
 def test_publish_of_an_aborted_upload_reports_the_data_gone(store, s3_bucket):
     part = staged(store, f"s3://{s3_bucket}/out/part-b.jsonl", b"x\n")
-    store.discard(part.handle)
-    assert store.publish(part.handle) is False
+    part.abort()
+    assert store.staged_from(part.handle).publish() is False
 
 
 def test_multipart_part_of_several_parts(s3_server, s3_bucket):
@@ -100,7 +102,7 @@ def test_multipart_part_of_several_parts(s3_server, s3_bucket):
     data = bytes(range(256)) * ((5 << 20) // 256) + b"tail"
     part = staged(store, f"s3://{s3_bucket}/out/part-c.parquet", data)
     assert len(part.handle["parts"]) == 2
-    store.publish(part.handle)
+    part.publish()
     assert store.read_bytes(f"s3://{s3_bucket}/out/part-c.parquet") == data
 
 
@@ -197,7 +199,7 @@ def test_version_changes_with_content(store, s3_server, s3_bucket):
 def test_parquet_shard_is_streamed_by_row_group_not_read_whole(s3_server, s3_bucket):
     import numpy as np
 
-    from airflow_batch_provider.core.readers import ReadStats, read_shard
+    from airflow_batch_provider.core.execution.readers import ReadStats, read_shard
 
     values = np.random.default_rng(1).random(16 * 131072)  # 16 row groups of 1 MiB, incompressible
     buffer = io.BytesIO()

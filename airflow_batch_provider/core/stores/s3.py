@@ -1,7 +1,7 @@
 """The S3 backend of ``Store``: commits without rename or copy.
 
 S3 has no rename (a "move" is a copy plus a delete, neither atomic nor cheap), so the commit
-protocol of ``core/commit.py`` maps onto S3 like this:
+protocol of ``core/domain/commit.py`` maps onto S3 like this:
 
 * **staging** is a multipart upload *at the part's final key* that is not completed yet:
   its bytes are durable on the server but no reader, LIST or GET sees them;
@@ -10,7 +10,7 @@ protocol of ``core/commit.py`` maps onto S3 like this:
   the other 412 ``PreconditionFailed``;
 * **publish** is ``CompleteMultipartUpload`` of the winner's upload (the upload id and part
   ETags are in the sentinel's ``staged`` handle, so anyone can roll a crash forward), and
-  **discard** is ``AbortMultipartUpload`` of the loser's *own* upload: it never touches the
+  **abort** is ``AbortMultipartUpload`` of the loser's *own* upload: it never touches the
   object at the key, which may be the winner's.
 
 Requests are counted in the design: listing a prefix is one paginated ``ListObjectsV2``
@@ -25,22 +25,20 @@ and options (boto3 clients are thread-safe and slow to build).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 
-from airflow_batch_provider.core.storage import FileInfo, StagedPart, Store, split_s3_url
-from airflow_batch_provider.exceptions import StorageError
+from airflow_batch_provider.core.errors import StorageError
+from airflow_batch_provider.core.stores.base import FileInfo, HashingWriter, StagedPart, Store
+from airflow_batch_provider.core.stores.urls import split_s3_url
 
 #: Multipart part size. S3 needs >= 5 MiB for every part but the last; 8 MiB keeps memory
 #: per writing shard small while a 10 GiB part still needs only 1,280 of the 10,000 parts.
 PART_SIZE = 8 << 20
 #: s3fs read block (readahead): a JSONL block or a Parquet column chunk per ranged GET.
 READ_BLOCK = 8 << 20
-_PART_PREFIX = "part-"
-_PART_SUFFIXES = (".parquet", ".jsonl")
 _CONFLICT_RETRIES = 4
 _MAX_POOL = 32
 
@@ -51,7 +49,7 @@ _clients_lock = threading.Lock()
 def s3_client(storage_options: dict[str, Any]) -> Any:
     """A boto3 S3 client for fsspec/s3fs-style storage options, shared within the process.
 
-    Understands what ``ObjectStorageHook`` produces and s3fs accepts: ``key``, ``secret``,
+    Understands the options s3fs accepts: ``key``, ``secret``,
     ``token``, ``endpoint_url``, ``profile``, ``anon``, ``client_kwargs`` (``region_name``,
     ``verify``...) and ``config_kwargs`` (botocore ``Config``).
     """
@@ -119,7 +117,7 @@ def _failure(err: Exception, action: str, url: str) -> StorageError:
     if code == "NoSuchBucket":
         hint = f" Bucket {bucket!r} does not exist: create it, or fix the URL."
     elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403"):
-        hint = " Check the credentials (login/password) of the aws connection named by storage_conn_id."
+        hint = " Check the S3 credentials (the connection or environment they come from)."
     elif type(err).__name__ in ("EndpointConnectionError", "ConnectTimeoutError"):
         hint = " Check the connection's endpoint_url and that the S3 server is reachable."
     response = getattr(err, "response", None)
@@ -127,20 +125,31 @@ def _failure(err: Exception, action: str, url: str) -> StorageError:
     return StorageError(f"S3 {action} of {url} failed: {code}: {message}.{hint}")
 
 
-class _MultipartWriter:
-    """The raw stream under a staged S3 part: buffers ``PART_SIZE`` and uploads each part.
+class S3StagedPart(StagedPart):
+    """A multipart upload at the part's final key, not completed yet.
 
-    The upload is created with the first part (a shard that fails before writing anything
-    leaves no upload behind) and never completed here: that is ``S3Store.publish``.
+    Written parts are buffered to ``part_size`` and uploaded one by one; the upload is created
+    with the first part, so a shard that fails before writing anything leaves none behind.
+    ``publish`` completes the upload, ``abort`` aborts it (never the object at the key).
     """
 
-    def __init__(self, client: Any, handle: dict[str, Any], part_size: int):
+    def __init__(self, client: Any, bucket: str, key: str, *, upload_id: str | None = None,
+                 parts: list[dict[str, Any]] | None = None, part_size: int = 0):
         self._client = client
-        self._handle = handle
+        self.bucket, self.key = bucket, key
+        self.final_path = f"s3://{bucket}/{key}"
+        self.upload_id = upload_id
+        self.parts = list(parts or [])
         self._part_size = part_size
         self._buffer = bytearray()
+        self.stream = HashingWriter(self)  # type: ignore[arg-type]
         self.closed = False
 
+    @property
+    def handle(self) -> dict[str, Any]:
+        return {"bucket": self.bucket, "key": self.key, "upload_id": self.upload_id, "parts": list(self.parts)}
+
+    # -- the raw stream under ``stream`` ----------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._buffer += data
         while len(self._buffer) >= self._part_size:
@@ -154,31 +163,64 @@ class _MultipartWriter:
 
     def finish(self) -> None:
         """Upload the last (possibly small, possibly only) part."""
-        if self._buffer or not self._handle["parts"]:
+        if self._buffer or not self.parts:
             chunk, self._buffer = bytes(self._buffer), bytearray()
             self._upload(chunk)
         self.closed = True
 
-    def close(self) -> None:
-        self.closed = True
-
     def _upload(self, chunk: bytes) -> None:
-        handle = self._handle
-        url = f"s3://{handle['bucket']}/{handle['key']}"
         try:
-            if handle["upload_id"] is None:
-                handle["upload_id"] = self._client.create_multipart_upload(Bucket=handle["bucket"], Key=handle["key"])[
-                    "UploadId"
-                ]
-            number = len(handle["parts"]) + 1
+            if self.upload_id is None:
+                self.upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
+            number = len(self.parts) + 1
             response = self._client.upload_part(
-                Bucket=handle["bucket"], Key=handle["key"], UploadId=handle["upload_id"], PartNumber=number, Body=chunk
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=chunk
             )
         except Exception as err:
             if _code(err) or type(err).__module__.startswith("botocore"):
-                raise _failure(err, "multipart upload", url) from None
+                raise _failure(err, "multipart upload", self.final_path) from None
             raise
-        handle["parts"].append({"PartNumber": number, "ETag": response["ETag"]})
+        self.parts.append({"PartNumber": number, "ETag": response["ETag"]})
+
+    # -- publish / abort --------------------------------------------------------------------
+    def publish(self) -> bool:
+        """``CompleteMultipartUpload``; idempotent (an upload completed before is fine)."""
+        if self.upload_id:
+            try:
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self.upload_id,
+                    MultipartUpload={"Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in self.parts]},
+                )
+                return True
+            except Exception as err:
+                if _code(err) != "NoSuchUpload":
+                    raise _failure(err, "CompleteMultipartUpload", self.final_path) from None
+        # The upload is gone: completed by an earlier publish (then the object is there), or
+        # aborted (the caller sees the part missing and quarantines the sentinel).
+        return _head(self._client, self.final_path) is not None
+
+    def abort(self) -> None:
+        """Abort this attempt's upload; the object at the key (maybe the winner's) stays."""
+        self.closed = True
+        if not self.upload_id:
+            return
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+        except Exception as err:
+            if _code(err) not in ("NoSuchUpload", "404"):
+                raise _failure(err, "AbortMultipartUpload", self.final_path) from None
+
+
+def _head(client: Any, path: str) -> dict[str, Any] | None:
+    bucket, key = split_s3_url(path)
+    try:
+        return client.head_object(Bucket=bucket, Key=key)
+    except Exception as err:
+        if _code(err) in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise _failure(err, "HEAD", path) from None
 
 
 class S3Store(Store):
@@ -199,7 +241,7 @@ class S3Store(Store):
 
     # -- reading -----------------------------------------------------------------------
     def open_read(self, path: str) -> IO[bytes]:
-        return self.fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
+        return self._fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
 
     def read_bytes(self, path: str) -> bytes | None:
         bucket, key = split_s3_url(path)
@@ -210,20 +252,11 @@ class S3Store(Store):
                 return None
             raise _failure(err, "GET", path) from None
 
-    def _head(self, path: str) -> dict[str, Any] | None:
-        bucket, key = split_s3_url(path)
-        try:
-            return self.client.head_object(Bucket=bucket, Key=key)
-        except Exception as err:
-            if _code(err) in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise _failure(err, "HEAD", path) from None
-
     def exists(self, path: str) -> bool:
-        return self._head(path) is not None
+        return _head(self.client, path) is not None
 
     def size(self, path: str) -> int | None:
-        head = self._head(path)
+        head = _head(self.client, path)
         return None if head is None else int(head["ContentLength"])
 
     def list_files(self, prefix: str) -> dict[str, FileInfo]:
@@ -297,66 +330,23 @@ class S3Store(Store):
                 raise _failure(err, "conditional PUT", path) from None
         return False
 
-    def open_staged(self, final_path: str) -> StagedPart:
+    def open_staged(self, final_path: str) -> S3StagedPart:
         bucket, key = split_s3_url(final_path)
-        handle: dict[str, Any] = {"kind": "s3", "bucket": bucket, "key": key, "upload_id": None, "parts": []}
-        raw = _MultipartWriter(self.client, handle, self.part_size)
-        return StagedPart(self, final_path, raw, handle)  # type: ignore[arg-type]
+        return S3StagedPart(self.client, bucket, key, part_size=self.part_size)
 
-    def _finish_staged(self, raw: BinaryIO, handle: dict[str, Any]) -> None:
-        raw.finish()  # type: ignore[attr-defined]
+    def staged_from(self, handle: dict[str, Any]) -> S3StagedPart:
+        return S3StagedPart(self.client, handle["bucket"], handle["key"], upload_id=handle.get("upload_id"), parts=handle.get("parts"))
 
-    def publish(self, handle: dict[str, Any]) -> bool:
-        """``CompleteMultipartUpload``; idempotent (an upload completed before is fine)."""
-        bucket, key, upload_id = handle["bucket"], handle["key"], handle.get("upload_id")
-        url = f"s3://{bucket}/{key}"
-        if upload_id:
-            try:
-                self.client.complete_multipart_upload(
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in handle["parts"]]},
-                )
-                return True
-            except Exception as err:
-                if _code(err) != "NoSuchUpload":
-                    raise _failure(err, "CompleteMultipartUpload", url) from None
-        # The upload is gone: completed by an earlier publish (then the object is there), or
-        # aborted (the caller sees the part missing and quarantines the sentinel).
-        return self.exists(url)
-
-    def discard(self, handle: dict[str, Any]) -> None:
-        """Abort this attempt's upload; the object at the key (maybe the winner's) stays."""
-        upload_id = handle.get("upload_id")
-        if not upload_id:
-            return
-        try:
-            self.client.abort_multipart_upload(Bucket=handle["bucket"], Key=handle["key"], UploadId=upload_id)
-        except Exception as err:
-            if _code(err) not in ("NoSuchUpload", "404"):
-                raise _failure(err, "AbortMultipartUpload", f"s3://{handle['bucket']}/{handle['key']}") from None
-
-    def list_staged(self, sink: str) -> list[dict[str, Any]]:
-        """Uncompleted uploads of part files directly under ``sink`` (paginated)."""
-        bucket, key = split_s3_url(sink)
+    def list_staged(self, directory: str) -> list[StagedPart]:
+        """Uncompleted multipart uploads of keys directly under ``directory`` (paginated)."""
+        bucket, key = split_s3_url(directory)
         prefix = f"{key.rstrip('/')}/" if key else ""
-        handles = []
+        staged: list[StagedPart] = []
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
             for page in pages:
                 for upload in page.get("Uploads", ()):
-                    name = upload["Key"][len(prefix) :]
-                    if name.startswith(_PART_PREFIX) and name.endswith(_PART_SUFFIXES):
-                        handles.append(
-                            {"kind": "s3", "bucket": bucket, "key": upload["Key"], "upload_id": upload["UploadId"], "parts": []}
-                        )
+                    staged.append(S3StagedPart(self.client, bucket, upload["Key"], upload_id=upload["UploadId"]))
         except Exception as err:
-            raise _failure(err, "ListMultipartUploads", sink) from None
-        return handles
-
-
-def multipart_etag(parts: list[dict[str, Any]]) -> str:
-    """The ETag S3 gives a completed multipart object: md5 of the part md5s, ``-N``."""
-    digest = hashlib.md5(b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts), usedforsecurity=False)
-    return f"{digest.hexdigest()}-{len(parts)}"
+            raise _failure(err, "ListMultipartUploads", directory) from None
+        return staged

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from airflow_batch_provider import BatchSpec
-from airflow_batch_provider.core.commit import new_attempt
-from airflow_batch_provider.core.jobs import finalize_job, plan_job
-from airflow_batch_provider.core.predictors import build_predictor, from_batch, to_batch
-from airflow_batch_provider.core.runner import ShardRunner
-from airflow_batch_provider.exceptions import InputDataError, PredictorError
+from airflow_batch_provider.core.domain.commit import new_attempt
+from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
+from airflow_batch_provider.core.errors import InputDataError, PredictorError
+from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
+from airflow_batch_provider.core.execution.runner import ShardRunner
+from airflow_batch_provider.core.spec import BatchSpec
 from tests.conftest import rows, write_jsonl
 
 

@@ -1,0 +1,80 @@
+"""The core's one entry point: what the Airflow layer (and any other host) calls.
+
+A job is three steps around a pool of model replicas on Ray:
+
+* :func:`plan`: list the input, persist the plan, return the shards still to compute;
+* :class:`ReplicaPool`: lease a replica, run shards on it (each checked, computed and
+  committed by the replica), follow the call by its work id, and shut the replicas down;
+* :func:`finalize`: prove that every shard of the plan is committed; write ``_SUCCESS``.
+
+:class:`ShardRunner` runs shards in this process instead (tests, benchmarks, a host without
+Ray). :func:`committed_results` answers, reading only, whether some shards are committed (for a
+process that must not write to the sink, such as Airflow's triggerer). Storage credentials
+come in as ``storage_options`` (s3fs style); attempts carry an opaque key of the caller's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_batch_provider.core.domain.commit import inspect_shard, new_attempt
+from airflow_batch_provider.core.domain.jobs import JobPlan, finalize_job, plan_job
+from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.errors import BatchError, BatchSpecError, RayWorkError
+from airflow_batch_provider.core.execution.runner import ShardResult, ShardRunner
+from airflow_batch_provider.core.ray.connection import RayTarget, connect
+from airflow_batch_provider.core.ray.pool import ReplicaPool
+from airflow_batch_provider.core.ray.states import RunState
+from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.stores import is_remote
+
+
+def plan(spec: BatchSpec, storage_options: dict[str, Any] | None = None) -> JobPlan:
+    """Plan the job (reusing the persisted plan and every committed shard)."""
+    return plan_job(spec, JobStorage.for_spec(spec, storage_options))
+
+
+def finalize(spec: BatchSpec, storage_options: dict[str, Any] | None = None, *, elapsed_seconds: float | None = None) -> dict[str, Any]:
+    """Check that every planned shard is committed with its part in place; write ``_SUCCESS``."""
+    return finalize_job(spec, JobStorage.for_spec(spec, storage_options), elapsed_seconds=elapsed_seconds)
+
+
+def committed_results(spec: BatchSpec, storage_options: dict[str, Any] | None, shards: list[Shard]) -> list[dict[str, Any]] | None:
+    """Each shard's result rebuilt from its sentinel when every one is committed, else None.
+
+    Reads only: a commit whose part is not yet published counts as not committed here (the
+    next shard task rolls it forward)."""
+    storage = JobStorage.for_spec(spec, storage_options)
+    results = []
+    for shard in shards:
+        check = inspect_shard(storage, shard)
+        if not check.committed:
+            return None
+        results.append(ShardResult.skipped(shard.shard_id, check.sentinel, note="committed while its Ray replica went away").to_dict())
+    return results
+
+
+def needs_credentials(spec: BatchSpec) -> bool:
+    """Whether any of the job's locations is on an object store."""
+    return any(is_remote(url) for url in (spec.source, spec.sink_root, spec.checkpoint_root))
+
+
+__all__ = [
+    "BatchError",
+    "BatchSpec",
+    "BatchSpecError",
+    "JobPlan",
+    "RayTarget",
+    "RayWorkError",
+    "ReplicaPool",
+    "RunState",
+    "Shard",
+    "ShardRunner",
+    "committed_results",
+    "connect",
+    "finalize",
+    "needs_credentials",
+    "new_attempt",
+    "plan",
+]

@@ -1,0 +1,94 @@
+"""Where everything of one job lives, and the names of its files: the one owner of them.
+
+::
+
+    {sink}/part-{shard_id}.{ext}                 committed output, one per shard
+    {sink}/_SUCCESS                              manifest written by finalize
+    {checkpoint_dir}/plan.json                   the plan, persisted once
+    {checkpoint_dir}/shards/{shard_id}.json      per-shard sentinels (the commit records)
+    {checkpoint_dir}/quarantine/                 sentinels found broken, kept for inspection
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from airflow_batch_provider.core.spec import FORMAT_EXTENSIONS, BatchSpec, file_extension
+from airflow_batch_provider.core.stores import Store, store_for
+
+PART_PREFIX = "part-"
+SENTINEL_DIR = "shards"
+SENTINEL_SUFFIX = ".json"
+QUARANTINE_DIR = "quarantine"
+MANIFEST_NAME = "_SUCCESS"
+PLAN_NAME = "plan.json"
+_PART_EXTENSIONS = tuple(FORMAT_EXTENSIONS[f][0] for f in FORMAT_EXTENSIONS)
+
+
+def part_name(shard_id: str, sink_format: str) -> str:
+    return f"{PART_PREFIX}{shard_id}{file_extension(sink_format)}"
+
+
+def is_part_name(name: str) -> bool:
+    """Whether a file name in a sink has the form of our part files (any sink format)."""
+    return name.startswith(PART_PREFIX) and name.endswith(_PART_EXTENSIONS)
+
+
+@dataclass
+class JobStorage:
+    """The stores and paths of one job: its source, its sink and its checkpoint directory."""
+
+    spec: BatchSpec
+    source: Store
+    sink: Store
+    checkpoint: Store
+
+    @classmethod
+    def for_spec(cls, spec: BatchSpec, storage_options: dict[str, Any] | None = None) -> JobStorage:
+        return cls(
+            spec,
+            store_for(spec.source, storage_options),
+            store_for(spec.sink_root, storage_options),
+            store_for(spec.checkpoint_root, storage_options),
+        )
+
+    def part_name(self, shard_id: str) -> str:
+        return part_name(shard_id, self.spec.sink_format)
+
+    def part_path(self, shard_id: str) -> str:
+        return f"{self.spec.sink_root}/{self.part_name(shard_id)}"
+
+    @property
+    def sentinel_dir(self) -> str:
+        return f"{self.spec.checkpoint_root}/{SENTINEL_DIR}"
+
+    def sentinel_path(self, shard_id: str) -> str:
+        return f"{self.sentinel_dir}/{shard_id}{SENTINEL_SUFFIX}"
+
+    def quarantine_path(self, shard_id: str, stamp_ms: int) -> str:
+        return f"{self.spec.checkpoint_root}/{QUARANTINE_DIR}/{shard_id}.{stamp_ms}.json"
+
+    @property
+    def plan_path(self) -> str:
+        return f"{self.spec.checkpoint_root}/{PLAN_NAME}"
+
+    @property
+    def manifest_path(self) -> str:
+        return f"{self.spec.sink_root}/{MANIFEST_NAME}"
+
+    def committed_ids(self) -> set[str]:
+        """Shard ids with a sentinel: one (paginated) listing of the sentinel directory."""
+        return {
+            name[: -len(SENTINEL_SUFFIX)]
+            for name in self.checkpoint.list_files(self.sentinel_dir)
+            if name.endswith(SENTINEL_SUFFIX)
+        }
+
+    def part_files(self) -> list[str]:
+        """Names of the part files in the sink (ours or any run's): one listing."""
+        return [name for name in self.sink.list_files(self.spec.sink_root) if is_part_name(name)]
+
+    def staged_parts(self) -> list:
+        """Parts staged under the sink and never published (crashed or losing attempts)."""
+        return [s for s in self.sink.list_staged(self.spec.sink_root) if is_part_name(s.final_path.rsplit("/", 1)[-1])]

@@ -1,0 +1,178 @@
+"""The model replica: a long-lived Ray actor that loads the model once and runs shards.
+
+Every shard task is a separate Ray driver (job), and Ray's task workers do not outlive their
+job, so a model cached in a task worker would be loaded again for every shard. Instead shards
+run on *detached named actors* (``Replica``), keyed by what they load (predictor, kwargs,
+resources; see ``pool.py``), which stay warm for the next shard, in this run or the next, and
+exit on their own after ``idle_timeout_s`` without work, freeing their GPUs.
+
+A replica runs one call at a time (its "compute" group) and answers control calls beside it:
+``reserve``/``release`` lease it to one caller, ``status``/``wait`` report a call by its
+attempt token (``states.RunState``), ``running_for`` finds the call of an attempt key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import ray
+
+from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.ray.states import RunState
+from airflow_batch_provider.core.spec import BatchSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IDLE_TIMEOUT_S = 600.0
+#: a lease whose call never came is given up after this long.
+LEASE_TIMEOUT_S = 120.0
+_RESULTS_KEPT = 256
+
+
+@ray.remote(concurrency_groups={"compute": 1, "control": 8, "lease": 64})
+class Replica:
+    """A model replica: one predictor instance, one shard at a time, control calls alongside.
+
+    ``reserve`` calls, which may block while they wait for the replica, have a thread group of
+    their own ("lease"), so that waiting shard tasks never hold up ``status`` or ``wait``."""
+
+    def __init__(self, predictor: str, predictor_kwargs: dict[str, Any], idle_timeout_s: float):
+        from airflow_batch_provider.core.execution.allocator import keep_freed_memory
+        from airflow_batch_provider.core.execution.batches import build_predictor
+
+        # Before the model loads: this process serves only this replica, shard after shard.
+        self.keeps_freed_memory = keep_freed_memory()
+        started = time.perf_counter()
+        self.predictor = build_predictor(predictor, predictor_kwargs)
+        self.load_seconds = time.perf_counter() - started
+        self.shards_run = 0
+        self._lock = threading.Lock()
+        self._lease: tuple[str, float] | None = None
+        self._running: str | None = None
+        self._running_attempt: dict[str, Any] = {}
+        self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._done = threading.Condition(self._lock)
+        self._last_active = time.monotonic()
+        self._idle_timeout_s = idle_timeout_s
+        threading.Thread(target=self._reap_when_idle, name="abp-idle-reaper", daemon=True).start()
+
+    # -- compute ----------------------------------------------------------------------
+    @ray.method(concurrency_group="compute")
+    def run_shards(
+        self, spec: dict[str, Any], storage_options: dict[str, Any] | None, shards: list[dict[str, Any]], attempt: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        from airflow_batch_provider.core.execution.runner import ShardRunner
+
+        token = attempt["token"]
+        with self._lock:
+            self._running, self._lease, self._running_attempt = token, None, attempt
+            self._last_active = time.monotonic()
+        try:
+            runner = ShardRunner(BatchSpec.from_dict(spec), storage_options, predictor=self.predictor)
+            results = []
+            for shard in shards:
+                result = runner.run(Shard.from_dict(shard), attempt).to_dict()
+                result["worker_pid"] = os.getpid()
+                result["model_load_seconds"] = self.load_seconds if self.shards_run == 0 else 0.0
+                self.shards_run += 1
+                results.append(result)
+            self._finish(token, {"state": RunState.SUCCEEDED, "results": results})
+            return results
+        except BaseException as err:
+            self._finish(token, {"state": RunState.FAILED, "error": f"{type(err).__name__}: {err}"})
+            raise
+
+    def _finish(self, token: str, outcome: dict[str, Any]) -> None:
+        with self._lock:
+            self._results[token] = outcome
+            while len(self._results) > _RESULTS_KEPT:
+                self._results.popitem(last=False)
+            self._running, self._running_attempt = None, {}
+            self._last_active = time.monotonic()
+            self._done.notify_all()
+
+    # -- control (answered while a shard computes) ------------------------------------
+    @ray.method(concurrency_group="lease")
+    def reserve(self, token: str, wait_s: float = 0.0) -> bool:
+        """Lease this replica to one shard task; False while another holds or uses it.
+
+        With ``wait_s`` > 0 a busy replica answers as soon as it is free (its shard ended, or
+        the lease holding it was released or expired), or False after ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                lease_free = self._lease is None or now - self._lease[1] > LEASE_TIMEOUT_S or self._lease[0] == token
+                if self._running is None and lease_free:
+                    self._lease = (token, now)
+                    self._last_active = now
+                    return True
+                wake = deadline - now
+                if wake <= 0:
+                    return False
+                if self._running is None and self._lease is not None:  # held by a lease: it may expire first
+                    wake = min(wake, self._lease[1] + LEASE_TIMEOUT_S - now + 0.01)
+                self._done.wait(timeout=wake)
+
+    @ray.method(concurrency_group="control")
+    def release(self, token: str) -> None:
+        with self._lock:
+            if self._lease and self._lease[0] == token:
+                self._lease = None
+                self._done.notify_all()
+
+    @ray.method(concurrency_group="control")
+    def status(self, token: str) -> dict[str, Any]:
+        with self._lock:
+            return self._state_of(token)
+
+    @ray.method(concurrency_group="control")
+    def wait(self, token: str, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._state_of(token)["state"] == RunState.RUNNING and time.monotonic() < deadline:
+                self._done.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            return self._state_of(token)
+
+    def _state_of(self, token: str) -> dict[str, Any]:
+        """RUNNING also covers a call leased to ``token`` that has not started yet: Ray runs
+        control calls on their own threads, so ``status`` can be answered before the
+        ``run_shards`` call it follows is picked up (on a busy machine, for a while); reporting
+        that as UNKNOWN would fail the shard task. A lease whose call never came expires."""
+        if self._running == token:
+            return {"state": RunState.RUNNING}
+        if token in self._results:
+            return self._results[token]
+        if self._lease is not None and self._lease[0] == token and time.monotonic() - self._lease[1] <= LEASE_TIMEOUT_S:
+            return {"state": RunState.RUNNING, "queued": True}
+        return {"state": RunState.UNKNOWN}
+
+    @ray.method(concurrency_group="control")
+    def running_for(self, key: str) -> str | None:
+        """The token of the call running now for attempt ``key`` (shared by every try of one
+        unit of work, see ``new_attempt``), or None."""
+        with self._lock:
+            attempt = self._running_attempt
+            if key and attempt.get("key") == key:
+                return attempt["token"]
+            return None
+
+    @ray.method(concurrency_group="control")
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "load_seconds": self.load_seconds, "shards_run": self.shards_run,
+                "keeps_freed_memory": self.keeps_freed_memory}
+
+    def _reap_when_idle(self) -> None:
+        while True:
+            time.sleep(min(10.0, self._idle_timeout_s / 4))
+            with self._lock:
+                idle = self._running is None and time.monotonic() - self._last_active > self._idle_timeout_s
+            if idle:
+                log.info("Replica idle for %.0f s: exiting to free its resources", self._idle_timeout_s)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return

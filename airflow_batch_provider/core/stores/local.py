@@ -1,0 +1,122 @@
+"""Local (or NFS-style POSIX) disk: temp files, fsync, link and rename.
+
+Staging is a hidden file under ``{directory}/_staging/`` + fsync, published with
+``os.replace``; the create-only write is temp + fsync + ``os.link``; atomic replacement is
+temp + fsync + ``os.replace``. Directories are fsync'ed after each rename or link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import uuid
+from typing import Any
+
+import fsspec
+
+from airflow_batch_provider.core.stores.base import HashingWriter, StagedPart, Store
+
+STAGING_DIR = "_staging"
+_STAGED_SUFFIX = ".inprogress"
+
+
+class LocalStagedPart(StagedPart):
+    """A hidden file in the ``_staging/`` directory beside the final path."""
+
+    def __init__(self, staged: str, final_path: str, *, writable: bool = False):
+        self.staged = staged
+        self.final_path = final_path
+        self._raw = open(staged, "xb") if writable else None  # noqa: SIM115 - closed by finish() / abort()
+        if self._raw is not None:
+            self.stream = HashingWriter(self._raw)
+
+    @property
+    def handle(self) -> dict[str, Any]:
+        return {"staged": self.staged, "final": self.final_path}
+
+    def finish(self) -> None:
+        assert self._raw is not None, "a staged part rebuilt from a handle has nothing to finish"
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+
+    def publish(self) -> bool:
+        try:
+            os.replace(self.staged, self.final_path)
+        except FileNotFoundError:
+            # Already published by an earlier attempt (or its data is gone): the caller
+            # tells the two apart by checking the final file against the sentinel.
+            return os.path.exists(self.final_path)
+        _fsync_dir(os.path.dirname(self.final_path))
+        return True
+
+    def abort(self) -> None:
+        if self._raw is not None:
+            with contextlib.suppress(Exception):
+                self._raw.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.staged)
+
+
+class LocalStore(Store):
+    """Files on this machine's filesystems."""
+
+    def __init__(self) -> None:
+        super().__init__(fsspec.filesystem("file"))
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        tmp = _write_temp(path, data)
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path))
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        tmp = _write_temp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        _fsync_dir(os.path.dirname(path))
+        return True
+
+    def open_staged(self, final_path: str) -> LocalStagedPart:
+        directory, name = os.path.split(final_path)
+        staging = os.path.join(directory, STAGING_DIR)
+        os.makedirs(staging, exist_ok=True)
+        staged = os.path.join(staging, f"{name}.{uuid.uuid4().hex[:12]}{_STAGED_SUFFIX}")
+        return LocalStagedPart(staged, final_path, writable=True)
+
+    def staged_from(self, handle: dict[str, Any]) -> LocalStagedPart:
+        return LocalStagedPart(handle["staged"], handle["final"])
+
+    def list_staged(self, directory: str) -> list[StagedPart]:
+        staging = os.path.join(directory, STAGING_DIR)
+        return [
+            LocalStagedPart(os.path.join(staging, name), os.path.join(directory, name.rsplit(".", 2)[0]))
+            for name in self.list_files(staging)
+            if name.endswith(_STAGED_SUFFIX)
+        ]
+
+
+def _write_temp(path: str, data: bytes) -> str:
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    with open(tmp, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return tmp
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:  # some filesystems refuse fsync on directories
+        if err.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)

@@ -1,0 +1,36 @@
+"""URL parsing for every store, in one place: which backend serves a URL, and S3 bucket/key."""
+
+from __future__ import annotations
+
+S3_SCHEMES = ("s3", "s3a")
+
+
+def protocol_of(url: str) -> str:
+    """``s3`` for ``s3://`` and ``s3a://`` URLs, ``file`` for local paths and ``file://`` URLs."""
+    if "://" not in url:
+        return "file"
+    scheme = url.split("://", 1)[0].lower()
+    return "s3" if scheme in S3_SCHEMES else scheme
+
+
+def is_remote(url: str) -> bool:
+    """Whether ``url`` lives on an object store (credentials needed), not on local disk."""
+    return protocol_of(url) != "file"
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` -> (``bucket``, ``some/key``)."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() not in S3_SCHEMES:
+        raise ValueError(f"{url!r} is not an s3:// URL")
+    bucket, _, key = (rest if sep else url).partition("/")
+    if not bucket:
+        raise ValueError(f"{url!r}: no bucket name; expected s3://bucket/prefix")
+    return bucket, key
+
+
+def with_scheme_of(url: str, key: str) -> str:
+    """``key`` (a path without scheme, as fsspec lists it) addressed like ``url``."""
+    if is_remote(url):
+        return f"{url.split('://', 1)[0]}://{key}"
+    return key
