@@ -25,6 +25,7 @@ def batch_inference(
     shard_retries: int = 2,
     pool: str | None = None,
     max_active_shards: int | None = None,
+    shards_per_task: int = 1,
     release_workers: bool = True,
     deferrable: bool | None = None,
     shard_kwargs: dict[str, Any] | None = None,
@@ -38,6 +39,8 @@ def batch_inference(
     :param pool: Airflow pool for the shard tasks, e.g. one slot per GPU.
     :param max_active_shards: shard tasks running at once in one DAG run
         (``max_active_tis_per_dagrun``); set it to the number of GPUs (or model replicas).
+    :param shards_per_task: shards per mapped task. ``rows_per_shard`` sets what a crash can
+        lose (each shard commits on its own); this sets how many tasks Airflow schedules.
     :param release_workers: finalize stops the model's Ray workers (else they idle out).
     :param deferrable: shard tasks defer while Ray computes and hold no worker slot (needs a
         running ``airflow triggerer``); default ``[operators] default_deferrable``.
@@ -47,7 +50,7 @@ def batch_inference(
         # Replicas started ahead by the plan: no more than the shards that can run at once
         # (a pool's size is not known here, so with a pool only the first replica).
         ahead = max_active_shards if max_active_shards else (1 if pool else None)
-        plan = PlanBatchOperator(task_id="plan", spec=spec, ray_conn_id=ray_conn_id, start_workers=ahead)
+        plan = PlanBatchOperator(task_id="plan", spec=spec, ray_conn_id=ray_conn_id, start_workers=ahead, shards_per_task=shards_per_task)
         extra = dict(shard_kwargs or {})
         if pool:
             extra["pool"] = pool

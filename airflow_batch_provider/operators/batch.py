@@ -33,16 +33,19 @@ def _spec_dict(spec: BatchSpec | dict[str, Any]) -> dict[str, Any]:
     return spec.to_dict() if isinstance(spec, BatchSpec) else dict(spec)
 
 
-def work_units(shards: list[api.Shard], max_tasks: int) -> list[dict[str, Any]]:
-    """One mapped task per shard, or several per task when there are more than ``max_tasks``
-    (Airflow's ``[core] max_map_length``), so that the mapping always fits.
+def work_units(shards: list[api.Shard], max_tasks: int, shards_per_task: int = 1) -> list[dict[str, Any]]:
+    """The mapped tasks of the pending shards: ``shards_per_task`` shards each (in plan order),
+    or more where that would make more than ``max_tasks`` tasks (Airflow's
+    ``[core] max_map_length``), so that the mapping always fits.
 
     Each unit is JSON-able (it travels through XCom) and carries the ``label`` the UI shows
-    for the mapped task (``map_index_template``).
+    for the mapped task (``map_index_template``). A unit's shards run one after another on one
+    replica, each committed on its own: how many shards a task holds changes how many tasks
+    Airflow schedules, not what a crash can lose.
     """
     if not shards:
         return []
-    per_unit = math.ceil(len(shards) / max(1, max_tasks))
+    per_unit = max(shards_per_task, math.ceil(len(shards) / max(1, max_tasks)))
     units = []
     for offset in range(0, len(shards), per_unit):
         group = shards[offset : offset + per_unit]
@@ -90,6 +93,8 @@ class PlanBatchOperator(_SpecOperator):
     shards share one task so that the mapping always fits.
 
     :param ray_conn_id: ``ray`` connection, for starting the model replicas ahead.
+    :param shards_per_task: pending shards per mapped task (at least; more where the tasks
+        would exceed ``max_map_length``). Each shard still commits on its own.
     :param start_workers: when shards are pending, start up to this many of the model's Ray
         replicas now, without waiting, so the model loads while Airflow schedules the shard
         tasks. ``None``: as many as the pending tasks and the cluster allow (what shard tasks
@@ -102,10 +107,20 @@ class PlanBatchOperator(_SpecOperator):
     template_fields: Sequence[str] = ("spec", "ray_conn_id")
     ui_color = "#e8f4fd"
 
-    def __init__(self, *, ray_conn_id: str = RayHook.default_conn_name, start_workers: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        ray_conn_id: str = RayHook.default_conn_name,
+        start_workers: int | None = None,
+        shards_per_task: int = 1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        if isinstance(shards_per_task, bool) or not isinstance(shards_per_task, int) or shards_per_task < 1:
+            raise ValueError(f"shards_per_task must be an integer >= 1, got {shards_per_task!r}")
         self.ray_conn_id = ray_conn_id
         self.start_workers = start_workers
+        self.shards_per_task = shards_per_task
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         started = time.time()
@@ -116,7 +131,7 @@ class PlanBatchOperator(_SpecOperator):
             raise BatchInferenceException(str(err)) from None
         for note in job.notes:
             self.log.warning("%s", note)
-        units = work_units(job.pending, conf.getint("core", "max_map_length", fallback=1024))
+        units = work_units(job.pending, conf.getint("core", "max_map_length", fallback=1024), self.shards_per_task)
         self.log.info(
             "Plan for %s: %s shards (%s rows), %s already committed, %s to compute in %s mapped tasks; plan %s",
             spec.sink_root,

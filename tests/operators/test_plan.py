@@ -95,3 +95,28 @@ def test_more_shards_than_max_map_length_share_tasks(tmp_path, jsonl_source):
     assert sorted(s["shard_id"] for u in units for s in u["shards"]) == sorted(s.shard_id for s in pending)
     assert "shards:" in units[0]["label"]
     assert [u["label"] for u in work_units(pending[:2], 50)] == [s.description for s in pending[:2]]
+
+
+def test_shards_per_task_groups_shards_apart_from_max_map_length(tmp_path, jsonl_source):
+    from airflow_batch_provider.core.api import BatchSpec, plan
+
+    spec = BatchSpec(source=jsonl_source, sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+                     source_format="jsonl", rows_per_shard=10)  # 25 + 13 shards
+    pending = plan(spec).pending
+    assert len(pending) == 38
+    units = work_units(pending, max_tasks=1024, shards_per_task=8)
+    assert [len(u["shards"]) for u in units] == [8, 8, 8, 8, 6]
+    assert [s["shard_id"] for u in units for s in u["shards"]] == [s.shard_id for s in pending]  # plan order kept
+    assert len(work_units(pending, max_tasks=2, shards_per_task=8)) == 2  # the cap still wins
+    with pytest.raises(ValueError, match="shards_per_task"):
+        PlanBatchOperator(task_id="plan", spec=spec.to_dict(), shards_per_task=0)
+
+
+def test_batch_inference_passes_shards_per_task_to_the_plan():
+    from airflow.sdk import DAG
+
+    from airflow_batch_provider import BatchSpec
+
+    with DAG("d", schedule=None):
+        group = batch_inference(BatchSpec(source="/in/*.jsonl", sink="/out", predictor="m:C"), shards_per_task=4)
+    assert group.children["batch_inference.plan"].shards_per_task == 4
