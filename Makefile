@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo test test-fast lint bench bench-gpu bench-s3 clean
+.PHONY: install demo test test-fast lint bench bench-gpu bench-s3 bench-scale clean
 
 install: $(STAMP)
 
@@ -40,5 +40,10 @@ bench-gpu: install
 bench-s3: install
 	$(PY) benchmarks/s3_plan.py --shards $(or $(SHARDS),10000)
 
+# The provider's own cost with a cheap model: I/O ceiling, resume against Ray Data's
+# checkpointing, planning cost. Sizes: SCALE_* variables (benchmarks/scale.py).
+bench-scale: install
+	$(PY) benchmarks/scale.py
+
 clean:
-	rm -rf .demo .bench .pytest_cache
+	rm -rf .demo .bench .bench-scale .pytest_cache

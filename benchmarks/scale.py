@@ -1,0 +1,498 @@
+"""`make bench-scale`: what the provider's own machinery costs when the model is cheap.
+
+An identity predictor (``benchmarks/identity.py``) over generated rows (an id and a short
+text), so that everything measured is reading, shard handling, committing and writing:
+
+1. ``io``: the I/O ceiling. SCALE_ROWS rows as JSONL and as Parquet, on local disk (and on a
+   SeaweedFS S3 server with SCALE_S3=1), through ``airflow dags test`` on a Ray head, against a
+   single-process pyarrow read -> Parquet write of the same files (the limit of this machine
+   for that work). Rows/s, input MB/s, ratio.
+2. ``resume``: head to head with Ray Data's own checkpointing (``CheckpointConfig(id_column=
+   "id")``) at each size of SCALE_RESUME_ROWS: each run is SIGKILLed (its whole process group)
+   once about half of its output is written, then resumed. Rows computed again, wall time of
+   the resumed run, peak RSS of the driver and the Ray workers during it, bytes of input read
+   during it, and whether the sink holds every id exactly once.
+3. ``plan``: plan time and peak RSS over one large JSONL file (SCALE_PLAN_BIG_GB) and over
+   many small files (SCALE_PLAN_FILES), on local disk (and S3 with SCALE_S3=1).
+
+SCALE_SECTIONS picks sections (default ``io,resume,plan``). Ratios are measured side by side in
+one run; on a shared machine, run it alone.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.run import RayHead, _find_token  # noqa: E402,F401  (the same Ray head set-up as `make bench`)
+
+WORK = os.environ.get("SCALE_DIR", os.path.join(ROOT, ".bench-scale"))
+ROWS = int(os.environ.get("SCALE_ROWS", "10000000"))
+FILES = int(os.environ.get("SCALE_FILES", "10"))
+ROWS_PER_SHARD = int(os.environ.get("SCALE_ROWS_PER_SHARD", "250000"))
+BATCH = int(os.environ.get("SCALE_BATCH_SIZE", "65536"))
+RESUME_ROWS = [int(x) for x in os.environ.get("SCALE_RESUME_ROWS", "1000000,10000000").split(",") if x]
+PLAN_BIG_GB = float(os.environ.get("SCALE_PLAN_BIG_GB", "5"))
+PLAN_FILES = int(os.environ.get("SCALE_PLAN_FILES", "100000"))
+SECTIONS = os.environ.get("SCALE_SECTIONS", "io,resume,plan").split(",")
+WITH_S3 = os.environ.get("SCALE_S3", "0") == "1"
+CPUS = int(os.environ.get("SCALE_CPUS", str(min(2, os.cpu_count() or 1))))
+BIN = os.path.dirname(sys.executable)
+MB = 1 << 20
+
+
+def log(message: str) -> None:
+    print(f"[scale] {message}", flush=True)
+
+
+# -- data ----------------------------------------------------------------------------------------
+def generate(directory: str, rows: int, files: int, fmt: str) -> int:
+    """``files`` files of an id and a short text (~60 bytes a JSON line); returns their bytes."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(directory, exist_ok=True)
+    words = np.array("airflow ray shard model batch vector query index parquet bucket worker commit resume".split())
+    per_file = -(-rows // files)
+    chunk = 500_000
+    for index in range(files):
+        first, last = index * per_file, min(rows, (index + 1) * per_file)
+        path = f"{directory}/part-{index:04d}.{fmt}"
+        writer = pq.ParquetWriter(path, pa.schema([("id", pa.int64()), ("text", pa.string())])) if fmt == "parquet" else None
+        with open(path, "wb") if writer is None else _nothing() as handle:
+            for start in range(first, last, chunk):
+                ids = np.arange(start, min(last, start + chunk), dtype=np.int64)
+                text = np.char.add(np.char.add(words[ids % len(words)], " row "), ids.astype(str))
+                if writer is not None:
+                    writer.write_table(pa.table({"id": ids, "text": text.astype(object)}), row_group_size=100_000)
+                else:
+                    lines = [f'{{"id":{i},"text":"{t}"}}\n' for i, t in zip(ids.tolist(), text.tolist(), strict=True)]
+                    handle.write("".join(lines).encode())
+        if writer is not None:
+            writer.close()
+    return sum(os.path.getsize(p) for p in glob.glob(f"{directory}/*.{fmt}"))
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
+
+
+def sink_ids(sink: str) -> tuple[int, int]:
+    """(rows, distinct ids) in a Parquet sink, read as a user would (pyarrow.dataset)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(sink, format="parquet", exclude_invalid_files=True).to_table(columns=["id"])
+    return table.num_rows, pc.count_distinct(table.column("id")).as_py()
+
+
+# -- the pyarrow copy (the ceiling) ---------------------------------------------------------------
+def pyarrow_copy(source_dir: str, fmt: str, out: str, filesystem: Any = None) -> float:
+    """Read every file with pyarrow, write it as Parquet: one process, streaming, no Ray."""
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    fs_open = (lambda p, m: filesystem.open(p, m)) if filesystem else open  # noqa: E731
+    paths = sorted(filesystem.glob(f"{source_dir}/*.{fmt}")) if filesystem else sorted(glob.glob(f"{source_dir}/*.{fmt}"))
+    if not filesystem:
+        os.makedirs(out, exist_ok=True)
+    started = time.perf_counter()
+    for index, path in enumerate(paths):
+        with fs_open(path, "rb") as src, fs_open(f"{out}/copy-{index:04d}.parquet", "wb") as dst:
+            if fmt == "jsonl":
+                reader = pj.open_json(src, read_options=pj.ReadOptions(block_size=8 * MB))
+                writer = pq.ParquetWriter(dst, reader.schema)
+                for batch in reader:
+                    writer.write_batch(batch)
+            else:
+                parquet = pq.ParquetFile(src)
+                writer = pq.ParquetWriter(dst, parquet.schema_arrow)
+                for batch in parquet.iter_batches(batch_size=BATCH):
+                    writer.write_batch(batch)
+            writer.close()
+    return time.perf_counter() - started
+
+
+# -- the provider through airflow dags test -------------------------------------------------------
+def airflow_env(source: str, sink: str, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": f"{WORK}/airflow",
+        "AIRFLOW__CORE__DAGS_FOLDER": f"{ROOT}/benchmarks/dags",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__MAX_MAP_LENGTH": "100000",
+        "SCALE_SOURCE": source,
+        "SCALE_SINK": sink,
+        "SCALE_BATCH_SIZE": str(BATCH),
+        "SCALE_ROWS_PER_SHARD": str(ROWS_PER_SHARD),
+        "SCALE_MAX_ACTIVE": str(CPUS),
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **extra,
+    }
+
+
+def dags_test(env: dict[str, str], log_name: str, kill_when: Callable[[], bool] | None = None) -> tuple[float, str, bool]:
+    """``airflow dags test batch_scale``: (seconds, output, killed). With ``kill_when``, its whole
+    process group is SIGKILLed as soon as that returns True."""
+    started = time.perf_counter()
+    logfile = open(f"{WORK}/{log_name}", "w")
+    proc = subprocess.Popen([f"{BIN}/airflow", "dags", "test", "batch_scale"], env=env, cwd=ROOT,
+                            stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    killed = False
+    while proc.poll() is None:
+        if kill_when is not None and kill_when():
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+        time.sleep(0.2)
+    wall = time.perf_counter() - started
+    logfile.close()
+    text = open(f"{WORK}/{log_name}").read()
+    if not killed and "state=success" not in text:
+        sys.exit(f"the DAG run failed; see {WORK}/{log_name}")
+    return wall, text, killed
+
+
+def computed_rows(log_text: str) -> int:
+    return sum(int(x) for x in re.findall(r"Shard \S+ computed: (\d+) rows in", log_text))
+
+
+# -- measuring a run -----------------------------------------------------------------------------
+class Sampler:
+    """Samples, every 0.2 s, the RSS and the bytes read of a set of processes (the driver's tree
+    and the Ray head's worker processes): peak of the summed RSS, and the growth of read bytes."""
+
+    def __init__(self, head: RayHead, root_pid: Callable[[], int | None]):
+        self.head, self.root_pid = head, root_pid
+        self.peak_rss = 0
+        self._read0: dict[int, int] = {}
+        self._read: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _procs(self) -> list[Any]:
+        import psutil
+
+        procs = [p for p in self.head.processes().values() if "ray::" in " ".join(_cmdline(p))]
+        pid = self.root_pid()
+        if pid:
+            try:
+                root = psutil.Process(pid)
+                procs += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        return procs
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            for proc in self._procs():
+                try:
+                    total += proc.memory_info().rss
+                    chars = proc.io_counters().read_chars
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                self._read0.setdefault(proc.pid, chars)
+                self._read[proc.pid] = chars
+            self.peak_rss = max(self.peak_rss, total)
+            time.sleep(0.2)
+
+    def __enter__(self) -> Sampler:
+        for proc in self._procs():  # processes alive before the run count from here
+            try:
+                self._read0[proc.pid] = proc.io_counters().read_chars
+            except Exception:  # noqa: BLE001 - a process that just ended
+                continue
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(chars - self._read0.get(pid, 0) for pid, chars in self._read.items())
+
+
+def _cmdline(proc: Any) -> list[str]:
+    try:
+        return proc.cmdline()
+    except Exception:  # noqa: BLE001
+        return []
+
+
+# -- sections ------------------------------------------------------------------------------------
+def section_io(head: RayHead) -> list[str]:
+    lines = []
+    for fmt in ("jsonl", "parquet"):
+        source = f"{WORK}/io-{fmt}"
+        size = generate(source, ROWS, FILES, fmt)
+        log(f"io: {ROWS} rows of {fmt}, {size / MB:.0f} MB in {FILES} files")
+        copy_s = pyarrow_copy(source, fmt, f"{WORK}/io-copy-{fmt}")
+        sink = f"{WORK}/io-out-{fmt}"
+        wall, text, _ = dags_test(airflow_env(f"{source}/*.{fmt}", sink), f"io-{fmt}.log")
+        manifest = json.load(open(f"{sink}/_SUCCESS"))
+        assert manifest["rows_out"] == ROWS, manifest["rows_out"]
+        prov_s = manifest["elapsed_seconds"]
+        lines.append(_io_row(f"local {fmt}", ROWS, size, copy_s, prov_s, wall))
+        if WITH_S3:
+            lines.append(_io_s3(fmt, source, size))
+        shutil.rmtree(f"{WORK}/io-copy-{fmt}", ignore_errors=True)
+    return lines
+
+
+def _io_row(name: str, rows: int, size: int, copy_s: float, prov_s: float, wall: float) -> str:
+    return (f"{name:<14} pyarrow copy {copy_s:7.1f} s {rows / copy_s:>11,.0f} rows/s {size / MB / copy_s:6.1f} MB/s | provider "
+            f"{prov_s:7.1f} s {rows / prov_s:>11,.0f} rows/s {size / MB / prov_s:6.1f} MB/s | {copy_s / prov_s:.3f}x "
+            f"(whole command {wall:.1f} s)")
+
+
+def _io_s3(fmt: str, source: str, size: int) -> str:
+    import s3fs
+
+    from tests.s3_server import S3Server
+
+    server = S3Server.start()
+    try:
+        bucket = server.new_bucket("scale")
+        fs = s3fs.S3FileSystem(**server.storage_options())
+        fs.put(f"{source}/", f"{bucket}/in/", recursive=True)
+        copy_s = pyarrow_copy(f"{bucket}/in", fmt, f"{bucket}/copy", filesystem=fs)
+        env = airflow_env(f"s3://{bucket}/in/*.{fmt}", f"s3://{bucket}/out", SCALE_CONN_ID="scale_s3",
+                          AIRFLOW_CONN_SCALE_S3=server.connection_json())
+        wall, _, _ = dags_test(env, f"io-s3-{fmt}.log")
+        manifest = json.loads(fs.cat(f"{bucket}/out/_SUCCESS"))
+        assert manifest["rows_out"] == ROWS
+        return _io_row(f"S3 {fmt}", ROWS, size, copy_s, manifest["elapsed_seconds"], wall)
+    finally:
+        server.stop()
+
+
+RAY_DATA_DRIVER = """
+import os, sys, glob, time
+import ray
+from ray.data.checkpoint import CheckpointConfig
+source, sink, checkpoint, counts = sys.argv[1:5]
+ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+ctx = ray.data.DataContext.get_current()
+ctx.checkpoint_config = CheckpointConfig(id_column="id", checkpoint_path=checkpoint)
+def identity(batch):
+    with open(os.path.join(counts, str(os.getpid())), "a") as handle:
+        handle.write(f"{batch.num_rows}\\n")
+    return batch
+started = time.perf_counter()
+ray.data.read_json(sorted(glob.glob(source))).map_batches(identity, batch_format="pyarrow", batch_size=%d).write_parquet(sink)
+print("RAY_DATA_SECONDS", time.perf_counter() - started)
+"""
+
+
+def ray_data_run(source: str, sink: str, checkpoint: str, counts: str, log_name: str,
+                 kill_when: Callable[[], bool] | None = None, sampler_head: RayHead | None = None) -> dict[str, Any]:
+    os.makedirs(counts, exist_ok=True)
+    logfile = open(f"{WORK}/{log_name}", "w")
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", RAY_DATA_DRIVER % BATCH, source, sink, checkpoint, counts], cwd=ROOT,
+                            stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    sampler = Sampler(sampler_head, lambda: proc.pid) if sampler_head else None
+    if sampler:
+        sampler.__enter__()
+    killed = False
+    while proc.poll() is None:
+        if kill_when is not None and kill_when():
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+        time.sleep(0.2)
+    wall = time.perf_counter() - started
+    if sampler:
+        sampler.__exit__()
+    logfile.close()
+    if not killed and proc.returncode != 0:
+        sys.exit(f"Ray Data run failed; see {WORK}/{log_name}")
+    return {"wall": wall, "killed": killed, "peak_rss": sampler.peak_rss if sampler else 0,
+            "bytes_read": sampler.bytes_read if sampler else 0}
+
+
+def _counted(counts: str) -> int:
+    return sum(int(x) for path in glob.glob(f"{counts}/*") for x in open(path).read().split())
+
+
+def _rows_in_sink(sink: str) -> int:
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for path in glob.glob(f"{sink}/*.parquet"):
+        try:
+            rows += pq.read_metadata(path).num_rows
+        except Exception:  # noqa: BLE001 - a file being written
+            continue
+    return rows
+
+
+def section_resume(head: RayHead) -> list[str]:
+    lines = []
+    for rows in RESUME_ROWS:
+        source = f"{WORK}/resume-{rows}"
+        size = generate(source, rows, FILES, "jsonl")
+        log(f"resume: {rows} rows, {size / MB:.0f} MB of JSONL")
+        # Ray Data with CheckpointConfig: killed at about half, then resumed.
+        sink, ckpt, counts = f"{WORK}/rd-out-{rows}", f"{WORK}/rd-ckpt-{rows}", f"{WORK}/rd-counts-{rows}"
+        first = ray_data_run(f"{source}/*.jsonl", sink, ckpt, counts, f"rd-{rows}-1.log",
+                             kill_when=lambda sink=sink, rows=rows: _rows_in_sink(sink) >= rows // 2)
+        before_rows, before_counted = _rows_in_sink(sink), _counted(counts)
+        second = ray_data_run(f"{source}/*.jsonl", sink, ckpt, f"{counts}-resume", f"rd-{rows}-2.log", sampler_head=head)
+        rd_again = _counted(f"{counts}-resume") - (rows - before_rows)
+        rd_total, rd_distinct = sink_ids(sink)
+        lines.append(_resume_row("Ray Data", rows, size, first["killed"], before_rows, second, rd_again, rd_total, rd_distinct,
+                                 before_counted))
+        # The provider: airflow dags test killed (its process group) at about half, then rerun.
+        sink = f"{WORK}/prov-out-{rows}"
+        env = airflow_env(f"{source}/*.jsonl", sink)
+        sentinels = f"{sink}/_checkpoint/shards"
+        planned = -(-rows // ROWS_PER_SHARD)
+        _, _, killed = dags_test(env, f"prov-{rows}-1.log",
+                                 kill_when=lambda s=sentinels, n=planned: len(glob.glob(f"{s}/*.json")) >= n // 2)
+        time.sleep(2)  # shards already on the replicas may still commit: they count as committed before the resume
+        committed_rows = sum(json.load(open(p))["rows_in"] for p in glob.glob(f"{sentinels}/*.json"))
+        holder: dict[str, int | None] = {"pid": None}
+        with Sampler(head, lambda holder=holder: holder["pid"]) as sampler:
+            wall, text, _ = _dags_test_tracking(env, f"prov-{rows}-2.log", holder)
+        again = computed_rows(text) - (rows - committed_rows)
+        total, distinct = sink_ids(sink)
+        stats = {"wall": wall, "peak_rss": sampler.peak_rss, "bytes_read": sampler.bytes_read}
+        lines.append(_resume_row("provider", rows, size, killed, committed_rows, stats, again, total, distinct, None))
+    return lines
+
+
+def _dags_test_tracking(env: dict[str, str], log_name: str, holder: dict[str, int | None]) -> tuple[float, str, bool]:
+    started = time.perf_counter()
+    with open(f"{WORK}/{log_name}", "w") as logfile:
+        proc = subprocess.Popen([f"{BIN}/airflow", "dags", "test", "batch_scale"], env=env, cwd=ROOT,
+                                stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+        holder["pid"] = proc.pid
+        proc.wait()
+    text = open(f"{WORK}/{log_name}").read()
+    if "state=success" not in text:
+        sys.exit(f"the DAG run failed; see {WORK}/{log_name}")
+    return time.perf_counter() - started, text, False
+
+
+def _resume_row(name: str, rows: int, size: int, killed: bool, done_before: int, run: dict[str, Any], again: int,
+                total: int, distinct: int, counted_before: int | None) -> str:
+    once = "yes" if total == distinct == rows else f"NO ({total} rows, {distinct} distinct ids of {rows})"
+    extra = f", rows processed before the kill {counted_before}" if counted_before is not None else ""
+    return (f"{name:<9} {rows:>11,} rows: killed={killed} with {done_before:,} rows in the sink{extra}; resume {run['wall']:.1f} s, "
+            f"peak RSS {run['peak_rss'] / MB:,.0f} MiB, input read {run['bytes_read'] / MB:,.0f} MiB of {size / MB:,.0f}, "
+            f"rows computed again {again:,}; every row once: {once}")
+
+
+PLAN_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, %r)
+from airflow_batch_provider.core import api
+spec = api.BatchSpec(source=sys.argv[1], sink=sys.argv[2], predictor="benchmarks.identity:Identity", source_format="jsonl",
+                     rows_per_shard=%d)
+options = json.loads(sys.argv[3]) or None
+started = time.perf_counter()
+job = api.plan(spec, options)
+print(json.dumps({"seconds": time.perf_counter() - started, "shards": len(job.plan.shards),
+                  "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _plan(source: str, sink: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", PLAN_CHILD % (ROOT, ROWS_PER_SHARD), source, sink, json.dumps(options)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def section_plan() -> list[str]:
+    lines = []
+    big = f"{WORK}/plan-big"
+    os.makedirs(big, exist_ok=True)
+    block = "".join(f'{{"id":{i},"text":"row {i} of a large file"}}\n' for i in range(200_000)).encode()
+    target = int(PLAN_BIG_GB * (1 << 30))
+    with open(f"{big}/big.jsonl", "wb") as handle:
+        while handle.tell() < target:
+            handle.write(block)
+    size = os.path.getsize(f"{big}/big.jsonl")
+    result = _plan(f"{big}/big.jsonl", f"{WORK}/plan-big-out")
+    lines.append(f"plan, one {size / (1 << 30):.1f} GiB JSONL file (local): {result['seconds']:.1f} s "
+                 f"({size / MB / result['seconds']:.0f} MB/s), {result['shards']} shards, peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB")
+    small = f"{WORK}/plan-small"
+    os.makedirs(small, exist_ok=True)
+    for index in range(PLAN_FILES):
+        with open(f"{small}/f-{index:06d}.jsonl", "w") as handle:
+            handle.write(f'{{"id":{index},"text":"row"}}\n')
+    result = _plan(small, f"{WORK}/plan-small-out")
+    lines.append(f"plan, {PLAN_FILES:,} small JSONL files (local): {result['seconds']:.1f} s, {result['shards']} shards, "
+                 f"peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB")
+    if WITH_S3:
+        lines.extend(_plan_s3(f"{big}/big.jsonl", small))
+    return lines
+
+
+def _plan_s3(big_file: str, small_dir: str) -> list[str]:
+    import s3fs
+
+    from tests.s3_server import S3Server
+
+    server = S3Server.start()
+    try:
+        bucket = server.new_bucket("plan")
+        fs = s3fs.S3FileSystem(**server.storage_options())
+        fs.put(big_file, f"{bucket}/big/big.jsonl")
+        fs.put(f"{small_dir}/", f"{bucket}/small/", recursive=True)
+        lines = []
+        for name, source in (("one large JSONL file", f"s3://{bucket}/big/big.jsonl"), ("small JSONL files", f"s3://{bucket}/small/")):
+            result = _plan(source, f"s3://{bucket}/out-{name[:3]}", server.storage_options())
+            lines.append(f"plan, {name} (S3): {result['seconds']:.1f} s, {result['shards']} shards, "
+                         f"peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB")
+        return lines
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    shutil.rmtree(WORK, ignore_errors=True)
+    os.makedirs(WORK)
+    log(f"sections {','.join(SECTIONS)}; {ROWS:,} rows for io, {RESUME_ROWS} for resume; {ROWS_PER_SHARD:,} rows/shard; "
+        f"batch {BATCH}; {CPUS} CPUs")
+    subprocess.run([f"{BIN}/airflow", "db", "migrate"], env=airflow_env("", ""), check=True, capture_output=True)
+    results: dict[str, list[str]] = {}
+    head = RayHead(f"/tmp/abp-scale-ray-{os.getpid()}")
+    head.start()
+    try:
+        if "io" in SECTIONS:
+            results["I/O ceiling (identity predictor; input MB/s)"] = section_io(head)
+        if "resume" in SECTIONS:
+            results["resume after a SIGKILL at about half"] = section_resume(head)
+    finally:
+        head.stop()
+    if "plan" in SECTIONS:
+        results["planning cost"] = section_plan()
+    print()
+    for title, lines in results.items():
+        print(f"== {title}")
+        for line in lines:
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
