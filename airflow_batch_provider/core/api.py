@@ -7,8 +7,9 @@ A job is three steps around a pool of model replicas on Ray:
   committed by the replica), follow the call by its work id, and shut the replicas down;
 * :func:`finalize`: prove that every shard of the plan is committed; write ``_SUCCESS``.
 
-:class:`ShardRunner` runs shards in this process instead (tests, benchmarks, a host without
-Ray). :func:`committed_results` answers, reading only, whether some shards are committed (for a
+:func:`sink_status`, :func:`verify_sink` and :func:`collect_garbage` serve the people who
+operate a sink (the status page, the ``airflow-batch`` CLI). :class:`ShardRunner` runs shards
+in this process instead (tests, benchmarks, a host without Ray). :func:`committed_results` answers, reading only, whether some shards are committed (for a
 process that must not write to the sink, such as Airflow's triggerer). Storage credentials
 come in as ``storage_options`` (s3fs style); attempts carry an opaque key of the caller's.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_batch_provider.core.domain.commit import inspect_shard, new_attempt
+from airflow_batch_provider.core.domain.inspection import SinkStatus, Verification, collect_garbage, sink_status, verify_sink
 from airflow_batch_provider.core.domain.jobs import JobPlan, finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
@@ -71,10 +73,16 @@ __all__ = [
     "RunState",
     "Shard",
     "ShardRunner",
+    "SinkStatus",
+    "Verification",
+    "collect_garbage",
     "committed_results",
     "connect",
     "finalize",
+    "is_remote",
     "needs_credentials",
     "new_attempt",
     "plan",
+    "sink_status",
+    "verify_sink",
 ]

@@ -45,6 +45,11 @@ def infer_format(path: str) -> str | None:
     return None
 
 
+def default_checkpoint_root(sink: str) -> str:
+    """Where plan and sentinels live unless ``checkpoint_dir`` says otherwise."""
+    return f"{sink.rstrip('/')}/_checkpoint"
+
+
 def file_extension(file_format: str) -> str:
     """The extension a file of ``file_format`` is written with (``.parquet``, ``.jsonl``)."""
     return FORMAT_EXTENSIONS[file_format][0]
@@ -151,7 +156,7 @@ class BatchSpec:
 
     @property
     def checkpoint_root(self) -> str:
-        return (self.checkpoint_dir or f"{self.sink_root}/_checkpoint").rstrip("/")
+        return (self.checkpoint_dir or default_checkpoint_root(self.sink_root)).rstrip("/")
 
     def fingerprint_inputs(self) -> dict[str, Any]:
         """The values the fingerprint hashes, kept in the checkpoint to explain a mismatch."""

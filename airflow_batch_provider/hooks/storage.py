@@ -66,3 +66,8 @@ def storage_options_for(spec: BatchSpec) -> dict[str, Any] | None:
     if not needs_credentials(spec):
         return None
     return ObjectStorageHook(spec.storage_conn_id or DEFAULT_AWS_CONN_ID).storage_options()
+
+
+def options_for_connection(conn_id: str) -> dict[str, Any]:
+    """Storage options of the named connection (for tools outside a task, such as the CLI)."""
+    return ObjectStorageHook(conn_id).storage_options()

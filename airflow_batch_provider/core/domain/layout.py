@@ -30,6 +30,22 @@ def part_name(shard_id: str, sink_format: str) -> str:
     return f"{PART_PREFIX}{shard_id}{file_extension(sink_format)}"
 
 
+def sentinel_dir(checkpoint_root: str) -> str:
+    return f"{checkpoint_root}/{SENTINEL_DIR}"
+
+
+def quarantine_dir(checkpoint_root: str) -> str:
+    return f"{checkpoint_root}/{QUARANTINE_DIR}"
+
+
+def plan_path(checkpoint_root: str) -> str:
+    return f"{checkpoint_root}/{PLAN_NAME}"
+
+
+def manifest_path(sink_root: str) -> str:
+    return f"{sink_root}/{MANIFEST_NAME}"
+
+
 def is_part_name(name: str) -> bool:
     """Whether a file name in a sink has the form of our part files (any sink format)."""
     return name.startswith(PART_PREFIX) and name.endswith(_PART_EXTENSIONS)
@@ -61,21 +77,21 @@ class JobStorage:
 
     @property
     def sentinel_dir(self) -> str:
-        return f"{self.spec.checkpoint_root}/{SENTINEL_DIR}"
+        return sentinel_dir(self.spec.checkpoint_root)
 
     def sentinel_path(self, shard_id: str) -> str:
         return f"{self.sentinel_dir}/{shard_id}{SENTINEL_SUFFIX}"
 
     def quarantine_path(self, shard_id: str, stamp_ms: int) -> str:
-        return f"{self.spec.checkpoint_root}/{QUARANTINE_DIR}/{shard_id}.{stamp_ms}.json"
+        return f"{quarantine_dir(self.spec.checkpoint_root)}/{shard_id}.{stamp_ms}.json"
 
     @property
     def plan_path(self) -> str:
-        return f"{self.spec.checkpoint_root}/{PLAN_NAME}"
+        return plan_path(self.spec.checkpoint_root)
 
     @property
     def manifest_path(self) -> str:
-        return f"{self.spec.sink_root}/{MANIFEST_NAME}"
+        return manifest_path(self.spec.sink_root)
 
     def committed_ids(self) -> set[str]:
         """Shard ids with a sentinel: one (paginated) listing of the sentinel directory."""

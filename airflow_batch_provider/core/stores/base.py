@@ -94,6 +94,8 @@ class StagedPart(ABC):
 
     final_path: str
     stream: HashingWriter
+    #: when the staging began (epoch seconds), where the store knows it (``list_staged``)
+    started_at: float | None = None
 
     @property
     @abstractmethod
@@ -183,6 +185,15 @@ class Store(ABC):
                 )
             )
         return files
+
+    def modified_at(self, path: str) -> float | None:
+        """When the file was last written (epoch seconds), or None when it does not exist."""
+        try:
+            info = self._fs.info(path)
+        except FileNotFoundError:
+            return None
+        stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
+        return stamp.timestamp() if hasattr(stamp, "timestamp") else (float(stamp) if stamp is not None else None)
 
     def version_of(self, info: dict[str, Any]) -> str:
         """A tag that changes when the file's content changes (local: size + mtime)."""

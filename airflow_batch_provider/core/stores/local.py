@@ -93,11 +93,13 @@ class LocalStore(Store):
 
     def list_staged(self, directory: str) -> list[StagedPart]:
         staging = os.path.join(directory, STAGING_DIR)
-        return [
-            LocalStagedPart(os.path.join(staging, name), os.path.join(directory, name.rsplit(".", 2)[0]))
-            for name in self.list_files(staging)
-            if name.endswith(_STAGED_SUFFIX)
-        ]
+        staged: list[StagedPart] = []
+        for name in self.list_files(staging):
+            if name.endswith(_STAGED_SUFFIX):
+                part = LocalStagedPart(os.path.join(staging, name), os.path.join(directory, name.rsplit(".", 2)[0]))
+                part.started_at = self.modified_at(part.staged)
+                staged.append(part)
+        return staged
 
 
 def _write_temp(path: str, data: bytes) -> str:

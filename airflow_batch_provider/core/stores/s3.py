@@ -290,6 +290,10 @@ class S3Store(Store):
         tag = f"{etag}-{size}"
         return f"{tag}@{version_id}" if version_id and version_id != "null" else tag
 
+    def modified_at(self, path: str) -> float | None:
+        head = _head(self.client, path)
+        return None if head is None else head["LastModified"].timestamp()
+
     def delete(self, path: str) -> None:
         bucket, key = split_s3_url(path)
         try:
@@ -346,7 +350,10 @@ class S3Store(Store):
             pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
             for page in pages:
                 for upload in page.get("Uploads", ()):
-                    staged.append(S3StagedPart(self.client, bucket, upload["Key"], upload_id=upload["UploadId"]))
+                    part = S3StagedPart(self.client, bucket, upload["Key"], upload_id=upload["UploadId"])
+                    initiated = upload.get("Initiated")
+                    part.started_at = initiated.timestamp() if hasattr(initiated, "timestamp") else None
+                    staged.append(part)
         except Exception as err:
             raise _failure(err, "ListMultipartUploads", directory) from None
         return staged

@@ -1,0 +1,119 @@
+"""``airflow-batch``: look after a sink from a shell (``python -m airflow_batch_provider`` too).
+
+    airflow-batch status SINK [--json]                    shards, rows, bytes, speed, last commits
+    airflow-batch verify SINK                             re-read every part; non-zero exit on a mismatch
+    airflow-batch gc SINK --older-than 6h [--yes]         leftovers of crashed attempts, old quarantine
+
+S3 credentials come from the Airflow connection named by ``--conn-id`` (as the tasks use it),
+or else from the usual AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, profiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from airflow_batch_provider.core import api
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``6h``, ``7d`` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write it like 90s, 30m, 6h or 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def storage_options(sink: str, conn_id: str | None) -> dict[str, Any] | None:
+    """The options the tasks would use: the Airflow connection when one is named."""
+    if not api.is_remote(sink):
+        return None
+    if conn_id is None:
+        return {}  # boto3's own credential chain: environment, profile, instance role
+    from airflow_batch_provider.hooks.storage import options_for_connection
+
+    return options_for_connection(conn_id)
+
+
+def _when(stamp: float | None) -> str:
+    if stamp is None:
+        return "-"
+    return datetime.fromtimestamp(stamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):,.1f} MiB"
+
+
+def render_status(status: api.SinkStatus) -> str:
+    rate = status.rows_per_second
+    span = (status.last_commit_at or 0) - (status.first_commit_at or 0)
+    lines = [
+        f"sink        {status.sink}",
+        f"checkpoint  {status.checkpoint_dir}",
+        f"shards      {status.planned_shards:,} planned: {status.committed:,} committed, {status.pending:,} pending, "
+        f"{status.quarantined:,} quarantined",
+        f"rows        {status.rows_in:,} in, {status.rows_out:,} out, {status.rows_rejected:,} rejected "
+        f"(planned {status.planned_rows:,})",
+        f"bytes       {_mib(status.bytes)}",
+        f"speed       {f'{rate:,.0f} rows/s over {span / 60:.1f} min of commits' if rate else '-'}",
+        f"finalized   {_when(status.finalized_at) if status.finalized_at else 'no'}",
+    ]
+    if status.throughput:
+        lines.append("rows per minute:")
+        lines += [f"  {_when(minute)}  {rows:>12,}" for minute, rows in status.throughput[-10:]]
+    if status.last_commits:
+        lines.append("last commits:")
+        lines += [f"  {_when(c.committed_at)}  {c.shard_id}  {c.rows_in:>10,} rows  {_mib(c.bytes):>12}  {c.part}"
+                  for c in status.last_commits]
+    lines.append(f"(read in {status.seconds:.2f} s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="airflow-batch", description="Look after the sink of a batch inference job.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("status", "shards committed, pending and quarantined; rows, bytes, speed, last commits"),
+                       ("verify", "re-read every committed part; check its size and sha256 against its sentinel"),
+                       ("gc", "remove what crashed attempts left (staged parts, orphan uploads) and old quarantine entries")):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("sink", help="the sink: a local path or s3://bucket/prefix")
+        command.add_argument("--checkpoint-dir", help="the job's checkpoint_dir, when it is not {sink}/_checkpoint")
+        command.add_argument("--conn-id", help="Airflow connection for S3 credentials (default: the AWS environment)")
+        if name == "status":
+            command.add_argument("--json", action="store_true", help="print the figures as JSON")
+        if name == "gc":
+            command.add_argument("--older-than", type=parse_duration, required=True,
+                                 help="only what is older than this (longer than your longest shard task), e.g. 6h")
+            command.add_argument("--yes", action="store_true", help="remove; without it, only print what would go")
+    args = parser.parse_args(argv)
+    options = storage_options(args.sink, args.conn_id)
+    try:
+        if args.command == "status":
+            status = api.sink_status(args.sink, args.checkpoint_dir, options)
+            print(json.dumps(status.to_dict(), indent=1) if args.json else render_status(status))
+            return 0
+        if args.command == "verify":
+            result = api.verify_sink(args.sink, args.checkpoint_dir, options)
+            for problem in result.problems:
+                print(f"MISMATCH {problem}")
+            print(f"{result.checked} committed parts checked, {len(result.problems)} mismatched")
+            return 1 if result.problems else 0
+        lines = api.collect_garbage(args.sink, args.checkpoint_dir, options, older_than_s=args.older_than, apply=args.yes)
+        print("\n".join(lines) if lines else "nothing to remove")
+        if lines and not args.yes:
+            print("(dry run: add --yes to remove them)")
+        return 0
+    except api.BatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
