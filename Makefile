@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo test test-fast lint bench bench-gpu bench-s3 bench-scale clean
+.PHONY: install browser demo test test-fast lint bench bench-gpu bench-s3 bench-scale clean
 
 install: $(STAMP)
 
@@ -15,7 +15,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[examples,test]'
+	@$(MAKE) --no-print-directory browser
 	@rm -f $(VENV)/.installed-* && touch $@
+
+# Headless Chromium for the status page's browser test, from the OS packages where we may install them.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	      echo "could not install chromium: the status page's browser test will be skipped"; \
+	  else echo "chromium is not installed and apt-get is not available to root here: the browser test will be skipped"; fi
 
 demo: install
 	$(PY) scripts/demo.py

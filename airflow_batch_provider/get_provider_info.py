@@ -36,6 +36,7 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_batch_provider.triggers.shard"],
             }
         ],
+        "extra-links": ["airflow_batch_provider.links.sink_status.SinkStatusLink"],
         "connection-types": [
             {
                 "connection-type": "ray",

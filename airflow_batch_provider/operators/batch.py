@@ -20,6 +20,7 @@ from airflow_batch_provider.core import api
 from airflow_batch_provider.exceptions import BatchInferenceException
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.hooks.storage import storage_options_for
+from airflow_batch_provider.links.sink_status import SinkStatusLink
 from airflow_batch_provider.spec import BatchSpec
 from airflow_batch_provider.triggers.shard import RayShardTrigger
 
@@ -64,6 +65,7 @@ class _SpecOperator(BaseOperator):
     """Holds the spec as a templated dict (paths may use ``{{ ds }}`` and friends)."""
 
     template_fields: Sequence[str] = ("spec",)
+    operator_extra_links = (SinkStatusLink(),)
 
     def __init__(self, *, spec: BatchSpec | dict[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
