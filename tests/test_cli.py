@@ -114,3 +114,39 @@ def test_status_and_verify_on_s3_with_the_tasks_connection(s3_server, s3_bucket,
     assert main(["verify", spec.sink, "--conn-id", "abp_cli_s3"]) == 0
     assert "5 committed parts checked, 0 mismatched" in capsys.readouterr().out
     assert s3_server.secret_key not in json.dumps(figures)
+
+
+def test_status_reads_each_sentinel_once_and_a_finalized_sink_from_its_manifest(s3_server, s3_bucket, jsonl_source):
+    """The status page refreshes every 15 s: sentinels never change, so only new ones are fetched;
+    a finalized sink is read from ``_SUCCESS`` (one GET) instead of one GET per sentinel."""
+    import s3fs
+
+    from airflow_batch_provider.core import api
+    from airflow_batch_provider.core.domain.jobs import finalize_job
+    from tests.s3_server import RequestCounter, store_clients
+
+    fs = s3fs.S3FileSystem(**s3_server.storage_options())
+    for name in os.listdir(jsonl_source):
+        fs.put(os.path.join(jsonl_source, name), f"{s3_bucket}/in/{name}")
+    spec = BatchSpec(source=f"s3://{s3_bucket}/in/", source_format="jsonl", sink=f"s3://{s3_bucket}/out",
+                     predictor="tests.predictors:Doubler", rows_per_shard=50)  # 8 shards
+    options = s3_server.storage_options()
+    storage = run_some(spec, 5, options)
+
+    def gets_during_status():
+        from airflow_batch_provider.core.domain.inspection import SinkFiles
+
+        probe = SinkFiles(spec.sink, None, options)
+        with RequestCounter(*store_clients(probe.sink_store, probe.checkpoint_store)) as count:
+            status = api.sink_status(spec.sink, None, options)
+        return status, count.by_operation.get("GetObject", 0)
+
+    first, first_gets = gets_during_status()
+    again, again_gets = gets_during_status()
+    assert first.committed == again.committed == 5 and first.rows_in == again.rows_in == 250
+    assert first_gets >= 5 and again_gets <= 2  # plan + _SUCCESS probe; no sentinel again
+    run_some(spec, 3, options)
+    finalize_job(spec, storage)
+    done, done_gets = gets_during_status()
+    assert (done.committed, done.pending, done.rows_in) == (8, 0, 380) and done.finalized_at
+    assert done_gets <= 2

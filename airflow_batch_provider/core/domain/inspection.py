@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,6 +24,11 @@ from airflow_batch_provider.core.stores import Store, store_for
 
 _READ_THREADS = 32
 _HASH_BLOCK = 8 << 20
+#: sentinels are created once and never change: a long-lived reader (the status page in the
+#: api-server) keeps the ones it has read, keyed by path and version, and fetches only new ones.
+_SENTINELS_KEPT = 500_000
+_sentinel_cache: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+_cache_lock = threading.Lock()
 
 
 @dataclass
@@ -86,20 +93,59 @@ class SinkFiles:
         raw = self.checkpoint_store.read_bytes(path)
         return None if raw is None else Plan.from_json(raw, path)
 
-    def sentinels(self) -> list[dict[str, Any]]:
-        """Every sentinel that parses (concurrent GETs); unreadable ones are left to the tasks."""
+    def sentinels(self, *, use_manifest: bool = True) -> list[dict[str, Any]]:
+        """Every sentinel that parses: one LIST, then a GET for each one not read before (or, with
+        ``use_manifest``, the ``_SUCCESS`` manifest's copy of them when it covers every one)."""
         directory = layout.sentinel_dir(self.checkpoint_dir)
-        names = [n for n in self.checkpoint_store.list_files(directory) if n.endswith(layout.SENTINEL_SUFFIX)]
+        listed = {n: info for n, info in self.checkpoint_store.list_files(directory).items() if n.endswith(layout.SENTINEL_SUFFIX)}
+        from_manifest = self._from_manifest(listed) if use_manifest else None
+        if from_manifest is not None:
+            return from_manifest
+        found: dict[str, dict[str, Any]] = {}
+        missing = []
+        with _cache_lock:
+            for name, info in listed.items():
+                cached = _sentinel_cache.get((f"{directory}/{name}", info.version))
+                if cached is None:
+                    missing.append(name)
+                else:
+                    found[name] = cached
 
-        def read(name: str) -> dict[str, Any] | None:
+        def read(name: str) -> tuple[str, dict[str, Any] | None]:
             try:
                 data = json.loads(self.checkpoint_store.read_bytes(f"{directory}/{name}") or b"")
             except ValueError:
-                return None
-            return data if isinstance(data, dict) and "shard_id" in data else None
+                return name, None
+            return name, data if isinstance(data, dict) and "shard_id" in data else None
 
         with ThreadPoolExecutor(_READ_THREADS) as pool:
-            return [s for s in pool.map(read, names) if s is not None]
+            fetched = [(n, d) for n, d in pool.map(read, missing) if d is not None]
+        with _cache_lock:
+            for name, data in fetched:
+                found[name] = data
+                _sentinel_cache[(f"{directory}/{name}", listed[name].version)] = data
+            while len(_sentinel_cache) > _SENTINELS_KEPT:
+                _sentinel_cache.popitem(last=False)
+        return [found[n] for n in sorted(found)]
+
+    def manifest(self) -> dict[str, Any] | None:
+        """``_SUCCESS``, read once per ``SinkFiles``."""
+        if not hasattr(self, "_manifest"):
+            raw = self.sink_store.read_bytes(layout.manifest_path(self.sink))
+            try:
+                self._manifest = json.loads(raw) if raw is not None else None
+            except ValueError:
+                self._manifest = None
+        return self._manifest
+
+    def _from_manifest(self, listed: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """A finalized sink's ``_SUCCESS`` holds every committed part's figures: one GET instead
+        of one per sentinel, when it names exactly the sentinels listed."""
+        manifest = self.manifest()
+        parts = (manifest or {}).get("parts")
+        if not parts or {f"{p.get('shard_id')}{layout.SENTINEL_SUFFIX}" for p in parts} != set(listed):
+            return None
+        return sorted(parts, key=lambda p: p["shard_id"])
 
 
 def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None,
@@ -134,12 +180,7 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
             per_minute[minute] = per_minute.get(minute, 0) + commit.rows_in
         status.throughput = sorted(per_minute.items())
         status.last_commits = stamped[-last:][::-1]
-    manifest = files.sink_store.read_bytes(layout.manifest_path(files.sink))
-    if manifest is not None:
-        try:
-            status.finalized_at = json.loads(manifest).get("finalized_at")
-        except ValueError:
-            status.finalized_at = None
+    status.finalized_at = (files.manifest() or {}).get("finalized_at")
     status.seconds = time.perf_counter() - started
     return status
 
@@ -153,7 +194,7 @@ class Verification:
 def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None) -> Verification:
     """Re-read every committed part and compare its size and sha256 with its sentinel."""
     files = SinkFiles(sink, checkpoint_dir, storage_options)
-    sentinels = files.sentinels()
+    sentinels = files.sentinels(use_manifest=False)
 
     def check(sentinel: dict[str, Any]) -> str:
         part = f"{files.sink}/{sentinel.get('part', '')}"
@@ -183,7 +224,7 @@ def collect_garbage(sink: str, checkpoint_dir: str | None = None, storage_option
     entries. Returns a line per item; removes them only with ``apply``."""
     files = SinkFiles(sink, checkpoint_dir, storage_options)
     cutoff = time.time() - older_than_s
-    referenced = {json.dumps(s["staged"], sort_keys=True) for s in files.sentinels() if s.get("staged")}
+    referenced = {json.dumps(s["staged"], sort_keys=True) for s in files.sentinels(use_manifest=False) if s.get("staged")}
     found = []
     for staged in files.sink_store.list_staged(files.sink):
         if staged.started_at is None or staged.started_at > cutoff:
