@@ -26,6 +26,7 @@ def batch_inference(
     pool: str | None = None,
     max_active_shards: int | None = None,
     shards_per_task: int = 1,
+    progress_interval: float = 30.0,
     release_workers: bool = True,
     deferrable: bool | None = None,
     shard_kwargs: dict[str, Any] | None = None,
@@ -41,6 +42,7 @@ def batch_inference(
         (``max_active_tis_per_dagrun``); set it to the number of GPUs (or model replicas).
     :param shards_per_task: shards per mapped task. ``rows_per_shard`` sets what a crash can
         lose (each shard commits on its own); this sets how many tasks Airflow schedules.
+    :param progress_interval: seconds between a running shard's progress lines in its task log.
     :param release_workers: finalize stops the model's Ray workers (else they idle out).
     :param deferrable: shard tasks defer while Ray computes and hold no worker slot (needs a
         running ``airflow triggerer``); default ``[operators] default_deferrable``.
@@ -63,6 +65,7 @@ def batch_inference(
             spec=spec,
             ray_conn_id=ray_conn_id,
             retries=shard_retries,
+            progress_interval=progress_interval,
             map_index_template="{{ task.work_unit['label'] }}",
             **extra,
         ).expand(work_unit=plan.output)

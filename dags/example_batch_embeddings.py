@@ -37,7 +37,12 @@ spec = BatchSpec(
     doc_md=__doc__,
 )
 def batch_inference_example():
-    batch_inference(spec, group_id="embed", max_active_shards=int(os.environ.get("BATCH_DEMO_MAX_ACTIVE", "2")))
+    batch_inference(
+        spec,
+        group_id="embed",
+        max_active_shards=int(os.environ.get("BATCH_DEMO_MAX_ACTIVE", "2")),
+        progress_interval=float(os.environ.get("BATCH_DEMO_PROGRESS_S", "30")),
+    )
 
 
 batch_inference_example()

@@ -30,20 +30,36 @@ def airflow_env() -> dict[str, str]:
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__LOGGING__LOGGING_LEVEL="INFO",
         BATCH_DEMO_DIR=DEMO,
+        BATCH_DEMO_PROGRESS_S=os.environ.get("BATCH_DEMO_PROGRESS_S", "3"),
         HF_HUB_OFFLINE="1",
         PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
     )
     return env
 
 
+_PROGRESS = re.compile(r"Shard\(s\) \S+ (\S+) lines (\S+): ([\d,]+ of [\d,]+ rows .*?)(?:\s+\[|$)")
+_DONE = re.compile(r"Shard \S+ (computed|skipped): (\d+) rows in")
+
+
 def run_dag(env: dict[str, str], log_name: str) -> tuple[float, str]:
+    """``airflow dags test``, its log kept in .demo; the shard tasks' progress lines shown live."""
     log_path = os.path.join(DEMO, log_name)
     started = time.perf_counter()
+    done = 0
     with open(log_path, "w") as log:
-        code = subprocess.call(
+        proc = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "airflow"), "dags", "test", "batch_inference_example"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True,
         )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if found := _PROGRESS.search(line):
+                print(f"  {time.perf_counter() - started:6.1f} s  {found.group(1)} lines {found.group(2)}: {found.group(3)}", flush=True)
+            elif found := _DONE.search(line):
+                done += int(found.group(2))
+                print(f"  {time.perf_counter() - started:6.1f} s  shard {found.group(1)}; {done:,} of {ROWS:,} rows done", flush=True)
+        code = proc.wait()
     elapsed = time.perf_counter() - started
     text = open(log_path).read()
     if code != 0 or "state=success" not in text:

@@ -27,7 +27,7 @@ from airflow_batch_provider.core.errors import BatchError, BatchSpecError, RayWo
 from airflow_batch_provider.core.execution.runner import ShardResult, ShardRunner
 from airflow_batch_provider.core.ray.connection import RayTarget, connect
 from airflow_batch_provider.core.ray.pool import ReplicaPool
-from airflow_batch_provider.core.ray.states import RunState
+from airflow_batch_provider.core.ray.states import Progress, RunState
 from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import is_remote
 
@@ -67,6 +67,7 @@ __all__ = [
     "BatchSpec",
     "BatchSpecError",
     "JobPlan",
+    "Progress",
     "RayTarget",
     "RayWorkError",
     "ReplicaPool",

@@ -187,6 +187,8 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         so the task holds no worker slot (needs ``airflow triggerer``). Default:
         ``[operators] default_deferrable``.
     :param poll_interval: seconds between the trigger's status checks (deferrable only).
+    :param progress_interval: seconds between the progress lines (rows done, rows/s, time
+        left) the task (or, deferred, its trigger) writes to the task log while Ray computes.
     """
 
     template_fields: Sequence[str] = ("spec", "work_unit", "ray_conn_id")
@@ -202,6 +204,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         ray_conn_id: str = RayHook.default_conn_name,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 5.0,
+        progress_interval: float = 30.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -209,6 +212,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         self.ray_conn_id = ray_conn_id
         self.deferrable = deferrable
         self.poll_interval = poll_interval
+        self.progress_interval = progress_interval
         self._results: list[dict[str, Any]] | None = None
 
     @cached_property
@@ -274,7 +278,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             return self.get_job_result(external_id, context)
         while True:
             try:
-                results = self.replicas.result(external_id)
+                results = self.replicas.result(external_id, on_progress=self._log_progress, every_s=self.progress_interval)
             except api.RayWorkError as err:
                 raise BatchInferenceException(f"shard(s) {self.label}: {err}") from None
             if results is not None:
@@ -284,6 +288,9 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             external_id = self.submit_job(context)
             if (store := context.get("task_state_store")) is not None:
                 store.set(self.external_id_key, external_id)
+
+    def _log_progress(self, progress: api.Progress) -> None:
+        self.log.info("Shard(s) %s: %s", self.label, progress.describe())
 
     def get_job_result(self, external_id: Any, context: Context) -> list[dict[str, Any]]:
         if self._results is None:
@@ -310,6 +317,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
                 ray_conn_id=self.ray_conn_id,
                 label=self.label,
                 poll_interval=self.poll_interval,
+                progress_interval=self.progress_interval,
             ),
             method_name="execute_complete",
             timeout=self.execution_timeout,

@@ -19,6 +19,7 @@ carries the ``ray`` connection id and reads address and token in the triggerer.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,6 +44,7 @@ class RayShardTrigger(BaseTrigger):
     :param ray_conn_id: ``ray`` connection (address and token are read in the triggerer).
     :param label: the work unit's label, for messages.
     :param poll_interval: seconds between status checks.
+    :param progress_interval: seconds between progress lines in the task log.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class RayShardTrigger(BaseTrigger):
         ray_conn_id: str = RayHook.default_conn_name,
         label: str = "",
         poll_interval: float = 5.0,
+        progress_interval: float = 30.0,
     ) -> None:
         super().__init__()
         self.worker = worker
@@ -64,6 +67,7 @@ class RayShardTrigger(BaseTrigger):
         self.ray_conn_id = ray_conn_id
         self.label = label
         self.poll_interval = poll_interval
+        self.progress_interval = progress_interval
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -76,17 +80,22 @@ class RayShardTrigger(BaseTrigger):
                 "ray_conn_id": self.ray_conn_id,
                 "label": self.label,
                 "poll_interval": self.poll_interval,
+                "progress_interval": self.progress_interval,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
             await self._connect()
+            reported = time.monotonic()
             while True:
                 outcome = await asyncio.to_thread(self._status)
                 state = outcome.get("state")
                 if state == api.RunState.RUNNING:
-                    self.log.debug("Ray work %s of shard(s) %s still running", self.token, self.label)
+                    progress = api.Progress.of(outcome)
+                    if progress and time.monotonic() - reported >= self.progress_interval:
+                        self.log.info("Shard(s) %s: %s", self.label, progress.describe())  # reaches the task log
+                        reported = time.monotonic()
                     await asyncio.sleep(self.poll_interval)
                     continue
                 if state == api.RunState.SUCCEEDED:

@@ -83,7 +83,7 @@ def test_work_lost_while_waiting_is_resubmitted_and_the_new_call_recorded(monkey
         def status(self, work):
             return {"state": "RUNNING"}
 
-        def result(self, work):
+        def result(self, work, **progress):
             waited.append(work["token"])
             return None if work["token"] == "old" else [result]
 

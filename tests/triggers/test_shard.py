@@ -176,3 +176,12 @@ def test_committed_results_only_reads_the_sink(tmp_path):
     assert snapshot() == before  # nothing published, quarantined or deleted
     assert check_shard(storage, shard).committed  # a task process rolls it forward
     assert trigger._committed_results()[0]["rows_in"] == 3
+
+
+def test_run_logs_progress_lines_while_ray_computes(fake_ray, capsys):
+    running = {"state": "RUNNING", "progress": {"rows_done": 250, "rows_total": 1000, "seconds": 5.0}}
+    fake_ray["handle"] = FakeHandle([running, running, {"state": "SUCCEEDED", "results": []}])
+    payload, _ = run_trigger(make(progress_interval=0))
+    assert payload["status"] == "success"
+    logged = capsys.readouterr().out  # the trigger's logger (structlog) writes to stdout here
+    assert logged.count("Shard(s) s0: 250 of 1,000 rows (25%), 50 rows/s, about 15 s left") == 2

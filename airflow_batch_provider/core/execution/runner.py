@@ -61,7 +61,9 @@ class ShardRunner:
         self.predictor = predictor or build_predictor(spec.predictor, spec.predictor_kwargs)
         self.load_seconds = time.perf_counter() - started
 
-    def run(self, shard: Shard, attempt: dict[str, Any]) -> ShardResult:
+    def run(self, shard: Shard, attempt: dict[str, Any], on_rows: Callable[[int], None] | None = None) -> ShardResult:
+        """Check, compute and commit ``shard``; ``on_rows(n)`` hears of every batch the model
+        has done (``n`` rows of the shard so far), for progress reports."""
         started = time.perf_counter()
         check = check_shard(self.storage, shard)
         if check.committed:
@@ -73,11 +75,15 @@ class ShardRunner:
         try:
             part = PartWriter(staged.stream, spec.sink_format)
             writer = BackgroundWriter(part.write)
+            rows_done = 0
             for index, table in enumerate(prefetch(read_shard(self.storage.source, spec, shard, stats))):
                 tick = time.perf_counter()
                 output = self.predictor(to_batch(table, spec.batch_format))
                 model_seconds += time.perf_counter() - tick
                 writer.submit(from_batch(output, spec.batch_format))
+                rows_done += table.num_rows
+                if on_rows is not None:
+                    on_rows(rows_done)
                 if index == 0:
                     failpoints.hit("mid_part")
             writer.close()

@@ -22,7 +22,7 @@ import itertools
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -30,7 +30,7 @@ from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import BatchError, RayWorkError
 from airflow_batch_provider.core.ray.connection import NAMESPACE
 from airflow_batch_provider.core.ray.replica import DEFAULT_IDLE_TIMEOUT_S, Replica
-from airflow_batch_provider.core.ray.states import RunState
+from airflow_batch_provider.core.ray.states import Progress, RunState
 from airflow_batch_provider.core.spec import BatchSpec
 
 log = logging.getLogger(__name__)
@@ -168,19 +168,27 @@ class ReplicaPool:
             return {"state": RunState.LOST}
         return ray.get(handle.wait.remote(work["token"], timeout_s))
 
-    def result(self, work: dict[str, str]) -> list[dict[str, Any]] | None:
+    def result(
+        self, work: dict[str, str], *, on_progress: Callable[[Progress], None] | None = None, every_s: float = 30.0
+    ) -> list[dict[str, Any]] | None:
         """Block until the call ends: its shard results, or None when the call is lost (its
-        replica gone or restarted without it). Raises :class:`RayWorkError` when it failed."""
+        replica gone or restarted without it). Raises :class:`RayWorkError` when it failed.
+        While it runs, ``on_progress`` hears how far it is every ``every_s`` seconds."""
         ref = self._refs.pop(work["token"], None)
         if ref is not None:
+            while not ray.wait([ref], timeout=every_s if on_progress else None)[0]:
+                if on_progress and (progress := Progress.of(self.status(work))):
+                    on_progress(progress)
             try:
                 return ray.get(ref)
             except Exception as err:
                 raise RayWorkError(_failure_message(err)) from None
         while True:
-            outcome = self.wait(work, _WAIT_CALL_S)
+            outcome = self.wait(work, every_s if on_progress else _WAIT_CALL_S)
             state = outcome["state"]
             if state == RunState.RUNNING:
+                if on_progress and (progress := Progress.of(outcome)):
+                    on_progress(progress)
                 continue
             if state == RunState.SUCCEEDED:
                 return outcome["results"]

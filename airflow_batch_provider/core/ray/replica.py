@@ -55,6 +55,7 @@ class Replica:
         self._lease: tuple[str, float] | None = None
         self._running: str | None = None
         self._running_attempt: dict[str, Any] = {}
+        self._progress: dict[str, Any] = {}
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._done = threading.Condition(self._lock)
         self._last_active = time.monotonic()
@@ -69,14 +70,20 @@ class Replica:
         from airflow_batch_provider.core.execution.runner import ShardRunner
 
         token = attempt["token"]
+        planned = [Shard.from_dict(shard) for shard in shards]
+        progress = {"rows_done": 0, "rows_total": sum(s.rows for s in planned), "started": time.monotonic()}
         with self._lock:
             self._running, self._lease, self._running_attempt = token, None, attempt
+            self._progress = progress
             self._last_active = time.monotonic()
         try:
             runner = ShardRunner(BatchSpec.from_dict(spec), storage_options, predictor=self.predictor)
             results = []
-            for shard in shards:
-                result = runner.run(Shard.from_dict(shard), attempt).to_dict()
+            done_before = 0
+            for shard in planned:
+                result = runner.run(shard, attempt, on_rows=lambda rows, base=done_before: progress.update(rows_done=base + rows)).to_dict()
+                done_before += shard.rows
+                progress["rows_done"] = done_before
                 result["worker_pid"] = os.getpid()
                 result["model_load_seconds"] = self.load_seconds if self.shards_run == 0 else 0.0
                 self.shards_run += 1
@@ -145,7 +152,9 @@ class Replica:
         ``run_shards`` call it follows is picked up (on a busy machine, for a while); reporting
         that as UNKNOWN would fail the shard task. A lease whose call never came expires."""
         if self._running == token:
-            return {"state": RunState.RUNNING}
+            progress = self._progress
+            return {"state": RunState.RUNNING, "progress": {"rows_done": progress["rows_done"], "rows_total": progress["rows_total"],
+                                                           "seconds": time.monotonic() - progress["started"]}}
         if token in self._results:
             return self._results[token]
         if self._lease is not None and self._lease[0] == token and time.monotonic() - self._lease[1] <= LEASE_TIMEOUT_S:

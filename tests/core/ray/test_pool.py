@@ -183,3 +183,21 @@ def test_lease_with_a_deadline_gives_up_on_a_busy_pool(local_ray, jsonl_source, 
         assert pool.lease("now-free", timeout_s=5.0)[0] == work["worker"]
     finally:
         pool.shutdown()
+
+
+def test_a_running_call_reports_its_progress(local_ray, jsonl_source, tmp_path):
+    """While a shard computes, the caller hears rows done of rows planned, rows/s and time left."""
+    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=0.6, num_workers=1)
+    pending = plan_job(spec).pending
+    pool = ReplicaPool(spec)
+    heard = []
+    try:
+        work = pool.submit(pending[:2], new_attempt())  # 20 rows in batches of 5, 0.6 s each
+        results = pool.result(work, on_progress=heard.append, every_s=0.5)
+        assert [r["status"] for r in results] == ["computed", "computed"]
+    finally:
+        pool.shutdown()
+    assert heard, "no progress reported while the call ran"
+    assert all(p.rows_total == 20 and 0 <= p.rows_done <= 20 for p in heard)
+    assert [p.rows_done for p in heard] == sorted(p.rows_done for p in heard)
+    assert any(p.rows_done > 0 for p in heard) and "of 20 rows" in heard[-1].describe()
