@@ -27,6 +27,9 @@ class BatchSpec(CoreBatchSpec):
 
     :param storage_conn_id: Airflow ``aws`` connection for S3 credentials (default
         ``aws_default``). URLs may name it instead, as ``s3://conn_id@bucket/prefix``.
+
+    ``predictor_secrets`` references are ``conn:<conn_id>`` (the connection's password) or
+    ``var:<key>`` (an Airflow Variable), resolved in the task process.
     """
 
     storage_conn_id: str | None = None
@@ -34,6 +37,8 @@ class BatchSpec(CoreBatchSpec):
     def __post_init__(self) -> None:
         self._take_conn_id_from_urls()
         super().__post_init__()
+        for kwarg, reference in self.predictor_secrets.items():
+            check_secret_reference(kwarg, reference)
         if self.storage_conn_id is not None and (not isinstance(self.storage_conn_id, str) or not self.storage_conn_id.strip()):
             raise BatchSpecError(f"storage_conn_id must be a non-empty string, got {self.storage_conn_id!r}")
 
@@ -78,3 +83,16 @@ def split_conn_id(url: str) -> tuple[str, str | None]:
         return url, None
     conn_id, _, bucket = authority.rpartition("@")
     return f"{scheme}://{bucket}{slash}{path}", conn_id or None
+
+
+SECRET_KINDS = ("conn", "var")
+
+
+def check_secret_reference(kwarg: str, reference: str) -> None:
+    """A ``predictor_secrets`` reference must be ``conn:<conn_id>`` or ``var:<key>``."""
+    kind, _, name = reference.partition(":")
+    if kind not in SECRET_KINDS or not name:
+        raise BatchSpecError(
+            f"predictor_secrets[{kwarg!r}] = {reference!r}: write 'conn:<conn_id>' (the connection's password) "
+            "or 'var:<key>' (an Airflow Variable)"
+        )

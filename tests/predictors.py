@@ -102,3 +102,15 @@ class SlowLoad(Doubler):
         if loads_log:
             with open(loads_log, "a") as handle:
                 handle.write(f"{os.getpid()}\n")
+
+
+class KeyedDoubler(Doubler):
+    """A ``Doubler`` that needs an API key, as a hosted model would; checks it by its digest
+    (so the test can tell it arrived) and never writes or returns it."""
+
+    def __init__(self, api_key: str, expected_sha256: str, **kwargs: Any):
+        import hashlib
+
+        if hashlib.sha256(api_key.encode()).hexdigest() != expected_sha256:
+            raise ValueError("KeyedDoubler: wrong api_key")
+        super().__init__(**kwargs)

@@ -79,6 +79,11 @@ class BatchSpec:
     :param resume: reuse committed shards (default). False deletes this job's earlier output
         in the sink (our part files, sentinels and manifest only) and starts over.
     :param max_retries: Ray retries of a shard whose worker process died.
+    :param predictor_secrets: predictor keyword arguments whose values are secrets, as
+        ``{kwarg: reference}``; the host resolves each reference (the Airflow layer:
+        ``conn:<conn_id>`` or ``var:<key>``) in the task process and hands the values to the
+        model replicas through Ray's object store. Only the references are kept in the spec,
+        the plan, the sentinels and the fingerprint.
 
     Credentials are not part of the spec: the core takes storage options (s3fs style) next
     to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from.
@@ -100,6 +105,7 @@ class BatchSpec:
     checkpoint_dir: str | None = None
     resume: bool = True
     max_retries: int = 3
+    predictor_secrets: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require_str(self, "source")
@@ -148,6 +154,13 @@ class BatchSpec:
             raise BatchSpecError(f"resume must be true or false, got {self.resume!r}")
         if self.checkpoint_dir is not None:
             _require_str(self, "checkpoint_dir")
+        secrets = self.predictor_secrets
+        if not isinstance(secrets, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in secrets.items()):
+            raise BatchSpecError(f"predictor_secrets must map predictor argument names to references, e.g. "
+                                 f"{{'api_key': 'conn:my_model_api'}}; got {type(secrets).__name__}")
+        clash = sorted(set(secrets) & set(self.predictor_kwargs))
+        if clash:
+            raise BatchSpecError(f"{clash} are in both predictor_kwargs and predictor_secrets; give each argument once")
 
     # -- derived values ---------------------------------------------------------------
     @property
@@ -162,6 +175,8 @@ class BatchSpec:
         """The values the fingerprint hashes, kept in the checkpoint to explain a mismatch."""
         values = {name: getattr(self, name) for name in FINGERPRINT_FIELDS}
         values["columns"] = list(self.columns) if self.columns is not None else None
+        if self.predictor_secrets:  # their references, never their values (absent: earlier fingerprints hold)
+            values["predictor_secrets"] = dict(sorted(self.predictor_secrets.items()))
         return values
 
     @property

@@ -18,6 +18,7 @@ from airflow.sdk import BaseOperator, ResumableJobMixin, conf
 
 from airflow_batch_provider.core import api
 from airflow_batch_provider.exceptions import BatchInferenceException
+from airflow_batch_provider.hooks.predictor_secrets import resolve_predictor_secrets
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.hooks.storage import storage_options_for
 from airflow_batch_provider.links.sink_status import SinkStatusLink
@@ -163,7 +164,7 @@ class PlanBatchOperator(_SpecOperator):
     def _start_workers(self, spec: api.BatchSpec, wanted: int) -> None:
         try:
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
-            names = api.ReplicaPool(spec).start(wanted)
+            names = api.ReplicaPool(spec, secrets=resolve_predictor_secrets(spec.predictor_secrets)).start(wanted)
         except Exception as err:  # an optimisation only: the shard tasks connect and report
             self.log.warning("Could not start Ray workers ahead (%s: %s); the shard tasks will start them", type(err).__name__, err)
             return
@@ -221,7 +222,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
 
     @cached_property
     def replicas(self) -> api.ReplicaPool:
-        return api.ReplicaPool(self.core_spec)
+        return api.ReplicaPool(self.core_spec, secrets=resolve_predictor_secrets(self.core_spec.predictor_secrets))
 
     @property
     def label(self) -> str:

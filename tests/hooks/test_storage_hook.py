@@ -30,7 +30,7 @@ def test_conn_id_from_the_url_selects_the_connection(monkeypatch):
         "endpoint_url": "http://127.0.0.1:9000",
         "client_kwargs": {"region_name": "eu-west-1"},
     }
-    assert "secret" not in json.dumps(spec.to_dict())  # the spec only names the connection
+    assert CONN["password"] not in json.dumps(spec.to_dict())  # the spec only names the connection
 
 
 def test_local_paths_need_no_connection():

@@ -54,11 +54,12 @@ class ShardRunner:
         spec: BatchSpec,
         storage_options: dict[str, Any] | None = None,
         predictor: Callable[[Any], Any] | None = None,
+        secrets: dict[str, str] | None = None,
     ):
         self.spec = spec
         self.storage = JobStorage.for_spec(spec, storage_options)
         started = time.perf_counter()
-        self.predictor = predictor or build_predictor(spec.predictor, spec.predictor_kwargs)
+        self.predictor = predictor or build_predictor(spec.predictor, {**spec.predictor_kwargs, **(secrets or {})})
         self.load_seconds = time.perf_counter() - started
 
     def run(self, shard: Shard, attempt: dict[str, Any], on_rows: Callable[[int], None] | None = None) -> ShardResult:

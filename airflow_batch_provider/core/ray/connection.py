@@ -32,7 +32,13 @@ def connect(target: RayTarget | None = None) -> None:
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": True}
     if target.address:
         kwargs["address"] = target.address
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    finally:
+        if target.token:
+            # Ray's client keeps the token it read; it must not stay in this process's
+            # environment, where every subprocess (and anything that dumps os.environ) sees it.
+            os.environ.pop("RAY_AUTH_TOKEN", None)
     log.info("Connected to Ray at %s", target.address or os.environ.get("RAY_ADDRESS") or "a new local Ray")
 
 
@@ -44,7 +50,7 @@ def _use_token(token: str) -> None:
     (else read from ``~/.ray/auth_token``, possibly another cluster's) in C++, so both
     caches are refreshed here.
     """
-    os.environ["RAY_AUTH_TOKEN"] = token  # read by Ray's client; never logged
+    os.environ["RAY_AUTH_TOKEN"] = token  # read by Ray's client while it connects, then removed
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     try:

@@ -43,18 +43,28 @@ _WAIT_CALL_S = 30.0
 
 def pool_key(spec: BatchSpec) -> str:
     """Replicas are shared by every job that loads the same model with the same resources."""
-    raw = json.dumps([spec.predictor, spec.predictor_kwargs, spec.num_gpus, spec.num_cpus], sort_keys=True)
+    loads = [spec.predictor, spec.predictor_kwargs, spec.num_gpus, spec.num_cpus]
+    if spec.predictor_secrets:  # by reference: replicas of different credentials are not shared
+        loads.append(spec.predictor_secrets)
+    raw = json.dumps(loads, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
 class ReplicaPool:
     """The replicas of the model that ``spec`` names, on the Ray cluster this process is
-    connected to (:func:`~airflow_batch_provider.core.ray.connection.connect`)."""
+    connected to (:func:`~airflow_batch_provider.core.ray.connection.connect`).
 
-    def __init__(self, spec: BatchSpec, *, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
+    :param secrets: the values of ``spec.predictor_secrets``, needed to start a replica. They go
+        to the replica through Ray's object store (``ray.put``), so Ray's task and actor
+        metadata (state API, dashboard, GCS) only ever hold a reference to them.
+    """
+
+    def __init__(self, spec: BatchSpec, *, secrets: dict[str, str] | None = None, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
         self.spec = spec
         self.key = pool_key(spec)
         self.idle_timeout_s = idle_timeout_s
+        self._secrets = secrets
+        self._secrets_ref: Any = None
         self._refs: dict[str, Any] = {}  # token -> ObjectRef of calls submitted by this process
 
     # -- replicas -----------------------------------------------------------------------
@@ -90,7 +100,18 @@ class ReplicaPool:
         }
         # No runtime_env: Ray sets OMP_NUM_THREADS from num_cpus itself, and a runtime_env would
         # keep the replica off Ray's pre-started worker processes (a new process per replica).
-        return name, Replica.options(**options).remote(spec.predictor, spec.predictor_kwargs, self.idle_timeout_s)
+        return name, Replica.options(**options).remote(spec.predictor, spec.predictor_kwargs, self.idle_timeout_s, self._secret_values())
+
+    def _secret_values(self) -> Any:
+        """An ObjectRef to the predictor's secret arguments (None when it has none)."""
+        if not self.spec.predictor_secrets:
+            return None
+        if self._secrets is None or set(self._secrets) != set(self.spec.predictor_secrets):
+            raise RayWorkError(f"the predictor's secret arguments {sorted(self.spec.predictor_secrets)} were not resolved; "
+                               "start replicas from a task that resolves predictor_secrets")
+        if self._secrets_ref is None:
+            self._secrets_ref = ray.put(self._secrets)
+        return self._secrets_ref
 
     def start(self, wanted: int) -> list[str]:
         """Create up to ``wanted`` replicas (at most :meth:`size`) without waiting for them.

@@ -41,14 +41,14 @@ class Replica:
     ``reserve`` calls, which may block while they wait for the replica, have a thread group of
     their own ("lease"), so that waiting shard tasks never hold up ``status`` or ``wait``."""
 
-    def __init__(self, predictor: str, predictor_kwargs: dict[str, Any], idle_timeout_s: float):
+    def __init__(self, predictor: str, predictor_kwargs: dict[str, Any], idle_timeout_s: float, secrets: dict[str, str] | None = None):
         from airflow_batch_provider.core.execution.allocator import keep_freed_memory
         from airflow_batch_provider.core.execution.batches import build_predictor
 
         # Before the model loads: this process serves only this replica, shard after shard.
         self.keeps_freed_memory = keep_freed_memory()
         started = time.perf_counter()
-        self.predictor = build_predictor(predictor, predictor_kwargs)
+        self.predictor = build_predictor(predictor, {**predictor_kwargs, **(secrets or {})})  # Ray resolved the ref
         self.load_seconds = time.perf_counter() - started
         self.shards_run = 0
         self._lock = threading.Lock()
