@@ -14,14 +14,20 @@ text), so that everything measured is reading, shard handling, committing and wr
    during it, and whether the sink holds every id exactly once.
 3. ``plan``: plan time and peak RSS over one large JSONL file (SCALE_PLAN_BIG_GB) and over
    many small files (SCALE_PLAN_FILES), on local disk (and S3 with SCALE_S3=1).
+4. ``shards``: SCALE_MANY_SHARDS small shards through a real scheduler (LocalExecutor on
+   PostgreSQL, parallelism 4, ``tests/deployment/harness.py``), one mapped task per shard and
+   SCALE_SHARDS_PER_TASK shards per task, against the same shards run by the core without
+   Airflow on the same Ray head: wall time, Airflow's cost per mapped task, and the gap between
+   two commits (how long a replica waits between shards).
 
-SCALE_SECTIONS picks sections (default ``io,resume,plan``). Ratios are measured side by side in
+SCALE_SECTIONS picks sections (default ``io,resume,plan,shards``). Ratios are measured side by side in
 one run; on a shared machine, run it alone.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import re
@@ -32,6 +38,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +54,9 @@ BATCH = int(os.environ.get("SCALE_BATCH_SIZE", "65536"))
 RESUME_ROWS = [int(x) for x in os.environ.get("SCALE_RESUME_ROWS", "1000000,10000000").split(",") if x]
 PLAN_BIG_GB = float(os.environ.get("SCALE_PLAN_BIG_GB", "5"))
 PLAN_FILES = int(os.environ.get("SCALE_PLAN_FILES", "100000"))
-SECTIONS = os.environ.get("SCALE_SECTIONS", "io,resume,plan").split(",")
+SECTIONS = os.environ.get("SCALE_SECTIONS", "io,resume,plan,shards").split(",")
+MANY_SHARDS = int(os.environ.get("SCALE_MANY_SHARDS", "2000"))
+MANY_PER_TASK = int(os.environ.get("SCALE_SHARDS_PER_TASK", "20"))
 WITH_S3 = os.environ.get("SCALE_S3", "0") == "1"
 CPUS = int(os.environ.get("SCALE_CPUS", str(min(2, os.cpu_count() or 1))))
 BIN = os.path.dirname(sys.executable)
@@ -469,6 +478,95 @@ def _plan_s3(big_file: str, small_dir: str) -> list[str]:
         server.stop()
 
 
+MANY_DAG = """
+import pendulum
+from airflow.sdk import dag
+from airflow_batch_provider import BatchSpec, batch_inference
+
+spec = BatchSpec(source={source!r}, sink={sink!r}, predictor="benchmarks.identity:Identity", batch_format="pyarrow",
+                 rows_per_shard={rows_per_shard}, num_cpus=1, num_workers=2)
+
+
+@dag(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
+def many():
+    batch_inference(spec, group_id="scale", max_active_shards=4, shards_per_task={per_task}, shard_retries=0)
+
+
+many()
+"""
+
+
+def _commit_gaps(sink: str) -> float:
+    """Median seconds between consecutive commits (the replicas' wait between shards, plus a shard)."""
+    import statistics
+
+    stamps = sorted(json.load(open(p))["committed_at"] for p in glob.glob(f"{sink}/_checkpoint/shards/*.json"))
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    return statistics.median(gaps) if gaps else float("nan")
+
+
+def section_shards() -> list[str]:
+    from tests.deployment.harness import AirflowClient, Deployment
+
+    rows_per_shard = 20
+    source = f"{WORK}/many-in"
+    generate(source, MANY_SHARDS * rows_per_shard, 1, "jsonl")
+
+    class ManyTasks(Deployment):
+        def airflow_env(self) -> dict[str, str]:
+            env = super().airflow_env()
+            env.update(AIRFLOW__CORE__MAX_MAP_LENGTH=str(MANY_SHARDS + 1), AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG="16")
+            return env
+
+    deployment = ManyTasks(Path(f"{WORK}/deployment"), parallelism=4, ray_cpus=4)
+    deployment.start()
+    lines = []
+    try:
+        client = AirflowClient(deployment.base_url)
+        timings = {}
+        for per_task in (1, MANY_PER_TASK):
+            dag_id = f"scale_many_{per_task}"
+            sink = f"{WORK}/many-out-{per_task}"
+            (deployment.dags / f"{dag_id}.py").write_text(MANY_DAG.format(
+                source=f"{source}/*.jsonl", sink=sink, rows_per_shard=rows_per_shard, dag_id=dag_id, per_task=per_task))
+            client.wait_dag(dag_id, timeout=300)
+            client.unpause(dag_id)
+            started = time.perf_counter()
+            run_id = client.trigger(dag_id)
+            state = client.wait_run(dag_id, run_id, timeout=3600)
+            wall = time.perf_counter() - started
+            assert state == "success", state
+            timings[per_task] = (wall, _commit_gaps(sink), -(-MANY_SHARDS // per_task))
+        core_wall, core_gap = _core_many(deployment, f"{source}/*.jsonl", f"{WORK}/many-out-core", rows_per_shard)
+        for per_task, (wall, gap, tasks) in timings.items():
+            lines.append(f"{MANY_SHARDS} shards in {tasks} mapped tasks ({per_task} per task): {wall:.1f} s, "
+                         f"{(wall - core_wall) / tasks:.2f} s of Airflow per mapped task, median gap between commits {gap:.3f} s")
+        lines.append(f"{MANY_SHARDS} shards, core without Airflow (one after another, same Ray head): {core_wall:.1f} s, "
+                     f"median gap between commits {core_gap:.3f} s")
+    finally:
+        deployment.stop()
+    return lines
+
+
+def _core_many(deployment: Any, source: str, sink: str, rows_per_shard: int) -> tuple[float, float]:
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {ROOT!r})
+from airflow_batch_provider.core import api
+spec = api.BatchSpec(source={source!r}, sink={sink!r}, predictor="benchmarks.identity:Identity", batch_format="pyarrow",
+                     rows_per_shard={rows_per_shard}, num_cpus=1, num_workers=2)
+api.connect(api.RayTarget(address={deployment.ray_address!r}, token={deployment.ray_token!r}))
+started = time.perf_counter()
+pool = api.ReplicaPool(spec)
+for shard in api.plan(spec).pending:
+    pool.result(pool.submit([shard], api.new_attempt()))
+api.finalize(spec)
+print("CORE", time.perf_counter() - started)
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=deployment.base_env(), capture_output=True, text=True, check=True)
+    return float(re.search(r"CORE ([\d.]+)", out.stdout).group(1)), _commit_gaps(sink)
+
+
 def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
@@ -487,6 +585,8 @@ def main() -> None:
         head.stop()
     if "plan" in SECTIONS:
         results["planning cost"] = section_plan()
+    if "shards" in SECTIONS:
+        results["many shards through a real scheduler (LocalExecutor on PostgreSQL, parallelism 4)"] = section_shards()
     print()
     for title, lines in results.items():
         print(f"== {title}")
