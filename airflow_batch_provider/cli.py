@@ -11,7 +11,9 @@ or else from the usual AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_UR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import re
 import sys
 from datetime import datetime, timezone
@@ -36,9 +38,15 @@ def storage_options(sink: str, conn_id: str | None) -> dict[str, Any] | None:
         return None
     if conn_id is None:
         return {}  # boto3's own credential chain: environment, profile, instance role
-    from airflow_batch_provider.hooks.storage import options_for_connection
+    from airflow_batch_provider.hooks.storage import options_for_connection  # imports Airflow, which logs to stdout
 
-    return options_for_connection(conn_id)
+    # stdout is this command's output (``status --json``): Airflow's and the amazon provider's
+    # logs ("credentials retrieved from login and password", ...) go to stderr instead.
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+            handler.setStream(sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):  # structlog's own loggers write to sys.stdout
+        return options_for_connection(conn_id)
 
 
 def _when(stamp: float | None) -> str:

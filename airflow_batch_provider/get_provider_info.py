@@ -27,7 +27,7 @@ def get_provider_info() -> dict[str, Any]:
         "hooks": [
             {
                 "integration-name": "Ray batch inference",
-                "python-modules": ["airflow_batch_provider.hooks.ray", "airflow_batch_provider.hooks.storage"],
+                "python-modules": ["airflow_batch_provider.hooks.ray"],
             }
         ],
         "triggers": [

@@ -4,9 +4,10 @@ Reads ``s3://…/features/*.parquet`` row group by row group on Ray workers, wri
 per shard next to nothing else, and commits each shard with a conditional PUT of its
 sentinel: no rename or copy on S3, and a rerun computes only what is not committed.
 
-Credentials come from the ``aws`` connection named by ``BATCH_S3_CONN_ID`` (default
-``aws_default``): login/password = access key/secret, extra ``endpoint_url`` and
-``region_name`` for S3-compatible stores, e.g.::
+Credentials come from the amazon provider's ``aws`` connection named by ``BATCH_S3_CONN_ID``
+(default ``aws_default``; needs ``pip install 'airflow-batch-provider[s3]'``): login/password =
+access key/secret, extra ``endpoint_url`` and ``region_name`` for S3-compatible stores (and
+``role_arn``, ``profile_name``, ``aws_session_token`` as for any aws connection), e.g.::
 
     export AIRFLOW_CONN_AWS_DEFAULT='{"conn_type": "aws", "login": "...", "password": "...",
         "extra": {"endpoint_url": "http://127.0.0.1:8333", "region_name": "us-east-1"}}'

@@ -197,7 +197,7 @@ class S3Server:
         return boto3.client("s3", **self.client_kwargs())
 
     def storage_options(self) -> dict[str, Any]:
-        """What ``ObjectStorageHook.storage_options()`` returns for the matching connection."""
+        """What ``hooks.storage.options_for_connection()`` returns for the matching connection."""
         return {
             "key": self.access_key,
             "secret": self.secret_key,

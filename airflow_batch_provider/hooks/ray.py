@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
 
 from airflow_batch_provider.core.api import RayTarget, connect
 
@@ -33,21 +34,22 @@ class RayHook(BaseHook):
     def get_target(self) -> RayTarget:
         try:
             conn = self.get_connection(self.ray_conn_id)
-        except Exception as err:  # AirflowNotFoundException, or no connection backend reachable
-            return self._no_connection(err)
+        except AirflowNotFoundException:
+            return self._no_connection()
         return self._target_from(conn)
 
     async def aget_target(self) -> RayTarget:
         """:meth:`get_target` for triggers: reads the connection without blocking the event loop."""
         try:
             conn = await self.aget_connection(self.ray_conn_id)
-        except Exception as err:
-            return self._no_connection(err)
+        except AirflowNotFoundException:
+            return self._no_connection()
         return self._target_from(conn)
 
-    def _no_connection(self, err: Exception) -> RayTarget:
-        if type(err).__name__ not in ("AirflowNotFoundException", "ConnectionNotFound"):
-            raise err
+    def _no_connection(self) -> RayTarget:
+        # Both lookups raise the task SDK's AirflowNotFoundException for a missing connection
+        # (Connection.get / async_get turn the supervisor's CONNECTION_NOT_FOUND into it);
+        # any other error (backend unreachable, access denied) propagates.
         self.log.info("No %r connection: using RAY_ADDRESS / RAY_AUTH_TOKEN or a local Ray", self.ray_conn_id)
         return RayTarget()
 

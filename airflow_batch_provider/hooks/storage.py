@@ -1,73 +1,81 @@
-"""Credentials for S3 sources and sinks, from a standard Airflow ``aws`` connection.
+"""Credentials for S3 sources and sinks, from the amazon provider's ``aws`` connection.
 
-``login``/``password`` are the access key and secret, extra ``endpoint_url`` and
-``region_name`` point at S3-compatible stores. The values are handed to fsspec/boto3 as
-storage options and to the Ray workers as call arguments; they are never logged, pushed to
-XCom or put into templated fields (the spec only names the connection).
+The connection (``aws_default``, ``storage_conn_id`` or the ``s3://conn_id@bucket/...`` form)
+is read by the amazon provider's ``AwsBaseHook``, so it means what it means to every other
+user of ``aws_default``: access key and secret, ``aws_session_token``, ``role_arn``
+(assume-role), ``profile_name``, ``endpoint_url`` (or ``service_config.s3.endpoint_url``) and
+``region_name``. The resolved credentials are handed to fsspec/boto3 as s3fs-style storage
+options and to the Ray workers as call arguments; they are never logged, pushed to XCom or
+put into templated fields (the spec only names the connection).
+
+Needs the ``s3`` extra: ``pip install 'airflow-batch-provider[s3]'``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException, AirflowOptionalProviderFeatureException
 
 from airflow_batch_provider.core.api import needs_credentials
 from airflow_batch_provider.spec import BatchSpec
 
 DEFAULT_AWS_CONN_ID = "aws_default"
 
-
-class ObjectStorageHook(BaseHook):
-    """Reads an ``aws`` connection into fsspec/s3fs storage options.
-
-    :param aws_conn_id: the connection; when it does not exist, boto3's default credential
-        chain (environment, profile, instance role) applies.
-    """
-
-    conn_name_attr = "aws_conn_id"
-    default_conn_name = DEFAULT_AWS_CONN_ID
-    conn_type = "aws"
-    hook_name = "Amazon Web Services (batch provider)"
-
-    def __init__(self, aws_conn_id: str = DEFAULT_AWS_CONN_ID, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.aws_conn_id = aws_conn_id
-
-    def storage_options(self) -> dict[str, Any]:
-        try:
-            conn = self.get_connection(self.aws_conn_id)
-        except Exception as err:
-            if type(err).__name__ not in ("AirflowNotFoundException", "ConnectionNotFound"):
-                raise
-            self.log.info("No %r connection: boto3's default credential chain applies", self.aws_conn_id)
-            return {}
-        extra = conn.extra_dejson or {}
-        options: dict[str, Any] = {}
-        if conn.login:
-            options["key"] = conn.login
-        if conn.password:
-            options["secret"] = conn.password
-        if extra.get("aws_session_token"):
-            options["token"] = extra["aws_session_token"]
-        client_kwargs = {}
-        endpoint = extra.get("endpoint_url") or (extra.get("service_config", {}).get("s3", {}).get("endpoint_url"))
-        if endpoint:
-            options["endpoint_url"] = endpoint
-        if extra.get("region_name"):
-            client_kwargs["region_name"] = extra["region_name"]
-        if client_kwargs:
-            options["client_kwargs"] = client_kwargs
-        return options
+log = logging.getLogger(__name__)
 
 
 def storage_options_for(spec: BatchSpec) -> dict[str, Any] | None:
     """Storage options for the spec's URLs: None when everything is on local disk."""
     if not needs_credentials(spec):
         return None
-    return ObjectStorageHook(spec.storage_conn_id or DEFAULT_AWS_CONN_ID).storage_options()
+    return options_for_connection(spec.storage_conn_id or DEFAULT_AWS_CONN_ID)
 
 
 def options_for_connection(conn_id: str) -> dict[str, Any]:
-    """Storage options of the named connection (for tools outside a task, such as the CLI)."""
-    return ObjectStorageHook(conn_id).storage_options()
+    """s3fs-style options (``key``, ``secret``, ``token``, ``endpoint_url``, ``client_kwargs``) of an ``aws`` connection.
+
+    When the connection does not exist, ``{}``: boto3's default credential chain
+    (environment, profile, instance role) applies where the data is read and written.
+    """
+    try:
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    except ImportError as err:
+        raise AirflowOptionalProviderFeatureException(
+            "S3 locations read their credentials through the Amazon provider, which is not installed: "
+            "pip install 'airflow-batch-provider[s3]'"
+        ) from err
+    try:
+        BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        log.info("No %r connection: boto3's default credential chain applies", conn_id)
+        return {}
+    hook = AwsBaseHook(aws_conn_id=conn_id, client_type="s3")
+    # AwsBaseHook.get_credentials(), except that a connection without credentials in an
+    # environment without any either gives no key (not an AttributeError on None).
+    session = hook.get_session()
+    credentials = session.get_credentials()
+    options: dict[str, Any] = {}
+    if credentials is not None:
+        frozen = credentials.get_frozen_credentials()  # one consistent set, refreshed first if assumed
+        _mask(frozen.secret_key, frozen.token)
+        options.update(key=frozen.access_key, secret=frozen.secret_key)
+        if frozen.token:
+            options["token"] = frozen.token
+    endpoint = hook.conn_config.get_service_endpoint_url("s3")  # service_config.s3.endpoint_url, else endpoint_url
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    region = hook.conn_config.region_name or session.region_name
+    if region:
+        options["client_kwargs"] = {"region_name": region}
+    return options
+
+
+def _mask(*secrets: str | None) -> None:
+    from airflow.sdk.log import mask_secret
+
+    for secret in secrets:
+        if secret:
+            mask_secret(secret)

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import json
+
+import pytest
 
 from airflow_batch_provider.hooks.ray import RayHook
 
@@ -25,3 +28,18 @@ def test_missing_connection_falls_back_to_ray_environment(monkeypatch):
     monkeypatch.delenv("AIRFLOW_CONN_RAY_DEFAULT", raising=False)
     target = RayHook().get_target()
     assert target.address is None and target.token is None
+
+
+def test_missing_connection_in_a_trigger_falls_back_too(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_RAY_DEFAULT", raising=False)
+    target = asyncio.run(RayHook().aget_target())
+    assert target.address is None and target.token is None
+
+
+def test_other_lookup_errors_are_not_taken_for_a_missing_connection(monkeypatch):
+    def unreachable(conn_id):
+        raise ConnectionError("secrets backend unreachable")
+
+    monkeypatch.setattr(RayHook, "get_connection", staticmethod(unreachable))
+    with pytest.raises(ConnectionError):
+        RayHook().get_target()

@@ -1,15 +1,22 @@
-"""The aws connection -> storage options, and the connection named in an s3:// URL."""
+"""The aws connection -> storage options (through the amazon provider), and the connection named in an s3:// URL.
+
+Connections are real ``AIRFLOW_CONN_<ID>`` environment variables read by the amazon
+provider's AwsBaseHook; nothing of the hook is mocked.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 
 import numpy as np
 import pytest
+from airflow.sdk.exceptions import AirflowOptionalProviderFeatureException
 
 from airflow_batch_provider import BatchSpec
 from airflow_batch_provider.core.errors import PredictorError
-from airflow_batch_provider.hooks.storage import storage_options_for
+from airflow_batch_provider.hooks.storage import options_for_connection, storage_options_for
 from airflow_batch_provider.predictors.linear import LinearModel
 
 CONN = {
@@ -31,6 +38,79 @@ def test_conn_id_from_the_url_selects_the_connection(monkeypatch):
         "client_kwargs": {"region_name": "eu-west-1"},
     }
     assert CONN["password"] not in json.dumps(spec.to_dict())  # the spec only names the connection
+
+
+def _s3_spec(conn_id: str) -> BatchSpec:
+    return BatchSpec(source=f"s3://{conn_id}@bucket/in/", sink=f"s3://{conn_id}@bucket/out", predictor="m:C", source_format="jsonl")
+
+
+@pytest.fixture
+def no_ambient_aws(monkeypatch, tmp_path):
+    """No AWS credentials or region from this machine: only what the connection says counts."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
+                 "AWS_DEFAULT_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return tmp_path
+
+
+def test_aws_connection_gives_key_secret_endpoint_and_region(monkeypatch, no_ambient_aws):
+    monkeypatch.setenv("AIRFLOW_CONN_ABP_S3", json.dumps({
+        "conn_type": "aws", "login": "AK", "password": "SK",
+        "extra": {"endpoint_url": "http://127.0.0.1:9999", "region_name": "eu-west-1"},
+    }))
+    assert storage_options_for(_s3_spec("abp_s3")) == {
+        "key": "AK", "secret": "SK", "endpoint_url": "http://127.0.0.1:9999", "client_kwargs": {"region_name": "eu-west-1"},
+    }
+
+
+def test_session_token_in_extra_gives_token(monkeypatch, no_ambient_aws):
+    monkeypatch.setenv("AIRFLOW_CONN_ABP_S3", json.dumps({
+        "conn_type": "aws", "login": "ASIAEXAMPLE", "password": "temp-secret",
+        "extra": {"aws_session_token": "session-token-from-sts", "region_name": "us-west-2"},
+    }))
+    assert storage_options_for(_s3_spec("abp_s3")) == {
+        "key": "ASIAEXAMPLE", "secret": "temp-secret", "token": "session-token-from-sts",
+        "client_kwargs": {"region_name": "us-west-2"},
+    }
+
+
+def test_profile_named_in_the_connection(monkeypatch, no_ambient_aws):
+    (no_ambient_aws / "no-credentials").write_text("[lake]\naws_access_key_id = AKPROFILE\naws_secret_access_key = SKPROFILE\n")
+    (no_ambient_aws / "no-config").write_text("[profile lake]\nregion = ap-southeast-2\n")
+    monkeypatch.setenv("AIRFLOW_CONN_ABP_S3", json.dumps({"conn_type": "aws", "extra": {"profile_name": "lake"}}))
+    assert options_for_connection("abp_s3") == {"key": "AKPROFILE", "secret": "SKPROFILE", "client_kwargs": {"region_name": "ap-southeast-2"}}
+
+
+def test_s3_service_config_endpoint(monkeypatch, no_ambient_aws):
+    monkeypatch.setenv("AIRFLOW_CONN_ABP_S3", json.dumps({
+        "conn_type": "aws", "login": "AK", "password": "SK",
+        "extra": {"endpoint_url": "http://other:1", "service_config": {"s3": {"endpoint_url": "http://s3-store:8333"}}},
+    }))
+    assert options_for_connection("abp_s3") == {"key": "AK", "secret": "SK", "endpoint_url": "http://s3-store:8333"}
+
+
+def test_connection_without_credentials_in_an_environment_without_any(monkeypatch, no_ambient_aws):
+    monkeypatch.setenv("AIRFLOW_CONN_ABP_S3", json.dumps({"conn_type": "aws", "extra": {"endpoint_url": "http://127.0.0.1:9999"}}))
+    assert options_for_connection("abp_s3") == {"endpoint_url": "http://127.0.0.1:9999"}
+
+
+def test_missing_connection_leaves_boto3_its_default_chain(monkeypatch, caplog):
+    monkeypatch.delenv("AIRFLOW_CONN_ABP_NOWHERE", raising=False)
+    with caplog.at_level(logging.INFO, logger="airflow_batch_provider.hooks.storage"):
+        assert storage_options_for(_s3_spec("abp_nowhere")) == {}
+    assert "No 'abp_nowhere' connection" in caplog.text
+
+
+def test_without_the_amazon_provider_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_ABP_S3", json.dumps(CONN))
+    monkeypatch.setitem(sys.modules, "airflow.providers.amazon.aws.hooks.base_aws", None)  # import fails as if not installed
+    with pytest.raises(AirflowOptionalProviderFeatureException, match=r"pip install 'airflow-batch-provider\[s3\]'"):
+        storage_options_for(_s3_spec("abp_s3"))
 
 
 def test_local_paths_need_no_connection():

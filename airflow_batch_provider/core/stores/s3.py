@@ -226,7 +226,7 @@ def _head(client: Any, path: str) -> dict[str, Any] | None:
 class S3Store(Store):
     """Objects under ``s3://bucket/prefix``; see the module docstring for the commit mapping.
 
-    :param storage_options: s3fs-style options (``ObjectStorageHook.storage_options()``).
+    :param storage_options: s3fs-style options (``hooks.storage.storage_options_for()``).
     :param part_size: multipart part size in bytes (>= 5 MiB on AWS; tests use less).
     """
 
