@@ -22,7 +22,7 @@ def batch_inference(
     *,
     group_id: str = "batch_inference",
     ray_conn_id: str = RayHook.default_conn_name,
-    shard_retries: int = 2,
+    shard_retries: int | None = None,
     pool: str | None = None,
     max_active_shards: int | None = None,
     shards_per_task: int = 1,
@@ -37,6 +37,8 @@ def batch_inference(
     :param group_id: task group id (several jobs can live in one DAG).
     :param ray_conn_id: ``ray`` connection for the plan (starts replicas ahead) and shard tasks.
     :param shard_retries: Airflow retries of a failed shard task (only that shard reruns).
+        Default: the DAG's own (``default_args``, else ``[core] default_task_retries``), like
+        any other task of the DAG; ``shard_kwargs`` may set ``retry_delay`` and friends.
     :param pool: Airflow pool for the shard tasks, e.g. one slot per GPU.
     :param max_active_shards: shard tasks running at once in one DAG run
         (``max_active_tis_per_dagrun``); set it to the number of GPUs (or model replicas).
@@ -60,11 +62,12 @@ def batch_inference(
             extra["max_active_tis_per_dagrun"] = max_active_shards
         if deferrable is not None:
             extra["deferrable"] = deferrable
+        if shard_retries is not None:
+            extra["retries"] = shard_retries
         shards = BatchShardOperator.partial(
             task_id="shard",
             spec=spec,
             ray_conn_id=ray_conn_id,
-            retries=shard_retries,
             progress_interval=progress_interval,
             map_index_template="{{ task.work_unit['label'] }}",
             **extra,

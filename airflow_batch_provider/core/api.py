@@ -32,9 +32,12 @@ from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import is_remote
 
 
-def plan(spec: BatchSpec, storage_options: dict[str, Any] | None = None) -> JobPlan:
-    """Plan the job (reusing the persisted plan and every committed shard)."""
-    return plan_job(spec, JobStorage.for_spec(spec, storage_options))
+def plan(spec: BatchSpec, storage_options: dict[str, Any] | None = None, *, reset_key: str | None = None) -> JobPlan:
+    """Plan the job (reusing the persisted plan and every committed shard).
+
+    ``reset_key`` names the host's run (opaque): with ``resume=False`` the earlier output is
+    removed once per key, so a retried plan keeps what its run committed since."""
+    return plan_job(spec, JobStorage.for_spec(spec, storage_options), reset_key=reset_key)
 
 
 def finalize(spec: BatchSpec, storage_options: dict[str, Any] | None = None, *, elapsed_seconds: float | None = None) -> dict[str, Any]:

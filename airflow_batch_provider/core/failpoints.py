@@ -14,6 +14,8 @@ import os
 import signal
 
 ENV = "ABP_FAILPOINTS"
+#: every point the code passes, in the order a job reaches them (the fault matrix test runs each)
+POINTS = ("mid_part", "before_sentinel", "before_publish", "after_publish", "finalize_before_manifest")
 
 
 class FailpointError(RuntimeError):

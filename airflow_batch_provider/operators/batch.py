@@ -57,6 +57,12 @@ def work_units(shards: list[api.Shard], max_tasks: int, shards_per_task: int = 1
     return units
 
 
+def reset_key(ti: Any) -> str:
+    """What every try and every clear of one plan task in one DAG run shares: resume=False
+    starts fresh once per key, so a retried plan keeps what its run committed."""
+    return f"{ti.dag_id}/{ti.run_id}/{ti.task_id}"
+
+
 def attempt_key(ti: Any) -> str:
     """What every try of one mapped task instance shares: how a retry finds an earlier try's call."""
     return f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}"
@@ -129,12 +135,14 @@ class PlanBatchOperator(_SpecOperator):
         started = time.time()
         spec = self.core_spec
         try:
-            job = api.plan(spec, self.storage_options)
+            job = api.plan(spec, self.storage_options, reset_key=reset_key(context["ti"]))
         except api.BatchError as err:
             raise BatchInferenceException(str(err)) from None
         for note in job.notes:
             self.log.warning("%s", note)
         units = work_units(job.pending, conf.getint("core", "max_map_length", fallback=1024), self.shards_per_task)
+        for unit in units:
+            unit["plan_id"] = job.plan.plan_id  # a shard of a plan replaced meanwhile never commits into the new one
         self.log.info(
             "Plan for %s: %s shards (%s rows), %s already committed, %s to compute in %s mapped tasks; plan %s",
             spec.sink_root,
@@ -256,7 +264,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             # An earlier try submitted this work but died before task_state_store held its id.
             self.log.info("Reconnecting to running Ray work %s of an earlier try (its id was never stored)", running)
             return running
-        attempt = api.new_attempt(key, try_number=ti.try_number)
+        attempt = api.new_attempt(key, try_number=ti.try_number, plan_id=self.work_unit.get("plan_id"))
         work = self.replicas.submit(self.shards, attempt, self.storage_options)
         self.log.info("Shard(s) %s submitted to Ray worker %s (attempt %s)", self.label, work["worker"], work["token"])
         return work

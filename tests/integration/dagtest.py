@@ -96,13 +96,16 @@ class DagTester:
         shard_retries: int = 0,
         extra_env: dict[str, str] | None = None,
         dag_id: str | None = None,
+        logical_date: str | None = None,
     ) -> DagRun:
+        """One ``airflow dags test``; the same ``logical_date`` again is the same DAG run (its
+        run id comes from the date), as a cleared run is."""
         spec_path = os.path.join(self.home, "spec.json")
         with open(spec_path, "w") as handle:
             json.dump(spec.to_dict() if isinstance(spec, BatchSpec) else spec or {}, handle)
         env = {**self.env, "ABP_TEST_SPEC": spec_path, "ABP_TEST_SHARD_RETRIES": str(shard_retries), **(extra_env or {})}
         proc = subprocess.run(
-            [self._airflow, "dags", "test", dag_id or self.dag_id],
+            [self._airflow, "dags", "test", dag_id or self.dag_id, *([logical_date] if logical_date else [])],
             env=env, capture_output=True, text=True, cwd=ROOT, timeout=600,
         )
         return DagRun(proc.returncode, proc.stdout + proc.stderr)

@@ -131,8 +131,9 @@ def test_sigkill_before_the_sentinel_then_rerun_leaves_each_row_once(tester, s3_
     table = read_sink(s3_server, s3_bucket)
     ids = table.column("id").to_pylist()
     assert len(ids) == rows and sorted(ids) == list(range(rows))  # each row exactly once
-    # the killed attempt's upload was never completed, and finalize aborted it
-    assert s3_server.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    # the killed attempt's upload was never completed; finalize leaves it until idle past its
+    # grace period (it could be another run's live attempt), `airflow-batch gc` removes it
+    assert len(s3_server.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])) <= 1
     listed = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="out/", Delimiter="/")
     parts = [o["Key"] for o in listed.get("Contents", []) if o["Key"].startswith("out/part-")]
     assert len(parts) == 5

@@ -16,7 +16,15 @@ A crash before 2 leaves only hidden staged data: the shard is pending and is rec
 A crash between 2 and 3 is rolled forward by whoever next checks the shard (the staged
 handle is in the sentinel). A part without a valid sentinel is never counted; a sentinel
 whose part is missing or has the wrong size is moved to ``quarantine/`` and the shard is
-recomputed; a sentinel of another spec fails closed (``StaleCheckpointError``).
+recomputed; a sentinel of another spec, or of a newer schema than this code knows, fails
+closed (``StaleCheckpointError``).
+
+An attempt knows its own commit: a create retried underneath (botocore's retry of the
+PUT, NFS's retry of ``link``) answers "exists" to the attempt that made it, which then finds
+its own token in the sentinel and publishes. An attempt that carries the id of the plan it
+was computed under (``attempt["plan_id"]``) withdraws its commit when that plan has been
+replaced by one without its shard; the planner withdraws what such an attempt commits too
+late to see the new plan (``withdraw``), so a superseded plan never adds rows to a sink.
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ from typing import Any
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.layout import JobStorage
-from airflow_batch_provider.core.domain.planning import Shard
-from airflow_batch_provider.core.errors import StaleCheckpointError
+from airflow_batch_provider.core.domain.planning import Plan, Shard
+from airflow_batch_provider.core.errors import CommitError, StaleCheckpointError, StorageError
 from airflow_batch_provider.core.spec import BatchSpec, describe_fingerprint_change
 from airflow_batch_provider.core.stores import StagedPart
 
@@ -78,7 +86,14 @@ def parse_sentinel(raw: bytes, where: str, shard_id: str) -> dict[str, Any]:
         raise InvalidSentinel(f"{where}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise InvalidSentinel(f"{where}: not a JSON object")
-    if data.get("schema_version") != SENTINEL_SCHEMA_VERSION:
+    version = data.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > SENTINEL_SCHEMA_VERSION:
+        raise StaleCheckpointError(
+            f"{where} has sentinel schema_version {version}, newer than this provider knows "
+            f"({SENTINEL_SCHEMA_VERSION}): a newer version of airflow-batch-provider committed it. "
+            "Upgrade the provider on every worker; nothing was changed."
+        )
+    if version != SENTINEL_SCHEMA_VERSION:
         raise InvalidSentinel(f"{where}: unknown schema_version {data.get('schema_version')!r}")
     missing = [k for k in ("shard_id", "bytes", "rows_out", "spec_fingerprint", "input_fingerprint") if k not in data]
     if missing:
@@ -102,7 +117,12 @@ def check_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
     part = storage.part_path(shard.shard_id)
     size = storage.sink.size(part)
     if size is None and sentinel.get("staged"):
-        storage.sink.staged_from(sentinel["staged"]).publish()  # roll forward a crash between commit and publish
+        try:  # roll forward a crash between commit and publish
+            storage.sink.staged_from(sentinel["staged"]).publish()
+        except StorageError as err:
+            # A publish that fails for good (S3 InvalidPart, a part the store refuses) must
+            # not fail every later plan: give the shard back, it is computed afresh.
+            return ShardCheck(False, note=quarantine(storage, shard.shard_id, f"its staged part cannot be published ({err})"))
         size = storage.sink.size(part)
     problem = _part_problem(part, sentinel, size)
     if problem:
@@ -123,7 +143,8 @@ def inspect_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
 
 def _read_sentinel(storage: JobStorage, shard: Shard) -> tuple[dict[str, Any] | None, str]:
     """(sentinel, "") for a valid one of this job, (None, why) for one that cannot be
-    trusted, (None, "") for none. Raises StaleCheckpointError for another spec or input."""
+    trusted, (None, "") for none. Raises StaleCheckpointError for another spec or input,
+    or a schema newer than this code."""
     path = storage.sentinel_path(shard.shard_id)
     raw = storage.checkpoint.read_bytes(path)
     if raw is None:
@@ -152,16 +173,41 @@ def _part_problem(part: str, sentinel: dict[str, Any], size: int | None) -> str:
 
 
 def quarantine(storage: JobStorage, shard_id: str, reason: str) -> str:
-    """Move a sentinel that cannot be trusted out of the way, so the shard is recomputed."""
+    """Move a sentinel that cannot be trusted out of the way, so the shard is recomputed.
+
+    Conditional: the sentinel is removed only if it still holds what was judged (a valid
+    sentinel another attempt committed in between stays, and the shard counts as pending
+    only for this caller, which finds it committed on its next check). A sentinel of a
+    newer schema never gets here: ``parse_sentinel`` fails closed on it."""
     path = storage.sentinel_path(shard_id)
-    raw = storage.checkpoint.read_bytes(path) or b""
+    raw = storage.checkpoint.read_bytes(path)
+    if raw is None:
+        return f"shard {shard_id}: {reason}; its sentinel is already gone, the shard will be recomputed"
     target = storage.quarantine_path(shard_id, int(time.time() * 1000))
     record = json.dumps({"reason": reason, "sentinel": raw.decode("utf-8", "replace")}).encode()
     storage.checkpoint.write_atomic(target, record)
-    storage.checkpoint.delete(path)
+    if not storage.checkpoint.remove_if_unchanged(path, raw):
+        storage.checkpoint.delete(target)
+        note = f"shard {shard_id}: {reason}; but its sentinel changed meanwhile (another attempt committed it), kept"
+        log.warning("%s", note)
+        return note
     note = f"shard {shard_id}: {reason}; sentinel moved to {target}, the shard will be recomputed"
     log.warning("%s", note)
     return note
+
+
+def withdraw(storage: JobStorage, shard_id: str, raw: bytes, sentinel: dict[str, Any]) -> bool:
+    """Take back one commit of this job: its staged data, its part, then its sentinel (only
+    if the sentinel still holds ``raw``). The staged data goes first, so an attempt that
+    publishes late fails instead of leaving a part without a sentinel. False: the sentinel
+    changed meanwhile, nothing was removed."""
+    current = storage.checkpoint.read_bytes(storage.sentinel_path(shard_id))
+    if current != raw:
+        return False
+    if sentinel.get("staged"):
+        storage.sink.staged_from(sentinel["staged"]).abort()
+    storage.sink.delete(f"{storage.spec.sink_root}/{sentinel.get('part') or storage.part_name(shard_id)}")
+    return storage.checkpoint.remove_if_unchanged(storage.sentinel_path(shard_id), raw)
 
 
 def commit_shard(
@@ -193,16 +239,61 @@ def commit_shard(
         "spec_fingerprint": spec.fingerprint,
         "fingerprint_inputs": spec.fingerprint_inputs(),
         "attempt": attempt,
+        "sink": spec.sink_root,
         "staged": staged.handle,
         "committed_at": time.time(),
     }
     failpoints.hit("before_sentinel")
     path = storage.sentinel_path(shard.shard_id)
-    won = storage.checkpoint.create_exclusive(path, json.dumps(sentinel, sort_keys=True).encode())
-    if not won:
-        staged.abort()
-        winner = parse_sentinel(storage.checkpoint.read_bytes(path) or b"", path, shard.shard_id)
-        return False, winner
+    raw = json.dumps(sentinel, sort_keys=True).encode()
+    if not storage.checkpoint.create_exclusive(path, raw):
+        found = storage.checkpoint.read_bytes(path)
+        if found is None:
+            staged.abort()
+            raise CommitError(
+                f"shard {shard.description}: the sentinel {path} existed when this attempt tried to "
+                "create it, and was gone a moment later (quarantined by another check); nothing of "
+                "this attempt was kept. Retry the task: it computes the shard again."
+            )
+        try:
+            winner = parse_sentinel(found, path, shard.shard_id)
+        except InvalidSentinel as err:
+            staged.abort()
+            raise CommitError(f"shard {shard.description}: {err}. Retry the task: it quarantines that sentinel and computes the shard.") from None
+        if (winner.get("attempt") or {}).get("token") != attempt.get("token") or winner.get("staged") != staged.handle:
+            staged.abort()
+            return False, winner
+        # Our own create, retried underneath (its first try did land): we won.
+        log.info("shard %s: the sentinel's create was retried underneath; it holds this attempt's token", shard.shard_id)
+        sentinel, raw = winner, found
+    if not plan_still_has(storage, shard, attempt):
+        withdraw(storage, shard.shard_id, raw, sentinel)
+        raise CommitError(
+            f"shard {shard.description} was computed under plan {attempt.get('plan_id')}, which has "
+            "since been replaced by a plan without this shard (rows_per_shard or the input changed): "
+            "its commit was withdrawn. Nothing to do: the new plan's tasks compute these rows."
+        )
     failpoints.hit("before_publish")
-    staged.publish()
+    if not staged.publish():
+        raise CommitError(
+            f"shard {shard.description}: committed, but its staged part is gone, so "
+            f"{storage.part_path(shard.shard_id)} could not be published (aborted by a clean-up?). "
+            "Retry the task: it quarantines the sentinel and computes the shard again."
+        )
     return True, sentinel
+
+
+def plan_still_has(storage: JobStorage, shard: Shard, attempt: dict[str, Any]) -> bool:
+    """Whether the plan this attempt was computed under still stands, or the plan that
+    replaced it still holds this shard. One small read (the plan id) in the common case."""
+    plan_id = attempt.get("plan_id")
+    if not plan_id:
+        return True  # a caller that does not track plans (tests, benchmarks)
+    current = storage.checkpoint.read_bytes(storage.plan_id_path)
+    if current is not None and current.decode().strip() == plan_id:
+        return True
+    raw = storage.checkpoint.read_bytes(storage.plan_path)
+    if raw is None:
+        return False  # reset (resume=False) since: this work belongs to no plan
+    plan = Plan.from_json(raw, storage.plan_path)
+    return plan.spec_fingerprint == storage.spec.fingerprint and any(s.shard_id == shard.shard_id for s in plan.shards)

@@ -229,6 +229,9 @@ def collect_garbage(sink: str, checkpoint_dir: str | None = None, storage_option
     for staged in files.sink_store.list_staged(files.sink):
         if staged.started_at is None or staged.started_at > cutoff:
             continue
+        last = staged.last_activity()  # a long shard still uploading began long ago, but is alive
+        if last is None or last > cutoff:
+            continue
         if any(_same_staged(staged.handle, json.loads(ref)) for ref in referenced):
             continue  # committed, not yet published: the next check of its shard publishes it
         found.append((f"staged part for {staged.final_path} (started {_ago(staged.started_at)})", staged.abort))

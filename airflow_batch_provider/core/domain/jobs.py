@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core import failpoints
-from airflow_batch_provider.core.domain.commit import InvalidSentinel, check_shard, different_spec_error, parse_sentinel
-from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.domain.commit import InvalidSentinel, check_shard, different_spec_error, parse_sentinel, withdraw
+from airflow_batch_provider.core.domain.layout import JobStorage, quarantine_dir
 from airflow_batch_provider.core.domain.planning import Plan, Shard, list_inputs, split_file
 from airflow_batch_provider.core.errors import IncompleteJobError, StaleCheckpointError
 from airflow_batch_provider.core.spec import BatchSpec
 
 _CHECK_THREADS = 16
+#: Staged data idle this long is an orphan (its attempt crashed or lost): a live attempt
+#: writes its part in parts of at most 8 MiB, far more often than this.
+ORPHAN_GRACE_S = 3600.0
 
 
 @dataclass
@@ -37,23 +40,40 @@ def load_plan(storage: JobStorage) -> Plan | None:
     return None if raw is None else Plan.from_json(raw, storage.plan_path)
 
 
-def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
-    """List the input, reuse or write the plan, and find the shards still to compute."""
+def plan_job(spec: BatchSpec, storage: JobStorage | None = None, *, reset_key: str | None = None) -> JobPlan:
+    """List the input, reuse or write the plan, and find the shards still to compute.
+
+    With ``resume=False`` the job's earlier output is removed first, once per ``reset_key``
+    (the host's run: a retried or cleared plan task of the same run keeps what that run
+    committed since). Without a key every call starts fresh."""
     storage = storage or JobStorage.for_spec(spec)
     notes: list[str] = []
     if not spec.resume:
-        notes.append(reset_job(storage))
+        notes.append(reset_once(storage, reset_key))
     files = list_inputs(storage.source, spec)
+    for _ in range(2):
+        job = _plan_once(storage, files, notes)
+        if job is not None:
+            return job
+    raise StaleCheckpointError(f"{storage.plan_path} keeps changing under this planner (several runs are planning this sink at once); retry the plan task")
+
+
+def _plan_once(storage: JobStorage, files: list, notes: list[str]) -> JobPlan | None:
+    """One planning pass; None when another planner created the plan first (plan again)."""
+    spec = storage.spec
     committed = storage.committed_ids()
     existing = load_plan(storage)
     if existing is None and committed:
         _check_sample_sentinel(storage, sorted(committed)[0])
     if existing is not None and committed:
         _check_same_spec(storage, existing)
-    elif existing is not None and (
-        existing.spec_fingerprint != spec.fingerprint or existing.rows_per_shard != spec.rows_per_shard
-    ):
-        existing = None  # nothing committed under the old plan: plan afresh
+    elif existing is not None and existing.spec_fingerprint != spec.fingerprint:
+        raise different_spec_error(
+            spec, existing.fingerprint_inputs,
+            f"{storage.plan_path} is the plan of a run that has committed nothing yet (it may be running now) and has",
+        )
+    elif existing is not None and existing.rows_per_shard != spec.rows_per_shard:
+        existing = None  # nothing committed under the old plan: plan afresh (its late commits are withdrawn)
 
     reusable = {f.relpath: f for f in existing.inputs} if existing else {}
     old_shards: dict[str, list[Shard]] = {}
@@ -88,8 +108,21 @@ def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
     )
     # Dataclass equality, not JSON: serialising 10,000 shards twice costs ~0.4 s per plan.
     plan_written = existing is None or existing != plan
-    if plan_written:
+    if existing is None and load_plan(storage) is None:
+        # The first plan of a sink is created create-only: of two runs planning an empty
+        # sink at once, one writes it and the other plans again against it.
+        if not storage.checkpoint.create_exclusive(storage.plan_path, plan.to_json()):
+            return None
+    elif plan_written:
         storage.checkpoint.write_atomic(storage.plan_path, plan.to_json())
+    if plan_written:
+        # A crash before this write leaves the old id: commits then read the plan itself.
+        storage.checkpoint.write_atomic(storage.plan_id_path, plan.plan_id.encode())
+        committed = storage.committed_ids()  # after the id: a late commit of an older plan is seen here
+    planned = {s.shard_id for s in shards}
+    withdrawn = _withdraw_superseded(storage, committed - planned)
+    if withdrawn:
+        notes.append(f"withdrew {withdrawn} shard(s) committed under a superseded plan (their rows are in this plan's shards)")
 
     pending = [s for s in shards if s.shard_id not in committed]
     done = [s for s in shards if s.shard_id in committed]
@@ -102,6 +135,32 @@ def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
                     pending.append(shard)
                     notes.append(check.note)
     return JobPlan(plan, pending, len(shards) - len(pending), notes, plan_written)
+
+
+def _withdraw_superseded(storage: JobStorage, shard_ids: set[str]) -> int:
+    """Withdraw this job's commits of shards no plan holds any more (computed under a plan
+    that was replaced before anything was committed): their rows would be read twice."""
+    withdrawn = 0
+    for shard_id in sorted(shard_ids):
+        raw, sentinel = _read_own(storage, shard_id)
+        if sentinel is not None and sentinel["spec_fingerprint"] == storage.spec.fingerprint:
+            withdrawn += withdraw(storage, shard_id, raw, sentinel)
+    return withdrawn
+
+
+def _read_own(storage: JobStorage, shard_id: str) -> tuple[bytes, dict[str, Any] | None]:
+    """A sentinel and its bytes when it is this job's (it names this sink; older sentinels,
+    without ``sink``, when the checkpoint lives in the sink); else (raw, None). A sentinel of
+    a newer schema raises (fails closed)."""
+    path = storage.sentinel_path(shard_id)
+    raw = storage.checkpoint.read_bytes(path) or b""
+    try:
+        sentinel = parse_sentinel(raw, path, shard_id)
+    except InvalidSentinel:
+        return raw, None
+    sink = sentinel.get("sink")
+    own = sink == storage.spec.sink_root if sink is not None else storage.spec.checkpoint_dir is None
+    return raw, sentinel if own else None
 
 
 def _check_same_spec(storage: JobStorage, existing: Plan) -> None:
@@ -128,29 +187,88 @@ def _check_sample_sentinel(storage: JobStorage, shard_id: str) -> None:
         raise different_spec_error(spec, sentinel.get("fingerprint_inputs", {}), f"{spec.sink_root} holds committed shards of")
 
 
-def reset_job(storage: JobStorage) -> str:
-    """Delete this job's earlier output (resume=False): our part files first, then state.
+def reset_once(storage: JobStorage, reset_key: str | None) -> str:
+    """``resume=False``: start fresh once per ``reset_key``; the key is recorded after the
+    reset, so a reset cut short is done again by the retry."""
+    if reset_key:
+        raw = storage.checkpoint.read_bytes(storage.reset_path)
+        try:
+            done = raw is not None and json.loads(raw).get("key") == reset_key
+        except (ValueError, AttributeError):
+            done = False
+        if done:
+            return f"resume=False: this run ({reset_key}) already started fresh; keeping what it has committed since"
+    note = reset_job(storage)
+    if reset_key:
+        storage.checkpoint.write_atomic(storage.reset_path, json.dumps({"key": reset_key, "reset_at": time.time()}).encode())
+    return note
 
-    Parts go before sentinels so that a crash half-way leaves sentinels without parts
-    (quarantined and recomputed later), never parts without a plan. Files we did not write
-    are left alone.
+
+def reset_job(storage: JobStorage) -> str:
+    """Delete this job's earlier output: ``_SUCCESS`` first (readers stop trusting the sink
+    before anything goes), then each shard its sentinels name (staged data, part, sentinel,
+    see ``withdraw``), then the plan.
+
+    Only what this job's sentinels name is removed: a part file no sentinel names (another
+    tool's), another job's sentinels in a shared ``checkpoint_dir``, and staged parts of
+    attempts in flight stay. A crash half-way leaves sentinels whose part is gone (they are
+    quarantined and recomputed) and is finished by the retry.
     """
     spec = storage.spec
-    parts = storage.part_files()
-    for name in parts:
-        storage.sink.delete(f"{spec.sink_root}/{name}")
-    for staged in storage.staged_parts():
-        staged.abort()
     storage.sink.delete(storage.manifest_path)
-    sentinels = list(storage.checkpoint.list_files(storage.sentinel_dir))
-    for name in sentinels:
-        storage.checkpoint.delete(f"{storage.sentinel_dir}/{name}")
+    removed = kept = 0
+    for shard_id in sorted(storage.committed_ids()):
+        raw, sentinel = _read_own(storage, shard_id)
+        if sentinel is None:
+            kept += 1
+            continue
+        removed += withdraw(storage, shard_id, raw, sentinel)
+    removed_quarantined = _remove_quarantined_parts(storage)
     storage.checkpoint.delete(storage.plan_path)
-    return f"resume=False: deleted {len(parts)} part files and {len(sentinels)} sentinels from an earlier run"
+    storage.checkpoint.delete(storage.plan_id_path)
+    note = f"resume=False: deleted {removed} part files and their sentinels of an earlier run of {spec.sink_root}"
+    if removed_quarantined:
+        note += f", and {removed_quarantined} part(s) of quarantined sentinels"
+    if kept:
+        note += f"; kept {kept} sentinel(s) of other sinks or unreadable ones"
+    return note
 
 
-def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_seconds: float | None = None) -> dict[str, Any]:
-    """Check every planned shard is committed and its part in place; write ``_SUCCESS``."""
+def _remove_quarantined_parts(storage: JobStorage) -> int:
+    """Parts named by this job's quarantined sentinels, where no sentinel names them now."""
+    quarantine = quarantine_dir(storage.spec.checkpoint_root)
+    committed = storage.committed_ids()
+    parts = set(storage.part_files())
+    removed = 0
+    for name in storage.checkpoint.list_files(quarantine):
+        try:
+            record = json.loads(storage.checkpoint.read_bytes(f"{quarantine}/{name}") or b"{}")
+            sentinel = json.loads(record.get("sentinel") or "{}")
+        except (ValueError, AttributeError):
+            continue
+        if not isinstance(sentinel, dict) or sentinel.get("sink") != storage.spec.sink_root:
+            continue
+        part, shard_id = sentinel.get("part"), sentinel.get("shard_id")
+        if part not in parts or shard_id in committed:
+            continue
+        storage.sink.delete(f"{storage.spec.sink_root}/{part}")
+        parts.discard(part)
+        removed += 1
+    return removed
+
+
+def finalize_job(
+    spec: BatchSpec,
+    storage: JobStorage | None = None,
+    *,
+    elapsed_seconds: float | None = None,
+    orphan_grace_s: float = ORPHAN_GRACE_S,
+) -> dict[str, Any]:
+    """Check every planned shard is committed and its part in place; write ``_SUCCESS``.
+
+    Staged leftovers of this plan's shards are aborted once idle for ``orphan_grace_s``: an
+    attempt of another run still streaming its part keeps writing (and then loses the race
+    and aborts its own). Staged parts of other plans or writers are ``gc``'s business."""
     storage = storage or JobStorage.for_spec(spec)
     plan = load_plan(storage)
     if plan is None:
@@ -175,10 +293,10 @@ def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_
     if strays:
         raise IncompleteJobError(
             f"{spec.sink_root} holds {len(strays)} part files that no shard of this plan committed "
-            f"(e.g. {strays[:3]}); readers would see their rows too. Move them away or start fresh."
+            f"(e.g. {strays[:3]}); readers would see their rows too. Move them away (resume=False removes only parts that "
+            "this job's sentinels name, never files it did not write)."
         )
-    for staged in storage.staged_parts():
-        staged.abort()  # leftovers of crashed or losing attempts
+    _abort_idle_staged(storage, expected, orphan_grace_s)
     failpoints.hit("finalize_before_manifest")
     sentinels = [c.sentinel or {} for c in checks]
     manifest = {
@@ -209,6 +327,21 @@ def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_
         manifest["elapsed_seconds"] = elapsed_seconds
     storage.sink.write_atomic(storage.manifest_path, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _abort_idle_staged(storage: JobStorage, part_names: set[str], grace_s: float) -> int:
+    """Abort staged parts of these part names idle longer than ``grace_s`` (crashed or
+    losing attempts); a staged part written to within the grace period may be a live attempt."""
+    cutoff = time.time() - grace_s
+    aborted = 0
+    for staged in storage.staged_parts():
+        if staged.final_path.rsplit("/", 1)[-1] not in part_names:
+            continue
+        last = staged.last_activity()
+        if last is not None and last <= cutoff:
+            staged.abort()
+            aborted += 1
+    return aborted
 
 
 def _incomplete_message(spec: BatchSpec, shards: list[Shard], what: str) -> str:

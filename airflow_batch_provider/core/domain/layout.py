@@ -5,6 +5,8 @@
     {sink}/part-{shard_id}.{ext}                 committed output, one per shard
     {sink}/_SUCCESS                              manifest written by finalize
     {checkpoint_dir}/plan.json                   the plan, persisted once
+    {checkpoint_dir}/plan.id                     its id, read by every commit (superseded plans)
+    {checkpoint_dir}/reset.json                  which run last started fresh (resume=False)
     {checkpoint_dir}/shards/{shard_id}.json      per-shard sentinels (the commit records)
     {checkpoint_dir}/quarantine/                 sentinels found broken, kept for inspection
 """
@@ -23,6 +25,8 @@ SENTINEL_SUFFIX = ".json"
 QUARANTINE_DIR = "quarantine"
 MANIFEST_NAME = "_SUCCESS"
 PLAN_NAME = "plan.json"
+PLAN_ID_NAME = "plan.id"
+RESET_NAME = "reset.json"
 _PART_EXTENSIONS = tuple(FORMAT_EXTENSIONS[f][0] for f in FORMAT_EXTENSIONS)
 
 
@@ -88,6 +92,14 @@ class JobStorage:
     @property
     def plan_path(self) -> str:
         return plan_path(self.spec.checkpoint_root)
+
+    @property
+    def plan_id_path(self) -> str:
+        return f"{self.spec.checkpoint_root}/{PLAN_ID_NAME}"
+
+    @property
+    def reset_path(self) -> str:
+        return f"{self.spec.checkpoint_root}/{RESET_NAME}"
 
     @property
     def manifest_path(self) -> str:

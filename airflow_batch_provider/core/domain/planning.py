@@ -95,6 +95,13 @@ class Plan:
     def total_rows(self) -> int:
         return sum(s.rows for s in self.shards)
 
+    @property
+    def plan_id(self) -> str:
+        """Names this plan's set of shards: a commit made under another id checks that its
+        shard is still planned (``commit.plan_still_has``)."""
+        ids = sorted(s.shard_id for s in self.shards)
+        return hashlib.sha256(json.dumps([self.spec_fingerprint, ids]).encode()).hexdigest()[:20]
+
     def to_json(self) -> bytes:
         data = asdict(self)
         return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()

@@ -10,11 +10,16 @@ need, so each backend implements them itself (``local.py``, ``s3.py``):
   away. Its ``handle`` is JSON-able and stored in the sentinel, so a crash between commit and
   publish is rolled forward by whoever reads the sentinel next (``staged_from(handle)``).
 * ``write_atomic(path, data)``: replace a small file (plan, manifest) all at once.
+* ``remove_if_unchanged(path, expected)``: delete a small file only if it still holds
+  ``expected`` (quarantine and withdrawal must never delete a sentinel committed meanwhile).
+
+Every failure of these primitives is a ``StorageError`` naming the path and what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import posixpath
 from abc import ABC, abstractmethod
@@ -23,6 +28,7 @@ from typing import IO, Any, BinaryIO
 
 import fsspec
 
+from airflow_batch_provider.core.errors import StorageError
 from airflow_batch_provider.core.stores.urls import with_scheme_of
 
 _GLOB_CHARS = "*?["
@@ -97,6 +103,11 @@ class StagedPart(ABC):
     #: when the staging began (epoch seconds), where the store knows it (``list_staged``)
     started_at: float | None = None
 
+    def last_activity(self) -> float | None:
+        """When this staging last made progress (epoch seconds), where the store knows it: a
+        writer still streaming is younger than any grace period, whenever it began."""
+        return self.started_at
+
     @property
     @abstractmethod
     def handle(self) -> dict[str, Any]:
@@ -147,6 +158,8 @@ class Store(ABC):
             entries = self._fs.ls(prefix, detail=True)
         except FileNotFoundError:
             return {}
+        except OSError as err:
+            raise os_failure(err, "listing", prefix) from None
         files = {}
         for entry in entries:
             if entry.get("type") != "file":
@@ -216,6 +229,11 @@ class Store(ABC):
     def create_exclusive(self, path: str, data: bytes) -> bool: ...
 
     @abstractmethod
+    def remove_if_unchanged(self, path: str, expected: bytes) -> bool:
+        """Delete ``path`` if it still holds ``expected``; False (and the file kept) when it
+        holds something else or is gone."""
+
+    @abstractmethod
     def open_staged(self, final_path: str) -> StagedPart: ...
 
     @abstractmethod
@@ -225,6 +243,20 @@ class Store(ABC):
     @abstractmethod
     def list_staged(self, directory: str) -> list[StagedPart]:
         """Staged parts whose final path is directly under ``directory`` (for cleaning up)."""
+
+
+def os_failure(err: OSError, action: str, path: str) -> StorageError:
+    """A StorageError naming the file, the OS error and what to do about it."""
+    hint = {
+        errno.EACCES: "give the task's user write permission there",
+        errno.EPERM: "give the task's user write permission there",
+        errno.ENOSPC: "free space on that filesystem",
+        errno.EDQUOT: "raise the quota or free space",
+        errno.EROFS: "mount the filesystem read-write",
+        errno.EISDIR: "move away the directory in the way",
+        errno.ENOTDIR: "a file stands where a directory should be: move it away or fix the path",
+    }.get(err.errno or 0, "check that the filesystem is mounted and writable")
+    return StorageError(f"{action} {path} failed: {err.strerror or err} (errno {err.errno}); {hint}, then clear the task")
 
 
 def _glob_root(pattern: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import fsspec
 
 from airflow_batch_provider.core.stores.base import HashingWriter, StagedPart, Store
+from airflow_batch_provider.core.stores.base import os_failure as _failure
 
 STAGING_DIR = "_staging"
 _STAGED_SUFFIX = ".inprogress"
@@ -44,11 +45,13 @@ class LocalStagedPart(StagedPart):
     def publish(self) -> bool:
         try:
             os.replace(self.staged, self.final_path)
+            _fsync_dir(os.path.dirname(self.final_path))
         except FileNotFoundError:
             # Already published by an earlier attempt (or its data is gone): the caller
             # tells the two apart by checking the final file against the sentinel.
             return os.path.exists(self.final_path)
-        _fsync_dir(os.path.dirname(self.final_path))
+        except OSError as err:
+            raise _failure(err, f"publishing {self.staged} as", self.final_path) from None
         return True
 
     def abort(self) -> None:
@@ -66,27 +69,60 @@ class LocalStore(Store):
         super().__init__(fsspec.filesystem("file"))
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        tmp = _write_temp(path, data)
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path))
+        try:
+            tmp = _write_temp(path, data)
+            os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(path))
+        except OSError as err:
+            raise _failure(err, "writing", path) from None
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
-        tmp = _write_temp(path, data)
+        """Temp file + ``link``. A link retried underneath (NFS) can answer EEXIST for our own
+        create: the caller recognises its own content (the attempt token) after a False."""
         try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-        _fsync_dir(os.path.dirname(path))
+            tmp = _write_temp(path, data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            _fsync_dir(os.path.dirname(path))
+        except OSError as err:
+            raise _failure(err, "creating", path) from None
         return True
+
+    def remove_if_unchanged(self, path: str, expected: bytes) -> bool:
+        """Take the file away by renaming it (atomic), then compare: what is not ``expected``
+        (a sentinel committed after the caller read it) is linked back, create-only."""
+        taken = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.removing")
+        try:
+            try:
+                os.rename(path, taken)
+            except FileNotFoundError:
+                return False
+            with open(taken, "rb") as handle:
+                same = handle.read() == expected
+            if not same:
+                try:
+                    os.link(taken, path)
+                except FileExistsError:
+                    return False  # yet another file there now: keep what we took, hidden
+            os.unlink(taken)
+            _fsync_dir(os.path.dirname(path))
+        except OSError as err:
+            raise _failure(err, "removing", path) from None
+        return same
 
     def open_staged(self, final_path: str) -> LocalStagedPart:
         directory, name = os.path.split(final_path)
         staging = os.path.join(directory, STAGING_DIR)
-        os.makedirs(staging, exist_ok=True)
         staged = os.path.join(staging, f"{name}.{uuid.uuid4().hex[:12]}{_STAGED_SUFFIX}")
-        return LocalStagedPart(staged, final_path, writable=True)
+        try:
+            os.makedirs(staging, exist_ok=True)
+            return LocalStagedPart(staged, final_path, writable=True)
+        except OSError as err:
+            raise _failure(err, "staging", final_path) from None
 
     def staged_from(self, handle: dict[str, Any]) -> LocalStagedPart:
         return LocalStagedPart(handle["staged"], handle["final"])

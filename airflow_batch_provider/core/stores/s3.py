@@ -201,6 +201,20 @@ class S3StagedPart(StagedPart):
         # aborted (the caller sees the part missing and quarantines the sentinel).
         return _head(self._client, self.final_path) is not None
 
+    def last_activity(self) -> float | None:
+        """The newest part's upload time (``ListParts``), else when the upload began: a long
+        shard keeps uploading parts, so its upload stays young however long ago it began."""
+        if not self.upload_id:
+            return self.started_at
+        try:
+            parts = self._client.list_parts(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id).get("Parts", ())
+        except Exception as err:
+            if _code(err) in ("NoSuchUpload", "404"):
+                return None
+            raise _failure(err, "ListParts", self.final_path) from None
+        stamps = [p["LastModified"].timestamp() for p in parts if hasattr(p.get("LastModified"), "timestamp")]
+        return max(stamps + ([self.started_at] if self.started_at else []), default=None)
+
     def abort(self) -> None:
         """Abort this attempt's upload; the object at the key (maybe the winner's) stays."""
         self.closed = True
@@ -317,7 +331,10 @@ class S3Store(Store):
         412 ``PreconditionFailed``: the object exists, we lost. 409
         ``ConditionalRequestConflict``: another conditional write is in flight; S3 asks to
         retry, which then answers 412 (it won) or 200 (it failed). Still undecided after a
-        few tries counts as lost: the shard stays pending and is never written twice.
+        few tries is a ``StorageError`` (the task fails and its retry decides it).
+
+        A botocore retry of a PUT whose first try did succeed answers 412 to its own create:
+        the caller recognises its own content (the attempt token) after a False.
         """
         bucket, key = split_s3_url(path)
         for attempt in range(_CONFLICT_RETRIES):
@@ -332,7 +349,34 @@ class S3Store(Store):
                     time.sleep(0.2 * (attempt + 1))
                     continue
                 raise _failure(err, "conditional PUT", path) from None
-        return False
+        raise StorageError(
+            f"S3 conditional PUT of {path} still answered 409 ConditionalRequestConflict after "
+            f"{_CONFLICT_RETRIES} tries (another writer keeps racing for it); retry the task: it "
+            "finds the shard committed by the other writer, or commits it"
+        )
+
+    def remove_if_unchanged(self, path: str, expected: bytes) -> bool:
+        """GET (body and ETag), compare, then ``DeleteObject`` with ``If-Match`` on that ETag:
+        an object replaced in between is kept (412)."""
+        bucket, key = split_s3_url(path)
+        try:
+            got = self.client.get_object(Bucket=bucket, Key=key)
+            body, etag = got["Body"].read(), got["ETag"]
+        except Exception as err:
+            if _code(err) in ("NoSuchKey", "404"):
+                return False
+            raise _failure(err, "GET", path) from None
+        if body != expected:
+            return False
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+        except Exception as err:
+            if _code(err) == "PreconditionFailed" or _status(err) == 412:
+                return False
+            if _code(err) in ("NoSuchKey", "404"):
+                return False
+            raise _failure(err, "conditional DELETE", path) from None
+        return True
 
     def open_staged(self, final_path: str) -> S3StagedPart:
         bucket, key = split_s3_url(final_path)

@@ -81,7 +81,7 @@ def test_partial_part_is_quarantined_and_recomputed(spec):
     assert os.listdir(os.path.join(spec.checkpoint_root, "quarantine"))
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"[]", json.dumps({"schema_version": 99}).encode()])
+@pytest.mark.parametrize("content", [b"{not json", b"[]", json.dumps({"schema_version": 0}).encode()])
 def test_corrupt_sentinel_is_quarantined_not_trusted(spec, content):
     run_all(spec)
     storage = JobStorage.for_spec(spec)
@@ -176,28 +176,36 @@ import sys
 sys.path.insert(0, {root!r})
 from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.domain.commit import new_attempt
-from airflow_batch_provider.core.domain.jobs import plan_job
+from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
+from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.execution.runner import ShardRunner
 spec = BatchSpec.from_dict({spec!r})
-runner = ShardRunner(spec)
-for shard in plan_job(spec).pending:
+storage = JobStorage.for_spec(spec, {options!r})
+runner = ShardRunner(spec, {options!r})
+for shard in plan_job(spec, storage).pending:
     runner.run(shard, new_attempt())
+finalize_job(spec, storage)
 """
+
+
+def run_killed_at(spec, point: str, marker, options=None) -> subprocess.CompletedProcess:
+    """A whole job (plan, every shard, finalize) in a child process that SIGKILLs itself at
+    ``point``, once (``marker`` records that it fired)."""
+    env = {**os.environ, "ABP_FAILPOINTS": f"{point}=kill@{marker}"}
+    script = CRASH_SCRIPT.format(root=ROOT, spec=spec.to_dict(), options=options)
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
 
 
 @pytest.mark.parametrize("point", ["mid_part", "before_sentinel", "before_publish", "after_publish"])
 def test_sigkill_at_each_commit_step_then_rerun_leaves_each_row_once(spec, tmp_path, point):
     marker = tmp_path / f"{point}.fired"
-    env = {**os.environ, "ABP_FAILPOINTS": f"{point}=kill@{marker}"}
-    proc = subprocess.run(
-        [sys.executable, "-c", CRASH_SCRIPT.format(root=ROOT, spec=spec.to_dict())], env=env, capture_output=True
-    )
+    proc = run_killed_at(spec, point, marker)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert marker.exists()
     ids = sink_ids(spec.sink_root)
     assert len(ids) == len(set(ids))  # even mid-crash, readers never see a row twice
     run_all(spec)  # the rerun
-    manifest = finalize_job(spec)
+    manifest = finalize_job(spec, orphan_grace_s=0)  # the killed attempt's staged part is an orphan now
     assert sink_ids(spec.sink_root) == list(range(380))
     assert manifest["rows_out"] == 380
     assert not os.listdir(os.path.join(spec.sink_root, "_staging"))

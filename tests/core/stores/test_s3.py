@@ -161,7 +161,9 @@ def test_finalize_aborts_orphaned_uploads(s3_server, s3_bucket):
     staged(storage.sink, storage.part_path(shard.shard_id), b"an attempt killed before its sentinel")
     ShardRunner(spec, options).run(shard, new_attempt())
     assert len(uploads(s3_server, s3_bucket)) == 1
-    finalize_job(spec, storage)
+    finalize_job(spec, storage)  # within the grace period: it may be another run's live attempt
+    assert len(uploads(s3_server, s3_bucket)) == 1
+    finalize_job(spec, storage, orphan_grace_s=0)
     assert uploads(s3_server, s3_bucket) == []
 
 

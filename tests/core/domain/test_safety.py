@@ -1,0 +1,338 @@
+"""Operations that break "every row once" on a healthy single run: fresh starts, runs sharing a
+sink, superseded plans, and a commit path that must know its own attempt (local disk; the S3
+side is in tests/core/stores/test_s3_safety.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from airflow_batch_provider.core.domain import commit as commit_mod
+from airflow_batch_provider.core.domain.commit import check_shard, commit_shard, new_attempt, quarantine
+from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
+from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.errors import BatchError, CommitError, StaleCheckpointError, StorageError
+from airflow_batch_provider.core.execution.runner import ShardRunner
+from tests.core.domain.test_commit import make_spec, run_all, sink_ids
+
+
+@pytest.fixture
+def spec(tmp_path, jsonl_source):
+    return make_spec(jsonl_source, str(tmp_path / "out"), predictor_kwargs={"calls_log": str(tmp_path / "calls")})
+
+
+def computed_rows(spec) -> int:
+    """Rows the predictor has computed so far (every call appends its ids to ``calls_log``)."""
+    path = spec.predictor_kwargs["calls_log"]
+    return sum(len(json.loads(line)) for line in open(path)) if os.path.exists(path) else 0
+
+
+def staged_on_disk(spec) -> list[str]:
+    staging = os.path.join(spec.sink_root, "_staging")
+    return sorted(os.listdir(staging)) if os.path.isdir(staging) else []
+
+
+def stage(storage, shard, data: bytes = b"staged bytes"):
+    staged = storage.sink.open_staged(storage.part_path(shard.shard_id))
+    staged.stream.write(data)
+    staged.finish()
+    return staged
+
+
+# -- 1. resume=False: once per run, only this job's files, _SUCCESS first ------------------------
+def test_resume_false_starts_fresh_once_per_reset_key(spec):
+    run_all(spec)
+    finalize_job(spec)
+    fresh = make_spec(spec.source, spec.sink, predictor_kwargs={"factor": 3, "calls_log": spec.predictor_kwargs["calls_log"]}, resume=False)
+    job = plan_job(fresh, reset_key="dag/run-1/plan")
+    assert len(job.pending) == 5 and "deleted 5 part files" in job.notes[0]
+    runner = ShardRunner(fresh)
+    runner.run(job.pending[0], new_attempt())
+    runner.run(job.pending[1], new_attempt())
+    # the plan task of the same run is retried (or cleared): what that run committed stays
+    again = plan_job(fresh, reset_key="dag/run-1/plan")
+    assert (again.committed, len(again.pending)) == (2, 3) and "already started fresh" in again.notes[0]
+    for shard in again.pending:
+        runner.run(shard, new_attempt())
+    finalize_job(fresh)
+    assert sink_ids(spec.sink_root) == list(range(380))
+    # a new run of the DAG starts fresh again
+    assert len(plan_job(fresh, reset_key="dag/run-2/plan").pending) == 5
+    assert sink_ids(spec.sink_root) == []
+
+
+def test_reset_removes_only_what_this_jobs_sentinels_name(spec, tmp_path):
+    run_all(spec)
+    finalize_job(spec)
+    storage = JobStorage.for_spec(spec)
+    # a file of another tool that looks like ours, an attempt of another run still streaming,
+    # and another job's sentinel in a checkpoint_dir shared with this one
+    foreign = os.path.join(spec.sink_root, "part-00000-spark.snappy.parquet")
+    open(foreign, "wb").write(b"spark's")
+    live = stage(storage, plan_job(spec).plan.shards[0], b"another run, mid-shard")
+    shared = str(tmp_path / "shared-ckpt")
+    mine = make_spec(spec.source, str(tmp_path / "mine"), checkpoint_dir=shared)
+    other = make_spec(spec.source, str(tmp_path / "other"), checkpoint_dir=shared, rows_per_shard=1000)
+    run_all(other)
+    other_sentinels = sorted(os.listdir(os.path.join(shared, "shards")))
+    assert other_sentinels
+
+    plan_job(make_spec(spec.source, spec.sink, resume=False), reset_key="r1")
+    assert os.path.exists(foreign) and os.path.exists(live.handle["staged"])
+    assert not os.path.exists(storage.manifest_path)
+    assert [n for n in os.listdir(spec.sink_root) if n.startswith("part-")] == [os.path.basename(foreign)]
+    # the shared checkpoint: resetting "mine" leaves "other"'s sentinels alone
+    with pytest.raises(StaleCheckpointError):  # its plan.json is other's: refused, nothing deleted
+        plan_job(make_spec(mine.source, mine.sink, checkpoint_dir=shared))
+    os.remove(os.path.join(shared, "plan.json"))  # (what a user sharing one checkpoint_dir gets)
+    plan_job(make_spec(mine.source, mine.sink, checkpoint_dir=shared, resume=False), reset_key="r1")
+    assert set(other_sentinels) <= set(os.listdir(os.path.join(shared, "shards")))
+    assert len([n for n in os.listdir(other.sink_root) if n.startswith("part-")]) == len(other_sentinels)
+
+
+def test_reset_deletes_success_before_any_part(spec, monkeypatch):
+    run_all(spec)
+    finalize_job(spec)
+    storage = JobStorage.for_spec(spec)
+    order = []
+    real_delete = type(storage.sink).delete
+
+    def recording_delete(self, path):
+        order.append(os.path.basename(path))
+        real_delete(self, path)
+
+    monkeypatch.setattr(type(storage.sink), "delete", recording_delete)
+    plan_job(make_spec(spec.source, spec.sink, resume=False))
+    assert order[0] == "_SUCCESS" and sum(n.startswith("part-") for n in order) == 5
+
+
+# -- 2. runs sharing a sink ------------------------------------------------------------------
+def test_two_runs_of_one_spec_at_once_both_finish_with_every_row_once(spec):
+    barrier, results, errors = threading.Barrier(2), [], []
+
+    def one_run():
+        try:
+            job = plan_job(spec)
+            barrier.wait()
+            runner = ShardRunner(spec)
+            statuses = [runner.run(s, new_attempt()).status for s in job.pending]
+            barrier.wait()
+            results.append((statuses, finalize_job(spec)["rows_out"]))
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=one_run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert [rows for _, rows in results] == [380, 380]
+    statuses = [s for run, _ in results for s in run]
+    assert statuses.count("computed") + statuses.count("lost_race") + statuses.count("skipped") == 10
+    assert statuses.count("computed") == 5  # each shard committed once, whoever won it
+    assert sink_ids(spec.sink_root) == list(range(380))
+
+
+def test_finalize_leaves_a_live_attempts_staged_part_alone(spec):
+    run_all(spec)
+    storage = JobStorage.for_spec(spec)
+    shard = plan_job(spec).plan.shards[0]
+    live = stage(storage, shard, b"another run's attempt, still streaming")
+    finalize_job(spec)  # this run is done; the other run's attempt is not
+    assert os.path.exists(live.handle["staged"])
+    won, _ = commit_shard(storage, shard, live, rows_in=1, rows_out=1, lines=1, attempt=new_attempt())
+    assert not won and not os.path.exists(live.handle["staged"])  # it lost and discarded its own
+    assert sink_ids(spec.sink_root) == list(range(380))
+
+
+def test_finalize_aborts_staged_leftovers_idle_past_the_grace_period(spec):
+    run_all(spec)
+    storage = JobStorage.for_spec(spec)
+    shard = plan_job(spec).plan.shards[0]
+    orphan = stage(storage, shard, b"an attempt that crashed before its sentinel")
+    old = os.path.getmtime(orphan.handle["staged"]) - 7200
+    os.utime(orphan.handle["staged"], (old, old))
+    foreign = stage(storage, type(shard)(**{**shard.to_dict(), "shard_id": "not-of-this-plan"}), b"x")
+    os.utime(foreign.handle["staged"], (old, old))
+    finalize_job(spec)
+    assert not os.path.exists(orphan.handle["staged"])
+    assert os.path.exists(foreign.handle["staged"])  # not this plan's: left to `airflow-batch gc`
+
+
+def test_second_spec_is_refused_while_the_first_has_an_unfinished_plan(spec):
+    plan_job(spec)  # run A planned, nothing committed yet (its shard tasks are starting)
+    other = make_spec(spec.source, spec.sink, predictor_kwargs={"factor": 3})
+    with pytest.raises(StaleCheckpointError, match=r"committed nothing yet.*predictor_kwargs.*new sink, or set resume=False"):
+        plan_job(other)
+    assert plan_job(spec).plan.spec_fingerprint == spec.fingerprint  # A's plan untouched
+
+
+def test_first_plan_is_created_create_only(spec, monkeypatch):
+    """Two runs planning an empty sink at once: the one that loses the create plans again
+    against the winner's plan (and is refused when that is another spec)."""
+    other = make_spec(spec.source, spec.sink, predictor_kwargs={"factor": 3})
+    plan_job(spec)
+    plan_job_plan_bytes = open(JobStorage.for_spec(spec).plan_path, "rb").read()
+    os.remove(JobStorage.for_spec(spec).plan_path)
+    storage = JobStorage.for_spec(other)
+    real_create = type(storage.checkpoint).create_exclusive
+
+    def other_run_plans_first(self, path, data):
+        if path.endswith("plan.json") and not os.path.exists(path):
+            real_create(self, path, plan_job_plan_bytes)  # run A's plan lands between B's read and B's create
+        return real_create(self, path, data)
+
+    monkeypatch.setattr(type(storage.checkpoint), "create_exclusive", other_run_plans_first)
+    with pytest.raises(StaleCheckpointError, match="committed nothing yet"):
+        plan_job(other, storage)
+    assert plan_job(spec).plan.spec_fingerprint == spec.fingerprint
+
+
+def superseded_setup(spec):
+    """A shard task of plan P1 (100 rows a shard) still computing when P2 (50 a shard) replaces it."""
+    old = plan_job(spec)
+    shard = old.pending[0]
+    attempt = new_attempt("dag/run/shard/0", plan_id=old.plan.plan_id)
+    newer = make_spec(spec.source, spec.sink, rows_per_shard=50, predictor_kwargs=spec.predictor_kwargs)
+    return shard, attempt, newer
+
+
+def test_work_of_a_superseded_plan_cannot_commit_into_the_new_one(spec):
+    shard, attempt, newer = superseded_setup(spec)
+    assert len(plan_job(newer).pending) == 8  # the replan: nothing was committed under P1
+    with pytest.raises(CommitError, match="replaced by a plan without this shard.*withdrawn"):
+        ShardRunner(spec).run(shard, attempt)
+    storage = JobStorage.for_spec(newer)
+    assert shard.shard_id not in storage.committed_ids() and staged_on_disk(spec) == []
+    run_all(newer)
+    finalize_job(newer)
+    assert sink_ids(spec.sink_root) == list(range(380))
+
+
+def test_a_commit_that_lands_during_the_replan_is_withdrawn_by_it(spec, monkeypatch):
+    """P1's attempt commits after the replan listed the sentinels but before it wrote P2's
+    id (so the attempt still saw P1 standing): the replan finds it when it lists again."""
+    shard, attempt, newer = superseded_setup(spec)
+    storage = JobStorage.for_spec(newer)
+    real_committed = JobStorage.committed_ids
+    listings = []
+
+    def commit_lands_after_first_listing(self):
+        found = real_committed(self)
+        listings.append(len(found))
+        if len(listings) == 1:
+            assert ShardRunner(spec).run(shard, attempt).status == "computed"
+        return found
+
+    monkeypatch.setattr(JobStorage, "committed_ids", commit_lands_after_first_listing)
+    job = plan_job(newer)
+    monkeypatch.undo()
+    assert listings == [0, 1]
+    assert any("superseded plan" in n for n in job.notes), job.notes
+    assert shard.shard_id not in storage.committed_ids() and sink_ids(spec.sink_root) == []
+    run_all(newer)
+    finalize_job(newer)
+    assert sink_ids(spec.sink_root) == list(range(380))
+
+
+# -- 3. the commit path ----------------------------------------------------------------------
+def test_an_attempt_recognises_its_own_sentinel_after_a_retried_create(spec, monkeypatch):
+    """NFS retries a ``link`` whose reply was lost: the retry answers EEXIST to its own create."""
+    storage = JobStorage.for_spec(spec)
+    real_create = type(storage.checkpoint).create_exclusive
+
+    def create_retried_underneath(self, path, data):
+        assert real_create(self, path, data)  # the first try lands ...
+        return real_create(self, path, data)  # ... the retry reports "exists"
+
+    monkeypatch.setattr(type(storage.checkpoint), "create_exclusive", create_retried_underneath)
+    results = run_all(spec)
+    assert {r.status for r in results} == {"computed"}
+    monkeypatch.undo()
+    finalize_job(spec)
+    assert sink_ids(spec.sink_root) == list(range(380))
+
+
+def test_a_publish_that_finds_its_data_gone_fails_the_attempt(spec):
+    storage = JobStorage.for_spec(spec)
+    shard = plan_job(spec).pending[0]
+    staged = stage(storage, shard)
+    os.remove(staged.handle["staged"])  # a clean-up took it between the part's finish and the commit
+    with pytest.raises(CommitError, match="staged part is gone.*Retry the task"):
+        commit_shard(storage, shard, staged, rows_in=1, rows_out=1, lines=1, attempt=new_attempt())
+    # the retry quarantines that sentinel and computes the shard
+    assert ShardRunner(spec).run(shard, new_attempt()).status == "computed"
+    assert check_shard(storage, shard).committed
+
+
+def test_a_publish_that_keeps_failing_does_not_wedge_the_plan(spec, tmp_path):
+    """A commit whose staged data sits where it can never be renamed from (another
+    filesystem: EXDEV, every time), as a sink moved to another mount leaves it."""
+    storage = JobStorage.for_spec(spec)
+    shard = plan_job(spec).pending[0]
+    elsewhere = f"/dev/shm/abp-{tmp_path.name}-{shard.shard_id}.inprogress"
+    open(elsewhere, "wb").write(b"staged bytes")
+    handle = {"staged": elsewhere, "final": storage.part_path(shard.shard_id)}
+    sentinel = json.dumps({"schema_version": 1, "shard_id": shard.shard_id, "part": storage.part_name(shard.shard_id),
+                           "bytes": 12, "rows_out": 1, "spec_fingerprint": spec.fingerprint,
+                           "input_fingerprint": shard.input_fingerprint, "staged": handle, "sink": spec.sink_root})
+    storage.checkpoint.create_exclusive(storage.sentinel_path(shard.shard_id), sentinel.encode())
+    try:
+        with pytest.raises(StorageError, match="publishing .* failed: Invalid cross-device link"):
+            storage.sink.staged_from(handle).publish()
+        job = plan_job(spec)  # not wedged: the sentinel is quarantined, the shard planned again
+    finally:
+        os.remove(elsewhere)
+    assert shard.shard_id in {s.shard_id for s in job.pending}
+    assert any("cannot be published" in n for n in job.notes), job.notes
+    run_all(spec)
+    finalize_job(spec)
+    assert sink_ids(spec.sink_root) == list(range(380))
+
+
+def test_quarantine_keeps_a_sentinel_committed_in_between(spec, monkeypatch):
+    run_all(spec)
+    storage = JobStorage.for_spec(spec)
+    shard = plan_job(spec).plan.shards[0]
+    path = storage.sentinel_path(shard.shard_id)
+    valid = open(path, "rb").read()
+    open(path, "wb").write(b"{broken")
+    real_write = type(storage.checkpoint).write_atomic
+
+    def commit_lands_meanwhile(self, target, data):
+        real_write(self, target, data)
+        if "quarantine" in target:  # after the broken sentinel was read, before it is removed
+            os.remove(path)
+            storage.checkpoint.create_exclusive(path, valid)
+
+    monkeypatch.setattr(type(storage.checkpoint), "write_atomic", commit_lands_meanwhile)
+    note = quarantine(storage, shard.shard_id, "not valid JSON")
+    assert "changed meanwhile" in note and open(path, "rb").read() == valid
+    assert not os.listdir(os.path.join(spec.checkpoint_root, "quarantine"))
+
+
+def test_a_sentinel_of_a_newer_schema_fails_closed_and_is_kept(spec):
+    run_all(spec)
+    storage = JobStorage.for_spec(spec)
+    shard = plan_job(spec).plan.shards[1]
+    path = storage.sentinel_path(shard.shard_id)
+    newer = {**json.load(open(path)), "schema_version": commit_mod.SENTINEL_SCHEMA_VERSION + 1}
+    open(path, "w").write(json.dumps(newer))
+    with pytest.raises(StaleCheckpointError, match="newer than this provider knows.*Upgrade"):
+        check_shard(storage, shard)
+    with pytest.raises(StaleCheckpointError):
+        finalize_job(spec)
+    assert json.load(open(path)) == newer
+
+
+def test_local_storage_failures_are_batch_errors_that_say_what_to_do(tmp_path, jsonl_source):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the sink's parent should be")
+    spec = make_spec(jsonl_source, str(blocker / "out"))
+    with pytest.raises(BatchError, match=r"not-a-dir/out/_checkpoint/shards failed: Not a directory.*then clear the task"):
+        plan_job(spec)

@@ -1,0 +1,33 @@
+"""``batch_inference()`` follows the DAG's own conventions."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import DAG
+
+from airflow_batch_provider import BatchSpec, batch_inference
+
+SPEC = BatchSpec(source="/in/*.jsonl", sink="/out", predictor="tests.predictors:Doubler")
+
+
+def shard_task(group):
+    return group.children["batch_inference.shard"]
+
+
+def test_shard_tasks_take_the_dags_default_args_retries():
+    with DAG("d", schedule=None, default_args={"retries": 0, "retry_delay": timedelta(seconds=7)}):
+        group = batch_inference(SPEC)
+    assert shard_task(group).partial_kwargs["retries"] == 0
+    assert shard_task(group).partial_kwargs["retry_delay"] == timedelta(seconds=7)
+
+    with DAG("d2", schedule=None, default_args={"retries": 5}):
+        group = batch_inference(SPEC)
+    assert shard_task(group).partial_kwargs["retries"] == 5
+
+
+def test_shard_retries_overrides_the_dags_retries_for_shard_tasks_only():
+    with DAG("d", schedule=None, default_args={"retries": 0}):
+        group = batch_inference(SPEC, shard_retries=3)
+    assert shard_task(group).partial_kwargs["retries"] == 3
+    assert group.children["batch_inference.plan"].retries == 0
