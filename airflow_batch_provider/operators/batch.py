@@ -135,7 +135,7 @@ class PlanBatchOperator(_SpecOperator):
         started = time.time()
         spec = self.core_spec
         try:
-            job = api.plan(spec, self.storage_options, reset_key=reset_key(context["ti"]))
+            job = api.plan(spec, self.storage_options, reset_key=None if spec.resume else reset_key(context["ti"]))
         except api.BatchError as err:
             raise BatchInferenceException(str(err)) from None
         for note in job.notes:
