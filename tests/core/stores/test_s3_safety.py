@@ -8,7 +8,6 @@ through botocore's retry and response parsing, and every other byte over HTTP to
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
@@ -18,6 +17,7 @@ from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.errors import StorageError
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.stores.s3 import S3Store
+from tests.core.domain.test_safety import two_runs_at_once
 from tests.core.stores.test_s3 import parquet_bytes, put, read_sink, spec_on, staged, uploads
 
 pytestmark = pytest.mark.timeout(300)
@@ -151,29 +151,9 @@ def test_finalize_never_aborts_a_fresh_upload_of_another_run(job, s3_server, s3_
 
 def test_two_runs_of_one_spec_on_s3_at_once_both_finish_with_every_row_once(job, s3_server, s3_bucket):
     spec, _, options = job
-    barrier, finals, errors = threading.Barrier(2), [], []
-
-    def one_run():
-        try:
-            storage = JobStorage.for_spec(spec, options)
-            pending = plan_job(spec, storage).pending
-            barrier.wait()
-            runner = ShardRunner(spec, options)
-            for shard in pending:
-                runner.run(shard, new_attempt())
-            barrier.wait()
-            finals.append(finalize_job(spec, storage)["rows_out"])
-        except Exception as err:  # pragma: no cover - reported below
-            errors.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=one_run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert finals == [300, 300]
+    results = two_runs_at_once(spec, options)
+    assert [rows for _, rows in results] == [300, 300]
+    assert [s for run, _ in results for s in run].count("computed") == 3
     assert ids(s3_server, spec) == list(range(300))
     assert uploads(s3_server, s3_bucket) == []  # every loser aborted its own upload
 
