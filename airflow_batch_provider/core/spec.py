@@ -76,8 +76,9 @@ class BatchSpec:
     :param num_workers: model replicas (Ray actors) at most; default: as many as the Ray
         cluster's resources fit. Each loads the model once and serves shard after shard.
     :param checkpoint_dir: where the plan and the sentinels live; default ``{sink}/_checkpoint``.
-    :param resume: reuse committed shards (default). False deletes this job's earlier output
-        in the sink (our part files, sentinels and manifest only) and starts over.
+    :param resume: reuse committed shards (default). False starts over once per run of the
+        host (the plan's ``reset_key``): it deletes ``_SUCCESS``, then the parts and sentinels
+        this job's sentinels name (never a file it did not write), then the plan.
     :param max_retries: Ray retries of a shard whose worker process died.
     :param predictor_secrets: predictor keyword arguments whose values are secrets, as
         ``{kwarg: reference}``; the host resolves each reference (the Airflow layer:

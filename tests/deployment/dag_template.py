@@ -30,6 +30,7 @@ for cfg in CONFIGS:
         rows_per_shard=cfg.get("rows_per_shard", 10),
         num_cpus=1,
         num_workers=cfg.get("num_workers", 2),
+        resume=cfg.get("resume", True),
     )
     with DAG(
         dag_id=cfg["dag_id"],

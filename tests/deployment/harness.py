@@ -439,6 +439,11 @@ class AirflowClient:
         content = body.get("content")
         return content if isinstance(content, str) else "\n".join(json.dumps(c) if not isinstance(c, str) else c for c in content or [])
 
+    def clear_run(self, dag_id: str, run_id: str) -> Any:
+        """Clear every task of the run, as "Clear" on a DAG run in the UI does."""
+        body = {"dry_run": False, "dag_run_id": run_id, "only_failed": False, "reset_dag_runs": True}
+        return self.post(f"/api/v2/dags/{dag_id}/clearTaskInstances", body)
+
     def clear_failed(self, dag_id: str, run_id: str, task_ids: list[Any]) -> Any:
         body = {
             "dry_run": False,

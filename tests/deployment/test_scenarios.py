@@ -254,6 +254,41 @@ def test_3_clear_failed_map_indexes_like_the_ui(deployment: Deployment, client: 
     assert_each_row_once(scenario.sink, scenario.opts["rows"])
 
 
+# -- scenario 5 -------------------------------------------------------------------------------
+@pytest.mark.dag("deploy_resume_false")
+def test_5_resume_false_cleared_run_keeps_its_work_new_run_starts_fresh(deployment: Deployment, client: AirflowClient, scenario):
+    """resume=False, two shards fail; clearing the whole DAG run (plan included) keeps what the
+    run committed and computes only the failed shards; a new run starts fresh again."""
+    marker = scenario.base / "FAIL"
+    marker.write_text("fail while this file exists")
+    run_id = start_run(client, scenario.dag_id)
+    assert client.wait_run(scenario.dag_id, run_id, timeout=300) == "failed"
+    plan = unit_ids(client, scenario.dag_id, run_id)
+    failed = [t["map_index"] for t in client.shard_tis(scenario.dag_id, run_id, SHARD) if t["state"] == "failed"]
+    assert len(failed) == 2
+    kept = committed(scenario.sink)
+    assert len(kept) == len(plan) - 2
+
+    marker.unlink()
+    client.clear_run(scenario.dag_id, run_id)
+    assert client.wait_run(scenario.dag_id, run_id, timeout=300) == "success"
+    after = calls(scenario.calls_log)
+    for index, unit in plan.items():
+        expected = 2 if index in failed else 1  # the failed batch ran once before the clear
+        assert all(after[i] <= expected for i in unit["ids"]), (index, [after[i] for i in unit["ids"]])
+        if index not in failed:
+            assert all(after[i] == 1 for i in unit["ids"]), f"shard {index}, committed before the clear, computed again"
+    assert kept <= committed(scenario.sink)
+    assert len(unit_ids(client, scenario.dag_id, run_id)) == 2  # the re-run plan mapped only the failed shards
+    assert_each_row_once(scenario.sink, scenario.opts["rows"])
+
+    second = start_run(client, scenario.dag_id)
+    assert client.wait_run(scenario.dag_id, second, timeout=300) == "success"
+    again = calls(scenario.calls_log)
+    assert all(again[i] == after[i] + 1 for i in range(scenario.opts["rows"]))  # a new run: every row afresh
+    assert_each_row_once(scenario.sink, scenario.opts["rows"])
+
+
 # -- scenario 4 -------------------------------------------------------------------------------
 @pytest.mark.dag("deploy_scheduler_kill")
 def test_4_second_run_same_spec_is_fast(deployment: Deployment, client: AirflowClient, scenario):

@@ -93,9 +93,9 @@ def test_spec_change_fails_closed_with_a_clear_message(dag_tester, jsonl_source,
     assert sink_table(spec.sink_root).column("value").to_pylist() == [r["value"] * 3 for r in rows(380)]
 
 
-def test_resume_false_starts_fresh_once_per_dag_run(dag_tester, jsonl_source, tmp_path):
-    """The same logical date is the same DAG run (cleared and run again): it keeps what it
-    committed; a new run starts fresh again."""
+def test_resume_false_starts_fresh_in_each_new_dag_run(dag_tester, jsonl_source, tmp_path):
+    """Each `dags test` is a new DAG run: resume=False removes the earlier run's output first
+    (the same run cleared keeps its own: tests/deployment scenario 5, tests/operators)."""
     calls, marker = tmp_path / "calls.log", tmp_path / "fail-now"
     assert dag_tester.run(make_spec(jsonl_source, str(tmp_path / "out"))).state == "success"
     marker.touch()
@@ -103,24 +103,17 @@ def test_resume_false_starts_fresh_once_per_dag_run(dag_tester, jsonl_source, tm
         jsonl_source, str(tmp_path / "out"), resume=False,
         predictor_kwargs={"calls_log": str(calls), "fail_marker": str(marker), "fail_mod": 97},
     )
-    first = dag_tester.run(spec, logical_date="2026-02-01T00:00:00+00:00")
+    first = dag_tester.run(spec)
     assert first.state == "failed" and "resume=False: deleted 5 part files" in first.output
     assert first.plan_counts() == (5, 0, 5)
     assert not os.path.exists(os.path.join(spec.sink_root, "_SUCCESS"))
     os.remove(marker)
     calls.write_text("")
 
-    same_run = dag_tester.run(spec, logical_date="2026-02-01T00:00:00+00:00")
-    assert same_run.state == "success", same_run.output[-3000:]
-    assert "already started fresh" in same_run.output
-    assert same_run.plan_counts() == (5, 2, 3)  # the 2 shards this run committed are kept
-    assert sorted(logged_ids(calls)) == list(range(0, 200)) + list(range(250, 350))
-    assert sink_table(spec.sink_root).column("id").to_pylist() == list(range(380))
-
-    calls.write_text("")
-    next_run = dag_tester.run(spec, logical_date="2026-02-02T00:00:00+00:00")
-    assert next_run.state == "success", next_run.output[-3000:]
-    assert next_run.plan_counts() == (5, 0, 5) and len(logged_ids(calls)) == 380
+    second = dag_tester.run(spec)
+    assert second.state == "success", second.output[-3000:]
+    assert "resume=False: deleted 2 part files" in second.output  # the 2 the failed run committed
+    assert second.plan_counts() == (5, 0, 5) and sorted(logged_ids(calls)) == list(range(380))
     assert sink_table(spec.sink_root).column("id").to_pylist() == list(range(380))
 
 
