@@ -8,6 +8,7 @@ into a task group; use them directly only for unusual layouts.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -27,6 +28,9 @@ from airflow_batch_provider.triggers.shard import RayShardTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+#: status of a stored Ray call that belongs to another work unit: neither running nor succeeded
+OTHER_UNIT = "OTHER_UNIT"
 
 __all__ = ["BatchInferenceException", "BatchShardOperator", "FinalizeBatchOperator", "PlanBatchOperator", "work_units"]
 
@@ -63,9 +67,18 @@ def reset_key(ti: Any) -> str:
     return f"{ti.dag_id}/{ti.run_id}/{ti.task_id}"
 
 
-def attempt_key(ti: Any) -> str:
-    """What every try of one mapped task instance shares: how a retry finds an earlier try's call."""
-    return f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}"
+def unit_id(work_unit: dict[str, Any]) -> str:
+    """Names a work unit by its shards. A cleared DAG run re-runs the plan, which maps only
+    the shards still pending: a map index can then stand for other shards than before."""
+    shard_ids = ",".join(s["shard_id"] for s in work_unit["shards"])
+    return hashlib.sha256(shard_ids.encode()).hexdigest()[:16]
+
+
+def attempt_key(ti: Any, unit: str = "") -> str:
+    """What every try of one mapped task instance on one work unit shares: how a retry finds
+    an earlier try's call (never the call of other shards mapped to the same index before)."""
+    key = f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}"
+    return f"{key}/{unit}" if unit else key
 
 
 class _SpecOperator(BaseOperator):
@@ -259,17 +272,25 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     # -- ResumableJobMixin ---------------------------------------------------------------
     def submit_job(self, context: Context) -> dict[str, str]:
         ti = context["ti"]
-        key = attempt_key(ti)
+        unit = unit_id(self.work_unit)
+        key = attempt_key(ti, unit)
         if ti.try_number > 1 and (running := self.replicas.find_running(key)):
             # An earlier try submitted this work but died before task_state_store held its id.
             self.log.info("Reconnecting to running Ray work %s of an earlier try (its id was never stored)", running)
-            return running
+            return {**running, "unit": unit}
         attempt = api.new_attempt(key, try_number=ti.try_number, plan_id=self.work_unit.get("plan_id"))
         work = self.replicas.submit(self.shards, attempt, self.storage_options)
         self.log.info("Shard(s) %s submitted to Ray worker %s (attempt %s)", self.label, work["worker"], work["token"])
-        return work
+        return {**work, "unit": unit}
 
     def get_job_status(self, external_id: Any, context: Context) -> str:
+        stored_unit = external_id.get("unit") if isinstance(external_id, dict) else None
+        if stored_unit is not None and stored_unit != unit_id(self.work_unit):
+            self.log.warning(
+                "The stored Ray work %s computed other shards than %s (the plan ran again in this DAG run and "
+                "mapped this index anew); submitting this unit's shards", external_id, self.label,
+            )
+            return OTHER_UNIT
         return self.replicas.status(external_id)["state"]
 
     def is_job_active(self, status: str) -> bool:

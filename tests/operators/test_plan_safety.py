@@ -53,3 +53,23 @@ def test_a_shard_task_of_a_replaced_plan_fails_and_commits_nothing(local_ray, js
         ReplicaPool(spec).shutdown()
     assert not [n for n in os.listdir(spec.sink_root) if n.startswith("part-")]
     assert not os.listdir(os.path.join(spec.checkpoint_root, "shards"))
+
+
+def test_a_map_index_mapped_anew_by_a_rerun_plan_computes_its_own_shards(local_ray, jsonl_source, tmp_path, monkeypatch):
+    """A cleared DAG run re-runs the plan, which maps only the pending shards: map index 0's
+    stored Ray call (of another shard, succeeded) must not stand in for the new unit."""
+    monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
+    spec = make_spec(jsonl_source, str(tmp_path / "out"), num_workers=1)
+    units = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_workers=0).execute(plan_context("r"))
+    store = Store()
+    try:
+        first = BatchShardOperator(task_id="batch.shard", spec=spec.to_dict(), work_unit=units[0], deferrable=False)
+        assert first.execute(context(1, store))["computed"] == 1
+        # the run is cleared: the plan maps the 4 pending shards, units[1] now at map index 0
+        again = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_workers=0).execute(plan_context("r", 2))
+        assert again[0]["shards"] == units[1]["shards"]
+        second = BatchShardOperator(task_id="batch.shard", spec=spec.to_dict(), work_unit=again[0], deferrable=False)
+        summary = second.execute(context(2, store))
+    finally:
+        ReplicaPool(spec).shutdown()
+    assert summary["shards"] == [s["shard_id"] for s in units[1]["shards"]] and summary["computed"] == 1

@@ -10,7 +10,7 @@ import pytest
 
 from airflow_batch_provider.core.api import BatchSpec, ReplicaPool, Shard, new_attempt, plan
 from airflow_batch_provider.operators import batch as batch_mod
-from airflow_batch_provider.operators.batch import BatchShardOperator, attempt_key
+from airflow_batch_provider.operators.batch import BatchShardOperator, attempt_key, unit_id
 
 
 class Store(dict):
@@ -43,7 +43,7 @@ def row_calls(calls_log) -> collections.Counter:
 
 def test_retry_reconnects_to_work_whose_id_was_never_stored(job, capsys):
     # Try 1 submitted its shard to Ray and died before task_state_store.set.
-    first = new_attempt(attempt_key(context(1, Store())["ti"]), try_number=1)
+    first = new_attempt(attempt_key(context(1, Store())["ti"], unit_id(job.unit)), try_number=1)
     pool = ReplicaPool(job.spec)
     work = pool.submit([Shard.from_dict(job.unit["shards"][0])], first)
     while pool.status(work).get("queued"):
@@ -54,7 +54,7 @@ def test_retry_reconnects_to_work_whose_id_was_never_stored(job, capsys):
     summary = task.execute(context(2, store))
 
     assert "Reconnecting to running Ray work" in capsys.readouterr().out
-    assert store[BatchShardOperator.external_id_key] == {"worker": work["worker"], "token": first["token"]}
+    assert store[BatchShardOperator.external_id_key] == {"worker": work["worker"], "token": first["token"], "unit": unit_id(job.unit)}
     assert summary["computed"] == 1 and summary["rows_out"] == 10
     assert sorted(row_calls(job.calls).items()) == [(i, 1) for i in range(10)]  # each row computed once
 
@@ -98,5 +98,5 @@ def test_work_lost_while_waiting_is_resubmitted_and_the_new_call_recorded(monkey
     store = Store({BatchShardOperator.external_id_key: {"worker": "w1", "token": "old"}})
     summary = task.execute(context(2, store))
     assert waited == ["old", "new"]
-    assert store[BatchShardOperator.external_id_key] == {"worker": "w2", "token": "new"}
+    assert store[BatchShardOperator.external_id_key] == {"worker": "w2", "token": "new", "unit": unit_id(unit)}
     assert summary["computed"] == 1
