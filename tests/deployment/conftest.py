@@ -26,8 +26,9 @@ SCENARIO_DAGS: dict[str, dict[str, Any]] = {
     "deploy_task_kill": {"rows": 30, "sleep_s": 3.0, "max_active_shards": 3, "num_workers": 3},
     # 6 shards; the batches holding id 0 and 35 fail while the marker file exists; no retries
     "deploy_clear_failed": {"rows": 60, "sleep_s": 0.2, "retries": 0, "fail_mod": 35, "max_active_shards": 3, "num_workers": 3},
-    # the same, with resume=False: the cleared run keeps its own work, a new run starts fresh
-    "deploy_resume_false": {"rows": 60, "sleep_s": 0.2, "retries": 0, "fail_mod": 35, "max_active_shards": 3,
+    # the same, with resume=False (one retry, so that only the injected failure fails a shard):
+    # the cleared run keeps its own work, a new run starts fresh
+    "deploy_resume_false": {"rows": 60, "sleep_s": 0.2, "retries": 1, "fail_mod": 35, "max_active_shards": 3,
                             "num_workers": 3, "resume": False},
     # 5 deferrable shards of 2 batches x 4 s, five model replicas, no cap
     "deploy_deferrable": {"rows": 50, "sleep_s": 4.0, "deferrable": True, "num_workers": 5},
