@@ -18,7 +18,6 @@ Every failure of these primitives is a ``StorageError`` naming the path and what
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import posixpath
@@ -142,6 +141,8 @@ class Store(ABC):
             return self._fs.cat_file(path)
         except FileNotFoundError:
             return None
+        except OSError as err:
+            raise os_failure(err, "reading", path) from None
 
     def exists(self, path: str) -> bool:
         return self._fs.exists(path)
@@ -214,8 +215,12 @@ class Store(ABC):
         return f"{int(info['size'])}-{int(float(mtime) * 1e9)}"
 
     def delete(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             self._fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise os_failure(err, "deleting", path) from None
 
     def _key(self, path: str) -> str:
         """``path`` as fsspec lists it (no scheme)."""
