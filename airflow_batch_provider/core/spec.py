@@ -25,6 +25,7 @@ FORMAT_EXTENSIONS = {"jsonl": (".jsonl", ".ndjson", ".json"), "parquet": (".parq
 SOURCE_FORMATS = ("jsonl", "parquet")
 SINK_FORMATS = ("parquet", "jsonl")
 BATCH_FORMATS = ("numpy", "pandas", "pyarrow")
+BAD_ROW_POLICIES = ("fail", "skip")
 
 #: Fields whose values change the rows a job writes; everything else only changes speed.
 FINGERPRINT_FIELDS = ("predictor", "predictor_kwargs", "source_format", "sink_format", "batch_format", "columns")
@@ -84,6 +85,13 @@ class BatchSpec:
         ``conn:<conn_id>`` or ``var:<key>``) in the task process and hands the values to the
         model replicas through Ray's object store. Only the references are kept in the spec,
         the plan, the sentinels and the fingerprint.
+    :param bad_rows: what a row that cannot be read, or that makes the predictor raise, does:
+        ``"fail"`` (default) fails its shard with an error naming the file and line; ``"skip"``
+        writes it, verbatim with its file, line (or row index) and error, to
+        ``{sink}/_rejected/{shard_id}.jsonl``, committed with the shard. Not fingerprinted:
+        switching a failing job to ``"skip"`` keeps every shard already committed.
+    :param max_bad_rows: under ``"skip"``, the most rows one shard may reject before it fails
+        anyway: an int (a count) or a float below 1 (a fraction of the shard's rows); None: no limit.
 
     Credentials are not part of the spec: the core takes storage options (s3fs style) next
     to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from.
@@ -106,6 +114,8 @@ class BatchSpec:
     resume: bool = True
     max_retries: int = 3
     predictor_secrets: dict[str, str] = field(default_factory=dict)
+    bad_rows: str = "fail"
+    max_bad_rows: int | float | None = None
 
     def __post_init__(self) -> None:
         _require_str(self, "source")
@@ -161,6 +171,26 @@ class BatchSpec:
         clash = sorted(set(secrets) & set(self.predictor_kwargs))
         if clash:
             raise BatchSpecError(f"{clash} are in both predictor_kwargs and predictor_secrets; give each argument once")
+        _require_choice(self, "bad_rows", BAD_ROW_POLICIES)
+        limit = self.max_bad_rows
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 or (isinstance(limit, float) and limit >= 1):
+                raise BatchSpecError(
+                    f"max_bad_rows must be a count (an int >= 0) or a fraction of a shard's rows (a float "
+                    f"between 0 and 1), got {limit!r}"
+                )
+            if self.bad_rows != "skip":
+                raise BatchSpecError("max_bad_rows is a limit of bad_rows='skip'; set bad_rows='skip' too")
+
+    def bad_row_limit(self, shard_rows: int) -> int | None:
+        """How many rows a shard of ``shard_rows`` rows may reject (None: no limit)."""
+        if self.bad_rows != "skip":
+            return 0
+        if self.max_bad_rows is None:
+            return None
+        if isinstance(self.max_bad_rows, float):
+            return int(self.max_bad_rows * shard_rows)
+        return self.max_bad_rows
 
     # -- derived values ---------------------------------------------------------------
     @property

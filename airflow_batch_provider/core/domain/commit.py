@@ -10,11 +10,14 @@ Writing a shard, in order:
    It records rows in/out, bytes, sha256, the input and spec fingerprints, the attempt and
    the staged handle;
 3. the winner publishes the staged part to ``{sink}/part-{shard_id}.{ext}`` (rename on disk,
-   completing the multipart upload on S3); a loser discards only its own staged part.
+   completing the multipart upload on S3), then the rows it rejected (``bad_rows="skip"``),
+   staged the same way, to ``{sink}/_rejected/{shard_id}.jsonl``; a loser discards only its
+   own staged files.
 
 A crash before 2 leaves only hidden staged data: the shard is pending and is recomputed.
 A crash between 2 and 3 is rolled forward by whoever next checks the shard (the staged
-handle is in the sentinel). A part without a valid sentinel is never counted; a sentinel
+handles are in the sentinel). The rejected rows are one file per shard, written whole, so a
+rerun replaces rather than appends: they are never duplicated. A part without a valid sentinel is never counted; a sentinel
 whose part is missing or has the wrong size is moved to ``quarantine/`` and the shard is
 recomputed; a sentinel of another spec fails closed (``StaleCheckpointError``).
 """
@@ -105,6 +108,14 @@ def check_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
         storage.sink.staged_from(sentinel["staged"]).publish()  # roll forward a crash between commit and publish
         size = storage.sink.size(part)
     problem = _part_problem(part, sentinel, size)
+    rejected = sentinel.get("rejected")
+    if not problem and rejected:
+        path = storage.rejected_path(shard.shard_id)
+        rejected_size = storage.sink.size(path)
+        if rejected_size is None and rejected.get("staged"):
+            storage.sink.staged_from(rejected["staged"]).publish()
+            rejected_size = storage.sink.size(path)
+        problem = _part_problem(path, rejected, rejected_size)
     if problem:
         return ShardCheck(False, note=quarantine(storage, shard.shard_id, problem))
     return ShardCheck(committed=True, sentinel=sentinel)
@@ -118,6 +129,9 @@ def inspect_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
         return ShardCheck(committed=False, note=invalid)
     part = storage.part_path(shard.shard_id)
     problem = _part_problem(part, sentinel, storage.sink.size(part))
+    if not problem and sentinel.get("rejected"):
+        path = storage.rejected_path(shard.shard_id)
+        problem = _part_problem(path, sentinel["rejected"], storage.sink.size(path))
     return ShardCheck(committed=not problem, sentinel=None if problem else sentinel, note=problem)
 
 
@@ -173,8 +187,11 @@ def commit_shard(
     rows_out: int,
     lines: int,
     attempt: dict[str, Any],
+    rejected: StagedPart | None = None,
+    rows_rejected: int = 0,
 ) -> tuple[bool, dict[str, Any]]:
-    """Create the sentinel (the commit point), then publish or discard the staged part.
+    """Create the sentinel (the commit point), then publish or discard the staged part and
+    the staged rejected rows (``rejected``, holding ``rows_rejected`` rows; None when none).
 
     Returns (won, sentinel): ``won`` is False when another attempt committed first; the
     returned sentinel is then the winner's.
@@ -186,6 +203,13 @@ def commit_shard(
         "part": storage.part_name(shard.shard_id),
         "rows_in": rows_in,
         "rows_out": rows_out,
+        "rows_rejected": rows_rejected,
+        "rejected": None if rejected is None else {
+            "name": storage.rejected_path(shard.shard_id).rsplit("/", 1)[-1],
+            "bytes": rejected.stream.bytes_written,
+            "sha256": rejected.stream.sha256,
+            "staged": rejected.handle,
+        },
         "lines": lines,
         "bytes": staged.stream.bytes_written,
         "sha256": staged.stream.sha256,
@@ -201,8 +225,13 @@ def commit_shard(
     won = storage.checkpoint.create_exclusive(path, json.dumps(sentinel, sort_keys=True).encode())
     if not won:
         staged.abort()
+        if rejected is not None:
+            rejected.abort()
         winner = parse_sentinel(storage.checkpoint.read_bytes(path) or b"", path, shard.shard_id)
         return False, winner
     failpoints.hit("before_publish")
     staged.publish()
+    if rejected is not None:
+        failpoints.hit("before_publish_rejected")
+        rejected.publish()
     return True, sentinel

@@ -139,6 +139,9 @@ def reset_job(storage: JobStorage) -> str:
     parts = storage.part_files()
     for name in parts:
         storage.sink.delete(f"{spec.sink_root}/{name}")
+    rejected = storage.rejected_files()
+    for name in rejected:
+        storage.sink.delete(f"{storage.rejected_dir}/{name}")
     for staged in storage.staged_parts():
         staged.abort()
     storage.sink.delete(storage.manifest_path)
@@ -146,7 +149,10 @@ def reset_job(storage: JobStorage) -> str:
     for name in sentinels:
         storage.checkpoint.delete(f"{storage.sentinel_dir}/{name}")
     storage.checkpoint.delete(storage.plan_path)
-    return f"resume=False: deleted {len(parts)} part files and {len(sentinels)} sentinels from an earlier run"
+    return (
+        f"resume=False: deleted {len(parts)} part files, {len(rejected)} rejected-row files and "
+        f"{len(sentinels)} sentinels from an earlier run"
+    )
 
 
 def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_seconds: float | None = None) -> dict[str, Any]:
@@ -190,6 +196,8 @@ def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_
         "shards": len(plan.shards),
         "rows_in": sum(s.get("rows_in", 0) for s in sentinels),
         "rows_out": sum(s.get("rows_out", 0) for s in sentinels),
+        "rows_rejected": sum(s.get("rows_rejected", 0) for s in sentinels),
+        "rejected_dir": storage.rejected_dir,
         "bytes": sum(s.get("bytes", 0) for s in sentinels),
         "parts": [
             {
@@ -197,6 +205,8 @@ def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_
                 "shard_id": s["shard_id"],
                 "rows_in": s["rows_in"],
                 "rows_out": s["rows_out"],
+                "rows_rejected": s.get("rows_rejected", 0),
+                "rejected": (s.get("rejected") or {}).get("name"),
                 "bytes": s["bytes"],
                 "sha256": s["sha256"],
                 "input_fingerprint": s["input_fingerprint"],

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from airflow_batch_provider.core.errors import PredictorError
+from airflow_batch_provider.core.errors import PredictorError, PredictorOutputError
 
 
 def load_predictor_class(path: str) -> type:
@@ -91,23 +91,49 @@ def _dict_to_table(columns: dict[str, Any]) -> pa.Table:
         arrays[name] = _to_arrow_array(name, values)
         lengths[name] = len(arrays[name])
     if len(set(lengths.values())) > 1:
-        raise PredictorError(f"the predictor returned columns of different lengths: {lengths}")
+        raise PredictorOutputError(
+            f"the predictor returned columns of different lengths: {lengths}; every column needs one value per row"
+        )
     return pa.table(arrays)
 
 
 def _to_arrow_array(name: str, values: Any) -> pa.Array:
+    """One output column as Arrow. A 2-D array is a fixed-size list column. A Python list
+    goes to Arrow as it is, never through numpy: a list per row is a list column whatever
+    the lengths (ragged is fine), and mixed types are refused rather than made strings."""
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         return values
+    if isinstance(values, (list, tuple)):
+        return _from_python(name, list(values))
     array = np.asarray(values) if not isinstance(values, np.ndarray) else values
-    try:
-        if array.ndim == 2:
+    if array.ndim == 2:
+        try:
             flat = pa.array(np.ascontiguousarray(array).reshape(-1))
-            return pa.FixedSizeListArray.from_arrays(flat, array.shape[1])
-        if array.ndim > 2:
-            raise PredictorError(
-                f"column {name!r} has shape {array.shape}; only 1-D and 2-D arrays are supported, "
-                "reshape it or return a list per row"
-            )
-        return pa.array(array if array.dtype != object else array.tolist())
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise PredictorError(f"column {name!r} cannot be converted to Arrow: {err}") from None
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise _mistyped(name, err) from None
+        return pa.FixedSizeListArray.from_arrays(flat, array.shape[1])
+    if array.ndim > 2:
+        raise PredictorOutputError(
+            f"column {name!r} has shape {array.shape}; only 1-D and 2-D arrays are supported, "
+            "reshape it or return a list per row"
+        )
+    if array.dtype == object:
+        return _from_python(name, array.tolist())
+    try:
+        return pa.array(array)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+        raise _mistyped(name, err) from None
+
+
+def _from_python(name: str, values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+        raise _mistyped(name, err) from None
+
+
+def _mistyped(name: str, err: Exception) -> PredictorOutputError:
+    return PredictorOutputError(
+        f"the predictor's output column {name!r} cannot be converted to Arrow ({err}); return one type per "
+        "column (e.g. all numbers or all strings, None for a missing value)"
+    )

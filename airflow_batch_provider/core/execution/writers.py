@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from airflow_batch_provider.core.errors import PredictorError
+from airflow_batch_provider.core.errors import PredictorOutputError
 
 
 class PartWriter:
@@ -33,7 +33,7 @@ class PartWriter:
             if table.num_rows:
                 self._parquet.write_table(table)
         elif table.num_rows:
-            lines = [json.dumps(row, separators=(",", ":"), ensure_ascii=False, default=_jsonable) for row in table.to_pylist()]
+            lines = [json.dumps(row, separators=(",", ":"), ensure_ascii=False, default=jsonable) for row in table.to_pylist()]
             self._stream.write(("\n".join(lines) + "\n").encode())
 
     def close(self) -> None:
@@ -45,20 +45,27 @@ class PartWriter:
     def _cast(self, table: pa.Table) -> pa.Table:
         assert self.schema is not None
         if sorted(table.column_names) != sorted(self.schema.names):
-            raise PredictorError(
+            raise PredictorOutputError(
                 f"the predictor returned columns {table.column_names} after earlier batches had "
                 f"{self.schema.names}; every batch must have the same columns"
             )
-        try:
-            return table.select(self.schema.names).cast(self.schema)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
-            raise PredictorError(
-                f"the predictor returned types {table.schema} that do not match earlier batches "
-                f"{self.schema} ({err}); return the same types in every batch"
-            ) from None
+        table = table.select(self.schema.names)
+        for field in self.schema:
+            column = table.column(field.name)
+            if column.type == field.type:
+                continue
+            try:
+                column.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+                raise PredictorOutputError(
+                    f"the predictor's output column {field.name!r} is {column.type} in this batch, {field.type} in "
+                    f"earlier ones ({err}); return the same type in every batch"
+                ) from None
+        return table.cast(self.schema)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """JSON for what ``json`` cannot write itself (bytes, dates, decimals...)."""
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="backslashreplace")
     return str(value)

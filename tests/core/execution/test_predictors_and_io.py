@@ -12,7 +12,7 @@ import pytest
 
 from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
-from airflow_batch_provider.core.errors import InputDataError, PredictorError
+from airflow_batch_provider.core.errors import InputChangedError, InputDataError, PredictorError
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.spec import BatchSpec
@@ -125,7 +125,7 @@ def test_file_changed_after_planning_is_detected(tmp_path):
     spec = spec_for(str(tmp_path / "in"), str(tmp_path / "out"))
     job = plan_job(spec)
     write_jsonl(path, rows(20))
-    with pytest.raises(InputDataError, match="changed since it was planned"):
+    with pytest.raises(InputChangedError, match=r"a.jsonl changed \(version .* when planned, .* now\) since the plan recorded it"):
         ShardRunner(spec).run(job.pending[0], new_attempt())
 
 
