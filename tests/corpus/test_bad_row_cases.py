@@ -458,6 +458,25 @@ def test_s3_object_rewritten_after_plan_fails_before_commit(s3_server, s3_bucket
         ShardRunner(spec, options).run(pending[0], new_attempt())
 
 
+def test_s3_object_rewritten_while_it_is_read_answers_412_not_new_bytes(s3_server, s3_bucket):
+    """Each ranged GET is conditional: the read after the overwrite fails, it never mixes versions."""
+    from airflow_batch_provider.core.stores.s3 import READ_BLOCK, S3Store
+
+    client = s3_server.client()
+    body = b"".join(b'{"id": %d, "text": "%s"}\n' % (i, b"x" * 1000) for i in range((2 * READ_BLOCK) // 1000))
+    client.put_object(Bucket=s3_bucket, Key="in/big.jsonl", Body=body)
+    store = S3Store(s3_server.storage_options())
+    url = f"s3://{s3_bucket}/in/big.jsonl"
+    [planned] = store.find_inputs(url, (".jsonl",))
+    with pytest.raises(InputChangedError) as err:
+        with store.read_pinned(url, planned.version) as handle:
+            assert handle.read(1000) == body[:1000]
+            client.put_object(Bucket=s3_bucket, Key="in/big.jsonl", Body=body.replace(b"x", b"y"))
+            handle.seek(READ_BLOCK + 10)
+            handle.read(1000)
+    assert str(err.value).startswith(f"input {url} changed while it was read (ETag ")
+
+
 def test_s3_bad_rows_are_committed_with_the_shard(s3_server, s3_bucket):
     client = s3_server.client()
     options = s3_server.storage_options()
