@@ -230,9 +230,17 @@ def test_empty_file_adds_no_shard_and_no_rows(tmp_path):
 LATIN1 = b'{"id": 0, "value": 0.0, "text": "ok"}\n{"id": 1, "value": 0.5, "text": "caf\xe9"}\n{"id": 2, "value": 1.0, "text": "fine"}\n'
 
 
-def test_invalid_utf8_jsonl_fails_naming_file_and_line(tmp_path):
+BY_FORMAT = {
+    "numpy": "tests.predictors:Doubler",
+    "pandas": "tests.predictors:PandasUpper",
+    "pyarrow": "tests.predictors:ArrowPassthrough",
+}
+
+
+@pytest.mark.parametrize("batch_format", sorted(BY_FORMAT))
+def test_invalid_utf8_jsonl_fails_naming_file_and_line(tmp_path, batch_format):
     src = write_lines(str(tmp_path / "in" / "a.jsonl"), LATIN1)
-    spec = spec_for(src, str(tmp_path / "out"))
+    spec = spec_for(src, str(tmp_path / "out"), batch_format=batch_format, predictor=BY_FORMAT[batch_format])
     with pytest.raises(InputEncodingError) as err:
         run_job(spec)
     assert str(err.value) == (
@@ -258,9 +266,10 @@ def _parquet_with_latin1(path: str) -> str:
     return path
 
 
-def test_invalid_utf8_in_a_parquet_string_column_fails_naming_row_and_column(tmp_path):
+@pytest.mark.parametrize("batch_format", sorted(BY_FORMAT))
+def test_invalid_utf8_in_a_parquet_string_column_fails_naming_row_and_column(tmp_path, batch_format):
     src = _parquet_with_latin1(str(tmp_path / "pin" / "a.parquet"))
-    spec = spec_for(src, str(tmp_path / "out"))
+    spec = spec_for(src, str(tmp_path / "out"), batch_format=batch_format, predictor=BY_FORMAT[batch_format])
     with pytest.raises(InputEncodingError) as err:
         run_job(spec)
     assert str(err.value) == (
@@ -324,6 +333,20 @@ def test_mistyped_predictor_output_names_the_column(tmp_path):
         run_job(spec)
     assert str(err.value).startswith("the predictor's output column 'label' cannot be converted to Arrow (")
     assert written(spec.sink_root) == []
+
+
+def test_verify_checks_rejected_files_against_their_sentinel(tmp_path):
+    from airflow_batch_provider.core.domain.inspection import verify_sink
+
+    src = write_lines(str(tmp_path / "in" / "a.jsonl"), MALFORMED)
+    spec = spec_for(src, str(tmp_path / "out"), bad_rows="skip")
+    manifest = run_job(spec)
+    assert verify_sink(spec.sink_root).problems == []
+    path = os.path.join(spec.sink_root, "_rejected", manifest["parts"][0]["rejected"])
+    with open(path, "ab") as handle:
+        handle.write(b'{"forged": true}\n')
+    [problem] = verify_sink(spec.sink_root).problems
+    assert problem.startswith(f"{path}: {os.path.getsize(path)} bytes, its sentinel says ")
 
 
 # -- max_bad_rows ---------------------------------------------------------------------------
