@@ -196,19 +196,22 @@ def _read_jsonl(store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, b
 
 def _parse_block(block: bytes, path: str, first_line: int, bad: BadRows | FailOnBadRow) -> tuple[pa.Table, np.ndarray]:
     """The block's rows and their line numbers; bad lines go to the bad-row policy."""
-    lines = block.split(b"\n")
     try:
         table = _arrow_json(block)
         table.validate(full=True)  # Arrow's JSON reader does not check UTF-8 in strings
     except pa.ArrowException:
         table = None
     if table is not None:
+        count = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        if table.num_rows == count:  # every line a row (the usual case): no need to split
+            return table, np.arange(first_line + 1, first_line + 1 + count, dtype=np.int64)
+        lines = block.split(b"\n")
         positions = np.array([first_line + i + 1 for i, text in enumerate(lines) if text.strip()], dtype=np.int64)
         if len(positions) == table.num_rows:
             return table, positions
     good: list[bytes] = []
     numbers: list[int] = []
-    for offset, text in enumerate(lines):
+    for offset, text in enumerate(block.split(b"\n")):
         if not text.strip():
             continue
         number = first_line + offset + 1
