@@ -114,6 +114,17 @@ def test_malformed_line_is_rejected_under_skip(tmp_path):
     assert sentinel["rows_rejected"] == 1
 
 
+def test_resume_false_deletes_the_earlier_rejected_rows(tmp_path):
+    src = write_lines(str(tmp_path / "in" / "a.jsonl"), MALFORMED)
+    spec = spec_for(src, str(tmp_path / "out"), bad_rows="skip")
+    run_job(spec)
+    assert len(rejected(spec.sink_root)) == 1
+    write_lines(src, MALFORMED.replace(b'"value": \n', b'"value": 1.0}\n'))
+    manifest = run_job(spec_for(src, str(tmp_path / "out"), bad_rows="skip", resume=False))
+    assert rejected(spec.sink_root) == [] and manifest["rows_rejected"] == 0
+    assert sink_rows(spec.sink_root) == doubled([0, 1, 2, 3])
+
+
 def test_switching_a_failed_job_to_skip_keeps_committed_shards(tmp_path):
     write_jsonl(str(tmp_path / "in" / "a.jsonl"), [{"id": i, "value": i * 0.5} for i in range(10)])
     write_lines(str(tmp_path / "in" / "b.jsonl"), MALFORMED.replace(b'"id": 0', b'"id": 10').replace(b'"id": 1,', b'"id": 11,')
