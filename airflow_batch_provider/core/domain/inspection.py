@@ -197,6 +197,8 @@ def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: d
     sentinels = files.sentinels(use_manifest=False)
 
     def check(sentinel: dict[str, Any]) -> str:
+        if "part" in sentinel and sentinel["part"] is None:
+            return ""  # a shard that produced no rows commits without a part
         part = f"{files.sink}/{sentinel.get('part', '')}"
         digest, size = hashlib.sha256(), 0
         try:
