@@ -215,6 +215,7 @@ def conform_table(
     fix: str = INPUT_FIX,
     what: str = "the job's schema",
     on_bad: BadRowCallback | None = None,
+    declared: bool = False,
 ) -> pa.Table:
     """``table`` with exactly ``schema`` (its columns, order and types), changing no value.
 
@@ -226,6 +227,9 @@ def conform_table(
     the bad rows are removed from the returned table and passed, once each, to
     ``on_bad([(row_offset, column, message), ...])``, ``row_offset`` counting from the
     table's first row (``origin.where(row_offset)`` names it).
+
+    ``declared`` says ``schema`` is one the user declared: then numbers and booleans are also
+    written as text into a string column the user asked for (``5`` -> ``"5"``).
     """
     if table.schema.equals(schema, check_metadata=False):
         return table
@@ -236,7 +240,7 @@ def conform_table(
             arrays.append(pa.nulls(table.num_rows, field.type))
             continue
         column = table.column(field.name)
-        converted, failed = _conform_column(column, field.type)
+        converted, failed = _conform_column(column, field.type, declared)
         arrays.append(converted)
         for row in failed:
             value = column[row].as_py()
@@ -257,24 +261,22 @@ def conform_table(
         assert on_bad is not None
         on_bad([(row, column_name, f"{origin.path}: {origin.where(row)}: {message}") for row, (column_name, message) in sorted(bad.items())])
         keep = pa.array([i not in bad for i in range(table.num_rows)])
-        arrays = [_keep_valid(array, keep) for array in arrays]
+        arrays = [pc.filter(array, keep) for array in arrays]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _keep_valid(array: pa.Array | pa.ChunkedArray, keep: pa.Array) -> pa.Array | pa.ChunkedArray:
-    return pc.filter(array, keep)
-
-
-def _conform_column(column: pa.ChunkedArray, target: pa.DataType) -> tuple[pa.Array | pa.ChunkedArray, list[int]]:
+def _conform_column(column: pa.ChunkedArray, target: pa.DataType, declared: bool) -> tuple[pa.Array | pa.ChunkedArray, list[int]]:
     """(the column as ``target``, rows whose value would change). Failed rows hold null."""
     source = column.type
     if source.equals(target):
         return column, []
     if pa.types.is_null(source):
         return pa.nulls(len(column), target), []
+    if declared and _is_text(target) and (_is_number(source) or pa.types.is_boolean(source)):
+        return pc.cast(column, target), []
     if not _same_kind(source, target):
         failed = _non_null_rows(column)
-        return _null_out(column, target, failed), failed
+        return pa.nulls(len(column), target), failed
     try:
         converted = pc.cast(column, target, safe=True)
         if _round_trips(column, converted):
@@ -293,10 +295,6 @@ def _conform_column(column: pa.ChunkedArray, target: pa.DataType) -> tuple[pa.Ar
             failed.append(row)
             values.append(None)
     return pa.array(values, type=target), failed
-
-
-def _null_out(column: pa.ChunkedArray, target: pa.DataType, failed: list[int]) -> pa.Array:
-    return pa.nulls(len(column), target)
 
 
 def _same_kind(source: pa.DataType, target: pa.DataType) -> bool:

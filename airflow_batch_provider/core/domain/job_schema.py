@@ -40,14 +40,25 @@ def known_output_schema(storage: JobStorage) -> pa.Schema | None:
 def record_output_schema(storage: JobStorage, schema: pa.Schema, input_schema: pa.Schema | None) -> pa.Schema:
     """Record ``schema`` (a first output batch's) unless another shard did first; return the winner.
 
-    A column the first batch left null-typed takes the input column's type of the same name
-    (a pass-through column that happened to be all null in that batch)."""
+    A column of the same name as an input column takes the input's type where the batch
+    format only blurred it: null-typed (all null in that batch), a list where the input had
+    a fixed-size list of the same items (pandas), a decimal of another precision."""
     if input_schema is not None:
         schema = pa.schema([
-            pa.field(f.name, input_schema.field(f.name).type) if pa.types.is_null(f.type) and f.name in input_schema.names else f
+            pa.field(f.name, input_schema.field(f.name).type) if f.name in input_schema.names and _blurred(input_schema.field(f.name).type, f.type) else f
             for f in schema
         ])
     created = storage.checkpoint.create_exclusive(storage.output_schema_path, json.dumps(schema_to_json(schema)).encode())
     if created:
         return schema
     return known_output_schema(storage) or schema
+
+
+def _blurred(original: pa.DataType, seen: pa.DataType) -> bool:
+    if pa.types.is_null(seen):
+        return True
+    if pa.types.is_fixed_size_list(original) and pa.types.is_list(seen):
+        return original.value_type.equals(seen.value_type)
+    if pa.types.is_decimal(original) and pa.types.is_decimal(seen):
+        return original.scale == seen.scale and original.precision >= seen.precision
+    return False

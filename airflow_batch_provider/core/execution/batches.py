@@ -8,9 +8,10 @@ fewer rows (a filter) or more. Batches are exchanged in the spec's ``batch_forma
 * ``pandas``: ``pandas.DataFrame``;
 * ``pyarrow``: ``pyarrow.Table``.
 
-Values keep their meaning both ways: a nullable integer column is an object array of ints and
-``None`` (numpy) or a pandas ``Int64``-style column, never floats with NaN; a fixed-size list
-column with nulls is an object array of rows (arrays or ``None``), so every row stays aligned.
+Values keep their meaning both ways: a numeric column holding nulls is an object array of
+numbers and ``None`` (numpy; a predictor must skip the ``None``) and an integer column is a
+pandas ``Int64``-style column, never floats with NaN; a fixed-size list column with nulls is an
+object array of rows (arrays or ``None``), so every row stays aligned.
 """
 
 from __future__ import annotations
@@ -69,9 +70,13 @@ def _nullable_pandas_type(data_type: pa.DataType) -> Any:
     return None
 
 
+def _is_number(data_type: pa.DataType) -> bool:
+    return pa.types.is_integer(data_type) or pa.types.is_floating(data_type)
+
+
 def _column_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    if column.null_count and (pa.types.is_integer(column.type) or pa.types.is_fixed_size_list(column.type)):
-        values = column.to_pylist()  # ints and None / rows and None: nothing becomes NaN, nothing shifts
+    if column.null_count and (_is_number(column.type) or pa.types.is_fixed_size_list(column.type)):
+        values = column.to_pylist()  # numbers and None / rows and None: no null becomes NaN, nothing shifts
         array = np.empty(len(values), dtype=object)
         item = column.type.value_type.to_pandas_dtype() if pa.types.is_fixed_size_list(column.type) else None
         array[:] = [np.asarray(v, dtype=item) if isinstance(v, list) else v for v in values]

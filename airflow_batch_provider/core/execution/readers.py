@@ -84,7 +84,7 @@ def _read_parquet(
                 table = pa.Table.from_batches([batch])
                 row += table.num_rows
                 if schema is not None:
-                    table = conform_table(table, schema, origin, on_bad=on_bad)
+                    table = conform_table(table, schema, origin, on_bad=on_bad, declared=spec.input_schema is not None)
                 yield table, origin
         except (pa.ArrowInvalid, OSError) as err:
             raise InputDataError(
@@ -123,7 +123,7 @@ def _read_jsonl(
             block_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
             origin = RowOrigin(shard.path, line + 1, "line", shard.shard_id, _row_lines(block, line))
             if job_schema is not None:
-                table = _parse_block_as(block, job_schema, origin, on_bad)
+                table = _parse_block_as(block, job_schema, origin, on_bad, declared=spec.input_schema is not None)
             else:
                 table = _parse_block(block, shard.path, line)
                 if spec.columns:
@@ -150,17 +150,17 @@ def _row_lines(block: bytes, line: int) -> tuple[int, ...] | None:
     return tuple(line + offset + 1 for offset, text in enumerate(texts) if text.strip())
 
 
-def _parse_block_as(block: bytes, schema: pa.Schema, origin: RowOrigin, on_bad: BadRowCallback | None) -> pa.Table:
+def _parse_block_as(block: bytes, schema: pa.Schema, origin: RowOrigin, on_bad: BadRowCallback | None, *, declared: bool) -> pa.Table:
     """Parse straight into the job's schema; when some value does not fit, line by line."""
     options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
     try:
         table = pj.read_json(io.BytesIO(block), read_options=pj.ReadOptions(block_size=len(block) + 1), parse_options=options)
     except pa.ArrowInvalid:
-        return _parse_lines_as(block, schema, origin, on_bad)
-    return conform_table(table, schema, origin, on_bad=on_bad)
+        return _parse_lines_as(block, schema, origin, on_bad, declared=declared)
+    return conform_table(table, schema, origin, on_bad=on_bad, declared=declared)
 
 
-def _parse_lines_as(block: bytes, schema: pa.Schema, origin: RowOrigin, on_bad: BadRowCallback | None) -> pa.Table:
+def _parse_lines_as(block: bytes, schema: pa.Schema, origin: RowOrigin, on_bad: BadRowCallback | None, *, declared: bool) -> pa.Table:
     """The slow path: one row at a time, so that an error names its exact line."""
     first_line = origin.first - 1
     tables = []
@@ -172,7 +172,7 @@ def _parse_lines_as(block: bytes, schema: pa.Schema, origin: RowOrigin, on_bad: 
         value = _json_object(text, origin.path, number)
         here = RowOrigin(origin.path, number, "line", origin.shard)
         report = None if on_bad is None else (lambda bad, row=row: on_bad([(row + r, c, m) for r, c, m in bad]))
-        tables.append(conform_table(_row_table(value, here), schema, here, on_bad=report))
+        tables.append(conform_table(_row_table(value, here), schema, here, on_bad=report, declared=declared))
         row += 1
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
