@@ -212,7 +212,7 @@ def test_big_integer_after_the_sample_is_refused_not_rounded(tmp_path):
     jsonl(tmp_path / "in/a.jsonl", records)
     with pytest.raises(InputDataError) as err:
         run_job(tmp_path / "in", tmp_path / "out")
-    assert f"a.jsonl: line 551 (shard " in str(err.value)
+    assert "a.jsonl: line 551 (shard " in str(err.value)
     assert f"column 'n' holds uint64 value {2**63 + 1}, which int64 in the job's schema cannot hold unchanged" in str(err.value)
 
 
