@@ -359,3 +359,44 @@ def test_s3_null_only_shard_and_parquet_footers(s3_server, s3_bucket, tmp_path):
     assert by_id(read_back(str(local), "parquet")) == [
         {"id": 0, "text": None, "extra": None}, {"id": 1, "text": None, "extra": None}, {"id": 2, "text": "t", "extra": 1.5},
     ]
+
+
+def test_jsonl_sink_null_only_shard_reads_back_with_the_schema_from_success(tmp_path):
+    """JSON carries no types: pyarrow.dataset takes a JSONL sink's types from its first part,
+    so a column null in every row of that part reads as null. The schema in ``_SUCCESS`` fixes it."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    from airflow_batch_provider.core.schemas import schema_from_json
+
+    jsonl(tmp_path / "in/a.jsonl", [{"id": 0, "text": None}])
+    jsonl(tmp_path / "in/b.jsonl", [{"id": 1, "text": "t"}])
+    manifest = run_job(tmp_path / "in", tmp_path / "out", sink_format="jsonl")
+    schema = schema_from_json(manifest["schema"])
+    parts = sorted(str(p) for p in (tmp_path / "out").glob("part-*.jsonl"))
+    assert by_id(ds.dataset(parts, format="json", schema=schema).to_table()) == [{"id": 0, "text": None}, {"id": 1, "text": "t"}]
+    frame = pd.concat([pd.read_json(p, lines=True) for p in parts], ignore_index=True)
+    assert sorted(frame["id"]) == [0, 1] and sorted(frame.columns) == ["id", "text"]
+    assert sorted(duckdb.sql(f"select * from read_json('{tmp_path}/out/part-*.jsonl', format='newline_delimited')").fetchall()) == [
+        (0, None), (1, "t"),
+    ]
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    write_lines(tmp_path / "in/a.jsonl", ['{"id": 0}', "", '{"id": 1, "surprise": "x"}'])
+    with pytest.raises(InputDataError) as err:
+        run_job(tmp_path / "in", tmp_path / "out", input_schema={"id": "int64"})
+    assert str(err.value).startswith(f"{tmp_path}/in/a.jsonl: line 3 (shard ")
+    assert str(err.value).endswith(
+        "): column 'surprise' (value 'x') is not in the job's schema (columns ['id']). "
+        "Declare input_schema on the BatchSpec with a type that holds every value, or fix the input."
+    )
+
+
+def test_crlf_bom_free_jsonl_and_no_trailing_newline_keep_one_schema(tmp_path):
+    os.makedirs(tmp_path / "in")
+    (tmp_path / "in/a.jsonl").write_bytes(b'{"id": 0, "v": 1}\r\n{"id": 1, "v": null}\r\n')
+    (tmp_path / "in/b.jsonl").write_bytes(b'{"id": 2, "v": 2.5}')  # no trailing newline
+    run_job(tmp_path / "in", tmp_path / "out")
+    assert by_id(read_back(str(tmp_path / "out"), "parquet")) == [{"id": 0, "v": 1.0}, {"id": 1, "v": None}, {"id": 2, "v": 2.5}]

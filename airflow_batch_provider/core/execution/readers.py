@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -23,6 +24,7 @@ from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import Store
 
 JSONL_BLOCK_BYTES = 8 << 20
+_BLANK_LINE = re.compile(rb"(?:\A|\n)[ \t\r]*\n|\n[ \t\r]+\Z")
 
 
 @dataclass
@@ -142,6 +144,8 @@ def _read_jsonl(
 
 def _row_lines(block: bytes, line: int) -> tuple[int, ...] | None:
     """The line (1-based) of every row of ``block``, where blank lines make it differ from a count."""
+    if not _BLANK_LINE.search(block):
+        return None
     texts = block.split(b"\n")
     if block.endswith(b"\n"):
         texts.pop()
