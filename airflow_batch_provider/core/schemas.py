@@ -30,6 +30,7 @@ from airflow_batch_provider.core.errors import BatchSpecError, InputDataError
 BadRowCallback = Callable[[list[tuple[int, str, str]]], None]
 
 _LIST = re.compile(r"^(large_list|list)\s*<\s*(.+)\s*>$")
+_DECIMAL = re.compile(r"^decimal(128|256)?\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
 _FIXED = re.compile(r"^fixed_size_list\s*<\s*(.+)\s*,\s*(\d+)\s*>$")
 
 
@@ -39,6 +40,9 @@ def parse_type(text: str) -> pa.DataType:
     text = text.strip()
     if match := _FIXED.match(text):
         return pa.list_(parse_type(match.group(1)), int(match.group(2)))
+    if match := _DECIMAL.match(text):
+        factory = pa.decimal256 if match.group(1) == "256" else pa.decimal128
+        return factory(int(match.group(2)), int(match.group(3)))
     if match := _LIST.match(text):
         item = parse_type(match.group(2))
         return pa.large_list(item) if match.group(1) == "large_list" else pa.list_(item)
@@ -47,7 +51,7 @@ def parse_type(text: str) -> pa.DataType:
     except (ValueError, KeyError):
         raise BatchSpecError(
             f"unknown Arrow type {text!r}; use names such as int64, float64, string, bool, "
-            "timestamp[ms], list<string> or fixed_size_list<float32, 384>"
+            "timestamp[ms], decimal128(38, 0), list<string> or fixed_size_list<float32, 384>"
         ) from None
 
 

@@ -400,3 +400,15 @@ def test_crlf_bom_free_jsonl_and_no_trailing_newline_keep_one_schema(tmp_path):
     (tmp_path / "in/b.jsonl").write_bytes(b'{"id": 2, "v": 2.5}')  # no trailing newline
     run_job(tmp_path / "in", tmp_path / "out")
     assert by_id(read_back(str(tmp_path / "out"), "parquet")) == [{"id": 0, "v": 1.0}, {"id": 1, "v": None}, {"id": 2, "v": 2.5}]
+
+
+def test_integer_above_2_53_in_a_float_column_is_refused_not_rounded(tmp_path):
+    jsonl(tmp_path / "in/a.jsonl", [{"id": 0, "x": 0.5}, {"id": 1, "x": 2**53 + 1}])
+    with pytest.raises(InputDataError) as err:
+        run_job(tmp_path / "in", tmp_path / "out")
+    assert "a.jsonl: line 2 (shard " in str(err.value)
+    assert f"column 'x' holds int64 value {2**53 + 1}, which float64 in the job's schema cannot hold unchanged" in str(err.value)
+    jsonl(tmp_path / "in2/a.jsonl", [{"id": 0, "x": 0.5}, {"id": 1, "x": 2**53 + 1}])
+    run_job(tmp_path / "in2", tmp_path / "out2", input_schema={"id": "int64", "x": "decimal128(38, 1)"})
+    assert [r["x"] for r in by_id(read_back(str(tmp_path / "out2"), "parquet"))] == [
+        __import__("decimal").Decimal("0.5"), __import__("decimal").Decimal(2**53 + 1)]

@@ -24,6 +24,8 @@ from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import Store
 
 JSONL_BLOCK_BYTES = 8 << 20
+#: an integer literal of 16 digits or more: one a float column could hold only rounded (2^53 has 16)
+_LONG_INTEGER = re.compile(rb"[:\[,]\s*-?\d{16,}\s*[,}\]]")
 _BLANK_LINE = re.compile(rb"(?:\A|\n)[ \t\r]*\n|\n[ \t\r]+\Z")
 
 
@@ -156,6 +158,9 @@ def _row_lines(block: bytes, line: int) -> tuple[int, ...] | None:
 
 def _parse_block_as(block: bytes, schema: pa.Schema, origin: RowOrigin, on_bad: BadRowCallback | None, *, declared: bool) -> pa.Table:
     """Parse straight into the job's schema; when some value does not fit, line by line."""
+    if _LONG_INTEGER.search(block) and any(pa.types.is_floating(f.type) for f in schema):
+        # Arrow's parser would round an integer above 2^53 into a float column without a word
+        return _parse_lines_as(block, schema, origin, on_bad, declared=declared)
     options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
     try:
         table = pj.read_json(io.BytesIO(block), read_options=pj.ReadOptions(block_size=len(block) + 1), parse_options=options)
