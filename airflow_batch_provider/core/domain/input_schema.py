@@ -21,16 +21,7 @@ import pyarrow.parquet as pq
 
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import BatchSpecError, InputDataError
-from airflow_batch_provider.core.schemas import (
-    INPUT_FIX,
-    Incompatible,
-    declared_schema,
-    is_wide_int,
-    type_name,
-    unify_schemas,
-    unify_types,
-    value_array,
-)
+from airflow_batch_provider.core.schemas import INPUT_FIX, Incompatible, declared_schema, type_name, unify_schemas, unify_types, value_array
 from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import InputFile, Store
 
@@ -88,8 +79,12 @@ def jsonl_sample_schema(store: Store, shard: Shard) -> pa.Schema:
         block = handle.read(min(SAMPLE_BYTES, shard.byte_end - shard.byte_start))
     if shard.byte_start + len(block) < shard.byte_end and b"\n" in block:
         block = block[: block.rfind(b"\n")]  # whole lines only
+    texts = block.split(b"\n")[:SAMPLE_LINES]
+    fast = _sample_type_at_once(texts)
+    if fast is not None:
+        return fast
     columns: dict[str, list[tuple[int, Any]]] = {}
-    for offset, text in enumerate(block.split(b"\n")[:SAMPLE_LINES]):
+    for offset, text in enumerate(texts):  # slow path: per value, naming the line where types part ways
         try:
             row = json.loads(text) if text.strip() else None
         except ValueError:
@@ -100,12 +95,20 @@ def jsonl_sample_schema(store: Store, shard: Shard) -> pa.Schema:
     return pa.schema([(name, _column_type(shard.path, name, values)) for name, values in columns.items()])
 
 
-def _column_type(path: str, name: str, values: list[tuple[int, Any]]) -> pa.DataType:
+def _sample_type_at_once(texts: list[bytes]) -> pa.Schema | None:
+    """The common case in C: one ``json.loads`` of the sample as an array, one Arrow inference
+    of the rows as structs (keys unioned). None when some line or value needs the slow path
+    (a line that is not an object, mixed types, an integer above 2^63)."""
     try:
-        if not any(is_wide_int(v) for _, v in values):
-            return pa.array([v for _, v in values]).type
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        pass
+        rows = json.loads(b"[" + b",".join(t for t in texts if t.strip()) + b"]")
+        if not all(isinstance(row, dict) for row in rows):
+            return None
+        return pa.schema(list(pa.array(rows).type)) if rows else pa.schema([])
+    except (ValueError, pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return None
+
+
+def _column_type(path: str, name: str, values: list[tuple[int, Any]]) -> pa.DataType:
     seen: pa.DataType = pa.null()
     first = 0
     for line, value in values:  # slow path: name the line where the types part ways

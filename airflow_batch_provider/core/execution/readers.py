@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from dataclasses import dataclass, replace
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
@@ -24,9 +24,6 @@ from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import Store
 
 JSONL_BLOCK_BYTES = 8 << 20
-#: an integer literal of 16 digits or more: one a float column could hold only rounded (2^53 has 16)
-_LONG_INTEGER = re.compile(rb"[:\[,]\s*-?\d{16,}\s*[,}\]]")
-_BLANK_LINE = re.compile(rb"(?:\A|\n)[ \t\r]*\n|\n[ \t\r]+\Z")
 
 
 @dataclass
@@ -125,9 +122,9 @@ def _read_jsonl(
             if not block:
                 break
             block_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-            origin = RowOrigin(shard.path, line + 1, "line", shard.shard_id, _row_lines(block, line))
+            origin = RowOrigin(shard.path, line + 1, "line", shard.shard_id)
             if job_schema is not None:
-                table = _parse_block_as(block, job_schema, origin, on_bad, declared=spec.input_schema is not None)
+                table, origin = _parse_block_as(block, block_lines, job_schema, origin, on_bad, declared=spec.input_schema is not None)
             else:
                 table = _parse_block(block, shard.path, line)
                 if spec.columns:
@@ -146,8 +143,6 @@ def _read_jsonl(
 
 def _row_lines(block: bytes, line: int) -> tuple[int, ...] | None:
     """The line (1-based) of every row of ``block``, where blank lines make it differ from a count."""
-    if not _BLANK_LINE.search(block):
-        return None
     texts = block.split(b"\n")
     if block.endswith(b"\n"):
         texts.pop()
@@ -156,17 +151,35 @@ def _row_lines(block: bytes, line: int) -> tuple[int, ...] | None:
     return tuple(line + offset + 1 for offset, text in enumerate(texts) if text.strip())
 
 
-def _parse_block_as(block: bytes, schema: pa.Schema, origin: RowOrigin, on_bad: BadRowCallback | None, *, declared: bool) -> pa.Table:
-    """Parse straight into the job's schema; when some value does not fit, line by line."""
-    if _LONG_INTEGER.search(block) and any(pa.types.is_floating(f.type) for f in schema):
-        # Arrow's parser would round an integer above 2^53 into a float column without a word
-        return _parse_lines_as(block, schema, origin, on_bad, declared=declared)
+def _parse_block_as(
+    block: bytes, block_lines: int, schema: pa.Schema, origin: RowOrigin, on_bad: BadRowCallback | None, *, declared: bool
+) -> tuple[pa.Table, RowOrigin]:
+    """Parse straight into the job's schema; when some value does not fit, line by line.
+    Returns the rows and their origin (with each row's line when blank lines were skipped)."""
     options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
     try:
         table = pj.read_json(io.BytesIO(block), read_options=pj.ReadOptions(block_size=len(block) + 1), parse_options=options)
     except pa.ArrowInvalid:
-        return _parse_lines_as(block, schema, origin, on_bad, declared=declared)
-    return conform_table(table, schema, origin, on_bad=on_bad, declared=declared)
+        origin = replace(origin, lines=_row_lines(block, origin.first - 1))
+        return _parse_lines_as(block, schema, origin, on_bad, declared=declared), origin
+    if table.num_rows != block_lines:  # blank lines: rows and lines part ways
+        origin = replace(origin, lines=_row_lines(block, origin.first - 1))
+    if _may_be_rounded(table, schema):
+        return _parse_lines_as(block, schema, origin, on_bad, declared=declared), origin
+    return conform_table(table, schema, origin, on_bad=on_bad, declared=declared), origin
+
+
+def _may_be_rounded(table: pa.Table, schema: pa.Schema) -> bool:
+    """Whether a float column holds a whole number of 2^53 or more: Arrow's parser turns an
+    integer literal that large into the nearest float without a word, so such a block is read
+    again line by line, where the exact integer is seen (a genuine float like 1e20 passes)."""
+    for field in schema:
+        if pa.types.is_floating(field.type) and field.name in table.column_names:
+            column = table.column(field.name)
+            big = pc.and_(pc.greater_equal(pc.abs(column), 2.0**53), pc.equal(column, pc.floor(column)))
+            if pc.any(big).as_py():
+                return True
+    return False
 
 
 def _parse_lines_as(block: bytes, schema: pa.Schema, origin: RowOrigin, on_bad: BadRowCallback | None, *, declared: bool) -> pa.Table:
