@@ -412,3 +412,35 @@ def test_integer_above_2_53_in_a_float_column_is_refused_not_rounded(tmp_path):
     run_job(tmp_path / "in2", tmp_path / "out2", input_schema={"id": "int64", "x": "decimal128(38, 1)"})
     assert [r["x"] for r in by_id(read_back(str(tmp_path / "out2"), "parquet"))] == [
         __import__("decimal").Decimal("0.5"), __import__("decimal").Decimal(2**53 + 1)]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_zero_row_parquet_file_sorting_first(tmp_path, order):
+    os.makedirs(tmp_path / "in")
+    pq.write_table(pa.table({"id": pa.array([], pa.int64()), "value": pa.array([], pa.float64())}), tmp_path / "in/a.parquet")
+    pq.write_table(pa.table({"id": [1, 2], "value": [0.5, 1.5]}), tmp_path / "in/b.parquet")
+    manifest = run_job(tmp_path / "in", tmp_path / "out", order=order)
+    assert by_id(read_back(str(tmp_path / "out"), "parquet")) == [{"id": 1, "value": 0.5}, {"id": 2, "value": 1.5}]
+    assert manifest["rows_out"] == 2 and len(list((tmp_path / "out").glob("part-*"))) == 1
+
+
+def test_nested_values_and_all_null_column(tmp_path):
+    jsonl(tmp_path / "in/a.jsonl", [{"id": 0, "meta": {"k": 1}, "tags": ["a"], "gone": None}])
+    jsonl(tmp_path / "in/b.jsonl", [{"id": 1, "meta": {"k": 2, "extra": "x"}, "tags": [], "gone": None}])
+    run_job(tmp_path / "in", tmp_path / "out", batch_format="pyarrow")
+    table = read_back(str(tmp_path / "out"), "parquet")
+    assert table.schema.field("meta").type == pa.struct([("k", pa.int64()), ("extra", pa.string())])
+    assert table.schema.field("gone").type == pa.null()
+    assert by_id(table) == [
+        {"id": 0, "meta": {"k": 1, "extra": None}, "tags": ["a"], "gone": None},
+        {"id": 1, "meta": {"k": 2, "extra": "x"}, "tags": [], "gone": None},
+    ]
+
+
+def test_resume_false_forgets_the_recorded_output_schema(tmp_path):
+    jsonl(tmp_path / "in/a.jsonl", [{"id": i} for i in range(100)])
+    jsonl(tmp_path / "in/b.jsonl", [{"id": i} for i in range(100, 102)])
+    with pytest.raises(InputDataError, match="cannot hold unchanged"):
+        run_job(tmp_path / "in", tmp_path / "out", predictor="tests.predictors:DriftingOutput")
+    run_job(tmp_path / "in", tmp_path / "out", predictor="tests.predictors:DriftingOutput", order="reverse", resume=False)
+    assert read_back(str(tmp_path / "out"), "parquet").schema.field("out").type == pa.float64()
