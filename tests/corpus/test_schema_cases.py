@@ -383,15 +383,28 @@ def test_jsonl_sink_null_only_shard_reads_back_with_the_schema_from_success(tmp_
     ]
 
 
-def test_line_numbers_count_blank_lines(tmp_path):
-    write_lines(tmp_path / "in/a.jsonl", ['{"id": 0}', "", '{"id": 1, "surprise": "x"}'])
+def test_key_first_seen_after_the_sample_fails_naming_its_line_blank_lines_counted(tmp_path):
+    lines = [json.dumps({"id": i}) for i in range(600)]
+    lines[1:1] = ["", "   "]  # two blank lines: rows and lines part ways
+    lines.append(json.dumps({"id": 600, "surprise": "x"}))  # line 603, past the 500-line sample
+    write_lines(tmp_path / "in/a.jsonl", lines)
     with pytest.raises(InputDataError) as err:
-        run_job(tmp_path / "in", tmp_path / "out", input_schema={"id": "int64"})
-    assert str(err.value).startswith(f"{tmp_path}/in/a.jsonl: line 3 (shard ")
+        run_job(tmp_path / "in", tmp_path / "out")
+    assert str(err.value).startswith(f"{tmp_path}/in/a.jsonl: line 603 (shard ")
     assert str(err.value).endswith(
         "): column 'surprise' (value 'x') is not in the job's schema (columns ['id']). "
         "Declare input_schema on the BatchSpec with a type that holds every value, or fix the input."
     )
+
+
+def test_declared_input_schema_selects_columns_in_both_formats(tmp_path):
+    jsonl(tmp_path / "in/a.jsonl", [{"id": 0, "keep": "k", "other": 1}])
+    run_job(tmp_path / "in", tmp_path / "out", input_schema={"id": "int64", "keep": "string"})
+    assert by_id(read_back(str(tmp_path / "out"), "parquet")) == [{"id": 0, "keep": "k"}]
+    os.makedirs(tmp_path / "pin")
+    pq.write_table(pa.table({"id": [0], "keep": ["k"], "other": [1]}), tmp_path / "pin/a.parquet")
+    run_job(tmp_path / "pin", tmp_path / "pout", input_schema={"id": "int64", "keep": "string"})
+    assert by_id(read_back(str(tmp_path / "pout"), "parquet")) == [{"id": 0, "keep": "k"}]
 
 
 def test_crlf_bom_free_jsonl_and_no_trailing_newline_keep_one_schema(tmp_path):

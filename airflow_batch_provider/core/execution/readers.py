@@ -156,7 +156,9 @@ def _parse_block_as(
 ) -> tuple[pa.Table, RowOrigin]:
     """Parse straight into the job's schema; when some value does not fit, line by line.
     Returns the rows and their origin (with each row's line when blank lines were skipped)."""
-    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
+    # a declared input_schema selects columns (as Parquet reads only those); an inferred one
+    # must see every key, so that a key the sample never showed fails instead of vanishing
+    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore" if declared else "infer")
     try:
         table = pj.read_json(io.BytesIO(block), read_options=pj.ReadOptions(block_size=len(block) + 1), parse_options=options)
     except pa.ArrowInvalid:
@@ -192,6 +194,8 @@ def _parse_lines_as(block: bytes, schema: pa.Schema, origin: RowOrigin, on_bad: 
             continue
         number = first_line + offset + 1
         value = _json_object(text, origin.path, number)
+        if declared:
+            value = {k: v for k, v in value.items() if k in schema.names}
         here = RowOrigin(origin.path, number, "line", origin.shard)
         report = None if on_bad is None else (lambda bad, row=row: on_bad([(row + r, c, m) for r, c, m in bad]))
         tables.append(conform_table(_row_table(value, here), schema, here, on_bad=report, declared=declared))
