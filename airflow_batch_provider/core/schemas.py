@@ -323,8 +323,21 @@ def _round_trips(original: pa.ChunkedArray, converted: pa.ChunkedArray) -> bool:
     """Whether every value of ``converted`` equals its original (nulls where nulls were)."""
     if original.null_count != converted.null_count:
         return False
+    if _is_flat(original.type) and _is_flat(converted.type):
+        try:  # vectorised: cast back and compare (NaN counts as equal to NaN)
+            back = pc.cast(converted, original.type, safe=False)
+            same = pc.equal(back, original)
+            if pa.types.is_floating(original.type):
+                same = pc.or_(same, pc.and_(pc.is_nan(back), pc.is_nan(original)))
+            return bool(pc.all(same).as_py() in (True, None))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            pass
     before, after = original.to_pylist(), converted.to_pylist()
     return all(_same_value(a, b) for a, b in zip(before, after, strict=True))
+
+
+def _is_flat(t: pa.DataType) -> bool:
+    return _is_number(t) or pa.types.is_decimal(t) or _is_text(t)
 
 
 def _same_value(a: Any, b: Any) -> bool:
