@@ -167,3 +167,23 @@ class RewritesSource(Doubler):
             stat = os.stat(self.path)
             os.utime(self.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
         return super().__call__(batch)
+
+
+class Identity:
+    """Returns the batch it is given, in any batch format: what goes in must come out unchanged."""
+
+    def __call__(self, batch):
+        return batch
+
+
+class DriftingOutput:
+    """``out`` is an integer for ids below ``threshold`` and a float from there on, so shards
+    of low ids return int64 and shards of high ids float64 (output type drift across shards)."""
+
+    def __init__(self, threshold: int = 100):
+        self.threshold = threshold
+
+    def __call__(self, batch):
+        ids = batch["id"]
+        out = ids.copy() if (ids < self.threshold).all() else ids + 0.5
+        return {"id": ids, "out": out}

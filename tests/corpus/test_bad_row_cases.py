@@ -567,3 +567,38 @@ def test_dag_run_reports_rejected_rows_in_log_manifest_and_asset_event(dag_teste
     finally:
         db.close()
     assert json.loads(extra)["rows_rejected"] == 5
+
+
+# -- values the job's schema cannot hold (the schema's lossless conform step, under the policy) --
+MISFIT = (
+    b'{"id": 0, "value": 0.0}\n'
+    b'{"id": 1, "value": "n/a"}\n'
+    b'{"id": 2, "value": 1.0}\n'
+    b'{"id": 123456789012345678901234567890, "value": 1.5}\n'
+    b'{"id": 4, "value": 2.0, "ignored": "a column input_schema does not name"}\n'
+)
+
+
+def test_value_the_declared_schema_cannot_hold_fails_naming_line_and_column(tmp_path):
+    src = write_lines(str(tmp_path / "in" / "a.jsonl"), MISFIT)
+    spec = spec_for(src, str(tmp_path / "out"), input_schema={"id": "int64", "value": "double"})
+    with pytest.raises(InputDataError) as err:
+        run_job(spec)
+    assert str(err.value).startswith(f"{src}: line 2 (shard ")
+    assert "column 'value' holds string value 'n/a', which float64 in the job's schema cannot hold unchanged" in str(err.value)
+    assert written(spec.sink_root) == []
+
+
+def test_values_the_schema_cannot_hold_are_rejected_under_skip(tmp_path):
+    src = write_lines(str(tmp_path / "in" / "a.jsonl"), MISFIT)
+    spec = spec_for(src, str(tmp_path / "out"), input_schema={"id": "int64", "value": "double"}, bad_rows="skip")
+    manifest = run_job(spec)
+    assert sink_rows(spec.sink_root) == doubled([0, 2, 4])
+    records = rejected(spec.sink_root)
+    assert [(r["line"], r["stage"], r["raw"]) for r in records] == [
+        (2, "read", '{"id": 1, "value": "n/a"}'),
+        (4, "read", '{"id": 123456789012345678901234567890, "value": 1.5}'),
+    ]
+    assert "column 'value' holds string value 'n/a', which float64 in the job's schema cannot hold unchanged" in records[0]["error"]
+    assert "needs more than 64 bits" in records[1]["error"]
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (5, 3, 2)

@@ -102,12 +102,14 @@ def check_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
         return ShardCheck(committed=False, note=quarantine(storage, shard.shard_id, invalid))
     if sentinel is None:
         return ShardCheck(committed=False)
-    part = storage.part_path(shard.shard_id)
-    size = storage.sink.size(part)
-    if size is None and sentinel.get("staged"):
-        storage.sink.staged_from(sentinel["staged"]).publish()  # roll forward a crash between commit and publish
+    problem = ""
+    if _has_part(sentinel):
+        part = storage.part_path(shard.shard_id)
         size = storage.sink.size(part)
-    problem = _part_problem(part, sentinel, size)
+        if size is None and sentinel.get("staged"):
+            storage.sink.staged_from(sentinel["staged"]).publish()  # roll forward a crash between commit and publish
+            size = storage.sink.size(part)
+        problem = _part_problem(part, sentinel, size)
     rejected = sentinel.get("rejected")
     if not problem and rejected:
         path = storage.rejected_path(shard.shard_id)
@@ -127,8 +129,10 @@ def inspect_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
     sentinel, invalid = _read_sentinel(storage, shard)
     if sentinel is None:
         return ShardCheck(committed=False, note=invalid)
-    part = storage.part_path(shard.shard_id)
-    problem = _part_problem(part, sentinel, storage.sink.size(part))
+    problem = ""
+    if _has_part(sentinel):
+        part = storage.part_path(shard.shard_id)
+        problem = _part_problem(part, sentinel, storage.sink.size(part))
     if not problem and sentinel.get("rejected"):
         path = storage.rejected_path(shard.shard_id)
         problem = _part_problem(path, sentinel["rejected"], storage.sink.size(path))
@@ -157,6 +161,11 @@ def _read_sentinel(storage: JobStorage, shard: Shard) -> tuple[dict[str, Any] | 
     return sentinel, ""
 
 
+def _has_part(sentinel: dict[str, Any]) -> bool:
+    """False for a shard that produced no rows: it commits without a part (``part`` null)."""
+    return not ("part" in sentinel and sentinel["part"] is None)
+
+
 def _part_problem(part: str, sentinel: dict[str, Any], size: int | None) -> str:
     if size is None:
         return f"{part} is missing"
@@ -181,7 +190,7 @@ def quarantine(storage: JobStorage, shard_id: str, reason: str) -> str:
 def commit_shard(
     storage: JobStorage,
     shard: Shard,
-    staged: StagedPart,
+    staged: StagedPart | None,
     *,
     rows_in: int,
     rows_out: int,
@@ -194,13 +203,14 @@ def commit_shard(
     the staged rejected rows (``rejected``, holding ``rows_rejected`` rows; None when none).
 
     Returns (won, sentinel): ``won`` is False when another attempt committed first; the
-    returned sentinel is then the winner's.
+    returned sentinel is then the winner's. ``staged`` is None for a shard that produced no
+    rows: it commits without a part (its sentinel's ``part`` is null).
     """
     spec = storage.spec
     sentinel = {
         "schema_version": SENTINEL_SCHEMA_VERSION,
         "shard_id": shard.shard_id,
-        "part": storage.part_name(shard.shard_id),
+        "part": storage.part_name(shard.shard_id) if staged is not None else None,
         "rows_in": rows_in,
         "rows_out": rows_out,
         "rows_rejected": rows_rejected,
@@ -211,26 +221,28 @@ def commit_shard(
             "staged": rejected.handle,
         },
         "lines": lines,
-        "bytes": staged.stream.bytes_written,
-        "sha256": staged.stream.sha256,
+        "bytes": staged.stream.bytes_written if staged is not None else 0,
+        "sha256": staged.stream.sha256 if staged is not None else None,
         "input_fingerprint": shard.input_fingerprint,
         "spec_fingerprint": spec.fingerprint,
         "fingerprint_inputs": spec.fingerprint_inputs(),
         "attempt": attempt,
-        "staged": staged.handle,
+        "staged": staged.handle if staged is not None else None,
         "committed_at": time.time(),
     }
     failpoints.hit("before_sentinel")
     path = storage.sentinel_path(shard.shard_id)
     won = storage.checkpoint.create_exclusive(path, json.dumps(sentinel, sort_keys=True).encode())
     if not won:
-        staged.abort()
+        if staged is not None:
+            staged.abort()
         if rejected is not None:
             rejected.abort()
         winner = parse_sentinel(storage.checkpoint.read_bytes(path) or b"", path, shard.shard_id)
         return False, winner
     failpoints.hit("before_publish")
-    staged.publish()
+    if staged is not None:
+        staged.publish()
     if rejected is not None:
         failpoints.hit("before_publish_rejected")
         rejected.publish()

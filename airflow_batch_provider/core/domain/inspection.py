@@ -163,7 +163,7 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
     status.committed = len(sentinels)
     status.quarantined = len(files.checkpoint_store.list_files(layout.quarantine_dir(files.checkpoint_dir)))
     commits = [
-        Commit(s["shard_id"], str(s.get("part", "")), int(s.get("rows_in", 0)), int(s.get("rows_out", 0)),
+        Commit(s["shard_id"], str(s.get("part") or ""), int(s.get("rows_in", 0)), int(s.get("rows_out", 0)),
                int(s.get("rows_rejected", 0)), int(s.get("bytes", 0)), s.get("committed_at"))
         for s in sentinels
     ]
@@ -212,7 +212,9 @@ def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: d
         return ""
 
     def check(sentinel: dict[str, Any]) -> str:
-        problem = check_file(f"{files.sink}/{sentinel.get('part', '')}", sentinel, sentinel["shard_id"])
+        problem = ""
+        if not ("part" in sentinel and sentinel["part"] is None):  # a shard with no rows out has no part
+            problem = check_file(f"{files.sink}/{sentinel.get('part', '')}", sentinel, sentinel["shard_id"])
         rejected = sentinel.get("rejected")
         if not problem and rejected:
             problem = check_file(layout.rejected_path(files.sink, sentinel["shard_id"]), rejected, sentinel["shard_id"])

@@ -8,6 +8,8 @@
     {checkpoint_dir}/plan.json                   the plan, persisted once
     {checkpoint_dir}/shards/{shard_id}.json      per-shard sentinels (the commit records)
     {checkpoint_dir}/quarantine/                 sentinels found broken, kept for inspection
+    {checkpoint_dir}/input_schema.json           the input schema the plan settled
+    {checkpoint_dir}/output_schema.json          the parts' schema, created once (first producing shard)
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ MANIFEST_NAME = "_SUCCESS"
 PLAN_NAME = "plan.json"
 REJECTED_DIR = "_rejected"
 REJECTED_SUFFIX = ".jsonl"
+OUTPUT_SCHEMA_NAME = "output_schema.json"
+INPUT_SCHEMA_NAME = "input_schema.json"
 _PART_EXTENSIONS = tuple(FORMAT_EXTENSIONS[f][0] for f in FORMAT_EXTENSIONS)
 
 
@@ -111,6 +115,14 @@ class JobStorage:
     @property
     def plan_path(self) -> str:
         return plan_path(self.spec.checkpoint_root)
+
+    @property
+    def input_schema_path(self) -> str:
+        return f"{self.spec.checkpoint_root}/{INPUT_SCHEMA_NAME}"
+
+    @property
+    def output_schema_path(self) -> str:
+        return f"{self.spec.checkpoint_root}/{OUTPUT_SCHEMA_NAME}"
 
     @property
     def manifest_path(self) -> str:

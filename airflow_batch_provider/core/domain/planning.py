@@ -90,6 +90,10 @@ class Plan:
     shards: list[Shard]
     schema_version: int = PLAN_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the job's input schema (``schemas.schema_to_json``), settled at plan time
+    input_schema: dict[str, Any] | None = None
+    #: each input file's own schema, by relative path: reused while the file is unchanged
+    file_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def total_rows(self) -> int:
@@ -147,11 +151,6 @@ def _split_parquet(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard
             metadata = pq.ParquetFile(handle).metadata
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError flavours
         raise InputDataError(f"{file.path}: not a readable Parquet file ({err})") from None
-    if spec.columns:
-        names = set(metadata.schema.names)
-        missing = [c for c in spec.columns if c not in names]
-        if missing:
-            raise BatchSpecError(f"columns {missing} are not in {file.path} (it has {sorted(names)})")
     shards: list[Shard] = []
     group_start, rows = 0, 0
     for index in range(metadata.num_row_groups):

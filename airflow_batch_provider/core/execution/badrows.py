@@ -41,6 +41,8 @@ class BadRows:
         self.staged: StagedPart | None = None
         self._first: list[str] = []
         self._lock = threading.Lock()
+        #: whether bad rows are rejected (else the first one fails the shard)
+        self.skipping = storage.spec.bad_rows == "skip"
         #: JSONL positions are 1-based line numbers; Parquet ones 0-based row indexes in the file
         self.position_key = "line" if shard.unit == "lines" else "row_index"
 
@@ -100,6 +102,7 @@ class FailOnBadRow:
     """The ``bad_rows="fail"`` policy alone, for reading a shard outside a run (tests, tools)."""
 
     count = count_unread = 0
+    skipping = False
 
     def reject(self, error: BatchError, position: int, **_: Any) -> None:
         raise error

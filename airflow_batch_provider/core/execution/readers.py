@@ -1,11 +1,13 @@
 """Stream one shard's rows as Arrow tables of at most ``batch_size`` rows, each with where
-its rows came from.
+its rows came from, in the job's input schema.
 
 Parquet is read row group by row group (``ParquetFile.iter_batches``); JSONL is read from
-the shard's byte range in blocks cut at line ends and parsed by Arrow's C++ JSON reader. A
-block Arrow refuses is parsed again line by line, only to find its bad lines: each goes to
-the shard's bad-row policy (``badrows.py``), the rest are parsed by Arrow. Nothing here holds
-more than one block of input in memory.
+the shard's byte range in blocks cut at line ends and parsed by Arrow's C++ JSON reader,
+straight into the job's schema. A block Arrow refuses is parsed again line by line, only to
+find its bad lines. Every bad row (malformed JSON, invalid UTF-8, a value the job's schema
+cannot hold unchanged) goes to the shard's bad-row policy (``badrows.py``): it fails the
+shard, or is rejected and the others are kept. Nothing here holds more than one block of
+input in memory.
 
 The file is read pinned to the version the plan recorded (``Store.read_pinned``): a file gone
 or changed since fails the shard before anything is committed.
@@ -16,26 +18,30 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import BatchError, InputChangedError, InputDataError, InputEncodingError
 from airflow_batch_provider.core.execution.badrows import BadRows, FailOnBadRow
+from airflow_batch_provider.core.schemas import INPUT_FIX, Incompatible, RowOrigin, conform_table, value_array
 from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import Store
 
 JSONL_BLOCK_BYTES = 8 << 20
 _BOM = b"\xef\xbb\xbf"
 
+Policy = BadRows | FailOnBadRow
+
 
 @dataclass
 class ReadStats:
-    rows: int = 0  # rows read, rejected ones included
+    rows: int = 0  # rows read and kept (rejected ones are counted by the bad-row policy)
     lines: int = 0  # physical lines consumed (JSONL; blank lines are not rows)
 
 
@@ -58,39 +64,81 @@ class Batch:
         first, last = int(self.positions[0]), int(self.positions[-1])
         return f"{unit} {first}" if first == last else f"{unit}s {first}-{last}"
 
+    def origin(self, shard: Shard) -> RowOrigin:
+        """The batch's rows as ``schemas.RowOrigin`` (for the output schema's messages)."""
+        unit = "line" if shard.unit == "lines" else "row"
+        first = int(self.positions[0]) if len(self.positions) else 0
+        return RowOrigin(shard.path, first, unit, shard.shard_id, tuple(int(p) for p in self.positions) if unit == "line" else None)
+
 
 def read_shard(
-    store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, bad: BadRows | FailOnBadRow | None = None
+    store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, schema: pa.Schema | None = None, bad: Policy | None = None
 ) -> Iterator[Batch]:
-    """The shard's rows in batches of at most ``batch_size``; rows that cannot be read go to
-    ``bad`` (the shard's bad-row policy; default: fail at the first)."""
+    """The shard's rows in batches of at most ``batch_size``. With ``schema`` (the plan's
+    input schema) every batch has exactly that schema. Rows that cannot be read, or whose
+    values that schema cannot hold unchanged, go to ``bad`` (default: fail at the first)."""
     bad = bad or FailOnBadRow()
     if shard.unit == "row_groups":
-        batches = _read_parquet(store, spec, shard, bad)
+        batches = _read_parquet(store, spec, shard, schema, bad)
     else:
-        batches = _read_jsonl(store, spec, shard, stats, bad)
+        batches = _read_jsonl(store, spec, shard, stats, schema, bad)
     for batch in batches:
         stats.rows += batch.table.num_rows
         for offset in range(0, batch.table.num_rows, spec.batch_size):
             yield batch.slice(offset, min(offset + spec.batch_size, batch.table.num_rows))
 
 
+def _conformed(table: pa.Table, positions: np.ndarray, schema: pa.Schema, origin: RowOrigin, bad: Policy,
+               *, declared: bool, raw: list[bytes] | None = None) -> Batch:
+    """``table`` in ``schema`` (``schemas.conform_table``); rows whose values it cannot hold
+    unchanged go to ``bad``, each with the line as it was (``raw``) or its values."""
+    rejected: list[int] = []
+
+    def on_bad(rows: list[tuple[int, str, str]]) -> None:
+        for offset, _column, message in rows:
+            rejected.append(offset)
+            row = None if raw is not None else _row_values(table, offset)
+            bad.reject(InputDataError(f"{message}. {INPUT_FIX}"), int(positions[offset]),
+                       raw=raw[offset] if raw is not None else None, row=row)
+
+    out = conform_table(table, schema, origin, on_bad=on_bad if bad.skipping else None, declared=declared)
+    if rejected:
+        positions = np.delete(positions, rejected)
+    return Batch(out, positions)
+
+
+def _row_values(table: pa.Table, index: int) -> dict[str, Any]:
+    """One row's values, with string columns as raw bytes (safe when they are not UTF-8)."""
+    values = {}
+    for name in table.column_names:
+        column = table.column(name).slice(index, 1)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            column = column.cast(pa.large_binary())
+        values[name] = column.to_pylist()[0]
+    return values
+
+
 # -- Parquet ------------------------------------------------------------------------------
-def _read_parquet(store: Store, spec: BatchSpec, shard: Shard, bad: BadRows | FailOnBadRow) -> Iterator[Batch]:
+def _read_parquet(store: Store, spec: BatchSpec, shard: Shard, schema: pa.Schema | None, bad: Policy) -> Iterator[Batch]:
     with store.read_pinned(shard.path, shard.version) as handle:
         try:
             parquet = pq.ParquetFile(handle)
-            position = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.start))
-            batches = parquet.iter_batches(
+            row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.start))
+            present = set(parquet.schema_arrow.names)
+            wanted = spec.columns or (schema.names if schema is not None else None)
+            record_batches = parquet.iter_batches(
                 batch_size=spec.batch_size,
                 row_groups=list(range(shard.start, shard.end)),
-                columns=list(spec.columns) if spec.columns else None,
+                columns=[c for c in wanted if c in present] if wanted else None,
             )
-            for record_batch in batches:
+            for record_batch in record_batches:
                 table = pa.Table.from_batches([record_batch])
-                positions = np.arange(position, position + table.num_rows)
-                position += table.num_rows
-                yield _drop_invalid_utf8(Batch(table, positions), shard, bad)
+                batch = _drop_invalid_utf8(Batch(table, np.arange(row, row + table.num_rows)), shard, bad)
+                row += table.num_rows
+                if schema is not None and batch.table.num_rows:
+                    origin = RowOrigin(shard.path, int(batch.positions[0]), "row", shard.shard_id)
+                    batch = _conformed(batch.table, batch.positions, schema, origin, bad, declared=spec.input_schema is not None)
+                yield batch
         except (pa.ArrowInvalid, OSError) as err:
             if isinstance(err, BatchError):
                 raise
@@ -100,7 +148,7 @@ def _read_parquet(store: Store, spec: BatchSpec, shard: Shard, bad: BadRows | Fa
             ) from None
 
 
-def _drop_invalid_utf8(batch: Batch, shard: Shard, bad: BadRows | FailOnBadRow) -> Batch:
+def _drop_invalid_utf8(batch: Batch, shard: Shard, bad: Policy) -> Batch:
     """Parquet does not check that string columns hold UTF-8; Python readers of the batch would
     fail far from here. Find such rows (a full validation first: cheap when all is well)."""
     try:
@@ -122,35 +170,26 @@ def _drop_invalid_utf8(batch: Batch, shard: Shard, bad: BadRows | FailOnBadRow) 
             except UnicodeDecodeError as err:
                 keep[index] = False
                 position = int(batch.positions[index])
-                row = {n: (raw_value if n != name else value) for n, raw_value in _row_as_bytes(batch.table, index).items()}
                 bad.reject(
                     InputEncodingError(
                         f"{shard.path}: row {position}, column {name!r} is not valid UTF-8 ({err.reason} at byte "
                         f"{err.start}); rewrite the file with UTF-8 strings (or that column as binary)"
                     ),
                     position,
-                    row=row,
+                    row=_row_values(batch.table, index),
                 )
     indexes = np.flatnonzero(keep)
     return Batch(batch.table.take(pa.array(indexes)), batch.positions[indexes])
 
 
-def _row_as_bytes(table: pa.Table, index: int) -> dict:
-    """One row's values, with string columns as raw bytes (safe when they are not UTF-8)."""
-    values = {}
-    for name in table.column_names:
-        column = table.column(name).slice(index, 1)
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            column = column.cast(pa.large_binary())
-        values[name] = column.to_pylist()[0]
-    return values
-
-
 # -- JSONL --------------------------------------------------------------------------------
-def _read_jsonl(store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, bad: BadRows | FailOnBadRow) -> Iterator[Batch]:
+def _read_jsonl(
+    store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, job_schema: pa.Schema | None, bad: Policy
+) -> Iterator[Batch]:
     assert shard.byte_start is not None and shard.byte_end is not None
     schema: pa.Schema | None = None
     line = shard.start
+    declared = spec.input_schema is not None
     with store.read_pinned(shard.path, shard.version) as handle:
         handle.seek(shard.byte_start)
         remaining = shard.byte_end - shard.byte_start
@@ -178,14 +217,18 @@ def _read_jsonl(store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, b
                 block = block[len(_BOM) :]  # a UTF-8 byte order mark says nothing about the rows
             at_file_start = False
             block_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-            table, positions = _parse_block(block, shard.path, line, bad)
+            if job_schema is not None:
+                batch = _parse_block_as(block, job_schema, shard, line, bad, declared=declared)
+            else:  # a plan written before schemas were settled: the shard's own types
+                batch = _parse_block(block, shard.path, line, bad)
+                if batch.table.num_rows:
+                    if spec.columns:
+                        batch.table = _select_columns(batch.table, spec.columns, shard.path, line)
+                    schema, batch.table = _conform(schema, batch.table, shard.path, line)
             stats.lines += block_lines
-            if table.num_rows:
-                if spec.columns:
-                    table = _select_columns(table, spec.columns, shard.path, line)
-                schema, table = _conform(schema, table, shard.path, line)
-                yield Batch(table, positions)
             line += block_lines
+            if batch.table.num_rows:
+                yield batch
     if stats.lines != shard.rows:
         raise InputChangedError(
             f"{shard.path}: lines {shard.start}-{shard.end} hold {stats.lines} lines now, "
@@ -194,35 +237,115 @@ def _read_jsonl(store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, b
         )
 
 
-def _parse_block(block: bytes, path: str, first_line: int, bad: BadRows | FailOnBadRow) -> tuple[pa.Table, np.ndarray]:
-    """The block's rows and their line numbers; bad lines go to the bad-row policy."""
+def _row_lines(block: bytes, first_line: int, rows: int) -> np.ndarray | None:
+    """The line (1-based) of each of the block's ``rows`` rows; None when they do not match."""
+    count = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+    if rows == count:  # every line a row (the usual case): no need to split
+        return np.arange(first_line + 1, first_line + 1 + count, dtype=np.int64)
+    positions = np.array([first_line + i + 1 for i, text in enumerate(block.split(b"\n")) if text.strip()], dtype=np.int64)
+    return positions if len(positions) == rows else None
+
+
+def _parse_block_as(block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool) -> Batch:
+    """Parse straight into the job's schema; when Arrow refuses the block, line by line."""
+    # a declared input_schema selects columns (as Parquet reads only those); an inferred one
+    # must see every key, so that a key the sample never showed fails instead of vanishing
+    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore" if declared else "infer")
+    try:
+        table = _arrow_json(block, options)
+        table.validate(full=True)  # Arrow's JSON reader does not check UTF-8 in strings
+    except pa.ArrowException:
+        table = None
+    positions = None if table is None else _row_lines(block, first_line, table.num_rows)
+    if table is not None and positions is not None and not _may_be_rounded(table, schema):
+        origin = RowOrigin(shard.path, first_line + 1, "line", shard.shard_id, tuple(int(p) for p in positions))
+        return _conformed(table, positions, schema, origin, bad, declared=declared)
+    return _parse_lines_as(block, schema, shard, first_line, bad, declared=declared)
+
+
+def _may_be_rounded(table: pa.Table, schema: pa.Schema) -> bool:
+    """Whether a float column holds a whole number of 2^53 or more: Arrow's parser turns an
+    integer literal that large into the nearest float without a word, so such a block is read
+    again line by line, where the exact integer is seen (a genuine float like 1e20 passes)."""
+    for field in schema:
+        if pa.types.is_floating(field.type) and field.name in table.column_names:
+            column = table.column(field.name)
+            big = pc.and_(pc.greater_equal(pc.abs(column), 2.0**53), pc.equal(column, pc.floor(column)))
+            if pc.any(big).as_py():
+                return True
+    return False
+
+
+def _parse_lines_as(block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool) -> Batch:
+    """The slow path: one row at a time, so that each bad line is named, and rejected with its text."""
+    tables, numbers = [], []
+    for offset, text in enumerate(block.split(b"\n")):
+        if not text.strip():
+            continue
+        number = first_line + offset + 1
+        raw = text.rstrip(b"\r")
+        value, problem = _line_value(text, shard.path, number)
+        here = RowOrigin(shard.path, number, "line", shard.shard_id)
+        if problem is None and declared:
+            value = {k: v for k, v in value.items() if k in schema.names}
+        if problem is None:
+            try:
+                row = _row_table(value, here)
+            except InputDataError as err:
+                row, problem = None, err
+        if problem is not None:
+            bad.reject(problem, number, raw=raw)
+            continue
+        batch = _conformed(row, np.array([number]), schema, here, bad, declared=declared, raw=[raw])
+        if batch.table.num_rows:
+            tables.append(batch.table)
+            numbers.append(number)
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    return Batch(table, np.array(numbers, dtype=np.int64))
+
+
+def _row_table(value: dict, origin: RowOrigin) -> pa.Table:
+    columns = {}
+    for name, item in value.items():
+        try:
+            columns[name] = value_array(item)
+        except Incompatible as err:
+            raise InputDataError(
+                f"{origin.path}: {origin.where(0)} (shard {origin.shard}): column {name!r}: {err}, which no Arrow "
+                "integer type holds exactly. Write it as a JSON string, or declare input_schema with a decimal "
+                "type such as decimal128(38, 0)."
+            ) from None
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise InputDataError(
+                f"{origin.path}: {origin.where(0)} (shard {origin.shard}): column {name!r} holds a value Arrow cannot "
+                f"type ({err}); {INPUT_FIX}"
+            ) from None
+    return pa.table(columns)
+
+
+def _parse_block(block: bytes, path: str, first_line: int, bad: Policy) -> Batch:
+    """The block's rows with the types Arrow infers (no job schema); bad lines go to ``bad``."""
     try:
         table = _arrow_json(block)
         table.validate(full=True)  # Arrow's JSON reader does not check UTF-8 in strings
     except pa.ArrowException:
         table = None
-    if table is not None:
-        count = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-        if table.num_rows == count:  # every line a row (the usual case): no need to split
-            return table, np.arange(first_line + 1, first_line + 1 + count, dtype=np.int64)
-        lines = block.split(b"\n")
-        positions = np.array([first_line + i + 1 for i, text in enumerate(lines) if text.strip()], dtype=np.int64)
-        if len(positions) == table.num_rows:
-            return table, positions
+    if table is not None and (positions := _row_lines(block, first_line, table.num_rows)) is not None:
+        return Batch(table, positions)
     good: list[bytes] = []
     numbers: list[int] = []
     for offset, text in enumerate(block.split(b"\n")):
         if not text.strip():
             continue
         number = first_line + offset + 1
-        problem = _line_problem(text, path, number)
+        _value, problem = _line_value(text, path, number)
         if problem is not None:
             bad.reject(problem, number, raw=text.rstrip(b"\r"))
             continue
         good.append(text)
         numbers.append(number)
     if not good:
-        return pa.table({}), np.array([], dtype=np.int64)
+        return Batch(pa.table({}), np.array([], dtype=np.int64))
     try:
         table = _arrow_json(b"\n".join(good))
     except pa.ArrowException as err:
@@ -230,39 +353,39 @@ def _parse_block(block: bytes, path: str, first_line: int, bad: BadRows | FailOn
             f"{path}: lines {numbers[0]}-{numbers[-1]} cannot be read as one "
             f"table ({err}); a field probably changes type between rows"
         ) from None
-    return table, np.array(numbers, dtype=np.int64)
+    return Batch(table, np.array(numbers, dtype=np.int64))
 
 
-def _arrow_json(data: bytes) -> pa.Table:
-    return pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=len(data) + 1))
+def _arrow_json(data: bytes, parse_options: pj.ParseOptions | None = None) -> pa.Table:
+    return pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=len(data) + 1), parse_options=parse_options)
 
 
-def _line_problem(text: bytes, path: str, number: int) -> InputDataError | None:
-    """What is wrong with one JSONL line, as the error that names it; None when it is a row."""
+def _line_value(text: bytes, path: str, number: int) -> tuple[Any, InputDataError | None]:
+    """One JSONL line's object, or the error that names what is wrong with the line."""
     try:
         decoded = text.decode("utf-8")
     except UnicodeDecodeError as err:
-        return InputEncodingError(
+        return None, InputEncodingError(
             f"{path}: line {number} is not valid UTF-8 ({err.reason} at byte {err.start} of the line); "
             "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or set bad_rows='skip' to reject such lines"
         )
     try:
         value = json.loads(decoded, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as err:
-        return InputDataError(
+        return None, InputDataError(
             f"{path}: line {number} gives key {err.args[0]!r} twice; which value is meant is unclear, "
             "fix that line (or set bad_rows='skip' to reject such lines)"
         )
     except ValueError as err:
-        return InputDataError(
+        return None, InputDataError(
             f"{path}: line {number} is not valid JSON ({err}); fix or remove that line and run again "
             "(or set bad_rows='skip' to reject such lines)"
         )
     if not isinstance(value, dict):
-        return InputDataError(
+        return None, InputDataError(
             f"{path}: line {number} is a JSON {type(value).__name__}, not an object; each JSONL line must be one object"
         )
-    return None
+    return value, None
 
 
 class _DuplicateKey(ValueError):
@@ -299,3 +422,4 @@ def _conform(schema: pa.Schema | None, table: pa.Table, path: str, first_line: i
         raise InputDataError(
             f"{path}: rows from line {first_line + 1} have types that do not match earlier rows ({err})"
         ) from None
+

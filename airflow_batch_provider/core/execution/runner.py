@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard
+from airflow_batch_provider.core.domain.job_schema import known_output_schema, load_input_schema, record_output_schema
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import PredictorFailedError
@@ -74,18 +75,23 @@ class ShardRunner:
         if check.committed:
             return ShardResult.skipped(shard.shard_id, check.sentinel, time.perf_counter() - started, note="already committed")
         spec = self.spec
-        staged = self.storage.sink.open_staged(self.storage.part_path(shard.shard_id))
+        storage = self.storage
+        input_schema = load_input_schema(storage)
+        staged = storage.sink.open_staged(storage.part_path(shard.shard_id))
         stats = ReadStats()
-        bad = BadRows(self.storage, shard)
+        bad = BadRows(storage, shard)
         model_seconds = 0.0
         try:
-            part = PartWriter(staged.stream, spec.sink_format)
-            writer = BackgroundWriter(part.write)
+            part = PartWriter(
+                staged.stream, spec.sink_format, known_output_schema(storage),
+                settle=lambda schema: record_output_schema(storage, schema, input_schema),
+            )
+            writer = BackgroundWriter(lambda item: part.write(*item))
             rows_done = 0
-            for index, batch in enumerate(prefetch(read_shard(self.storage.source, spec, shard, stats, bad))):
+            for index, batch in enumerate(prefetch(read_shard(storage.source, spec, shard, stats, input_schema, bad))):
                 tick = time.perf_counter()
                 for output in self._predict(batch, shard, bad):
-                    writer.submit(output)
+                    writer.submit((output, batch.origin(shard)))
                 model_seconds += time.perf_counter() - tick
                 rows_done += batch.table.num_rows
                 if on_rows is not None:
@@ -94,15 +100,18 @@ class ShardRunner:
                     failpoints.hit("mid_part")
             writer.close()
             part.close()
-            staged.finish()
+            if part.rows:
+                staged.finish()
+            else:
+                staged.abort()  # no rows out: no part, so no reader ever sees a part without columns
             rejected = bad.finish()
         except BaseException:
             staged.abort()
             bad.abort()
             raise
         won, sentinel = commit_shard(
-            self.storage, shard, staged, rows_in=stats.rows + bad.count_unread, rows_out=part.rows, lines=stats.lines,
-            attempt=attempt, rejected=rejected, rows_rejected=bad.count,
+            storage, shard, staged if part.rows else None, rows_in=stats.rows + bad.count_unread, rows_out=part.rows,
+            lines=stats.lines, attempt=attempt, rejected=rejected, rows_rejected=bad.count,
         )
         failpoints.hit("after_publish")
         return ShardResult(
