@@ -602,3 +602,32 @@ def test_values_the_schema_cannot_hold_are_rejected_under_skip(tmp_path):
     assert "column 'value' holds string value 'n/a', which float64 in the job's schema cannot hold unchanged" in records[0]["error"]
     assert "needs more than 64 bits" in records[1]["error"]
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (5, 3, 2)
+
+
+def test_shard_whose_every_row_is_rejected_commits_no_part_but_its_rejected_rows(tmp_path):
+    write_lines(str(tmp_path / "in" / "a.jsonl"), b"garbage\n{oops\n[1, 2]\n")
+    write_jsonl(str(tmp_path / "in" / "b.jsonl"), [{"id": i, "value": i * 0.5} for i in range(3)])
+    spec = spec_for(str(tmp_path / "in"), str(tmp_path / "out"), source_format="jsonl", bad_rows="skip")
+    manifest = run_job(spec)
+    assert sink_rows(spec.sink_root) == doubled(range(3))
+    assert len(glob.glob(os.path.join(spec.sink_root, "part-*"))) == 1
+    assert [(os.path.basename(r["file"]), r["line"], r["raw"]) for r in rejected(spec.sink_root)] == [
+        ("a.jsonl", 1, "garbage"), ("a.jsonl", 2, "{oops"), ("a.jsonl", 3, "[1, 2]"),
+    ]
+    assert (manifest["shards"], manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (2, 6, 3, 3)
+    again = plan_job(spec)
+    assert (again.committed, again.pending) == (2, [])
+
+
+def test_kill_before_publishing_the_rejected_rows_of_a_shard_without_part(tmp_path):
+    lines = [b"garbage %d" % i for i in range(10)] + [b'{"id": %d, "value": 1.0}' % i for i in range(10, 20)]
+    src = write_lines(str(tmp_path / "in" / "a.jsonl"), b"\n".join(lines) + b"\n")
+    sink = str(tmp_path / "out")
+    env = {**os.environ, "PYTHONPATH": ROOT, "ABP_FAILPOINTS": f"before_publish_rejected=kill@{tmp_path / 'fired'}"}
+    child = subprocess.run([sys.executable, "-c", _CHILD, src, sink], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert glob.glob(os.path.join(sink, "_rejected", "*.jsonl")) == []  # committed, not yet published
+    manifest = run_job(spec_for(src, sink, bad_rows="skip", rows_per_shard=10, batch_size=4))
+    assert [r["line"] for r in rejected(sink)] == list(range(1, 11))
+    assert [r["id"] for r in sink_rows(sink)] == list(range(10, 20))
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (20, 10, 10)
