@@ -68,7 +68,14 @@ class Batch:
         """The batch's rows as ``schemas.RowOrigin`` (for the output schema's messages)."""
         unit = "line" if shard.unit == "lines" else "row"
         first = int(self.positions[0]) if len(self.positions) else 0
-        return RowOrigin(shard.path, first, unit, shard.shard_id, tuple(int(p) for p in self.positions) if unit == "line" else None)
+        return RowOrigin(shard.path, first, unit, shard.shard_id, _lines_if_gapped(self.positions) if unit == "line" else None)
+
+
+def _lines_if_gapped(positions: np.ndarray) -> tuple[int, ...] | None:
+    """Each row's line for ``RowOrigin``, needed only where blank or rejected lines break the count."""
+    if not len(positions) or int(positions[-1]) - int(positions[0]) + 1 == len(positions):
+        return None
+    return tuple(int(p) for p in positions)
 
 
 def read_shard(
@@ -258,7 +265,7 @@ def _parse_block_as(block: bytes, schema: pa.Schema, shard: Shard, first_line: i
         table = None
     positions = None if table is None else _row_lines(block, first_line, table.num_rows)
     if table is not None and positions is not None and not _may_be_rounded(table, schema):
-        origin = RowOrigin(shard.path, first_line + 1, "line", shard.shard_id, tuple(int(p) for p in positions))
+        origin = RowOrigin(shard.path, first_line + 1, "line", shard.shard_id, _lines_if_gapped(positions))
         return _conformed(table, positions, schema, origin, bad, declared=declared)
     return _parse_lines_as(block, schema, shard, first_line, bad, declared=declared)
 
