@@ -31,15 +31,19 @@ SAMPLE_LINES = 500
 _THREADS = 16
 
 
-def file_schemas(store: Store, spec: BatchSpec, files: list[InputFile], shards: list[Shard]) -> list[pa.Schema]:
-    """Each file's schema: its Parquet footer, or its JSONL shards' samples unified."""
+def file_schemas(
+    store: Store, spec: BatchSpec, files: list[InputFile], shards: list[Shard], footers: dict[str, pa.Schema] | None = None
+) -> list[pa.Schema]:
+    """Each file's schema: its Parquet footer (from ``footers`` when splitting read it already),
+    or its JSONL shards' samples unified."""
+    footers = footers or {}
     by_file: dict[str, list[Shard]] = {}
     for shard in shards:
         by_file.setdefault(shard.relpath, []).append(shard)
 
     def one(file: InputFile) -> pa.Schema:
         if spec.source_format == "parquet":
-            return parquet_schema(store, file.path)
+            return footers[file.relpath] if file.relpath in footers else parquet_schema(store, file.path)
         return unify_schemas([(file.path, jsonl_sample_schema(store, s)) for s in by_file.get(file.relpath, [])], INPUT_FIX)
 
     with ThreadPoolExecutor(min(_THREADS, max(1, len(files)))) as pool:

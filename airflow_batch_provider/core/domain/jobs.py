@@ -76,13 +76,14 @@ def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
                     "(or use a new sink) to start fresh."
                 )
     shards: list[Shard] = []
+    footers: dict[str, Any] = {}  # Parquet schemas read while splitting
     for file in files:
         old = reusable.get(file.relpath)
         if old is not None and old.version == file.version and file.relpath in old_shards:
             shards.extend(old_shards[file.relpath])
         else:
-            shards.extend(split_file(storage.source, spec, file))
-    schemas = _file_schemas(storage, files, shards, existing)
+            shards.extend(split_file(storage.source, spec, file, footers))
+    schemas = _file_schemas(storage, files, shards, existing, footers)
     input_schema = job_input_schema(spec, [(f.path, schema_from_json(schemas[f.relpath])) for f in files if f.relpath in schemas])
     plan = Plan(
         spec_fingerprint=spec.fingerprint,
@@ -113,7 +114,9 @@ def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
     return JobPlan(plan, pending, len(shards) - len(pending), notes, plan_written)
 
 
-def _file_schemas(storage: JobStorage, files: list[InputFile], shards: list[Shard], existing: Plan | None) -> dict[str, dict[str, Any]]:
+def _file_schemas(
+    storage: JobStorage, files: list[InputFile], shards: list[Shard], existing: Plan | None, footers: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     """Each file's schema, read again only for files new or changed since the last plan
     (none at all when ``input_schema`` is declared)."""
     if storage.spec.input_schema is not None:
@@ -122,7 +125,7 @@ def _file_schemas(storage: JobStorage, files: list[InputFile], shards: list[Shar
     unchanged = {f.relpath for f in existing.inputs} if existing is not None else set()
     versions = {f.relpath: f.version for f in existing.inputs} if existing is not None else {}
     todo = [f for f in files if not (f.relpath in known and f.relpath in unchanged and versions[f.relpath] == f.version)]
-    fresh = file_schemas(storage.source, storage.spec, todo, [s for s in shards if s.relpath in {f.relpath for f in todo}])
+    fresh = file_schemas(storage.source, storage.spec, todo, [s for s in shards if s.relpath in {f.relpath for f in todo}], footers)
     found = {f.relpath: known[f.relpath] for f in files if f not in todo and f.relpath in known}
     found.update({f.relpath: schema_to_json(schema) for f, schema in zip(todo, fresh, strict=True)})
     return found

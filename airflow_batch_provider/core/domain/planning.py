@@ -139,18 +139,22 @@ def list_inputs(store: Store, spec: BatchSpec) -> list[InputFile]:
 
 
 # -- splitting ----------------------------------------------------------------------------
-def split_file(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
+def split_file(store: Store, spec: BatchSpec, file: InputFile, footers: dict[str, Any] | None = None) -> list[Shard]:
+    """The file's shards; a Parquet file's Arrow schema goes into ``footers`` (by relative
+    path) when given, so that settling the job's schema does not read the footer again."""
     if spec.source_format == "parquet":
-        return _split_parquet(store, spec, file)
+        return _split_parquet(store, spec, file, footers)
     return _split_jsonl(store, spec, file)
 
 
-def _split_parquet(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
+def _split_parquet(store: Store, spec: BatchSpec, file: InputFile, footers: dict[str, Any] | None = None) -> list[Shard]:
     try:
         with store.open_read(file.path) as handle:
             metadata = pq.ParquetFile(handle).metadata
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError flavours
         raise InputDataError(f"{file.path}: not a readable Parquet file ({err})") from None
+    if footers is not None:
+        footers[file.relpath] = metadata.schema.to_arrow_schema()
     shards: list[Shard] = []
     group_start, rows = 0, 0
     for index in range(metadata.num_row_groups):
