@@ -55,6 +55,7 @@ class SentenceEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """A null text gives a null embedding (never the embedding of the string "None")."""
         column = batch[self.text_column]
+        column = column.to_pylist() if hasattr(column, "to_pylist") else list(column)  # any batch format
         present = [i for i, t in enumerate(column) if t is not None and not (isinstance(t, float) and np.isnan(t))]
         width = self.width
         embeddings = np.zeros((len(column), width), dtype=np.float32)

@@ -241,12 +241,15 @@ def test_list_column_with_nulls_keeps_rows_aligned(tmp_path, batch_format):
     ]
 
 
-def test_sentence_embedder_gives_a_null_embedding_for_a_null_text(tmp_path):
+@pytest.mark.parametrize("batch_format", ["numpy", "pandas", "pyarrow"])
+def test_sentence_embedder_gives_a_null_embedding_for_a_null_text(tmp_path, batch_format):
     jsonl(tmp_path / "in/a.jsonl", [{"id": 0, "text": "hello"}, {"id": 1, "text": None}, {"id": 2, "text": "None"}])
-    run_job(tmp_path / "in", tmp_path / "out", predictor="airflow_batch_provider.predictors.sentence_embedding:SentenceEmbedder")
+    run_job(tmp_path / "in", tmp_path / "out", predictor="airflow_batch_provider.predictors.sentence_embedding:SentenceEmbedder",
+            batch_format=batch_format)
     rows = by_id(read_back(str(tmp_path / "out"), "parquet"))
     assert [r["id"] for r in rows] == [0, 1, 2]
     assert rows[1]["embedding"] is None
+    assert read_back(str(tmp_path / "out"), "parquet").schema.field("embedding").type == pa.list_(pa.float32(), 384)
     assert len(rows[0]["embedding"]) == len(rows[2]["embedding"]) == 384
     assert rows[0]["embedding"] != rows[2]["embedding"]
 
