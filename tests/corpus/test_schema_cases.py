@@ -263,6 +263,11 @@ def test_empty_first_shard_writes_no_columnless_part(tmp_path, order):
     assert sorted(p["rows_out"] for p in manifest["parts"]) == [0, 2]
     assert [p["part"] for p in manifest["parts"] if not p["rows_out"]] == [None]  # no part: nothing column-less to read
     assert len(list((tmp_path / "out").glob("part-*"))) == 1
+    from airflow_batch_provider.core.api import sink_status, verify_sink
+
+    assert verify_sink(str(tmp_path / "out")).problems == []
+    status = sink_status(str(tmp_path / "out"))
+    assert (status.committed, status.pending, status.rows_out) == (2, 0, 2)
 
 
 def test_filter_predictor_emptying_a_shard_writes_no_part(tmp_path):
