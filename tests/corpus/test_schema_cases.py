@@ -465,3 +465,19 @@ def test_resume_false_forgets_the_recorded_output_schema(tmp_path):
         run_job(tmp_path / "in", tmp_path / "out", predictor="tests.predictors:DriftingOutput")
     run_job(tmp_path / "in", tmp_path / "out", predictor="tests.predictors:DriftingOutput", order="reverse", resume=False)
     assert read_back(str(tmp_path / "out"), "parquet").schema.field("out").type == pa.float64()
+
+
+def test_a_new_spec_over_an_uncommitted_sink_does_not_inherit_the_output_schema(tmp_path):
+    from airflow_batch_provider.core.domain.job_schema import record_output_schema
+    from airflow_batch_provider.core.domain.layout import JobStorage
+
+    jsonl(tmp_path / "in/a.jsonl", [{"id": i} for i in range(100)])
+    jsonl(tmp_path / "in/b.jsonl", [{"id": i} for i in range(100, 102)])
+    first = BatchSpec(source=str(tmp_path / "in"), sink=str(tmp_path / "out"), predictor="tests.predictors:DriftingOutput",
+                      source_format="jsonl")
+    plan_job(first)
+    # what a shard of the first spec leaves when it dies after its first batch, before its commit
+    record_output_schema(JobStorage.for_spec(first), pa.schema([("id", pa.int64()), ("out", pa.int64())]), None)
+    run_job(tmp_path / "in", tmp_path / "out", predictor="tests.predictors:DriftingOutput", predictor_kwargs={"threshold": 0})
+    assert read_back(str(tmp_path / "out"), "parquet").schema.field("out").type == pa.float64()
+    assert len(list((tmp_path / "out/_checkpoint").glob("output_schema-*.json"))) == 2
