@@ -46,6 +46,8 @@ class SentenceEmbedder:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = SentenceTransformer(model or bundled_minilm_path(), device=self.device)
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.width = int(dimension())
         self.text_column = text_column
         self.keep_columns = list(keep_columns) if keep_columns is not None else ["id"]
         self.normalize = normalize
@@ -53,8 +55,9 @@ class SentenceEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """A null text gives a null embedding (never the embedding of the string "None")."""
         column = batch[self.text_column]
+        column = column.to_pylist() if hasattr(column, "to_pylist") else list(column)  # any batch format
         present = [i for i, t in enumerate(column) if t is not None and not (isinstance(t, float) and np.isnan(t))]
-        width = self.model.get_sentence_embedding_dimension()
+        width = self.width
         embeddings = np.zeros((len(column), width), dtype=np.float32)
         if present:
             embeddings[present] = self.model.encode(

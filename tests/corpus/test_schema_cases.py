@@ -241,12 +241,15 @@ def test_list_column_with_nulls_keeps_rows_aligned(tmp_path, batch_format):
     ]
 
 
-def test_sentence_embedder_gives_a_null_embedding_for_a_null_text(tmp_path):
+@pytest.mark.parametrize("batch_format", ["numpy", "pandas", "pyarrow"])
+def test_sentence_embedder_gives_a_null_embedding_for_a_null_text(tmp_path, batch_format):
     jsonl(tmp_path / "in/a.jsonl", [{"id": 0, "text": "hello"}, {"id": 1, "text": None}, {"id": 2, "text": "None"}])
-    run_job(tmp_path / "in", tmp_path / "out", predictor="airflow_batch_provider.predictors.sentence_embedding:SentenceEmbedder")
+    run_job(tmp_path / "in", tmp_path / "out", predictor="airflow_batch_provider.predictors.sentence_embedding:SentenceEmbedder",
+            batch_format=batch_format)
     rows = by_id(read_back(str(tmp_path / "out"), "parquet"))
     assert [r["id"] for r in rows] == [0, 1, 2]
     assert rows[1]["embedding"] is None
+    assert read_back(str(tmp_path / "out"), "parquet").schema.field("embedding").type == pa.list_(pa.float32(), 384)
     assert len(rows[0]["embedding"]) == len(rows[2]["embedding"]) == 384
     assert rows[0]["embedding"] != rows[2]["embedding"]
 
@@ -260,6 +263,11 @@ def test_empty_first_shard_writes_no_columnless_part(tmp_path, order):
     assert sorted(p["rows_out"] for p in manifest["parts"]) == [0, 2]
     assert [p["part"] for p in manifest["parts"] if not p["rows_out"]] == [None]  # no part: nothing column-less to read
     assert len(list((tmp_path / "out").glob("part-*"))) == 1
+    from airflow_batch_provider.core.api import sink_status, verify_sink
+
+    assert verify_sink(str(tmp_path / "out")).problems == []
+    status = sink_status(str(tmp_path / "out"))
+    assert (status.committed, status.pending, status.rows_out) == (2, 0, 2)
 
 
 def test_filter_predictor_emptying_a_shard_writes_no_part(tmp_path):
@@ -457,3 +465,19 @@ def test_resume_false_forgets_the_recorded_output_schema(tmp_path):
         run_job(tmp_path / "in", tmp_path / "out", predictor="tests.predictors:DriftingOutput")
     run_job(tmp_path / "in", tmp_path / "out", predictor="tests.predictors:DriftingOutput", order="reverse", resume=False)
     assert read_back(str(tmp_path / "out"), "parquet").schema.field("out").type == pa.float64()
+
+
+def test_a_new_spec_over_an_uncommitted_sink_does_not_inherit_the_output_schema(tmp_path):
+    from airflow_batch_provider.core.domain.job_schema import record_output_schema
+    from airflow_batch_provider.core.domain.layout import JobStorage
+
+    jsonl(tmp_path / "in/a.jsonl", [{"id": i} for i in range(100)])
+    jsonl(tmp_path / "in/b.jsonl", [{"id": i} for i in range(100, 102)])
+    first = BatchSpec(source=str(tmp_path / "in"), sink=str(tmp_path / "out"), predictor="tests.predictors:DriftingOutput",
+                      source_format="jsonl")
+    plan_job(first)
+    # what a shard of the first spec leaves when it dies after its first batch, before its commit
+    record_output_schema(JobStorage.for_spec(first), pa.schema([("id", pa.int64()), ("out", pa.int64())]), None)
+    run_job(tmp_path / "in", tmp_path / "out", predictor="tests.predictors:DriftingOutput", predictor_kwargs={"threshold": 0})
+    assert read_back(str(tmp_path / "out"), "parquet").schema.field("out").type == pa.float64()
+    assert len(list((tmp_path / "out/_checkpoint").glob("output_schema-*.json"))) == 2

@@ -9,7 +9,7 @@
     {checkpoint_dir}/shards/{shard_id}.json      per-shard sentinels (the commit records)
     {checkpoint_dir}/quarantine/                 sentinels found broken, kept for inspection
     {checkpoint_dir}/input_schema.json           the input schema the plan settled
-    {checkpoint_dir}/output_schema.json          the parts' schema, created once (first producing shard)
+    {checkpoint_dir}/output_schema-{fp}.json     the parts' schema under spec fingerprint fp, created once
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ MANIFEST_NAME = "_SUCCESS"
 PLAN_NAME = "plan.json"
 REJECTED_DIR = "_rejected"
 REJECTED_SUFFIX = ".jsonl"
-OUTPUT_SCHEMA_NAME = "output_schema.json"
+OUTPUT_SCHEMA_PREFIX = "output_schema-"
 INPUT_SCHEMA_NAME = "input_schema.json"
 _PART_EXTENSIONS = tuple(FORMAT_EXTENSIONS[f][0] for f in FORMAT_EXTENSIONS)
 
@@ -122,7 +122,9 @@ class JobStorage:
 
     @property
     def output_schema_path(self) -> str:
-        return f"{self.spec.checkpoint_root}/{OUTPUT_SCHEMA_NAME}"
+        """Per spec fingerprint: a spec planned afresh over an uncommitted sink never inherits
+        the output schema an earlier spec's shards recorded."""
+        return f"{self.spec.checkpoint_root}/{OUTPUT_SCHEMA_PREFIX}{self.spec.fingerprint}.json"
 
     @property
     def manifest_path(self) -> str:
