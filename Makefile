@@ -3,18 +3,18 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: install browser demo test test-fast lint bench bench-gpu bench-s3 bench-scale clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[examples,test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[examples,test]'
 	@$(MAKE) --no-print-directory browser
 	@rm -f $(VENV)/.installed-* && touch $@
 

@@ -114,3 +114,76 @@ class KeyedDoubler(Doubler):
         if hashlib.sha256(api_key.encode()).hexdigest() != expected_sha256:
             raise ValueError("KeyedDoubler: wrong api_key")
         super().__init__(**kwargs)
+
+
+class RaiseOnIds(_Logged):
+    """``Doubler`` that raises on any batch holding one of ``bad_ids`` (as a model may on a
+    row it cannot take): under bad_rows="skip" the runner isolates those rows."""
+
+    def __init__(self, bad_ids: list[int], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.bad_ids = set(bad_ids)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.log(batch["id"])
+        hit = sorted(self.bad_ids & {int(i) for i in batch["id"]})
+        if hit:
+            raise ValueError(f"cannot embed row id {hit[0]}")
+        return {"id": batch["id"], "value": batch["value"] * 2}
+
+
+class RaggedTokens(_Logged):
+    """Returns a list per row whose length depends on the row (token ids): a ragged column."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        self.log(batch["id"])
+        return {"id": batch["id"], "tokens": [list(range(int(i) % 3 + 1)) for i in batch["id"]]}
+
+
+class MistypedOutput(_Logged):
+    """Returns a column mixing numbers and strings: it cannot become one Arrow type."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        self.log(batch["id"])
+        return {"id": batch["id"], "label": [1 if int(i) % 2 else "one" for i in batch["id"]]}
+
+
+class RewritesSource(Doubler):
+    """``Doubler`` that rewrites ``path`` (same size, new content) on its first call: the
+    input changes while its shard is being read."""
+
+    def __init__(self, path: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.path = path
+        self.done = False
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.done:
+            self.done = True
+            with open(self.path, "r+b") as handle:
+                data = handle.read()
+                handle.seek(0)
+                handle.write(data.replace(b'"text 1"', b'"TEXT 1"'))
+            stat = os.stat(self.path)
+            os.utime(self.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        return super().__call__(batch)
+
+
+class Identity:
+    """Returns the batch it is given, in any batch format: what goes in must come out unchanged."""
+
+    def __call__(self, batch):
+        return batch
+
+
+class DriftingOutput:
+    """``out`` is an integer for ids below ``threshold`` and a float from there on, so shards
+    of low ids return int64 and shards of high ids float64 (output type drift across shards)."""
+
+    def __init__(self, threshold: int = 100):
+        self.threshold = threshold
+
+    def __call__(self, batch):
+        ids = batch["id"]
+        out = ids.copy() if (ids < self.threshold).all() else ids + 0.5
+        return {"id": ids, "out": out}

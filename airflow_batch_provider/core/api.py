@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow_batch_provider.core.domain import layout
 from airflow_batch_provider.core.domain.commit import inspect_shard, new_attempt
 from airflow_batch_provider.core.domain.inspection import SinkStatus, Verification, collect_garbage, sink_status, verify_sink
 from airflow_batch_provider.core.domain.jobs import JobPlan, finalize_job, plan_job
@@ -60,6 +61,11 @@ def committed_results(spec: BatchSpec, storage_options: dict[str, Any] | None, s
     return results
 
 
+def rejected_path(spec: BatchSpec, shard_id: str) -> str:
+    """Where the rows a shard rejected (``bad_rows="skip"``) are, once it is committed."""
+    return layout.rejected_path(spec.sink_root, shard_id)
+
+
 def needs_credentials(spec: BatchSpec) -> bool:
     """Whether any of the job's locations is on an object store."""
     return any(is_remote(url) for url in (spec.source, spec.sink_root, spec.checkpoint_root))
@@ -87,6 +93,7 @@ __all__ = [
     "needs_credentials",
     "new_attempt",
     "plan",
+    "rejected_path",
     "sink_status",
     "verify_sink",
 ]

@@ -20,8 +20,29 @@ class InputDataError(BatchError, ValueError):
     """An input file cannot be read as the declared format (names the file and row)."""
 
 
+class InputEncodingError(InputDataError):
+    """Text in an input file is not valid UTF-8 (names the file and the line or row)."""
+
+
+class InputChangedError(InputDataError):
+    """An input file is gone or holds another version than the plan recorded: the shard
+    fails before its commit, and the message says how to plan the new version."""
+
+
+class BadRowLimitError(InputDataError):
+    """A shard rejected more rows than ``max_bad_rows`` allows (names the file and the first bad lines)."""
+
+
 class PredictorError(BatchError):
     """The predictor could not be loaded, or returned something that is not a batch."""
+
+
+class PredictorOutputError(PredictorError):
+    """The predictor's output cannot be written: ragged, mistyped or misaligned (names the column)."""
+
+
+class PredictorFailedError(PredictorError):
+    """The predictor raised on a batch (names the shard, the file and the batch's lines or rows)."""
 
 
 class StaleCheckpointError(BatchError):

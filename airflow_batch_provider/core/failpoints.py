@@ -5,7 +5,7 @@
 Ray's retry of the same work (or a rerun) gets past it. Actions: ``kill`` (SIGKILL, as an
 OOM kill or a lost node would) and ``raise`` (a Python exception). Without ``@marker`` the
 point fires every time. Points: ``mid_part``, ``before_sentinel``, ``before_publish``,
-``after_publish``, ``finalize_before_manifest``.
+``before_publish_rejected``, ``after_publish``, ``finalize_before_manifest``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import signal
 
 ENV = "ABP_FAILPOINTS"
 #: every point the code passes, in the order a job reaches them (the fault matrix test runs each)
-POINTS = ("mid_part", "before_sentinel", "before_publish", "after_publish", "finalize_before_manifest")
+POINTS = ("mid_part", "before_sentinel", "before_publish", "before_publish_rejected", "after_publish", "finalize_before_manifest")
 
 
 class FailpointError(RuntimeError):

@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core.errors import BatchSpecError
+from airflow_batch_provider.core.stores.urls import is_remote, local_path_of
 
 #: File formats and the extensions that name them; the first one is what a sink part is
 #: written with. Format inference, directory scans and part names all read this table.
@@ -25,6 +27,7 @@ FORMAT_EXTENSIONS = {"jsonl": (".jsonl", ".ndjson", ".json"), "parquet": (".parq
 SOURCE_FORMATS = ("jsonl", "parquet")
 SINK_FORMATS = ("parquet", "jsonl")
 BATCH_FORMATS = ("numpy", "pandas", "pyarrow")
+BAD_ROW_POLICIES = ("fail", "skip")
 
 #: Fields whose values change the rows a job writes; everything else only changes speed.
 FINGERPRINT_FIELDS = ("predictor", "predictor_kwargs", "source_format", "sink_format", "batch_format", "columns")
@@ -80,11 +83,23 @@ class BatchSpec:
         host (the plan's ``reset_key``): it deletes ``_SUCCESS``, then the parts and sentinels
         this job's sentinels name (never a file it did not write), then the plan.
     :param max_retries: Ray retries of a shard whose worker process died.
+    :param input_schema: the input's columns and Arrow types, ``{column: type}`` (e.g.
+        ``{"id": "int64", "text": "string"}``); default: settled at plan time from every
+        Parquet footer or a sample of every JSONL shard. Part of the fingerprint when set.
+    :param output_schema: the part files' columns and types; default: what the first shard
+        to produce rows returned, recorded in the checkpoint. Part of the fingerprint when set.
     :param predictor_secrets: predictor keyword arguments whose values are secrets, as
         ``{kwarg: reference}``; the host resolves each reference (the Airflow layer:
         ``conn:<conn_id>`` or ``var:<key>``) in the task process and hands the values to the
         model replicas through Ray's object store. Only the references are kept in the spec,
         the plan, the sentinels and the fingerprint.
+    :param bad_rows: what a row that cannot be read, or that makes the predictor raise, does:
+        ``"fail"`` (default) fails its shard with an error naming the file and line; ``"skip"``
+        writes it, verbatim with its file, line (or row index) and error, to
+        ``{sink}/_rejected/{shard_id}.jsonl``, committed with the shard. Not fingerprinted:
+        switching a failing job to ``"skip"`` keeps every shard already committed.
+    :param max_bad_rows: under ``"skip"``, the most rows one shard may reject before it fails
+        anyway: an int (a count) or a float below 1 (a fraction of the shard's rows); None: no limit.
 
     Credentials are not part of the spec: the core takes storage options (s3fs style) next
     to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from.
@@ -107,10 +122,21 @@ class BatchSpec:
     resume: bool = True
     max_retries: int = 3
     predictor_secrets: dict[str, str] = field(default_factory=dict)
+    bad_rows: str = "fail"
+    max_bad_rows: int | float | None = None
+    input_schema: dict[str, str] | None = None
+    output_schema: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         _require_str(self, "source")
         _require_str(self, "sink")
+        for name in ("source", "sink", "checkpoint_dir"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip():
+                try:
+                    object.__setattr__(self, name, local_path_of(value))
+                except ValueError as err:
+                    raise BatchSpecError(f"{name}: {err}") from None
         _require_str(self, "predictor")
         module, sep, cls = self.predictor.partition(":")
         if not sep or not module or not cls or not cls.isidentifier():
@@ -159,9 +185,32 @@ class BatchSpec:
         if not isinstance(secrets, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in secrets.items()):
             raise BatchSpecError(f"predictor_secrets must map predictor argument names to references, e.g. "
                                  f"{{'api_key': 'conn:my_model_api'}}; got {type(secrets).__name__}")
+        for name in ("input_schema", "output_schema"):
+            _require_schema_shape(self, name)  # type names are parsed at plan time (pyarrow stays out of DAG parsing)
+        _refuse_output_inside_source(self)
         clash = sorted(set(secrets) & set(self.predictor_kwargs))
         if clash:
             raise BatchSpecError(f"{clash} are in both predictor_kwargs and predictor_secrets; give each argument once")
+        _require_choice(self, "bad_rows", BAD_ROW_POLICIES)
+        limit = self.max_bad_rows
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 or (isinstance(limit, float) and limit >= 1):
+                raise BatchSpecError(
+                    f"max_bad_rows must be a count (an int >= 0) or a fraction of a shard's rows (a float "
+                    f"between 0 and 1), got {limit!r}"
+                )
+            if self.bad_rows != "skip":
+                raise BatchSpecError("max_bad_rows is a limit of bad_rows='skip'; set bad_rows='skip' too")
+
+    def bad_row_limit(self, shard_rows: int) -> int | None:
+        """How many rows a shard of ``shard_rows`` rows may reject (None: no limit)."""
+        if self.bad_rows != "skip":
+            return 0
+        if self.max_bad_rows is None:
+            return None
+        if isinstance(self.max_bad_rows, float):
+            return int(self.max_bad_rows * shard_rows)
+        return self.max_bad_rows
 
     # -- derived values ---------------------------------------------------------------
     @property
@@ -178,6 +227,9 @@ class BatchSpec:
         values["columns"] = list(self.columns) if self.columns is not None else None
         if self.predictor_secrets:  # their references, never their values (absent: earlier fingerprints hold)
             values["predictor_secrets"] = dict(sorted(self.predictor_secrets.items()))
+        for name in ("input_schema", "output_schema"):  # declared schemas change rows; absent: earlier fingerprints hold
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
         return values
 
     @property
@@ -212,6 +264,42 @@ def describe_fingerprint_change(old: dict[str, Any], new: dict[str, Any]) -> str
         if old.get(name) != new.get(name)
     ]
     return "; ".join(changes) or "(no field differs; the fingerprint algorithm changed)"
+
+
+def _source_root(source: str) -> str:
+    """The directory (or file) a source names: a glob's fixed prefix, without trailing ``/``."""
+    glob_at = min((i for i, ch in enumerate(source) if ch in "*?["), default=None)
+    if glob_at is None:
+        return source.rstrip("/")
+    return source[:glob_at].rsplit("/", 1)[0]
+
+
+def _normalised(url: str) -> str:
+    if is_remote(url):
+        scheme, rest = url.split("://", 1)
+        return f"{'s3' if scheme.lower() in ('s3', 's3a') else scheme.lower()}://{rest.rstrip('/')}"
+    return os.path.abspath(url)
+
+
+def _refuse_output_inside_source(spec: BatchSpec) -> None:
+    """A sink or checkpoint dir under the source would be read back as input by the next run."""
+    root = _normalised(_source_root(spec.source))
+    for name, location in (("sink", spec.sink_root), ("checkpoint_dir", spec.checkpoint_root)):
+        target = _normalised(location)
+        if target == root or target.startswith(root.rstrip("/") + "/"):
+            raise BatchSpecError(
+                f"{name}={location!r} is inside source={spec.source!r}: the next plan would read the job's own "
+                f"output as input. Put the {name} outside the source directory."
+            )
+
+
+def _require_schema_shape(spec: BatchSpec, name: str) -> None:
+    value = getattr(spec, name)
+    if value is None:
+        return
+    if not isinstance(value, dict) or not value or not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()):
+        raise BatchSpecError(f"{name} must map column names to Arrow type names, e.g. {{'id': 'int64', 'text': 'string'}}; got {value!r}")
+    object.__setattr__(spec, name, dict(value))
 
 
 def _require_str(spec: BatchSpec, name: str) -> None:

@@ -367,9 +367,15 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         for r in results:
             rate = r["rows_in"] / r["seconds"] if r["seconds"] else 0.0
             self.log.info(
-                "Shard %s %s: %s rows in, %s rows out, %s bytes, %.2f s (model %.2f s, %.1f rows/s)",
-                r["shard_id"], r["status"], r["rows_in"], r["rows_out"], r["bytes"], r["seconds"], r["model_seconds"], rate,
+                "Shard %s %s: %s rows in, %s rows out, %s rows rejected, %s bytes, %.2f s (model %.2f s, %.1f rows/s)",
+                r["shard_id"], r["status"], r["rows_in"], r["rows_out"], r.get("rows_rejected", 0), r["bytes"], r["seconds"],
+                r["model_seconds"], rate,
             )
+            if r.get("rows_rejected"):
+                self.log.warning(
+                    "Shard %s rejected %s rows (bad_rows='skip'): see %s", r["shard_id"], r["rows_rejected"],
+                    api.rejected_path(self.core_spec, r["shard_id"]),
+                )
             if r.get("model_load_seconds"):
                 self.log.info("Ray worker %s loaded the model in %.2f s (once; later shards reuse it)", r.get("worker_pid"), r["model_load_seconds"])
             if r.get("note"):
@@ -383,6 +389,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             "computed": sum(r["status"] == "computed" for r in results),
             "rows_in": sum(r["rows_in"] for r in results),
             "rows_out": sum(r["rows_out"] for r in results),
+            "rows_rejected": sum(r.get("rows_rejected", 0) for r in results),
             "seconds": sum(r["seconds"] for r in results),
             "model_seconds": sum(r["model_seconds"] for r in results),
         }
@@ -414,15 +421,18 @@ class FinalizeBatchOperator(_SpecOperator):
             manifest = api.finalize(self.core_spec, self.storage_options, elapsed_seconds=elapsed)
         except api.BatchError as err:
             raise BatchInferenceException(str(err)) from None
-        result = {k: manifest[k] for k in ("shards", "rows_in", "rows_out", "bytes", "sink", "spec_fingerprint")}
+        result = {k: manifest[k] for k in ("shards", "rows_in", "rows_out", "rows_rejected", "bytes", "sink", "spec_fingerprint")}
         result["computed_this_run"] = summary.get("pending")
         result["elapsed_seconds"] = elapsed
         if elapsed and summary.get("pending_rows"):
             result["rows_per_second"] = summary["pending_rows"] / elapsed
         self.log.info(
-            "Batch complete: %s shards, %s rows in, %s rows out, %s bytes in %s (%s computed this run)",
-            result["shards"], result["rows_in"], result["rows_out"], result["bytes"], self.core_spec.sink_root, summary.get("pending"),
+            "Batch complete: %s shards, %s rows in, %s rows out, %s rows rejected, %s bytes in %s (%s computed this run)",
+            result["shards"], result["rows_in"], result["rows_out"], result["rows_rejected"], result["bytes"],
+            self.core_spec.sink_root, summary.get("pending"),
         )
+        if result["rows_rejected"]:
+            self.log.warning("%s rows were rejected (bad_rows='skip'): they are in %s", result["rows_rejected"], manifest["rejected_dir"])
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = {k: v for k, v in result.items() if v is not None}
         if self.release_workers and summary.get("pending"):

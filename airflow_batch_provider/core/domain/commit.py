@@ -10,11 +10,14 @@ Writing a shard, in order:
    It records rows in/out, bytes, sha256, the input and spec fingerprints, the attempt and
    the staged handle;
 3. the winner publishes the staged part to ``{sink}/part-{shard_id}.{ext}`` (rename on disk,
-   completing the multipart upload on S3); a loser discards only its own staged part.
+   completing the multipart upload on S3), then the rows it rejected (``bad_rows="skip"``),
+   staged the same way, to ``{sink}/_rejected/{shard_id}.jsonl``; a loser discards only its
+   own staged files.
 
 A crash before 2 leaves only hidden staged data: the shard is pending and is recomputed.
 A crash between 2 and 3 is rolled forward by whoever next checks the shard (the staged
-handle is in the sentinel). A part without a valid sentinel is never counted; a sentinel
+handles are in the sentinel). The rejected rows are one file per shard, written whole, so a
+rerun replaces rather than appends: they are never duplicated. A part without a valid sentinel is never counted; a sentinel
 whose part is missing or has the wrong size is moved to ``quarantine/`` and the shard is
 recomputed; a sentinel of another spec, or of a newer schema than this code knows, fails
 closed (``StaleCheckpointError``).
@@ -114,17 +117,22 @@ def check_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
         return ShardCheck(committed=False, note=quarantine(storage, shard.shard_id, invalid))
     if sentinel is None:
         return ShardCheck(committed=False)
-    part = storage.part_path(shard.shard_id)
-    size = storage.sink.size(part)
-    if size is None and sentinel.get("staged"):
-        try:  # roll forward a crash between commit and publish
-            storage.sink.staged_from(sentinel["staged"]).publish()
-        except StorageError as err:
-            # A publish that fails for good (S3 InvalidPart, a part the store refuses) must
-            # not fail every later plan: give the shard back, it is computed afresh.
-            return ShardCheck(False, note=quarantine(storage, shard.shard_id, f"its staged part cannot be published ({err})"))
+    problem = ""
+    if _has_part(sentinel):
+        part = storage.part_path(shard.shard_id)
         size = storage.sink.size(part)
-    problem = _part_problem(part, sentinel, size)
+        if size is None and sentinel.get("staged"):
+            problem = _roll_forward(storage, sentinel["staged"])
+            size = storage.sink.size(part)
+        problem = problem or _part_problem(part, sentinel, size)
+    rejected = sentinel.get("rejected")
+    if not problem and rejected:
+        path = storage.rejected_path(shard.shard_id)
+        rejected_size = storage.sink.size(path)
+        if rejected_size is None and rejected.get("staged"):
+            problem = _roll_forward(storage, rejected["staged"])
+            rejected_size = storage.sink.size(path)
+        problem = problem or _part_problem(path, rejected, rejected_size)
     if problem:
         return ShardCheck(False, note=quarantine(storage, shard.shard_id, problem))
     return ShardCheck(committed=True, sentinel=sentinel)
@@ -136,8 +144,13 @@ def inspect_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
     sentinel, invalid = _read_sentinel(storage, shard)
     if sentinel is None:
         return ShardCheck(committed=False, note=invalid)
-    part = storage.part_path(shard.shard_id)
-    problem = _part_problem(part, sentinel, storage.sink.size(part))
+    problem = ""
+    if _has_part(sentinel):
+        part = storage.part_path(shard.shard_id)
+        problem = _part_problem(part, sentinel, storage.sink.size(part))
+    if not problem and sentinel.get("rejected"):
+        path = storage.rejected_path(shard.shard_id)
+        problem = _part_problem(path, sentinel["rejected"], storage.sink.size(path))
     return ShardCheck(committed=not problem, sentinel=None if problem else sentinel, note=problem)
 
 
@@ -162,6 +175,36 @@ def _read_sentinel(storage: JobStorage, shard: Shard) -> tuple[dict[str, Any] | 
             f"{shard.input_fingerprint}; the input changed. Restore it, or set resume=False to start fresh."
         )
     return sentinel, ""
+
+
+def _roll_forward(storage: JobStorage, handle: dict[str, Any]) -> str:
+    """Publish a committed file left staged (a crash between commit and publish); the reason
+    when that fails for good (S3 ``InvalidPart``, a final path the store refuses): the shard
+    is then given back and computed afresh, rather than failing every later plan."""
+    try:
+        storage.sink.staged_from(handle).publish()
+    except StorageError as err:
+        return f"its staged part cannot be published ({err})"
+    return ""
+
+
+def _abort(*staged: StagedPart | None) -> None:
+    for part in staged:
+        if part is not None:
+            part.abort()
+
+
+def _gone(shard: Shard, final_path: str) -> CommitError:
+    return CommitError(
+        f"shard {shard.description}: committed, but its staged data is gone, so {final_path} could "
+        "not be published (aborted by a clean-up?). Retry the task: it quarantines the sentinel "
+        "and computes the shard again."
+    )
+
+
+def _has_part(sentinel: dict[str, Any]) -> bool:
+    """False for a shard that produced no rows: it commits without a part (``part`` null)."""
+    return not ("part" in sentinel and sentinel["part"] is None)
 
 
 def _part_problem(part: str, sentinel: dict[str, Any], size: int | None) -> str:
@@ -204,43 +247,58 @@ def withdraw(storage: JobStorage, shard_id: str, raw: bytes, sentinel: dict[str,
     current = storage.checkpoint.read_bytes(storage.sentinel_path(shard_id))
     if current != raw:
         return False
-    if sentinel.get("staged"):
-        storage.sink.staged_from(sentinel["staged"]).abort()
-    storage.sink.delete(f"{storage.spec.sink_root}/{sentinel.get('part') or storage.part_name(shard_id)}")
+    rejected = sentinel.get("rejected") or {}
+    _abort(*(storage.sink.staged_from(h) for h in (sentinel.get("staged"), rejected.get("staged")) if h))
+    part = sentinel.get("part", storage.part_name(shard_id))  # null: the shard wrote no rows
+    if part:
+        storage.sink.delete(f"{storage.spec.sink_root}/{part}")
+    if rejected:
+        storage.sink.delete(storage.rejected_path(shard_id))
     return storage.checkpoint.remove_if_unchanged(storage.sentinel_path(shard_id), raw)
 
 
 def commit_shard(
     storage: JobStorage,
     shard: Shard,
-    staged: StagedPart,
+    staged: StagedPart | None,
     *,
     rows_in: int,
     rows_out: int,
     lines: int,
     attempt: dict[str, Any],
+    rejected: StagedPart | None = None,
+    rows_rejected: int = 0,
 ) -> tuple[bool, dict[str, Any]]:
-    """Create the sentinel (the commit point), then publish or discard the staged part.
+    """Create the sentinel (the commit point), then publish or discard the staged part and
+    the staged rejected rows (``rejected``, holding ``rows_rejected`` rows; None when none).
 
     Returns (won, sentinel): ``won`` is False when another attempt committed first; the
-    returned sentinel is then the winner's.
+    returned sentinel is then the winner's. ``staged`` is None for a shard that produced no
+    rows: it commits without a part (its sentinel's ``part`` is null).
     """
     spec = storage.spec
     sentinel = {
         "schema_version": SENTINEL_SCHEMA_VERSION,
         "shard_id": shard.shard_id,
-        "part": storage.part_name(shard.shard_id),
+        "part": storage.part_name(shard.shard_id) if staged is not None else None,
         "rows_in": rows_in,
         "rows_out": rows_out,
+        "rows_rejected": rows_rejected,
+        "rejected": None if rejected is None else {
+            "name": storage.rejected_path(shard.shard_id).rsplit("/", 1)[-1],
+            "bytes": rejected.stream.bytes_written,
+            "sha256": rejected.stream.sha256,
+            "staged": rejected.handle,
+        },
         "lines": lines,
-        "bytes": staged.stream.bytes_written,
-        "sha256": staged.stream.sha256,
+        "bytes": staged.stream.bytes_written if staged is not None else 0,
+        "sha256": staged.stream.sha256 if staged is not None else None,
         "input_fingerprint": shard.input_fingerprint,
         "spec_fingerprint": spec.fingerprint,
         "fingerprint_inputs": spec.fingerprint_inputs(),
         "attempt": attempt,
         "sink": spec.sink_root,
-        "staged": staged.handle,
+        "staged": staged.handle if staged is not None else None,
         "committed_at": time.time(),
     }
     failpoints.hit("before_sentinel")
@@ -249,7 +307,7 @@ def commit_shard(
     if not storage.checkpoint.create_exclusive(path, raw):
         found = storage.checkpoint.read_bytes(path)
         if found is None:
-            staged.abort()
+            _abort(staged, rejected)
             raise CommitError(
                 f"shard {shard.description}: the sentinel {path} existed when this attempt tried to "
                 "create it, and was gone a moment later (quarantined by another check); nothing of "
@@ -258,10 +316,10 @@ def commit_shard(
         try:
             winner = parse_sentinel(found, path, shard.shard_id)
         except InvalidSentinel as err:
-            staged.abort()
+            _abort(staged, rejected)
             raise CommitError(f"shard {shard.description}: {err}. Retry the task: it quarantines that sentinel and computes the shard.") from None
-        if (winner.get("attempt") or {}).get("token") != attempt.get("token") or winner.get("staged") != staged.handle:
-            staged.abort()
+        if (winner.get("attempt") or {}).get("token") != attempt.get("token") or winner.get("staged") != sentinel["staged"]:
+            _abort(staged, rejected)
             return False, winner
         # Our own create, retried underneath (its first try did land): we won.
         log.info("shard %s: the sentinel's create was retried underneath; it holds this attempt's token", shard.shard_id)
@@ -274,12 +332,12 @@ def commit_shard(
             "its commit was withdrawn. Nothing to do: the new plan's tasks compute these rows."
         )
     failpoints.hit("before_publish")
-    if not staged.publish():
-        raise CommitError(
-            f"shard {shard.description}: committed, but its staged part is gone, so "
-            f"{storage.part_path(shard.shard_id)} could not be published (aborted by a clean-up?). "
-            "Retry the task: it quarantines the sentinel and computes the shard again."
-        )
+    if staged is not None and not staged.publish():
+        raise _gone(shard, storage.part_path(shard.shard_id))
+    if rejected is not None:
+        failpoints.hit("before_publish_rejected")
+        if not rejected.publish():
+            raise _gone(shard, storage.rejected_path(shard.shard_id))
     return True, sentinel
 
 

@@ -163,7 +163,7 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
     status.committed = len(sentinels)
     status.quarantined = len(files.checkpoint_store.list_files(layout.quarantine_dir(files.checkpoint_dir)))
     commits = [
-        Commit(s["shard_id"], str(s.get("part", "")), int(s.get("rows_in", 0)), int(s.get("rows_out", 0)),
+        Commit(s["shard_id"], str(s.get("part") or ""), int(s.get("rows_in", 0)), int(s.get("rows_out", 0)),
                int(s.get("rows_rejected", 0)), int(s.get("bytes", 0)), s.get("committed_at"))
         for s in sentinels
     ]
@@ -196,21 +196,29 @@ def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: d
     files = SinkFiles(sink, checkpoint_dir, storage_options)
     sentinels = files.sentinels(use_manifest=False)
 
-    def check(sentinel: dict[str, Any]) -> str:
-        part = f"{files.sink}/{sentinel.get('part', '')}"
+    def check_file(path: str, recorded: dict[str, Any], shard_id: str) -> str:
         digest, size = hashlib.sha256(), 0
         try:
-            with files.sink_store.open_read(part) as handle:
+            with files.sink_store.open_read(path) as handle:
                 while block := handle.read(_HASH_BLOCK):
                     digest.update(block)
                     size += len(block)
         except FileNotFoundError:
-            return f"{part}: missing (shard {sentinel['shard_id']} is committed)"
-        if size != sentinel.get("bytes"):
-            return f"{part}: {size} bytes, its sentinel says {sentinel.get('bytes')}"
-        if sentinel.get("sha256") and digest.hexdigest() != sentinel["sha256"]:
-            return f"{part}: sha256 {digest.hexdigest()} differs from its sentinel's {sentinel['sha256']}"
+            return f"{path}: missing (shard {shard_id} is committed)"
+        if size != recorded.get("bytes"):
+            return f"{path}: {size} bytes, its sentinel says {recorded.get('bytes')}"
+        if recorded.get("sha256") and digest.hexdigest() != recorded["sha256"]:
+            return f"{path}: sha256 {digest.hexdigest()} differs from its sentinel's {recorded['sha256']}"
         return ""
+
+    def check(sentinel: dict[str, Any]) -> str:
+        problem = ""
+        if not ("part" in sentinel and sentinel["part"] is None):  # a shard with no rows out has no part
+            problem = check_file(f"{files.sink}/{sentinel.get('part', '')}", sentinel, sentinel["shard_id"])
+        rejected = sentinel.get("rejected")
+        if not problem and rejected:
+            problem = check_file(layout.rejected_path(files.sink, sentinel["shard_id"]), rejected, sentinel["shard_id"])
+        return problem
 
     with ThreadPoolExecutor(8) as pool:
         problems = [p for p in pool.map(check, sentinels) if p]
@@ -224,9 +232,12 @@ def collect_garbage(sink: str, checkpoint_dir: str | None = None, storage_option
     entries. Returns a line per item; removes them only with ``apply``."""
     files = SinkFiles(sink, checkpoint_dir, storage_options)
     cutoff = time.time() - older_than_s
-    referenced = {json.dumps(s["staged"], sort_keys=True) for s in files.sentinels(use_manifest=False) if s.get("staged")}
+    sentinels = files.sentinels(use_manifest=False)
+    referenced = {json.dumps(s["staged"], sort_keys=True) for s in sentinels if s.get("staged")}
+    referenced |= {json.dumps(s["rejected"]["staged"], sort_keys=True) for s in sentinels if (s.get("rejected") or {}).get("staged")}
     found = []
-    for staged in files.sink_store.list_staged(files.sink):
+    staged_files = files.sink_store.list_staged(files.sink) + files.sink_store.list_staged(layout.rejected_dir(files.sink))
+    for staged in staged_files:
         if staged.started_at is None or staged.started_at > cutoff:
             continue
         last = staged.last_activity()  # a long shard still uploading began long ago, but is alive

@@ -15,10 +15,14 @@ from typing import Any
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import InvalidSentinel, check_shard, different_spec_error, parse_sentinel, withdraw
+from airflow_batch_provider.core.domain.input_schema import file_schemas, job_input_schema
+from airflow_batch_provider.core.domain.job_schema import known_output_schema, write_input_schema
 from airflow_batch_provider.core.domain.layout import JobStorage, quarantine_dir
 from airflow_batch_provider.core.domain.planning import Plan, Shard, list_inputs, split_file
 from airflow_batch_provider.core.errors import IncompleteJobError, StaleCheckpointError
+from airflow_batch_provider.core.schemas import schema_from_json, schema_to_json
 from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.stores import InputFile
 
 _CHECK_THREADS = 16
 #: Staged data idle this long is an orphan (its attempt crashed or lost): a live attempt
@@ -92,12 +96,15 @@ def _plan_once(storage: JobStorage, files: list, notes: list[str]) -> JobPlan | 
                     "(or use a new sink) to start fresh."
                 )
     shards: list[Shard] = []
+    footers: dict[str, Any] = {}  # Parquet schemas read while splitting
     for file in files:
         old = reusable.get(file.relpath)
         if old is not None and old.version == file.version and file.relpath in old_shards:
             shards.extend(old_shards[file.relpath])
         else:
-            shards.extend(split_file(storage.source, spec, file))
+            shards.extend(split_file(storage.source, spec, file, footers))
+    schemas = _file_schemas(storage, files, shards, existing, footers)
+    input_schema = job_input_schema(spec, [(f.path, schema_from_json(schemas[f.relpath])) for f in files if f.relpath in schemas])
     plan = Plan(
         spec_fingerprint=spec.fingerprint,
         fingerprint_inputs=spec.fingerprint_inputs(),
@@ -105,9 +112,13 @@ def _plan_once(storage: JobStorage, files: list, notes: list[str]) -> JobPlan | 
         source=spec.source,
         inputs=files,
         shards=shards,
+        input_schema=schema_to_json(input_schema),
+        file_schemas=schemas,
     )
     # Dataclass equality, not JSON: serialising 10,000 shards twice costs ~0.4 s per plan.
     plan_written = existing is None or existing != plan
+    if plan_written:
+        write_input_schema(storage, plan.input_schema or {})  # before the plan: a shard of this plan finds it
     if existing is None and load_plan(storage) is None:
         # The first plan of a sink is created create-only: of two runs planning an empty
         # sink at once, one writes it and the other plans again against it.
@@ -135,6 +146,23 @@ def _plan_once(storage: JobStorage, files: list, notes: list[str]) -> JobPlan | 
                     pending.append(shard)
                     notes.append(check.note)
     return JobPlan(plan, pending, len(shards) - len(pending), notes, plan_written)
+
+
+def _file_schemas(
+    storage: JobStorage, files: list[InputFile], shards: list[Shard], existing: Plan | None, footers: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Each file's schema, read again only for files new or changed since the last plan
+    (none at all when ``input_schema`` is declared)."""
+    if storage.spec.input_schema is not None:
+        return {}
+    known = existing.file_schemas if existing is not None else {}
+    unchanged = {f.relpath for f in existing.inputs} if existing is not None else set()
+    versions = {f.relpath: f.version for f in existing.inputs} if existing is not None else {}
+    todo = [f for f in files if not (f.relpath in known and f.relpath in unchanged and versions[f.relpath] == f.version)]
+    fresh = file_schemas(storage.source, storage.spec, todo, [s for s in shards if s.relpath in {f.relpath for f in todo}], footers)
+    found = {f.relpath: known[f.relpath] for f in files if f not in todo and f.relpath in known}
+    found.update({f.relpath: schema_to_json(schema) for f, schema in zip(todo, fresh, strict=True)})
+    return found
 
 
 def _withdraw_superseded(storage: JobStorage, shard_ids: set[str]) -> int:
@@ -222,20 +250,22 @@ def reset_job(storage: JobStorage) -> str:
         if sentinel is None:
             kept += 1
             continue
-        removed += withdraw(storage, shard_id, raw, sentinel)
+        removed += withdraw(storage, shard_id, raw, sentinel)  # its part and its rejected rows
     removed_quarantined = _remove_quarantined_parts(storage)
+    storage.checkpoint.delete(storage.output_schema_path)
     storage.checkpoint.delete(storage.plan_path)
     storage.checkpoint.delete(storage.plan_id_path)
     note = f"resume=False: deleted {removed} part files and their sentinels of an earlier run of {spec.sink_root}"
     if removed_quarantined:
-        note += f", and {removed_quarantined} part(s) of quarantined sentinels"
+        note += f", and {removed_quarantined} file(s) of quarantined sentinels"
     if kept:
         note += f"; kept {kept} sentinel(s) of other sinks or unreadable ones"
     return note
 
 
 def _remove_quarantined_parts(storage: JobStorage) -> int:
-    """Parts named by this job's quarantined sentinels, where no sentinel names them now."""
+    """Parts (and rejected-row files) named by this job's quarantined sentinels, where no
+    sentinel names them now."""
     quarantine = quarantine_dir(storage.spec.checkpoint_root)
     committed = storage.committed_ids()
     parts = set(storage.part_files())
@@ -249,11 +279,14 @@ def _remove_quarantined_parts(storage: JobStorage) -> int:
         if not isinstance(sentinel, dict) or sentinel.get("sink") != storage.spec.sink_root:
             continue
         part, shard_id = sentinel.get("part"), sentinel.get("shard_id")
-        if part not in parts or shard_id in committed:
+        if shard_id in committed:
             continue
-        storage.sink.delete(f"{storage.spec.sink_root}/{part}")
-        parts.discard(part)
-        removed += 1
+        if sentinel.get("rejected") and isinstance(shard_id, str):
+            storage.sink.delete(storage.rejected_path(shard_id))
+        if part in parts:
+            storage.sink.delete(f"{storage.spec.sink_root}/{part}")
+            parts.discard(part)
+            removed += 1
     return removed
 
 
@@ -296,9 +329,11 @@ def finalize_job(
             f"(e.g. {strays[:3]}); readers would see their rows too. Move them away (resume=False removes only parts that "
             "this job's sentinels name, never files it did not write)."
         )
-    _abort_idle_staged(storage, expected, orphan_grace_s)
+    rejected_names = {storage.rejected_path(s.shard_id).rsplit("/", 1)[-1] for s in plan.shards}
+    _abort_idle_staged(storage, expected | rejected_names, orphan_grace_s)
     failpoints.hit("finalize_before_manifest")
     sentinels = [c.sentinel or {} for c in checks]
+    output_schema = known_output_schema(storage)
     manifest = {
         "spec_fingerprint": spec.fingerprint,
         "fingerprint_inputs": spec.fingerprint_inputs(),
@@ -308,19 +343,25 @@ def finalize_job(
         "shards": len(plan.shards),
         "rows_in": sum(s.get("rows_in", 0) for s in sentinels),
         "rows_out": sum(s.get("rows_out", 0) for s in sentinels),
+        "rows_rejected": sum(s.get("rows_rejected", 0) for s in sentinels),
+        "rejected_dir": storage.rejected_dir,
         "bytes": sum(s.get("bytes", 0) for s in sentinels),
+        "input_schema": plan.input_schema,
+        "schema": schema_to_json(output_schema) if output_schema is not None else None,
         "parts": [
             {
                 "part": s["part"],
                 "shard_id": s["shard_id"],
                 "rows_in": s["rows_in"],
                 "rows_out": s["rows_out"],
+                "rows_rejected": s.get("rows_rejected", 0),
+                "rejected": (s.get("rejected") or {}).get("name"),
                 "bytes": s["bytes"],
                 "sha256": s["sha256"],
                 "input_fingerprint": s["input_fingerprint"],
                 "committed_at": s.get("committed_at"),
             }
-            for s in sentinels
+            for s in sentinels  # a shard that wrote no rows has no part: "part" is null
         ],
     }
     if elapsed_seconds is not None:
@@ -330,8 +371,8 @@ def finalize_job(
 
 
 def _abort_idle_staged(storage: JobStorage, part_names: set[str], grace_s: float) -> int:
-    """Abort staged parts of these part names idle longer than ``grace_s`` (crashed or
-    losing attempts); a staged part written to within the grace period may be a live attempt."""
+    """Abort staged files (parts, rejected rows) of these names idle longer than ``grace_s``
+    (crashed or losing attempts); one written to within the grace period may be a live attempt."""
     cutoff = time.time() - grace_s
     aborted = 0
     for staged in storage.staged_parts():

@@ -4,11 +4,14 @@
 
     {sink}/part-{shard_id}.{ext}                 committed output, one per shard
     {sink}/_SUCCESS                              manifest written by finalize
+    {sink}/_rejected/{shard_id}.jsonl            rows a shard rejected (bad_rows="skip"), committed with it
     {checkpoint_dir}/plan.json                   the plan, persisted once
     {checkpoint_dir}/plan.id                     its id, read by every commit (superseded plans)
     {checkpoint_dir}/reset.json                  which run last started fresh (resume=False)
     {checkpoint_dir}/shards/{shard_id}.json      per-shard sentinels (the commit records)
     {checkpoint_dir}/quarantine/                 sentinels found broken, kept for inspection
+    {checkpoint_dir}/input_schema.json           the input schema the plan settled
+    {checkpoint_dir}/output_schema-{fp}.json     the parts' schema under spec fingerprint fp, created once
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ MANIFEST_NAME = "_SUCCESS"
 PLAN_NAME = "plan.json"
 PLAN_ID_NAME = "plan.id"
 RESET_NAME = "reset.json"
+REJECTED_DIR = "_rejected"
+REJECTED_SUFFIX = ".jsonl"
+OUTPUT_SCHEMA_PREFIX = "output_schema-"
+INPUT_SCHEMA_NAME = "input_schema.json"
 _PART_EXTENSIONS = tuple(FORMAT_EXTENSIONS[f][0] for f in FORMAT_EXTENSIONS)
 
 
@@ -48,6 +55,15 @@ def plan_path(checkpoint_root: str) -> str:
 
 def manifest_path(sink_root: str) -> str:
     return f"{sink_root}/{MANIFEST_NAME}"
+
+
+def rejected_dir(sink_root: str) -> str:
+    return f"{sink_root}/{REJECTED_DIR}"
+
+
+def rejected_path(sink_root: str, shard_id: str) -> str:
+    """Where the rows shard ``shard_id`` rejected go: hidden from dataset readers (``_``)."""
+    return f"{rejected_dir(sink_root)}/{shard_id}{REJECTED_SUFFIX}"
 
 
 def is_part_name(name: str) -> bool:
@@ -90,6 +106,17 @@ class JobStorage:
         return f"{quarantine_dir(self.spec.checkpoint_root)}/{shard_id}.{stamp_ms}.json"
 
     @property
+    def rejected_dir(self) -> str:
+        return rejected_dir(self.spec.sink_root)
+
+    def rejected_path(self, shard_id: str) -> str:
+        return rejected_path(self.spec.sink_root, shard_id)
+
+    def rejected_files(self) -> list[str]:
+        """Names of the rejected-row files in the sink: one listing."""
+        return [n for n in self.sink.list_files(self.rejected_dir) if n.endswith(REJECTED_SUFFIX)]
+
+    @property
     def plan_path(self) -> str:
         return plan_path(self.spec.checkpoint_root)
 
@@ -100,6 +127,16 @@ class JobStorage:
     @property
     def reset_path(self) -> str:
         return f"{self.spec.checkpoint_root}/{RESET_NAME}"
+
+    @property
+    def input_schema_path(self) -> str:
+        return f"{self.spec.checkpoint_root}/{INPUT_SCHEMA_NAME}"
+
+    @property
+    def output_schema_path(self) -> str:
+        """Per spec fingerprint: a spec planned afresh over an uncommitted sink never inherits
+        the output schema an earlier spec's shards recorded."""
+        return f"{self.spec.checkpoint_root}/{OUTPUT_SCHEMA_PREFIX}{self.spec.fingerprint}.json"
 
     @property
     def manifest_path(self) -> str:
@@ -118,5 +155,8 @@ class JobStorage:
         return [name for name in self.sink.list_files(self.spec.sink_root) if is_part_name(name)]
 
     def staged_parts(self) -> list:
-        """Parts staged under the sink and never published (crashed or losing attempts)."""
-        return [s for s in self.sink.list_staged(self.spec.sink_root) if is_part_name(s.final_path.rsplit("/", 1)[-1])]
+        """Parts and rejected-row files staged under the sink and never published (crashed or
+        losing attempts)."""
+        parts = [s for s in self.sink.list_staged(self.spec.sink_root) if is_part_name(s.final_path.rsplit("/", 1)[-1])]
+        rejected = [s for s in self.sink.list_staged(self.rejected_dir) if s.final_path.endswith(REJECTED_SUFFIX)]
+        return parts + rejected

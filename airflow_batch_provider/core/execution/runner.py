@@ -12,10 +12,13 @@ from typing import Any, Callable
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard
+from airflow_batch_provider.core.domain.job_schema import known_output_schema, load_input_schema, record_output_schema
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.errors import PredictorFailedError
+from airflow_batch_provider.core.execution.badrows import BadRows
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
-from airflow_batch_provider.core.execution.readers import ReadStats, read_shard
+from airflow_batch_provider.core.execution.readers import Batch, ReadStats, read_shard
 from airflow_batch_provider.core.execution.threads import BackgroundWriter, prefetch
 from airflow_batch_provider.core.execution.writers import PartWriter
 from airflow_batch_provider.core.spec import BatchSpec
@@ -30,6 +33,7 @@ class ShardResult:
     rows_in: int = 0
     rows_out: int = 0
     bytes: int = 0
+    rows_rejected: int = 0
     seconds: float = 0.0
     model_seconds: float = 0.0
     note: str = ""
@@ -39,7 +43,8 @@ class ShardResult:
         """A shard found committed: its counts come from its sentinel."""
         sentinel = sentinel or {}
         return cls(
-            shard_id, "skipped", sentinel.get("rows_in", 0), sentinel.get("rows_out", 0), sentinel.get("bytes", 0), seconds, note=note
+            shard_id, "skipped", sentinel.get("rows_in", 0), sentinel.get("rows_out", 0), sentinel.get("bytes", 0),
+            sentinel.get("rows_rejected", 0), seconds, note=note,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,31 +75,43 @@ class ShardRunner:
         if check.committed:
             return ShardResult.skipped(shard.shard_id, check.sentinel, time.perf_counter() - started, note="already committed")
         spec = self.spec
-        staged = self.storage.sink.open_staged(self.storage.part_path(shard.shard_id))
+        storage = self.storage
+        input_schema = load_input_schema(storage)
+        staged = storage.sink.open_staged(storage.part_path(shard.shard_id))
         stats = ReadStats()
+        bad = BadRows(storage, shard)
         model_seconds = 0.0
         try:
-            part = PartWriter(staged.stream, spec.sink_format)
-            writer = BackgroundWriter(part.write)
+            part = PartWriter(
+                staged.stream, spec.sink_format, known_output_schema(storage),
+                settle=lambda schema: record_output_schema(storage, schema, input_schema),
+            )
+            writer = BackgroundWriter(lambda item: part.write(*item))
             rows_done = 0
-            for index, table in enumerate(prefetch(read_shard(self.storage.source, spec, shard, stats))):
+            for index, batch in enumerate(prefetch(read_shard(storage.source, spec, shard, stats, input_schema, bad))):
                 tick = time.perf_counter()
-                output = self.predictor(to_batch(table, spec.batch_format))
+                for output in self._predict(batch, shard, bad):
+                    writer.submit((output, batch.origin(shard)))
                 model_seconds += time.perf_counter() - tick
-                writer.submit(from_batch(output, spec.batch_format))
-                rows_done += table.num_rows
+                rows_done += batch.table.num_rows
                 if on_rows is not None:
                     on_rows(rows_done)
                 if index == 0:
                     failpoints.hit("mid_part")
             writer.close()
             part.close()
-            staged.finish()
+            if part.rows:
+                staged.finish()
+            else:
+                staged.abort()  # no rows out: no part, so no reader ever sees a part without columns
+            rejected = bad.finish()
         except BaseException:
             staged.abort()
+            bad.abort()
             raise
         won, sentinel = commit_shard(
-            self.storage, shard, staged, rows_in=stats.rows, rows_out=part.rows, lines=stats.lines, attempt=attempt
+            storage, shard, staged if part.rows else None, rows_in=stats.rows + bad.count_unread, rows_out=part.rows,
+            lines=stats.lines, attempt=attempt, rejected=rejected, rows_rejected=bad.count,
         )
         failpoints.hit("after_publish")
         return ShardResult(
@@ -103,7 +120,34 @@ class ShardRunner:
             sentinel["rows_in"],
             sentinel["rows_out"],
             sentinel["bytes"],
+            sentinel.get("rows_rejected", 0),
             time.perf_counter() - started,
             model_seconds,
             note=check.note,
         )
+
+    def _predict(self, batch: Batch, shard: Shard, bad: BadRows) -> list[Any]:
+        """The predictor's output tables for ``batch``. When it raises: under
+        ``bad_rows="fail"`` a :class:`PredictorFailedError` naming the shard, file and lines;
+        under ``"skip"`` the batch is split in halves until the rows it raises on stand alone,
+        and those are rejected (a batch of n rows with one bad row costs about 2*log2(n) calls)."""
+        fmt = self.spec.batch_format
+        given = to_batch(batch.table, fmt)
+        try:
+            output = self.predictor(given)
+        except Exception as err:
+            error = PredictorFailedError(
+                f"the predictor raised {type(err).__name__}: {err} on shard {shard.shard_id}, {shard.path} "
+                f"{batch.where(shard)}"
+            )
+            if self.spec.bad_rows == "fail":
+                raise error from err
+            rows = batch.table.num_rows
+            if rows <= 1:
+                if rows:
+                    bad.reject(error, int(batch.positions[0]), row=batch.table.to_pylist()[0], stage="predict")
+                return []
+        else:
+            return [from_batch(output, fmt)]
+        half = rows // 2
+        return self._predict(batch.slice(0, half), shard, bad) + self._predict(batch.slice(half, rows), shard, bad)

@@ -18,16 +18,17 @@ Every failure of these primitives is a ``StorageError`` naming the path and what
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Iterator
 
 import fsspec
 
-from airflow_batch_provider.core.errors import StorageError
+from airflow_batch_provider.core.errors import InputChangedError, StorageError
 from airflow_batch_provider.core.stores.urls import with_scheme_of
 
 _GLOB_CHARS = "*?["
@@ -134,6 +135,26 @@ class Store(ABC):
     # -- reading -----------------------------------------------------------------------
     def open_read(self, path: str) -> IO[bytes]:
         return self._fs.open(path, "rb")
+
+    @contextlib.contextmanager
+    def read_pinned(self, path: str, version: str) -> Iterator[IO[bytes]]:
+        """``open_read``, for exactly the ``version`` the plan recorded of ``path``: checked
+        before the read and after it (when the reader got to the end). A file gone or of
+        another version raises :class:`InputChangedError`. Backends that can make every
+        request conditional do so (S3)."""
+        self.check_version(path, version)
+        with self.open_read(path) as handle:
+            yield handle
+        self.check_version(path, version)
+
+    def check_version(self, path: str, version: str) -> None:
+        try:
+            info = self._fs.info(path)
+        except FileNotFoundError:
+            raise input_changed(path, "is gone") from None
+        now = self.version_of(info)
+        if now != version:
+            raise input_changed(path, f"changed (version {version} when planned, {now} now)")
 
     def read_bytes(self, path: str) -> bytes | None:
         """File content, or None when it does not exist."""
@@ -262,6 +283,15 @@ def os_failure(err: OSError, action: str, path: str) -> StorageError:
         errno.ENOTDIR: "a file stands where a directory should be: move it away or fix the path",
     }.get(err.errno or 0, "check that the filesystem is mounted and writable")
     return StorageError(f"{action} {path} failed: {err.strerror or err} (errno {err.errno}); {hint}, then clear the task")
+
+
+def input_changed(path: str, what: str) -> InputChangedError:
+    """The one message for an input file that is not the version its shard was planned on."""
+    return InputChangedError(
+        f"input {path} {what} since the plan recorded it; the shard reads only the planned version, "
+        "so it failed before committing anything. Clear the plan task (or trigger a new run) to "
+        "plan the file as it is now, or restore the file."
+    )
 
 
 def _glob_root(pattern: str) -> str:

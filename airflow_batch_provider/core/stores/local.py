@@ -11,11 +11,11 @@ import contextlib
 import errno
 import os
 import uuid
-from typing import Any
+from typing import IO, Any, Iterator
 
 import fsspec
 
-from airflow_batch_provider.core.stores.base import HashingWriter, StagedPart, Store
+from airflow_batch_provider.core.stores.base import HashingWriter, StagedPart, Store, input_changed
 from airflow_batch_provider.core.stores.base import os_failure as _failure
 
 STAGING_DIR = "_staging"
@@ -67,6 +67,33 @@ class LocalStore(Store):
 
     def __init__(self) -> None:
         super().__init__(fsspec.filesystem("file"))
+
+    @contextlib.contextmanager
+    def read_pinned(self, path: str, version: str) -> Iterator[IO[bytes]]:
+        """Size + mtime (the planned version) before and after the read, and the inode of
+        the file opened: a file replaced by rename while it is read is caught too. An edit
+        that keeps size and mtime (``cp -p``, ``rsync -a`` in place) cannot be seen."""
+        path = self._key(path)
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise input_changed(path, "is gone") from None
+        with handle:
+            opened = os.fstat(handle.fileno())
+            self._check_stat(path, opened, version)
+            yield handle
+            self._check_stat(path, os.fstat(handle.fileno()), version)
+        try:
+            after = os.stat(path)
+        except FileNotFoundError:
+            raise input_changed(path, "is gone") from None
+        if after.st_ino != opened.st_ino:
+            raise input_changed(path, "was replaced by another file while it was read")
+
+    def _check_stat(self, path: str, stat: os.stat_result, version: str) -> None:
+        now = self.version_of({"size": stat.st_size, "mtime": stat.st_mtime})
+        if now != version:
+            raise input_changed(path, f"changed (version {version} when planned, {now} now)")
 
     def write_atomic(self, path: str, data: bytes) -> None:
         try:

@@ -25,13 +25,14 @@ and options (boto3 clients are thread-safe and slow to build).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 from airflow_batch_provider.core.errors import StorageError
-from airflow_batch_provider.core.stores.base import FileInfo, HashingWriter, StagedPart, Store
+from airflow_batch_provider.core.stores.base import FileInfo, HashingWriter, StagedPart, Store, input_changed
 from airflow_batch_provider.core.stores.urls import split_s3_url
 
 #: Multipart part size. S3 needs >= 5 MiB for every part but the last; 8 MiB keeps memory
@@ -227,6 +228,21 @@ class S3StagedPart(StagedPart):
                 raise _failure(err, "AbortMultipartUpload", self.final_path) from None
 
 
+def etag_of(version: str) -> str:
+    """The ETag in a version tag of :meth:`S3Store.version_of` (``{etag}-{size}[@{version id}]``)."""
+    return version.split("@", 1)[0].rpartition("-")[0]
+
+
+def _precondition_failed(err: BaseException) -> bool:
+    """Whether s3fs / botocore failed a request for its ``If-Match`` (HTTP 412)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if _code(seen) == "PreconditionFailed" or _status(seen) == 412 or type(seen).__name__ == "FileExpired":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _head(client: Any, path: str) -> dict[str, Any] | None:
     bucket, key = split_s3_url(path)
     try:
@@ -256,6 +272,29 @@ class S3Store(Store):
     # -- reading -----------------------------------------------------------------------
     def open_read(self, path: str) -> IO[bytes]:
         return self._fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
+
+    @contextlib.contextmanager
+    def read_pinned(self, path: str, version: str) -> Iterator[IO[bytes]]:
+        """Every GET of the read is conditional on the ETag the plan recorded: s3fs sends
+        each ranged GET of an open file with ``If-Match`` on the ETag its HEAD saw at open,
+        which must be the planned one. An object overwritten after the plan is refused at
+        open; one overwritten while it is read answers 412 (s3fs: ``FileExpired``), never new
+        bytes."""
+        etag = etag_of(version)
+        try:
+            handle = self._fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
+        except FileNotFoundError:
+            raise input_changed(path, "is gone") from None
+        with handle:
+            now = str(handle.details.get("ETag", "")).strip('"')
+            if now != etag:
+                raise input_changed(path, f"changed (ETag {etag} when planned, {now} now)")
+            try:
+                yield handle
+            except OSError as err:
+                if _precondition_failed(err):
+                    raise input_changed(path, f"changed while it was read (ETag {etag} when planned)") from None
+                raise
 
     def read_bytes(self, path: str) -> bytes | None:
         bucket, key = split_s3_url(path)

@@ -11,6 +11,7 @@ Set ``ABP_MATRIX_OUT`` to a file to collect the figures as JSON lines.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -43,7 +44,12 @@ def job(request, tmp_path, jsonl_source):
             parts = [n for n in os.listdir(spec.sink_root) if n.startswith("part-")] if os.path.isdir(spec.sink_root) else []
             return ds.dataset(spec.sink_root, format="parquet").to_table(columns=["id"]).column("id").to_pylist() if parts else []
 
-        return "local", spec, None, 380, read_ids
+        def read_rejected():
+            folder = os.path.join(spec.sink_root, "_rejected")
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".jsonl")) if os.path.isdir(folder) else []
+            return sum(open(os.path.join(folder, n), "rb").read().count(b"\n") for n in names)
+
+        return "local", spec, None, 380, read_ids, read_rejected
     s3_server = request.getfixturevalue("s3_server")
     bucket = s3_server.new_bucket()
     put(s3_server, bucket, "in/a.parquet", parquet_bytes(range(300)))
@@ -61,7 +67,32 @@ def job(request, tmp_path, jsonl_source):
             ids += pq.read_table(io.BytesIO(body), columns=["id"]).column("id").to_pylist()
         return ids
 
-    return "s3", spec, s3_server.storage_options(), 420, read_s3_ids
+    def read_s3_rejected():
+        client = s3_server.client()
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/_rejected/").get("Contents", [])]
+        return sum(client.get_object(Bucket=bucket, Key=k)["Body"].read().count(b"\n") for k in keys)
+
+    return "s3", spec, s3_server.storage_options(), 420, read_s3_ids, read_s3_rejected
+
+
+def rejecting_spec(spec: BatchSpec, tmp_path) -> BatchSpec:
+    """``spec`` under bad_rows="skip", with a predictor that rejects every id divisible by 97."""
+    always = tmp_path / "reject-while-this-exists"
+    always.touch()
+    kwargs = {**spec.predictor_kwargs, "fail_marker": str(always), "fail_mod": 97}
+    return dataclasses.replace(spec, bad_rows="skip", predictor_kwargs=kwargs)
+
+
+def calls_of_an_uninterrupted_run(spec: BatchSpec, options, tmp_path) -> int:
+    """Rows the predictor computes in a run without a crash (isolating rejected rows calls
+    it more than once per row): the baseline for rows recomputed."""
+    clean = dataclasses.replace(spec, sink=spec.sink_root + "-baseline",
+                                predictor_kwargs={**spec.predictor_kwargs, "calls_log": str(tmp_path / "baseline-calls")})
+    storage = JobStorage.for_spec(clean, options)
+    runner = ShardRunner(clean, options)
+    for shard in plan_job(clean, storage).pending:
+        runner.run(shard, new_attempt())
+    return computed_rows(clean)
 
 
 def computed_rows(spec: BatchSpec) -> int:
@@ -75,7 +106,13 @@ def staged_leftovers(storage: JobStorage) -> int:
 
 @pytest.mark.parametrize("point", failpoints.POINTS)
 def test_sigkill_at_each_point_then_rerun_leaves_every_row_once(job, point, tmp_path):
-    where, spec, options, rows, read_ids = job
+    where, spec, options, rows, read_ids, read_rejected = job
+    rejecting = point == "before_publish_rejected"
+    baseline = rows
+    if rejecting:  # the point lies on the path of a shard with rejected rows (bad_rows="skip")
+        spec = rejecting_spec(spec, tmp_path)
+        baseline = calls_of_an_uninterrupted_run(spec, options, tmp_path)
+    expected = [i for i in range(rows) if not (rejecting and i % 97 == 0)]
     marker = tmp_path / "fired"
     proc = run_killed_at(spec, point, marker, options)
     assert proc.returncode == -9 and marker.exists(), proc.stderr.decode()[-3000:]
@@ -90,11 +127,13 @@ def test_sigkill_at_each_point_then_rerun_leaves_every_row_once(job, point, tmp_
     manifest = finalize_job(spec, storage, orphan_grace_s=0)
 
     ids = read_ids()
+    rejected = read_rejected()
     figures = {
         "store": where, "point": point, "rows": rows,
-        "rows_lost": rows - len(set(ids)),
-        "rows_duplicated": len(ids) - len(set(ids)),
-        "rows_recomputed": computed_rows(spec) - rows,
+        "rows_lost": len(expected) - len(set(ids)) + (rows - len(expected)) - rejected if rejecting else rows - len(set(ids)),
+        "rows_duplicated": len(ids) - len(set(ids)) + max(0, rejected - (rows - len(expected))),
+        "rows_recomputed": computed_rows(spec) - baseline,
+        "rows_rejected": rejected,
         "shards_pending_in_rerun": len(rerun.pending),
     }
     print(json.dumps(figures))
@@ -102,7 +141,8 @@ def test_sigkill_at_each_point_then_rerun_leaves_every_row_once(job, point, tmp_
         with open(os.environ["ABP_MATRIX_OUT"], "a") as out:
             out.write(json.dumps(figures) + "\n")
     assert (figures["rows_lost"], figures["rows_duplicated"]) == (0, 0)
-    assert sorted(ids) == list(range(rows)) and manifest["rows_out"] == rows
+    assert sorted(ids) == expected and manifest["rows_out"] == len(expected)
+    assert rejected == rows - len(expected) == manifest.get("rows_rejected", 0)
     assert staged_leftovers(storage) == 0
     # at most the shard that was cut short is computed twice
     assert figures["rows_recomputed"] <= 100, figures

@@ -24,8 +24,8 @@ def read_ids(spec, shards):
     storage = JobStorage.for_spec(spec)
     ids = []
     for shard in shards:
-        for table in read_shard(storage.source, spec, shard, ReadStats()):
-            ids.extend(table.column("id").to_pylist())
+        for batch in read_shard(storage.source, spec, shard, ReadStats()):
+            ids.extend(batch.table.column("id").to_pylist())
     return ids
 
 

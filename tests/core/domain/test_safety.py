@@ -270,7 +270,7 @@ def test_a_publish_that_finds_its_data_gone_fails_the_attempt(spec):
     shard = plan_job(spec).pending[0]
     staged = stage(storage, shard)
     os.remove(staged.handle["staged"])  # a clean-up took it between the part's finish and the commit
-    with pytest.raises(CommitError, match="staged part is gone.*Retry the task"):
+    with pytest.raises(CommitError, match="staged data is gone.*Retry the task"):
         commit_shard(storage, shard, staged, rows_in=1, rows_out=1, lines=1, attempt=new_attempt())
     # the retry quarantines that sentinel and computes the shard
     assert ShardRunner(spec).run(shard, new_attempt()).status == "computed"

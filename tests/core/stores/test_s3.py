@@ -212,7 +212,7 @@ def test_parquet_shard_is_streamed_by_row_group_not_read_whole(s3_server, s3_buc
     shards = plan_job(spec, storage).pending
     assert len(shards) == 16
     with RequestCounter(*store_clients(storage.source)) as count:
-        rows = sum(t.num_rows for t in read_shard(storage.source, spec, shards[3], ReadStats()))
+        rows = sum(b.table.num_rows for b in read_shard(storage.source, spec, shards[3], ReadStats()))
     assert rows == 131072
     size = len(buffer.getvalue())
     assert 0 < count.bytes_received < size / 2, (count.bytes_received, size)  # ranged GETs, not the object

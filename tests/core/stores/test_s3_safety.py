@@ -80,7 +80,7 @@ def test_a_put_retried_by_botocore_after_it_landed_is_recognised_as_our_own(job,
         results = run_all(spec, options)
     finally:
         client.meta.events.unregister("needs-retry.s3.PutObject", unique_id="abp-lost-reply")
-    assert len(retried) == 4  # the plan's and the 3 sentinels' creates were each retried after they landed
+    assert len(retried) == 5  # plan, output schema, 3 sentinels: each create retried after it landed
     assert {r.status for r in results} == {"computed"}
     finalize_job(spec, storage)
     assert ids(s3_server, spec) == list(range(300))
