@@ -343,3 +343,18 @@ def test_local_storage_failures_are_batch_errors_that_say_what_to_do(tmp_path, j
     spec = make_spec(jsonl_source, str(blocker / "out"))
     with pytest.raises(BatchError, match=r"not-a-dir/out/_checkpoint/shards failed: Not a directory.*then clear the task"):
         plan_job(spec)
+
+
+def test_reset_and_withdraw_take_the_rejected_rows_file_with_the_shard(spec, tmp_path):
+    always = tmp_path / "reject"
+    always.touch()
+    kwargs = {"fail_marker": str(always), "fail_mod": 97}
+    skipping = make_spec(spec.source, spec.sink, bad_rows="skip", predictor_kwargs=kwargs)
+    run_all(skipping)
+    finalize_job(skipping)
+    rejected_dir = os.path.join(spec.sink_root, "_rejected")
+    assert len([n for n in os.listdir(rejected_dir) if n.endswith(".jsonl")]) == 3  # ids 0 and 97, 194, 291: three shards
+    fresh = make_spec(spec.source, spec.sink, bad_rows="skip", predictor_kwargs=kwargs, resume=False)
+    plan_job(fresh, reset_key="run-2")
+    assert [n for n in os.listdir(rejected_dir) if n.endswith(".jsonl")] == []
+    assert sink_ids(spec.sink_root) == []
