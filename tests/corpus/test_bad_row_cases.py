@@ -634,3 +634,23 @@ def test_kill_before_publishing_the_rejected_rows_of_a_shard_without_part(tmp_pa
     assert [r["line"] for r in rejected(sink)] == list(range(1, 11))
     assert [r["id"] for r in sink_rows(sink)] == list(range(10, 20))
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (20, 10, 10)
+
+
+def test_gc_lists_rejected_rows_a_killed_attempt_staged(tmp_path):
+    from airflow_batch_provider.core.domain.inspection import collect_garbage
+
+    src = _mostly_bad(str(tmp_path / "in" / "a.jsonl"))
+    sink = str(tmp_path / "out")
+    env = {**os.environ, "PYTHONPATH": ROOT, "ABP_FAILPOINTS": f"before_sentinel=kill@{tmp_path / 'fired'}"}
+    child = subprocess.run([sys.executable, "-c", _CHILD, src, sink], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr[-2000:]
+    found = collect_garbage(sink, older_than_s=0, apply=True)
+    assert sorted(line.split(" (started")[0] for line in found) == sorted([
+        f"removed staged part for {sink}/part-{_first_shard(src, sink)}.parquet",
+        f"removed staged part for {sink}/_rejected/{_first_shard(src, sink)}.jsonl",
+    ])
+    assert glob.glob(os.path.join(sink, "_rejected", "_staging", "*")) == []
+
+
+def _first_shard(src: str, sink: str) -> str:
+    return plan_job(spec_for(src, sink, bad_rows="skip", rows_per_shard=10, batch_size=4)).pending[0].shard_id

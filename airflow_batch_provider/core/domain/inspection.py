@@ -228,7 +228,8 @@ def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: d
 def collect_garbage(sink: str, checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None,
                     *, older_than_s: float, apply: bool = False) -> list[str]:
     """What a crashed or losing attempt left behind, older than ``older_than_s``: staged parts
-    (hidden files, uncompleted multipart uploads) that no sentinel references, and quarantine
+    and staged rejected rows (hidden files, uncompleted multipart uploads) that no sentinel
+    references, and quarantine
     entries. Returns a line per item; removes them only with ``apply``."""
     files = SinkFiles(sink, checkpoint_dir, storage_options)
     cutoff = time.time() - older_than_s

@@ -10,6 +10,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+import pyarrow as pa
+
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard
 from airflow_batch_provider.core.domain.job_schema import known_output_schema, load_input_schema, record_output_schema
@@ -66,6 +68,7 @@ class ShardRunner:
         started = time.perf_counter()
         self.predictor = predictor or build_predictor(spec.predictor, {**spec.predictor_kwargs, **(secrets or {})})
         self.load_seconds = time.perf_counter() - started
+        self._output_schema: pa.Schema | None = None  # create-only once recorded: kept once seen
 
     def run(self, shard: Shard, attempt: dict[str, Any], on_rows: Callable[[int], None] | None = None) -> ShardResult:
         """Check, compute and commit ``shard``; ``on_rows(n)`` hears of every batch the model
@@ -82,8 +85,9 @@ class ShardRunner:
         bad = BadRows(storage, shard)
         model_seconds = 0.0
         try:
+            self._output_schema = self._output_schema or known_output_schema(storage)
             part = PartWriter(
-                staged.stream, spec.sink_format, known_output_schema(storage),
+                staged.stream, spec.sink_format, self._output_schema,
                 settle=lambda schema: record_output_schema(storage, schema, input_schema),
             )
             writer = BackgroundWriter(lambda item: part.write(*item))
@@ -100,6 +104,7 @@ class ShardRunner:
                     failpoints.hit("mid_part")
             writer.close()
             part.close()
+            self._output_schema = part.schema
             if part.rows:
                 staged.finish()
             else:
