@@ -114,3 +114,23 @@ class KeyedDoubler(Doubler):
         if hashlib.sha256(api_key.encode()).hexdigest() != expected_sha256:
             raise ValueError("KeyedDoubler: wrong api_key")
         super().__init__(**kwargs)
+
+
+class Identity:
+    """Returns the batch it is given, in any batch format: what goes in must come out unchanged."""
+
+    def __call__(self, batch):
+        return batch
+
+
+class DriftingOutput:
+    """``out`` is an integer for ids below ``threshold`` and a float from there on, so shards
+    of low ids return int64 and shards of high ids float64 (output type drift across shards)."""
+
+    def __init__(self, threshold: int = 100):
+        self.threshold = threshold
+
+    def __call__(self, batch):
+        ids = batch["id"]
+        out = ids.copy() if (ids < self.threshold).all() else ids + 0.5
+        return {"id": ids, "out": out}

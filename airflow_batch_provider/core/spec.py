@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core.errors import BatchSpecError
+from airflow_batch_provider.core.stores.urls import is_remote, local_path_of
 
 #: File formats and the extensions that name them; the first one is what a sink part is
 #: written with. Format inference, directory scans and part names all read this table.
@@ -79,6 +81,11 @@ class BatchSpec:
     :param resume: reuse committed shards (default). False deletes this job's earlier output
         in the sink (our part files, sentinels and manifest only) and starts over.
     :param max_retries: Ray retries of a shard whose worker process died.
+    :param input_schema: the input's columns and Arrow types, ``{column: type}`` (e.g.
+        ``{"id": "int64", "text": "string"}``); default: settled at plan time from every
+        Parquet footer or a sample of every JSONL shard. Part of the fingerprint when set.
+    :param output_schema: the part files' columns and types; default: what the first shard
+        to produce rows returned, recorded in the checkpoint. Part of the fingerprint when set.
     :param predictor_secrets: predictor keyword arguments whose values are secrets, as
         ``{kwarg: reference}``; the host resolves each reference (the Airflow layer:
         ``conn:<conn_id>`` or ``var:<key>``) in the task process and hands the values to the
@@ -106,10 +113,19 @@ class BatchSpec:
     resume: bool = True
     max_retries: int = 3
     predictor_secrets: dict[str, str] = field(default_factory=dict)
+    input_schema: dict[str, str] | None = None
+    output_schema: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         _require_str(self, "source")
         _require_str(self, "sink")
+        for name in ("source", "sink", "checkpoint_dir"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip():
+                try:
+                    object.__setattr__(self, name, local_path_of(value))
+                except ValueError as err:
+                    raise BatchSpecError(f"{name}: {err}") from None
         _require_str(self, "predictor")
         module, sep, cls = self.predictor.partition(":")
         if not sep or not module or not cls or not cls.isidentifier():
@@ -158,6 +174,9 @@ class BatchSpec:
         if not isinstance(secrets, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in secrets.items()):
             raise BatchSpecError(f"predictor_secrets must map predictor argument names to references, e.g. "
                                  f"{{'api_key': 'conn:my_model_api'}}; got {type(secrets).__name__}")
+        for name in ("input_schema", "output_schema"):
+            _require_schema_shape(self, name)  # type names are parsed at plan time (pyarrow stays out of DAG parsing)
+        _refuse_output_inside_source(self)
         clash = sorted(set(secrets) & set(self.predictor_kwargs))
         if clash:
             raise BatchSpecError(f"{clash} are in both predictor_kwargs and predictor_secrets; give each argument once")
@@ -177,6 +196,9 @@ class BatchSpec:
         values["columns"] = list(self.columns) if self.columns is not None else None
         if self.predictor_secrets:  # their references, never their values (absent: earlier fingerprints hold)
             values["predictor_secrets"] = dict(sorted(self.predictor_secrets.items()))
+        for name in ("input_schema", "output_schema"):  # declared schemas change rows; absent: earlier fingerprints hold
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
         return values
 
     @property
@@ -211,6 +233,42 @@ def describe_fingerprint_change(old: dict[str, Any], new: dict[str, Any]) -> str
         if old.get(name) != new.get(name)
     ]
     return "; ".join(changes) or "(no field differs; the fingerprint algorithm changed)"
+
+
+def _source_root(source: str) -> str:
+    """The directory (or file) a source names: a glob's fixed prefix, without trailing ``/``."""
+    glob_at = min((i for i, ch in enumerate(source) if ch in "*?["), default=None)
+    if glob_at is None:
+        return source.rstrip("/")
+    return source[:glob_at].rsplit("/", 1)[0]
+
+
+def _normalised(url: str) -> str:
+    if is_remote(url):
+        scheme, rest = url.split("://", 1)
+        return f"{'s3' if scheme.lower() in ('s3', 's3a') else scheme.lower()}://{rest.rstrip('/')}"
+    return os.path.abspath(url)
+
+
+def _refuse_output_inside_source(spec: BatchSpec) -> None:
+    """A sink or checkpoint dir under the source would be read back as input by the next run."""
+    root = _normalised(_source_root(spec.source))
+    for name, location in (("sink", spec.sink_root), ("checkpoint_dir", spec.checkpoint_root)):
+        target = _normalised(location)
+        if target == root or target.startswith(root.rstrip("/") + "/"):
+            raise BatchSpecError(
+                f"{name}={location!r} is inside source={spec.source!r}: the next plan would read the job's own "
+                f"output as input. Put the {name} outside the source directory."
+            )
+
+
+def _require_schema_shape(spec: BatchSpec, name: str) -> None:
+    value = getattr(spec, name)
+    if value is None:
+        return
+    if not isinstance(value, dict) or not value or not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()):
+        raise BatchSpecError(f"{name} must map column names to Arrow type names, e.g. {{'id': 'int64', 'text': 'string'}}; got {value!r}")
+    object.__setattr__(spec, name, dict(value))
 
 
 def _require_str(spec: BatchSpec, name: str) -> None:

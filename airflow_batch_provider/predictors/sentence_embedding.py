@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 
 def bundled_minilm_path() -> str:
@@ -45,19 +46,31 @@ class SentenceEmbedder:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = SentenceTransformer(model or bundled_minilm_path(), device=self.device)
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.width = int(dimension())
         self.text_column = text_column
         self.keep_columns = list(keep_columns) if keep_columns is not None else ["id"]
         self.normalize = normalize
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        texts = [str(t) for t in batch[self.text_column]]
-        embeddings = self.model.encode(
-            texts,
-            batch_size=len(texts) or 1,
-            convert_to_numpy=True,
-            normalize_embeddings=self.normalize,
-            show_progress_bar=False,
+        """A null text gives a null embedding (never the embedding of the string "None")."""
+        column = batch[self.text_column]
+        column = column.to_pylist() if hasattr(column, "to_pylist") else list(column)  # any batch format
+        present = [i for i, t in enumerate(column) if t is not None and not (isinstance(t, float) and np.isnan(t))]
+        width = self.width
+        embeddings = np.zeros((len(column), width), dtype=np.float32)
+        if present:
+            embeddings[present] = self.model.encode(
+                [str(column[i]) for i in present],
+                batch_size=len(present),
+                convert_to_numpy=True,
+                normalize_embeddings=self.normalize,
+                show_progress_bar=False,
+            ).astype(np.float32, copy=False)
+        valid = np.zeros(len(column), dtype=bool)
+        valid[present] = True
+        output: dict[str, Any] = {name: batch[name] for name in self.keep_columns}
+        output["embedding"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(embeddings.reshape(-1)), width, mask=pa.array(~valid)
         )
-        output = {name: batch[name] for name in self.keep_columns}
-        output["embedding"] = embeddings.astype(np.float32, copy=False)
         return output

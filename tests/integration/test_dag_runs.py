@@ -128,3 +128,24 @@ def test_ray_retries_a_killed_worker_within_the_run(dag_tester, jsonl_source, tm
     assert marker.exists()
     assert run.state == "success", run.output[-3000:]
     assert sink_table(spec.sink_root).column("id").to_pylist() == list(range(380))
+
+
+def test_messy_jsonl_with_file_urls_gives_one_schema(dag_tester, tmp_path):
+    """Issue 11 through Airflow: a field null in every row of one shard, a key absent from
+    another, int in one shard and float in another, and file:// URLs for source and sink."""
+    from tests.corpus.readback import read_back
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_text("".join(json.dumps({"id": i, "value": i, "note": None}) + "\n" for i in range(100)))
+    (src / "b.jsonl").write_text("".join(json.dumps({"id": i, "value": i + 0.5}) + "\n" for i in range(100, 150)))
+    spec = make_spec(f"file://{src}", f"file://{tmp_path}/out", predictor="tests.predictors:Identity")
+    (src / "c.jsonl").write_text("".join(json.dumps({"id": i, "value": 1, "note": f"n{i}"}) + "\n" for i in range(150, 160)))
+    run = dag_tester.run(spec)
+    assert run.state == "success", run.output[-3000:]
+    table = read_back(str(tmp_path / "out"), "parquet").sort_by("id")
+    assert table.schema.names == ["id", "value", "note"]
+    assert table.num_rows == 160
+    assert table.column("value").to_pylist()[99:101] == [99.0, 100.5]
+    assert table.column("note").to_pylist()[98:] == [None] * 52 + [f"n{i}" for i in range(150, 160)]
+    assert json.load(open(tmp_path / "out" / "_SUCCESS"))["schema"]["columns"] == {"id": "int64", "value": "float64", "note": "string"}

@@ -99,6 +99,8 @@ def check_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
         return ShardCheck(committed=False, note=quarantine(storage, shard.shard_id, invalid))
     if sentinel is None:
         return ShardCheck(committed=False)
+    if "part" in sentinel and sentinel["part"] is None:
+        return ShardCheck(committed=True, sentinel=sentinel)  # no rows out: committed without a part
     part = storage.part_path(shard.shard_id)
     size = storage.sink.size(part)
     if size is None and sentinel.get("staged"):
@@ -116,6 +118,8 @@ def inspect_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
     sentinel, invalid = _read_sentinel(storage, shard)
     if sentinel is None:
         return ShardCheck(committed=False, note=invalid)
+    if "part" in sentinel and sentinel["part"] is None:
+        return ShardCheck(committed=True, sentinel=sentinel)
     part = storage.part_path(shard.shard_id)
     problem = _part_problem(part, sentinel, storage.sink.size(part))
     return ShardCheck(committed=not problem, sentinel=None if problem else sentinel, note=problem)
@@ -167,7 +171,7 @@ def quarantine(storage: JobStorage, shard_id: str, reason: str) -> str:
 def commit_shard(
     storage: JobStorage,
     shard: Shard,
-    staged: StagedPart,
+    staged: StagedPart | None,
     *,
     rows_in: int,
     rows_out: int,
@@ -177,32 +181,35 @@ def commit_shard(
     """Create the sentinel (the commit point), then publish or discard the staged part.
 
     Returns (won, sentinel): ``won`` is False when another attempt committed first; the
-    returned sentinel is then the winner's.
+    returned sentinel is then the winner's. ``staged`` is None for a shard that produced no
+    rows: it commits without a part (its sentinel's ``part`` is null).
     """
     spec = storage.spec
     sentinel = {
         "schema_version": SENTINEL_SCHEMA_VERSION,
         "shard_id": shard.shard_id,
-        "part": storage.part_name(shard.shard_id),
+        "part": storage.part_name(shard.shard_id) if staged is not None else None,
         "rows_in": rows_in,
         "rows_out": rows_out,
         "lines": lines,
-        "bytes": staged.stream.bytes_written,
-        "sha256": staged.stream.sha256,
+        "bytes": staged.stream.bytes_written if staged is not None else 0,
+        "sha256": staged.stream.sha256 if staged is not None else None,
         "input_fingerprint": shard.input_fingerprint,
         "spec_fingerprint": spec.fingerprint,
         "fingerprint_inputs": spec.fingerprint_inputs(),
         "attempt": attempt,
-        "staged": staged.handle,
+        "staged": staged.handle if staged is not None else None,
         "committed_at": time.time(),
     }
     failpoints.hit("before_sentinel")
     path = storage.sentinel_path(shard.shard_id)
     won = storage.checkpoint.create_exclusive(path, json.dumps(sentinel, sort_keys=True).encode())
     if not won:
-        staged.abort()
+        if staged is not None:
+            staged.abort()
         winner = parse_sentinel(storage.checkpoint.read_bytes(path) or b"", path, shard.shard_id)
         return False, winner
     failpoints.hit("before_publish")
-    staged.publish()
+    if staged is not None:
+        staged.publish()
     return True, sentinel

@@ -163,7 +163,7 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
     status.committed = len(sentinels)
     status.quarantined = len(files.checkpoint_store.list_files(layout.quarantine_dir(files.checkpoint_dir)))
     commits = [
-        Commit(s["shard_id"], str(s.get("part", "")), int(s.get("rows_in", 0)), int(s.get("rows_out", 0)),
+        Commit(s["shard_id"], str(s.get("part") or ""), int(s.get("rows_in", 0)), int(s.get("rows_out", 0)),
                int(s.get("rows_rejected", 0)), int(s.get("bytes", 0)), s.get("committed_at"))
         for s in sentinels
     ]
@@ -197,6 +197,8 @@ def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: d
     sentinels = files.sentinels(use_manifest=False)
 
     def check(sentinel: dict[str, Any]) -> str:
+        if "part" in sentinel and sentinel["part"] is None:
+            return ""  # a shard that produced no rows commits without a part
         part = f"{files.sink}/{sentinel.get('part', '')}"
         digest, size = hashlib.sha256(), 0
         try:

@@ -15,10 +15,14 @@ from typing import Any
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import InvalidSentinel, check_shard, different_spec_error, parse_sentinel
+from airflow_batch_provider.core.domain.input_schema import file_schemas, job_input_schema
+from airflow_batch_provider.core.domain.job_schema import known_output_schema, write_input_schema
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Plan, Shard, list_inputs, split_file
 from airflow_batch_provider.core.errors import IncompleteJobError, StaleCheckpointError
+from airflow_batch_provider.core.schemas import schema_from_json, schema_to_json
 from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.stores import InputFile
 
 _CHECK_THREADS = 16
 
@@ -72,12 +76,15 @@ def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
                     "(or use a new sink) to start fresh."
                 )
     shards: list[Shard] = []
+    footers: dict[str, Any] = {}  # Parquet schemas read while splitting
     for file in files:
         old = reusable.get(file.relpath)
         if old is not None and old.version == file.version and file.relpath in old_shards:
             shards.extend(old_shards[file.relpath])
         else:
-            shards.extend(split_file(storage.source, spec, file))
+            shards.extend(split_file(storage.source, spec, file, footers))
+    schemas = _file_schemas(storage, files, shards, existing, footers)
+    input_schema = job_input_schema(spec, [(f.path, schema_from_json(schemas[f.relpath])) for f in files if f.relpath in schemas])
     plan = Plan(
         spec_fingerprint=spec.fingerprint,
         fingerprint_inputs=spec.fingerprint_inputs(),
@@ -85,10 +92,13 @@ def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
         source=spec.source,
         inputs=files,
         shards=shards,
+        input_schema=schema_to_json(input_schema),
+        file_schemas=schemas,
     )
     # Dataclass equality, not JSON: serialising 10,000 shards twice costs ~0.4 s per plan.
     plan_written = existing is None or existing != plan
     if plan_written:
+        write_input_schema(storage, plan.input_schema or {})  # before the plan: a shard of this plan finds it
         storage.checkpoint.write_atomic(storage.plan_path, plan.to_json())
 
     pending = [s for s in shards if s.shard_id not in committed]
@@ -102,6 +112,23 @@ def plan_job(spec: BatchSpec, storage: JobStorage | None = None) -> JobPlan:
                     pending.append(shard)
                     notes.append(check.note)
     return JobPlan(plan, pending, len(shards) - len(pending), notes, plan_written)
+
+
+def _file_schemas(
+    storage: JobStorage, files: list[InputFile], shards: list[Shard], existing: Plan | None, footers: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Each file's schema, read again only for files new or changed since the last plan
+    (none at all when ``input_schema`` is declared)."""
+    if storage.spec.input_schema is not None:
+        return {}
+    known = existing.file_schemas if existing is not None else {}
+    unchanged = {f.relpath for f in existing.inputs} if existing is not None else set()
+    versions = {f.relpath: f.version for f in existing.inputs} if existing is not None else {}
+    todo = [f for f in files if not (f.relpath in known and f.relpath in unchanged and versions[f.relpath] == f.version)]
+    fresh = file_schemas(storage.source, storage.spec, todo, [s for s in shards if s.relpath in {f.relpath for f in todo}], footers)
+    found = {f.relpath: known[f.relpath] for f in files if f not in todo and f.relpath in known}
+    found.update({f.relpath: schema_to_json(schema) for f, schema in zip(todo, fresh, strict=True)})
+    return found
 
 
 def _check_same_spec(storage: JobStorage, existing: Plan) -> None:
@@ -142,6 +169,7 @@ def reset_job(storage: JobStorage) -> str:
     for staged in storage.staged_parts():
         staged.abort()
     storage.sink.delete(storage.manifest_path)
+    storage.checkpoint.delete(storage.output_schema_path)
     sentinels = list(storage.checkpoint.list_files(storage.sentinel_dir))
     for name in sentinels:
         storage.checkpoint.delete(f"{storage.sentinel_dir}/{name}")
@@ -181,6 +209,7 @@ def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_
         staged.abort()  # leftovers of crashed or losing attempts
     failpoints.hit("finalize_before_manifest")
     sentinels = [c.sentinel or {} for c in checks]
+    output_schema = known_output_schema(storage)
     manifest = {
         "spec_fingerprint": spec.fingerprint,
         "fingerprint_inputs": spec.fingerprint_inputs(),
@@ -191,6 +220,8 @@ def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_
         "rows_in": sum(s.get("rows_in", 0) for s in sentinels),
         "rows_out": sum(s.get("rows_out", 0) for s in sentinels),
         "bytes": sum(s.get("bytes", 0) for s in sentinels),
+        "input_schema": plan.input_schema,
+        "schema": schema_to_json(output_schema) if output_schema is not None else None,
         "parts": [
             {
                 "part": s["part"],
@@ -202,7 +233,7 @@ def finalize_job(spec: BatchSpec, storage: JobStorage | None = None, *, elapsed_
                 "input_fingerprint": s["input_fingerprint"],
                 "committed_at": s.get("committed_at"),
             }
-            for s in sentinels
+            for s in sentinels  # a shard that wrote no rows has no part: "part" is null
         ],
     }
     if elapsed_seconds is not None:

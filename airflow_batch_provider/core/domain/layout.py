@@ -7,6 +7,8 @@
     {checkpoint_dir}/plan.json                   the plan, persisted once
     {checkpoint_dir}/shards/{shard_id}.json      per-shard sentinels (the commit records)
     {checkpoint_dir}/quarantine/                 sentinels found broken, kept for inspection
+    {checkpoint_dir}/input_schema.json           the input schema the plan settled
+    {checkpoint_dir}/output_schema-{fp}.json     the parts' schema under spec fingerprint fp, created once
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ SENTINEL_SUFFIX = ".json"
 QUARANTINE_DIR = "quarantine"
 MANIFEST_NAME = "_SUCCESS"
 PLAN_NAME = "plan.json"
+OUTPUT_SCHEMA_PREFIX = "output_schema-"
+INPUT_SCHEMA_NAME = "input_schema.json"
 _PART_EXTENSIONS = tuple(FORMAT_EXTENSIONS[f][0] for f in FORMAT_EXTENSIONS)
 
 
@@ -88,6 +92,16 @@ class JobStorage:
     @property
     def plan_path(self) -> str:
         return plan_path(self.spec.checkpoint_root)
+
+    @property
+    def input_schema_path(self) -> str:
+        return f"{self.spec.checkpoint_root}/{INPUT_SCHEMA_NAME}"
+
+    @property
+    def output_schema_path(self) -> str:
+        """Per spec fingerprint: a spec planned afresh over an uncommitted sink never inherits
+        the output schema an earlier spec's shards recorded."""
+        return f"{self.spec.checkpoint_root}/{OUTPUT_SCHEMA_PREFIX}{self.spec.fingerprint}.json"
 
     @property
     def manifest_path(self) -> str:

@@ -90,6 +90,10 @@ class Plan:
     shards: list[Shard]
     schema_version: int = PLAN_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the job's input schema (``schemas.schema_to_json``), settled at plan time
+    input_schema: dict[str, Any] | None = None
+    #: each input file's own schema, by relative path: reused while the file is unchanged
+    file_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def total_rows(self) -> int:
@@ -135,23 +139,22 @@ def list_inputs(store: Store, spec: BatchSpec) -> list[InputFile]:
 
 
 # -- splitting ----------------------------------------------------------------------------
-def split_file(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
+def split_file(store: Store, spec: BatchSpec, file: InputFile, footers: dict[str, Any] | None = None) -> list[Shard]:
+    """The file's shards; a Parquet file's Arrow schema goes into ``footers`` (by relative
+    path) when given, so that settling the job's schema does not read the footer again."""
     if spec.source_format == "parquet":
-        return _split_parquet(store, spec, file)
+        return _split_parquet(store, spec, file, footers)
     return _split_jsonl(store, spec, file)
 
 
-def _split_parquet(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
+def _split_parquet(store: Store, spec: BatchSpec, file: InputFile, footers: dict[str, Any] | None = None) -> list[Shard]:
     try:
         with store.open_read(file.path) as handle:
             metadata = pq.ParquetFile(handle).metadata
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError flavours
         raise InputDataError(f"{file.path}: not a readable Parquet file ({err})") from None
-    if spec.columns:
-        names = set(metadata.schema.names)
-        missing = [c for c in spec.columns if c not in names]
-        if missing:
-            raise BatchSpecError(f"columns {missing} are not in {file.path} (it has {sorted(names)})")
+    if footers is not None:
+        footers[file.relpath] = metadata.schema.to_arrow_schema()
     shards: list[Shard] = []
     group_start, rows = 0, 0
     for index in range(metadata.num_row_groups):

@@ -7,6 +7,11 @@ fewer rows (a filter) or more. Batches are exchanged in the spec's ``batch_forma
 * ``numpy``: ``dict[str, np.ndarray]`` (a 2-D array becomes a fixed-size list column);
 * ``pandas``: ``pandas.DataFrame``;
 * ``pyarrow``: ``pyarrow.Table``.
+
+Values keep their meaning both ways: a numeric column holding nulls is an object array of
+numbers and ``None`` (numpy; a predictor must skip the ``None``) and an integer column is a
+pandas ``Int64``-style column, never floats with NaN; a fixed-size list column with nulls is an
+object array of rows (arrays or ``None``), so every row stays aligned.
 """
 
 from __future__ import annotations
@@ -52,11 +57,30 @@ def to_batch(table: pa.Table, batch_format: str) -> Any:
     if batch_format == "pyarrow":
         return table
     if batch_format == "pandas":
-        return table.to_pandas()
+        return table.to_pandas(types_mapper=_nullable_pandas_type)
     return {name: _column_to_numpy(table.column(name)) for name in table.column_names}
 
 
+def _nullable_pandas_type(data_type: pa.DataType) -> Any:
+    """pandas' nullable integer dtypes for Arrow integers (plain int64 would turn nulls into NaN floats)."""
+    if pa.types.is_integer(data_type):
+        import pandas as pd
+
+        return pd.api.types.pandas_dtype(str(data_type).replace("int", "Int").replace("uInt", "UInt"))
+    return None
+
+
+def _is_number(data_type: pa.DataType) -> bool:
+    return pa.types.is_integer(data_type) or pa.types.is_floating(data_type)
+
+
 def _column_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    if column.null_count and (_is_number(column.type) or pa.types.is_fixed_size_list(column.type)):
+        values = column.to_pylist()  # numbers and None / rows and None: no null becomes NaN, nothing shifts
+        array = np.empty(len(values), dtype=object)
+        item = column.type.value_type.to_pandas_dtype() if pa.types.is_fixed_size_list(column.type) else None
+        array[:] = [np.asarray(v, dtype=item) if isinstance(v, list) else v for v in values]
+        return array
     if pa.types.is_fixed_size_list(column.type):
         combined = column.combine_chunks()
         width = column.type.list_size
@@ -108,6 +132,29 @@ def _to_arrow_array(name: str, values: Any) -> pa.Array:
                 f"column {name!r} has shape {array.shape}; only 1-D and 2-D arrays are supported, "
                 "reshape it or return a list per row"
             )
-        return pa.array(array if array.dtype != object else array.tolist())
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        if array.dtype == object and (rows := _fixed_rows(array)) is not None:
+            return rows
+        if array.dtype == object:
+            values = [v.tolist() if isinstance(v, np.ndarray) else v for v in array.tolist()]
+            try:
+                return pa.array(values)
+            except OverflowError:  # integers above 2^63 (and none below 0): uint64 holds them exactly
+                return pa.array(values, type=pa.uint64())
+        return pa.array(array)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
         raise PredictorError(f"column {name!r} cannot be converted to Arrow: {err}") from None
+
+
+def _fixed_rows(array: np.ndarray) -> pa.Array | None:
+    """An object array of equal-length 1-D arrays and ``None`` (what ``to_batch`` makes of a
+    fixed-size list column with nulls) as that fixed-size list column, nulls in place."""
+    present = [v for v in array if v is not None]
+    if not present or not all(isinstance(v, np.ndarray) and v.ndim == 1 for v in present):
+        return None
+    width, dtype = len(present[0]), present[0].dtype
+    if any(len(v) != width or v.dtype != dtype for v in present):
+        return None
+    flat = np.zeros((len(array), width), dtype=dtype)
+    valid = np.array([v is not None for v in array], dtype=bool)
+    flat[valid] = np.stack(present)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width, mask=pa.array(~valid))

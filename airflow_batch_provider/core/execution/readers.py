@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import InputDataError
+from airflow_batch_provider.core.schemas import INPUT_FIX, BadRowCallback, Incompatible, RowOrigin, conform_table, value_array
 from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import Store
 
@@ -30,32 +32,61 @@ class ReadStats:
     lines: int = 0  # physical lines consumed (JSONL; blank lines are not rows)
 
 
-def read_shard(store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats) -> Iterator[pa.Table]:
+def read_shard(
+    store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, schema: pa.Schema | None = None,
+    on_bad: BadRowCallback | None = None,
+) -> Iterator[pa.Table]:
+    """The shard's rows in tables of at most ``batch_size`` rows (see :func:`read_batches`)."""
+    for table, _origin in read_batches(store, spec, shard, stats, schema, on_bad):
+        yield table
+
+
+def read_batches(
+    store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, schema: pa.Schema | None = None,
+    on_bad: BadRowCallback | None = None,
+) -> Iterator[tuple[pa.Table, RowOrigin]]:
+    """(table, where its rows come from) per batch. With ``schema`` (the plan's input schema)
+    every table has exactly that schema; a value that does not fit it losslessly fails the
+    shard (or goes to ``on_bad``, see :func:`conform_table`)."""
     if shard.unit == "row_groups":
-        tables = _read_parquet(store, spec, shard)
+        tables = _read_parquet(store, spec, shard, schema, on_bad)
     else:
-        tables = _read_jsonl(store, spec, shard, stats)
-    for table in tables:
+        tables = _read_jsonl(store, spec, shard, stats, schema, on_bad)
+    for table, origin in tables:
         stats.rows += table.num_rows
-        yield from _rebatch(table, spec.batch_size)
+        for offset in range(0, table.num_rows, spec.batch_size):
+            yield table.slice(offset, spec.batch_size), _shifted(origin, offset)
 
 
-def _rebatch(table: pa.Table, size: int) -> Iterator[pa.Table]:
-    for offset in range(0, table.num_rows, size):
-        yield table.slice(offset, size)
+def _shifted(origin: RowOrigin, offset: int) -> RowOrigin:
+    if not offset:
+        return origin
+    if origin.lines is not None:
+        return replace(origin, first=origin.lines[offset], lines=origin.lines[offset:])
+    return replace(origin, first=origin.first + offset)
 
 
-def _read_parquet(store: Store, spec: BatchSpec, shard: Shard) -> Iterator[pa.Table]:
+def _read_parquet(
+    store: Store, spec: BatchSpec, shard: Shard, schema: pa.Schema | None, on_bad: BadRowCallback | None
+) -> Iterator[tuple[pa.Table, RowOrigin]]:
     with store.open_read(shard.path) as handle:
         try:
             parquet = pq.ParquetFile(handle)
+            row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.start))
+            present = set(parquet.schema_arrow.names)
+            wanted = spec.columns or (schema.names if schema is not None else None)
             batches = parquet.iter_batches(
                 batch_size=spec.batch_size,
                 row_groups=list(range(shard.start, shard.end)),
-                columns=list(spec.columns) if spec.columns else None,
+                columns=[c for c in wanted if c in present] if wanted else None,
             )
             for batch in batches:
-                yield pa.Table.from_batches([batch])
+                origin = RowOrigin(shard.path, row, "row", shard.shard_id)
+                table = pa.Table.from_batches([batch])
+                row += table.num_rows
+                if schema is not None:
+                    table = conform_table(table, schema, origin, on_bad=on_bad, declared=spec.input_schema is not None)
+                yield table, origin
         except (pa.ArrowInvalid, OSError) as err:
             raise InputDataError(
                 f"{shard.path}: cannot read row groups {shard.start}-{shard.end} ({err}); "
@@ -63,7 +94,9 @@ def _read_parquet(store: Store, spec: BatchSpec, shard: Shard) -> Iterator[pa.Ta
             ) from None
 
 
-def _read_jsonl(store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats) -> Iterator[pa.Table]:
+def _read_jsonl(
+    store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, job_schema: pa.Schema | None, on_bad: BadRowCallback | None
+) -> Iterator[tuple[pa.Table, RowOrigin]]:
     assert shard.byte_start is not None and shard.byte_end is not None
     schema: pa.Schema | None = None
     line = shard.start
@@ -89,19 +122,114 @@ def _read_jsonl(store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats) -
             if not block:
                 break
             block_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-            table = _parse_block(block, shard.path, line)
-            if spec.columns:
-                table = _select_columns(table, spec.columns, shard.path, line)
-            schema, table = _conform(schema, table, shard.path, line)
+            origin = RowOrigin(shard.path, line + 1, "line", shard.shard_id)
+            if job_schema is not None:
+                table, origin = _parse_block_as(block, block_lines, job_schema, origin, on_bad, declared=spec.input_schema is not None)
+            else:
+                table = _parse_block(block, shard.path, line)
+                if spec.columns:
+                    table = _select_columns(table, spec.columns, shard.path, line)
+                schema, table = _conform(schema, table, shard.path, line)
             stats.lines += block_lines
             line += block_lines
             if table.num_rows:
-                yield table
+                yield table, origin
     if stats.lines != shard.rows:
         raise InputDataError(
             f"{shard.path}: lines {shard.start}-{shard.end} hold {stats.lines} lines now, "
             f"{shard.rows} when planned; the file changed since it was planned"
         )
+
+
+def _row_lines(block: bytes, line: int) -> tuple[int, ...] | None:
+    """The line (1-based) of every row of ``block``, where blank lines make it differ from a count."""
+    texts = block.split(b"\n")
+    if block.endswith(b"\n"):
+        texts.pop()
+    if all(t.strip() for t in texts):
+        return None
+    return tuple(line + offset + 1 for offset, text in enumerate(texts) if text.strip())
+
+
+def _parse_block_as(
+    block: bytes, block_lines: int, schema: pa.Schema, origin: RowOrigin, on_bad: BadRowCallback | None, *, declared: bool
+) -> tuple[pa.Table, RowOrigin]:
+    """Parse straight into the job's schema; when some value does not fit, line by line.
+    Returns the rows and their origin (with each row's line when blank lines were skipped)."""
+    # a declared input_schema selects columns (as Parquet reads only those); an inferred one
+    # must see every key, so that a key the sample never showed fails instead of vanishing
+    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore" if declared else "infer")
+    try:
+        table = pj.read_json(io.BytesIO(block), read_options=pj.ReadOptions(block_size=len(block) + 1), parse_options=options)
+    except pa.ArrowInvalid:
+        origin = replace(origin, lines=_row_lines(block, origin.first - 1))
+        return _parse_lines_as(block, schema, origin, on_bad, declared=declared), origin
+    if table.num_rows != block_lines:  # blank lines: rows and lines part ways
+        origin = replace(origin, lines=_row_lines(block, origin.first - 1))
+    if _may_be_rounded(table, schema):
+        return _parse_lines_as(block, schema, origin, on_bad, declared=declared), origin
+    return conform_table(table, schema, origin, on_bad=on_bad, declared=declared), origin
+
+
+def _may_be_rounded(table: pa.Table, schema: pa.Schema) -> bool:
+    """Whether a float column holds a whole number of 2^53 or more: Arrow's parser turns an
+    integer literal that large into the nearest float without a word, so such a block is read
+    again line by line, where the exact integer is seen (a genuine float like 1e20 passes)."""
+    for field in schema:
+        if pa.types.is_floating(field.type) and field.name in table.column_names:
+            column = table.column(field.name)
+            big = pc.and_(pc.greater_equal(pc.abs(column), 2.0**53), pc.equal(column, pc.floor(column)))
+            if pc.any(big).as_py():
+                return True
+    return False
+
+
+def _parse_lines_as(block: bytes, schema: pa.Schema, origin: RowOrigin, on_bad: BadRowCallback | None, *, declared: bool) -> pa.Table:
+    """The slow path: one row at a time, so that an error names its exact line."""
+    first_line = origin.first - 1
+    tables = []
+    row = 0
+    for offset, text in enumerate(block.split(b"\n")):
+        if not text.strip():
+            continue
+        number = first_line + offset + 1
+        value = _json_object(text, origin.path, number)
+        if declared:
+            value = {k: v for k, v in value.items() if k in schema.names}
+        here = RowOrigin(origin.path, number, "line", origin.shard)
+        report = None if on_bad is None else (lambda bad, row=row: on_bad([(row + r, c, m) for r, c, m in bad]))
+        tables.append(conform_table(_row_table(value, here), schema, here, on_bad=report, declared=declared))
+        row += 1
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _row_table(value: dict, origin: RowOrigin) -> pa.Table:
+    columns = {}
+    for name, item in value.items():
+        try:
+            columns[name] = value_array(item)
+        except Incompatible as err:
+            raise InputDataError(
+                f"{origin.path}: {origin.where(0)} (shard {origin.shard}): column {name!r}: {err}, which no Arrow "
+                "integer type holds exactly. Write it as a JSON string, or declare input_schema with a decimal "
+                "type such as decimal128(38, 0)."
+            ) from None
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise InputDataError(
+                f"{origin.path}: {origin.where(0)} (shard {origin.shard}): column {name!r} holds a value Arrow cannot "
+                f"type ({err}); {INPUT_FIX}"
+            ) from None
+    return pa.table(columns)
+
+
+def _json_object(text: bytes, path: str, line: int) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise InputDataError(f"{path}: line {line} is not valid JSON ({err}); fix or remove that line and run again") from None
+    if not isinstance(value, dict):
+        raise InputDataError(f"{path}: line {line} is a JSON {type(value).__name__}, not an object; each JSONL line must be one object")
+    return value
 
 
 def _parse_block(block: bytes, path: str, first_line: int) -> pa.Table:

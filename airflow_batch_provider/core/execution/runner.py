@@ -10,12 +10,15 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+import pyarrow as pa
+
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard
+from airflow_batch_provider.core.domain.job_schema import known_output_schema, load_input_schema, record_output_schema
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
-from airflow_batch_provider.core.execution.readers import ReadStats, read_shard
+from airflow_batch_provider.core.execution.readers import ReadStats, read_batches
 from airflow_batch_provider.core.execution.threads import BackgroundWriter, prefetch
 from airflow_batch_provider.core.execution.writers import PartWriter
 from airflow_batch_provider.core.spec import BatchSpec
@@ -61,6 +64,7 @@ class ShardRunner:
         started = time.perf_counter()
         self.predictor = predictor or build_predictor(spec.predictor, {**spec.predictor_kwargs, **(secrets or {})})
         self.load_seconds = time.perf_counter() - started
+        self._output_schema: pa.Schema | None = None  # create-only once recorded: kept once seen
 
     def run(self, shard: Shard, attempt: dict[str, Any], on_rows: Callable[[int], None] | None = None) -> ShardResult:
         """Check, compute and commit ``shard``; ``on_rows(n)`` hears of every batch the model
@@ -70,18 +74,24 @@ class ShardRunner:
         if check.committed:
             return ShardResult.skipped(shard.shard_id, check.sentinel, time.perf_counter() - started, note="already committed")
         spec = self.spec
-        staged = self.storage.sink.open_staged(self.storage.part_path(shard.shard_id))
+        storage = self.storage
+        input_schema = load_input_schema(storage)
+        staged = storage.sink.open_staged(storage.part_path(shard.shard_id))
         stats = ReadStats()
         model_seconds = 0.0
         try:
-            part = PartWriter(staged.stream, spec.sink_format)
-            writer = BackgroundWriter(part.write)
+            self._output_schema = self._output_schema or known_output_schema(storage)
+            part = PartWriter(
+                staged.stream, spec.sink_format, self._output_schema,
+                settle=lambda schema: record_output_schema(storage, schema, input_schema),
+            )
+            writer = BackgroundWriter(lambda item: part.write(*item))
             rows_done = 0
-            for index, table in enumerate(prefetch(read_shard(self.storage.source, spec, shard, stats))):
+            for index, (table, origin) in enumerate(prefetch(read_batches(storage.source, spec, shard, stats, input_schema))):
                 tick = time.perf_counter()
                 output = self.predictor(to_batch(table, spec.batch_format))
                 model_seconds += time.perf_counter() - tick
-                writer.submit(from_batch(output, spec.batch_format))
+                writer.submit((from_batch(output, spec.batch_format), origin))
                 rows_done += table.num_rows
                 if on_rows is not None:
                     on_rows(rows_done)
@@ -89,12 +99,16 @@ class ShardRunner:
                     failpoints.hit("mid_part")
             writer.close()
             part.close()
-            staged.finish()
+            self._output_schema = part.schema
+            if part.rows:
+                staged.finish()
+            else:
+                staged.abort()  # no rows out: no part, so no reader ever sees a part without columns
         except BaseException:
             staged.abort()
             raise
         won, sentinel = commit_shard(
-            self.storage, shard, staged, rows_in=stats.rows, rows_out=part.rows, lines=stats.lines, attempt=attempt
+            storage, shard, staged if part.rows else None, rows_in=stats.rows, rows_out=part.rows, lines=stats.lines, attempt=attempt
         )
         failpoints.hit("after_publish")
         return ShardResult(

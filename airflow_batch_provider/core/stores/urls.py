@@ -34,3 +34,15 @@ def with_scheme_of(url: str, key: str) -> str:
     if is_remote(url):
         return f"{url.split('://', 1)[0]}://{key}"
     return key
+
+
+def local_path_of(url: str) -> str:
+    """A ``file://`` URL as the plain path it names (``file:///data/x`` -> ``/data/x``);
+    any other URL or path unchanged. Local stores and part names work on plain paths."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != "file":
+        return url
+    host, slash, path = rest.partition("/")
+    if host not in ("", "localhost"):
+        raise ValueError(f"{url!r}: a file:// URL must name a local absolute path (file:///path), not host {host!r}")
+    return "/" + path if slash else "/"

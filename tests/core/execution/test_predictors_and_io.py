@@ -12,7 +12,7 @@ import pytest
 
 from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
-from airflow_batch_provider.core.errors import InputDataError, PredictorError
+from airflow_batch_provider.core.errors import BatchSpecError, InputDataError, PredictorError
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.spec import BatchSpec
@@ -116,8 +116,8 @@ def test_non_object_json_line_is_named(tmp_path):
 
 def test_missing_column_is_named(tmp_path, jsonl_source):
     spec = spec_for(jsonl_source, str(tmp_path / "out"), columns=["id", "nope"])
-    with pytest.raises(InputDataError, match=r"column\(s\) \['nope'\]"):
-        run(spec)
+    with pytest.raises(BatchSpecError, match=r"columns \['nope'\] are not in any input file"):
+        run(spec)  # refused at plan time, before any shard runs
 
 
 def test_file_changed_after_planning_is_detected(tmp_path):

@@ -1,0 +1,134 @@
+"""Settle the job's input schema at plan time, before any part is written.
+
+Parquet files carry their schema in the footer; a JSONL shard's is inferred from a sample of
+its first lines (its byte range is in the plan, so that is one small read). The per-file
+schemas are unified into one (absent and null-only columns take the type seen elsewhere;
+int and float give float64) or, when ``BatchSpec.input_schema`` is declared, that one is
+used as it is. Readers then hand every batch to the predictor with exactly this schema.
+
+A JSONL column null in every sampled row stays null-typed; a later value in it does not
+fit and fails its shard with a message that says to declare ``input_schema``.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.errors import BatchSpecError, InputDataError
+from airflow_batch_provider.core.schemas import INPUT_FIX, Incompatible, declared_schema, type_name, unify_schemas, unify_types, value_array
+from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.stores import InputFile, Store
+
+#: Per JSONL shard, the sample read at plan time: the first lines, up to this many bytes.
+SAMPLE_BYTES = 64 << 10
+SAMPLE_LINES = 500
+_THREADS = 16
+
+
+def file_schemas(
+    store: Store, spec: BatchSpec, files: list[InputFile], shards: list[Shard], footers: dict[str, pa.Schema] | None = None
+) -> list[pa.Schema]:
+    """Each file's schema: its Parquet footer (from ``footers`` when splitting read it already),
+    or its JSONL shards' samples unified."""
+    footers = footers or {}
+    by_file: dict[str, list[Shard]] = {}
+    for shard in shards:
+        by_file.setdefault(shard.relpath, []).append(shard)
+
+    def one(file: InputFile) -> pa.Schema:
+        if spec.source_format == "parquet":
+            return footers[file.relpath] if file.relpath in footers else parquet_schema(store, file.path)
+        return unify_schemas([(file.path, jsonl_sample_schema(store, s)) for s in by_file.get(file.relpath, [])], INPUT_FIX)
+
+    with ThreadPoolExecutor(min(_THREADS, max(1, len(files)))) as pool:
+        return list(pool.map(one, files))
+
+
+def job_input_schema(spec: BatchSpec, named: list[tuple[str, pa.Schema]]) -> pa.Schema:
+    """The one input schema of the job: declared, or the unified file schemas."""
+    if spec.input_schema is not None:
+        schema = declared_schema("input_schema", spec.input_schema)
+    else:
+        schema = unify_schemas(named, INPUT_FIX)
+    if spec.columns:
+        missing = [c for c in spec.columns if c not in schema.names]
+        if missing:
+            where = "input_schema" if spec.input_schema is not None else f"any input file under {spec.source!r}"
+            raise BatchSpecError(f"columns {missing} are not in {where} (columns there: {schema.names}); fix BatchSpec.columns")
+        schema = pa.schema([schema.field(c) for c in spec.columns])
+    return schema
+
+
+def parquet_schema(store: Store, path: str) -> pa.Schema:
+    try:
+        with store.open_read(path) as handle:
+            return pq.ParquetFile(handle).schema_arrow
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError flavours
+        raise InputDataError(f"{path}: not a readable Parquet file ({err})") from None
+
+
+def jsonl_sample_schema(store: Store, shard: Shard) -> pa.Schema:
+    """Types of the first lines of one JSONL shard, inferred exactly (big integers included).
+
+    Lines that are not JSON objects are left out here: the reader reports them with their line."""
+    assert shard.byte_start is not None and shard.byte_end is not None
+    with store.open_read(shard.path) as handle:
+        handle.seek(shard.byte_start)
+        block = handle.read(min(SAMPLE_BYTES, shard.byte_end - shard.byte_start))
+    if shard.byte_start + len(block) < shard.byte_end and b"\n" in block:
+        block = block[: block.rfind(b"\n")]  # whole lines only
+    texts = block.split(b"\n")[:SAMPLE_LINES]
+    fast = _sample_type_at_once(texts)
+    if fast is not None:
+        return fast
+    columns: dict[str, list[tuple[int, Any]]] = {}
+    for offset, text in enumerate(texts):  # slow path: per value, naming the line where types part ways
+        try:
+            row = json.loads(text) if text.strip() else None
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            for key, value in row.items():
+                columns.setdefault(key, []).append((shard.start + offset + 1, value))
+    return pa.schema([(name, _column_type(shard.path, name, values)) for name, values in columns.items()])
+
+
+def _sample_type_at_once(texts: list[bytes]) -> pa.Schema | None:
+    """The common case in C: one ``json.loads`` of the sample as an array, one Arrow inference
+    of the rows as structs (keys unioned). None when some line or value needs the slow path
+    (a line that is not an object, mixed types, an integer above 2^63)."""
+    try:
+        rows = json.loads(b"[" + b",".join(t for t in texts if t.strip()) + b"]")
+        if not all(isinstance(row, dict) for row in rows):
+            return None
+        return pa.schema(list(pa.array(rows).type)) if rows else pa.schema([])
+    except (ValueError, pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return None
+
+
+def _column_type(path: str, name: str, values: list[tuple[int, Any]]) -> pa.DataType:
+    seen: pa.DataType = pa.null()
+    first = 0
+    for line, value in values:  # slow path: name the line where the types part ways
+        try:
+            value_type = value_array(value).type
+            unified = unify_types(seen, value_type)
+        except Incompatible as err:
+            raise InputDataError(
+                f"{path}: line {line}: column {name!r}: {err}; "
+                + (f"line {first} holds {type_name(seen)}; no Arrow type holds both without changing values. "
+                   if first and "bits" not in str(err) else "")
+                + INPUT_FIX
+            ) from None
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise InputDataError(f"{path}: line {line}: column {name!r} holds a value Arrow cannot type ({err}). {INPUT_FIX}") from None
+        if not first and not pa.types.is_null(value_type):
+            first = line
+        seen = unified
+    return seen
