@@ -9,7 +9,9 @@ Everything runs from this repository (``PYTHONPATH``) with the Python that runs 
   ``~/.ray/auth_token`` is never written); tasks get address and token through the
   ``ray_default`` connection (``AIRFLOW_CONN_RAY_DEFAULT``);
 * ``airflow api-server``, ``scheduler``, ``dag-processor`` and ``triggerer`` with the
-  LocalExecutor;
+  LocalExecutor, or with the CeleryExecutor (``executor="CeleryExecutor"``) on the Redis server
+  at ``127.0.0.1:6379`` (a queue of its own) and ``celery_workers`` Celery workers, each in a
+  session of its own so that one can be killed alone;
 
 each started in its own session so that it, and whatever it forks, is stopped by process
 group at the end. Tests talk to Airflow only through the REST API v2 (:class:`AirflowClient`).
@@ -86,6 +88,12 @@ class Deployment:
     root: Path
     parallelism: int = 3
     ray_cpus: int = 16
+    executor: str = "LocalExecutor"
+    celery_workers: int = 0
+    celery_concurrency: int = 2
+    #: seconds without a heartbeat before the scheduler takes a running task for dead
+    heartbeat_timeout_s: int = 60
+    queue: str = field(default_factory=lambda: f"abp-{uuid.uuid4().hex[:8]}")
     procs: dict[str, Proc] = field(default_factory=dict)
     old_pgids: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -126,7 +134,11 @@ class Deployment:
         tick = time.monotonic()
         for component in ("api-server", "scheduler", "dag-processor", "triggerer"):
             self.start_component(component)
+        for index in range(self.celery_workers):
+            self.start_celery_worker(index)
         self.wait_healthy()
+        for index in range(self.celery_workers):
+            self.wait_celery_worker(index)
         self.timings["airflow_components_s"] = time.monotonic() - tick
         self.timings["total_startup_s"] = time.monotonic() - started
 
@@ -196,7 +208,7 @@ class Deployment:
         env.update(
             AIRFLOW_HOME=str(self.home),
             AIRFLOW__CORE__DAGS_FOLDER=str(self.dags),
-            AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+            AIRFLOW__CORE__EXECUTOR=self.executor,
             AIRFLOW__CORE__PARALLELISM=str(self.parallelism),
             AIRFLOW__CORE__LOAD_EXAMPLES="False",
             AIRFLOW__CORE__FERNET_KEY=_fernet_key(self.root),
@@ -212,13 +224,39 @@ class Deployment:
             # must not take itself for dead and reset its own running tasks (seen at 10 s).
             AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD="30",
             AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL="5",
-            AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="60",
+            AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT=str(self.heartbeat_timeout_s),
             AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
             AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="10",
             AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC="2",
             AIRFLOW_CONN_RAY_DEFAULT=json.dumps({"conn_type": "ray", "host": self.ray_address, "password": self.ray_token}),
         )
+        if self.executor == "CeleryExecutor":
+            env.update(
+                AIRFLOW__CELERY__BROKER_URL="redis://127.0.0.1:6379/0",
+                AIRFLOW__CELERY__RESULT_BACKEND=f"db+{PG_DSN.replace('+psycopg2', '')}/{self.db_name}",
+                AIRFLOW__CELERY__WORKER_CONCURRENCY=str(self.celery_concurrency),
+                # a queue of this deployment's own: other deployments on this Redis never take its tasks
+                AIRFLOW__OPERATORS__DEFAULT_QUEUE=self.queue,
+            )
         return env
+
+    def start_celery_worker(self, index: int) -> Proc:
+        """``airflow celery worker`` named ``w{index}``, on this deployment's queue, in a session
+        of its own (it, its pool processes and their task processes die together when killed)."""
+        name = f"celery-w{index}"
+        cmd = [str(BIN / "airflow"), "celery", "worker", "--queues", self.queue, "--concurrency", str(self.celery_concurrency),
+               "--celery-hostname", f"w{index}-{self.queue}@%h", "--skip-serve-logs"]
+        return self._spawn(name, cmd, self.airflow_env())
+
+    def wait_celery_worker(self, index: int, timeout: float = 180) -> None:
+        proc = self.procs[f"celery-w{index}"]
+
+        def ready():
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"celery worker {index} exited; log tail:\n{proc.log.read_text()[-3000:]}")
+            return " ready." in proc.log.read_text(errors="replace")
+
+        wait_for(ready, timeout, what=f"celery worker {index}")
 
     def airflow(self, *args: str, timeout: float = 120) -> str:
         out = subprocess.run(
