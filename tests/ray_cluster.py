@@ -50,17 +50,6 @@ class RayNode:
         except ProcessLookupError:
             return False
 
-    def pids(self) -> set[int]:
-        import psutil
-
-        found = set()
-        for proc in psutil.process_iter(["pid"]):
-            try:
-                if os.getpgid(proc.info["pid"]) == self.pgid:
-                    found.add(proc.info["pid"])
-            except (ProcessLookupError, PermissionError):
-                continue
-        return found
 
 
 @dataclass
@@ -98,8 +87,22 @@ class RayCluster:
         return self
 
     def add_node(self, name: str, cpus: int = 1) -> RayNode:
+        """Join a worker node, and wait until it is alive (one at a time: raylets starting side by
+        side on a busy 2-core machine time out). A node that fails to start is started again once."""
         resources = json.dumps({f"node_{name}": 1})
-        return self._spawn(name, [f"--address={self.address}", f"--num-cpus={cpus}", "--num-gpus=0", f"--resources={resources}"])
+        args = [f"--address={self.address}", f"--num-cpus={cpus}", "--num-gpus=0", f"--resources={resources}"]
+        alive = 1 + sum(1 for n, node in self.nodes.items() if n != "head" and node.popen.poll() is None)
+        for attempt in range(2):
+            node = self._spawn(name, args)
+            try:
+                self.wait_nodes(alive + 1, timeout=90)
+                return node
+            except RuntimeError:
+                if attempt:
+                    raise
+                if node.popen.poll() is None:
+                    self.kill_node(name)
+        raise AssertionError("unreachable")
 
     def _spawn(self, name: str, args: list[str]) -> RayNode:
         ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
@@ -129,31 +132,37 @@ class RayCluster:
             raise RuntimeError(f"the Ray cluster did not reach {count} nodes: {out.stdout} {out.stderr[-2000:]} {logs}")
 
     def kill_node(self, name: str) -> None:
-        """Lose a node: SIGKILL its raylet and every process it started."""
+        """Lose a node: SIGKILL its raylet and every process it started (its worker processes
+        run in process groups of their own, so they are found as its descendants)."""
+        import psutil
+
         node = self.nodes[name]
+        try:
+            victims = psutil.Process(node.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            victims = []
         os.killpg(node.pgid, signal.SIGKILL)
+        for proc in victims:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
         node.popen.wait(timeout=30)
 
     def node_of(self, pid: int) -> str | None:
-        """The name of the node whose process group holds ``pid``."""
+        """The name of the node that started process ``pid`` (its raylet's ``ray start``)."""
+        import psutil
+
         try:
-            pgid = os.getpgid(pid)
-        except ProcessLookupError:
+            ancestors = {proc.pid for proc in psutil.Process(pid).parents()} | {pid}
+        except psutil.NoSuchProcess:
             return None
-        return next((name for name, node in self.nodes.items() if node.pgid == pgid), None)
+        return next((name for name, node in self.nodes.items() if node.popen.pid in ancestors), None)
 
     def stop(self) -> None:
-        groups = [n.pgid for name, n in self.nodes.items() if name != "head"] + [n.pgid for name, n in self.nodes.items() if name == "head"]
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for node in self.nodes.values():
-            try:
-                node.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        for name in [n for n in self.nodes if n != "head"] + (["head"] if "head" in self.nodes else []):
+            if self.nodes[name].popen.poll() is None:
+                self.kill_node(name)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

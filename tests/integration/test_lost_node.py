@@ -31,7 +31,6 @@ def cluster():
     try:
         ray.add_node("a")
         ray.add_node("b")
-        ray.wait_nodes(3)
         yield ray
     finally:
         ray.stop()
