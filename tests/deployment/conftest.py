@@ -31,6 +31,8 @@ SCENARIO_DAGS: dict[str, dict[str, Any]] = {
     "deploy_deferrable": {"rows": 50, "sleep_s": 4.0, "deferrable": True, "num_workers": 5},
     # 4 shards in a 1-slot pool ("one GPU")
     "deploy_pool_cap": {"rows": 40, "sleep_s": 1.0, "pool": "gpu_slots", "num_workers": 2},
+    # 8 shards of 3 batches x 1 s, two at a time: only the scheduler process is killed
+    "deploy_scheduler_only_kill": {"rows": 80, "sleep_s": 1.0, "batch_size": 4, "max_active_shards": 2},
 }
 
 #: The DAGs of the CeleryExecutor deployment (two Celery workers): same format.

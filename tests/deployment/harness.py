@@ -40,6 +40,8 @@ BIN = Path(sys.executable).parent
 PG_DSN = os.environ.get("ABP_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 ADMIN_PASSWORD = "admin-pw"
 TERMINAL = {"success", "failed"}
+#: Postgres ends a session idle inside a transaction this long (0: never, Postgres' default).
+IDLE_IN_TRANSACTION_TIMEOUT = os.environ.get("ABP_TEST_IDLE_IN_TRANSACTION_TIMEOUT", "60s")
 
 
 def free_port() -> int:
@@ -148,6 +150,10 @@ class Deployment:
         try:
             with conn.cursor() as cur:
                 cur.execute(f'CREATE DATABASE "{self.db_name}"')
+                # The workaround for a scheduler killed alone under the LocalExecutor (README,
+                # "Deadlines, lost nodes and restarts"): its forked workers keep its DB socket
+                # open, so its open transaction and row locks outlive it until Postgres ends them.
+                cur.execute(f"ALTER DATABASE \"{self.db_name}\" SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'")
         finally:
             conn.close()
 
@@ -233,7 +239,7 @@ class Deployment:
         if self.executor == "CeleryExecutor":
             env.update(
                 AIRFLOW__CELERY__BROKER_URL="redis://127.0.0.1:6379/0",
-                AIRFLOW__CELERY__RESULT_BACKEND=f"db+{PG_DSN.replace('+psycopg2', '')}/{self.db_name}",
+                AIRFLOW__CELERY__RESULT_BACKEND=f"db+{PG_DSN}/{self.db_name}",
                 AIRFLOW__CELERY__WORKER_CONCURRENCY=str(self.celery_concurrency),
                 # a queue of this deployment's own: other deployments on this Redis never take its tasks
                 AIRFLOW__OPERATORS__DEFAULT_QUEUE=self.queue,
@@ -302,6 +308,39 @@ class Deployment:
 
         wait_for(healthy, timeout, what="healthy Airflow components")
 
+    def stale_transactions(self) -> list[dict[str, Any]]:
+        """Sessions of this deployment's database idle inside a transaction, with the local
+        process that holds their socket (pid and command line), if any."""
+        import psutil
+
+        conn = _pg_connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pid, client_port, now() - state_change FROM pg_stat_activity "
+                            "WHERE datname = %s AND state = 'idle in transaction'", (self.db_name,))
+                rows = cur.fetchall()
+        finally:
+            conn.close()
+        holders: dict[int, list[int]] = {}
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                for sock in proc.net_connections(kind="tcp"):
+                    if sock.raddr and sock.raddr.port == 5432:
+                        holders.setdefault(sock.laddr.port, []).append(proc.info["pid"])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        found = []
+        for backend, port, idle in rows:
+            pids = holders.get(port, [])
+            commands = []
+            for pid in pids:
+                try:
+                    commands.append(" ".join(psutil.Process(pid).cmdline())[:120])
+                except psutil.NoSuchProcess:
+                    pass
+            found.append({"backend": backend, "idle_s": idle.total_seconds(), "holder_pids": pids, "holders": commands})
+        return found
+
     def wait_new_scheduler(self, since: float, timeout: float = 120) -> None:
         """Wait until a scheduler heartbeat newer than ``since`` (epoch seconds) is recorded."""
         from datetime import datetime
@@ -314,16 +353,30 @@ class Deployment:
         wait_for(beat, timeout, what="the new scheduler's first heartbeat")
 
     # -- faults ------------------------------------------------------------------------
-    def kill_component(self, name: str, sig: int = signal.SIGKILL, *, whole_group: bool = True) -> int:
+    def kill_component(self, name: str, sig: int = signal.SIGKILL, *, whole_group: bool = True, descendants: bool = False) -> int:
         """Kill a component as a crashed host or container would: with ``whole_group`` its forked
-        workers and their task processes die too (a LocalExecutor worker that outlives its
-        scheduler keeps the scheduler's Postgres connection, and its open transaction's row
-        locks, alive: the next scheduler would then skip that DAG run)."""
+        workers die too (a LocalExecutor worker that outlives its scheduler keeps the
+        scheduler's Postgres connection, and its open transaction's row locks, alive: the next
+        scheduler would then skip that DAG run); with ``descendants`` also every process it
+        started in a group of its own (task processes: the supervisor gives each its own group)."""
+        import psutil
+
         proc = self.procs[name]
+        victims = []
+        if descendants:
+            try:
+                victims = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
         if whole_group:
             os.killpg(proc.pgid, sig)
         else:
             os.kill(proc.pid, sig)
+        for victim in victims:
+            try:
+                victim.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
         proc.popen.wait(timeout=30)
         return proc.pid
 

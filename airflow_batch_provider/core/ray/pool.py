@@ -52,6 +52,8 @@ _WAIT_CALL_S = 30.0
 _ROUND_S = 5.0
 #: a control call (status, wait, cancel) not answered this long after its own wait: the replica is lost.
 _REPLY_S = 30.0
+#: how often a caller waiting for a replica says so in its log.
+_REPORT_S = 60.0
 #: how long ``cancel`` lets a call stop between batches before it kills the replica.
 CANCEL_GRACE_S = 10.0
 
@@ -206,12 +208,17 @@ class ReplicaPool:
         :class:`RayWorkError`; when no node can hold a replica, it raises
         :class:`ResourcesUnavailableError` at once.
         """
-        self.check_feasible()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = None if timeout_s is None else started + timeout_s
         holder = ray.get_runtime_context().get_job_id()
         first = int(hashlib.sha256(token.encode()).hexdigest()[:8], 16)
+        reported = started
         for turn in itertools.count():
+            self.check_feasible()  # every round: the only node that fits may be lost while we wait
             slots = self.slots()
+            if time.monotonic() - reported >= _REPORT_S:
+                log.info("Still waiting for a free Ray replica of this model after %.0f s (%d replicas)", time.monotonic() - started, len(slots))
+                reported = time.monotonic()
             round_s = _ROUND_S if deadline is None else max(0.5, min(_ROUND_S, deadline - time.monotonic()))
             asks = {self._ask(slot, token, 0.0, holder, round_s): slot for slot in slots}
             granted = self._first_granted(asks, token, round_s)
