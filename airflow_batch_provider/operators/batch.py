@@ -304,8 +304,11 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
                 results = self.replicas.result(external_id, on_progress=self._log_progress, every_s=self.progress_interval)
             except api.RayWorkError as err:
                 raise BatchInferenceException(f"shard(s) {self.label}: {err}") from None
-            except BaseException:  # execution_timeout (AirflowTaskTimeout), or the task being stopped
+            except BaseException as err:  # execution_timeout (AirflowTaskTimeout), or the task being stopped
                 self._cancel_work()
+                if isinstance(err, SystemError) and err.__cause__ is not None:
+                    # Raised by a signal handler while Ray's C code waited: Ray wraps it.
+                    raise err.__cause__ from None
                 raise
             if results is not None:
                 self._work = None

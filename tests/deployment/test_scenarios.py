@@ -175,14 +175,16 @@ def test_1_scheduler_sigkill_mid_run(deployment: Deployment, client: AirflowClie
 @pytest.mark.dag("deploy_scheduler_only_kill")
 def test_1b_only_the_scheduler_process_killed(deployment: Deployment, client: AirflowClient, scenario):
     """SIGKILL the scheduler process alone (its LocalExecutor workers live on, as after a
-    ``kill <pid>``); a new scheduler finishes the run.
+    ``kill <pid>``); a new scheduler finishes the run, with no committed shard computed again.
 
-    Why this hung before: the LocalExecutor's workers are forked from the scheduler and keep
-    its Postgres sockets open (Airflow's at-fork handler disposes the pool without closing
-    them), so the killed scheduler's open transaction, and its row lock on the DAG run, stay
-    alive in Postgres; the new scheduler's ``SELECT ... FOR UPDATE SKIP LOCKED`` skips that
-    run, and ``finalize`` is never scheduled. The deployment sets Postgres'
-    ``idle_in_transaction_session_timeout`` (60 s), which ends that session and frees the run.
+    A hang of 480 s was seen here once (earlier provider code). One way Airflow can hang so:
+    the LocalExecutor's workers are forked from the scheduler and keep its Postgres sockets
+    open (``airflow.settings`` disposes the pool in the child with ``close=False``), so a
+    transaction the scheduler had open when it died, and its row lock on the DAG run, can
+    outlive it; the new scheduler's ``SELECT ... FOR UPDATE SKIP LOCKED`` then skips that run.
+    The test records any session left idle in a transaction right after the kill, and the
+    deployment sets Postgres' ``idle_in_transaction_session_timeout`` (60 s) so that such a
+    session cannot hold the run for longer (``ABP_TEST_IDLE_IN_TRANSACTION_TIMEOUT=0`` turns it off).
     """
     kill_only_the_scheduler(deployment, client, scenario)
 

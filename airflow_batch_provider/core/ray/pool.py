@@ -52,6 +52,8 @@ _WAIT_CALL_S = 30.0
 _ROUND_S = 5.0
 #: a control call (status, wait, cancel) not answered this long after its own wait: the replica is lost.
 _REPLY_S = 30.0
+#: the longest one wait for a running call blocks this process (signals are handled between waits).
+_POLL_S = 1.0
 #: how often a caller waiting for a replica says so in its log.
 _REPORT_S = 60.0
 #: how long ``cancel`` lets a call stop between batches before it kills the replica.
@@ -352,9 +354,14 @@ class ReplicaPool:
         While it runs, ``on_progress`` hears how far it is every ``every_s`` seconds."""
         ref = self._refs.pop(work["token"], None)
         if ref is not None:
-            while not ray.wait([ref], timeout=every_s if on_progress else None)[0]:
-                if on_progress and (progress := Progress.of(self.status(work))):
-                    on_progress(progress)
+            # Short waits: a signal (the task's execution_timeout, SIGTERM) is acted on between
+            # them, not when the call ends.
+            report_at = time.monotonic() + every_s
+            while not ray.wait([ref], timeout=_POLL_S)[0]:
+                if on_progress and time.monotonic() >= report_at:
+                    report_at = time.monotonic() + every_s
+                    if progress := Progress.of(self.status(work)):
+                        on_progress(progress)
             try:
                 return ray.get(ref)
             except ray.exceptions.RayActorError as err:  # ActorDiedError, ActorUnavailableError: the call is lost
