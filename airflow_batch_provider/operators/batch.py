@@ -299,32 +299,44 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             return self.get_job_result(external_id, context)
         resubmits = 0
         while True:
-            self._work = external_id
-            try:
-                results = self.replicas.result(external_id, on_progress=self._log_progress, every_s=self.progress_interval)
-            except api.RayWorkError as err:
-                raise BatchInferenceException(f"shard(s) {self.label}: {err}") from None
-            except BaseException as err:  # execution_timeout (AirflowTaskTimeout), or the task being stopped
-                self._cancel_work()
-                if isinstance(err, SystemError) and err.__cause__ is not None:
-                    # Raised by a signal handler while Ray's C code waited: Ray wraps it.
-                    raise err.__cause__ from None
-                raise
+            results = self._wait_cancelling_on_stop(external_id)
             if results is not None:
-                self._work = None
                 self._results = results
                 return results
             resubmits += 1
-            if resubmits > self.core_spec.max_retries:
-                raise BatchInferenceException(
-                    f"shard(s) {self.label}: the Ray work was lost {resubmits} times (replica or node gone), more than the "
-                    f"spec's max_retries={self.core_spec.max_retries}; a task retry computes what is not committed"
-                )
-            self.log.warning("Ray work %s is gone (replica or its node lost); computing what is not committed on another "
-                             "replica (%s of max_retries=%s)", external_id, resubmits, self.core_spec.max_retries)
-            external_id = self.submit_job(context)
-            if (store := context.get("task_state_store")) is not None:
-                store.set(self.external_id_key, external_id)
+            external_id = self._resubmit_lost(external_id, resubmits, context)
+
+    def _wait_cancelling_on_stop(self, external_id: dict[str, str]) -> list[dict[str, Any]] | None:
+        """``ReplicaPool.result`` of the call; if the wait is interrupted (execution_timeout's
+        AirflowTaskTimeout, the task being stopped), the Ray call is cancelled first."""
+        self._work = external_id
+        try:
+            results = self.replicas.result(external_id, on_progress=self._log_progress, every_s=self.progress_interval)
+        except api.RayWorkError as err:
+            raise BatchInferenceException(f"shard(s) {self.label}: {err}") from None
+        except BaseException as err:
+            self._cancel_work()
+            if isinstance(err, SystemError) and err.__cause__ is not None:
+                raise err.__cause__ from None  # raised by a signal handler while Ray's C code waited: Ray wraps it
+            raise
+        self._work = None
+        return results
+
+    def _resubmit_lost(self, lost: dict[str, str], resubmits: int, context: Context) -> dict[str, str]:
+        """A call lost with its replica or node: submit the shards again (another replica, same
+        try), at most the spec's ``max_retries`` times, and record the new call."""
+        max_retries = self.core_spec.max_retries
+        if resubmits > max_retries:
+            raise BatchInferenceException(
+                f"shard(s) {self.label}: the Ray work was lost {resubmits} times (replica or node gone), more than the "
+                f"spec's max_retries={max_retries}; a task retry computes what is not committed"
+            )
+        self.log.warning("Ray work %s is gone (replica or its node lost); computing what is not committed on another "
+                         "replica (%s of max_retries=%s)", lost, resubmits, max_retries)
+        external_id = self.submit_job(context)
+        if (store := context.get("task_state_store")) is not None:
+            store.set(self.external_id_key, external_id)
+        return external_id
 
     def on_kill(self) -> None:
         """The task is being stopped (marked failed, cleared, or past ``execution_timeout``):
