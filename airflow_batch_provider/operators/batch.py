@@ -170,6 +170,8 @@ class PlanBatchOperator(_SpecOperator):
         try:
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
             names = api.ReplicaPool(spec, secrets=resolve_predictor_secrets(spec.predictor_secrets)).start(wanted)
+        except api.ResourcesUnavailableError as err:  # no shard could run either: fail now, naming the resources
+            raise BatchInferenceException(str(err)) from None
         except Exception as err:  # an optimisation only: the shard tasks connect and report
             self.log.warning("Could not start Ray workers ahead (%s: %s); the shard tasks will start them", type(err).__name__, err)
             return
