@@ -109,7 +109,8 @@ class PlanBatchOperator(_SpecOperator):
         running all at once would create); ``0``: none. Keep it at the shard tasks'
         concurrency cap, or replicas beyond it hold their CPUs/GPUs unused until ``finalize``
         releases them. Best effort: if Ray cannot be reached, a warning is logged and the
-        shard tasks start the replicas instead.
+        shard tasks start the replicas instead; if no node of the cluster has the resources a
+        replica asks for, the plan fails at once, naming them.
     """
 
     template_fields: Sequence[str] = ("spec", "ray_conn_id")
