@@ -187,3 +187,17 @@ class DriftingOutput:
         ids = batch["id"]
         out = ids.copy() if (ids < self.threshold).all() else ids + 0.5
         return {"id": ids, "out": out}
+
+
+class NodeTracedDoubler(SlowDoubler):
+    """``SlowDoubler`` that appends ``{"pid", "ids"}`` per batch to ``trace_log`` *before* it
+    sleeps: a test sees which process (so which Ray node) started a batch, and kills it mid-batch."""
+
+    def __init__(self, trace_log: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.trace_log = trace_log
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with open(self.trace_log, "a") as handle:
+            handle.write(json.dumps({"pid": os.getpid(), "ids": [int(i) for i in batch["id"]]}) + "\n")
+        return super().__call__(batch)

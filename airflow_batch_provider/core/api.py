@@ -24,9 +24,10 @@ from airflow_batch_provider.core.domain.inspection import SinkStatus, Verificati
 from airflow_batch_provider.core.domain.jobs import JobPlan, finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
-from airflow_batch_provider.core.errors import BatchError, BatchSpecError, RayWorkError
+from airflow_batch_provider.core.errors import BatchError, BatchSpecError, RayWorkError, ResourcesUnavailableError, ShardCancelledError
 from airflow_batch_provider.core.execution.runner import ShardResult, ShardRunner
 from airflow_batch_provider.core.ray.connection import RayTarget, connect
+from airflow_batch_provider.core.ray.driver import RayDriver
 from airflow_batch_provider.core.ray.pool import ReplicaPool
 from airflow_batch_provider.core.ray.states import Progress, RunState
 from airflow_batch_provider.core.spec import BatchSpec
@@ -77,11 +78,14 @@ __all__ = [
     "BatchSpecError",
     "JobPlan",
     "Progress",
+    "RayDriver",
     "RayTarget",
     "RayWorkError",
+    "ResourcesUnavailableError",
     "ReplicaPool",
     "RunState",
     "Shard",
+    "ShardCancelledError",
     "ShardRunner",
     "SinkStatus",
     "Verification",

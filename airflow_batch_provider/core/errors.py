@@ -63,3 +63,11 @@ class IncompleteJobError(BatchError):
 
 class RayWorkError(BatchError):
     """A shard's work on a Ray model replica failed, or Ray could not run it."""
+
+
+class ShardCancelledError(RayWorkError):
+    """The shard task stopped its Ray call (on_kill, execution_timeout); nothing was committed."""
+
+
+class ResourcesUnavailableError(RayWorkError):
+    """No node of the Ray cluster has the resources a model replica asks for."""

@@ -12,6 +12,7 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 
 #: status of a stored Ray call that belongs to another work unit: neither running nor succeeded
 OTHER_UNIT = "OTHER_UNIT"
+
+#: how long after ``execution_timeout`` Airflow itself fails a deferred shard task whose trigger
+#: (which cancels the Ray call at ``execution_timeout``) has not answered.
+DEFERRED_TIMEOUT_GRACE_S = 60.0
 
 __all__ = ["BatchInferenceException", "BatchShardOperator", "FinalizeBatchOperator", "PlanBatchOperator", "work_units"]
 
@@ -123,7 +128,8 @@ class PlanBatchOperator(_SpecOperator):
         running all at once would create); ``0``: none. Keep it at the shard tasks'
         concurrency cap, or replicas beyond it hold their CPUs/GPUs unused until ``finalize``
         releases them. Best effort: if Ray cannot be reached, a warning is logged and the
-        shard tasks start the replicas instead.
+        shard tasks start the replicas instead; if no node of the cluster has the resources a
+        replica asks for, the plan fails at once, naming them.
     """
 
     template_fields: Sequence[str] = ("spec", "ray_conn_id")
@@ -186,6 +192,8 @@ class PlanBatchOperator(_SpecOperator):
         try:
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
             names = api.ReplicaPool(spec, secrets=resolve_predictor_secrets(spec.predictor_secrets)).start(wanted)
+        except api.ResourcesUnavailableError as err:  # no shard could run either: fail now, naming the resources
+            raise BatchInferenceException(str(err)) from None
         except Exception as err:  # an optimisation only: the shard tasks connect and report
             self.log.warning("Could not start Ray workers ahead (%s: %s); the shard tasks will start them", type(err).__name__, err)
             return
@@ -211,6 +219,15 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     :param poll_interval: seconds between the trigger's status checks (deferrable only).
     :param progress_interval: seconds between the progress lines (rows done, rows/s, time
         left) the task (or, deferred, its trigger) writes to the task log while Ray computes.
+    :param lease_timeout: seconds a shard task waits for a free model replica before it
+        fails (None: as long as the task may run). With more shard tasks than replicas, tasks
+        queue on the replicas, so keep it above the time a few shards take.
+
+    Deadlines: ``execution_timeout`` and stopping the task (``on_kill``) cancel the Ray call
+    and free its replica (deferred, the trigger cancels it at ``execution_timeout``). A
+    replica that no node of the cluster can hold fails the task at once, naming the resources.
+    A call lost with its replica or node is submitted again on another replica within the
+    same try, up to the spec's ``max_retries`` times.
     """
 
     template_fields: Sequence[str] = ("spec", "work_unit", "ray_conn_id")
@@ -227,15 +244,18 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 5.0,
         progress_interval: float = 30.0,
+        lease_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.lease_timeout = lease_timeout
         self.work_unit = work_unit
         self.ray_conn_id = ray_conn_id
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.progress_interval = progress_interval
         self._results: list[dict[str, Any]] | None = None
+        self._work: dict[str, str] | None = None  # the Ray call this process follows, for on_kill
 
     @cached_property
     def shards(self) -> list[api.Shard]:
@@ -279,7 +299,10 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             self.log.info("Reconnecting to running Ray work %s of an earlier try (its id was never stored)", running)
             return {**running, "unit": unit}
         attempt = api.new_attempt(key, try_number=ti.try_number, plan_id=self.work_unit.get("plan_id"))
-        work = self.replicas.submit(self.shards, attempt, self.storage_options)
+        try:
+            work = self.replicas.submit(self.shards, attempt, self.storage_options, lease_timeout_s=self.lease_timeout)
+        except api.BatchError as err:
+            raise BatchInferenceException(f"shard(s) {self.label}: {err}") from None
         self.log.info("Shard(s) %s submitted to Ray worker %s (attempt %s)", self.label, work["worker"], work["token"])
         return {**work, "unit": unit}
 
@@ -306,18 +329,62 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         if self.deferrable:
             self._defer_unless_done(external_id, context)
             return self.get_job_result(external_id, context)
+        resubmits = 0
         while True:
-            try:
-                results = self.replicas.result(external_id, on_progress=self._log_progress, every_s=self.progress_interval)
-            except api.RayWorkError as err:
-                raise BatchInferenceException(f"shard(s) {self.label}: {err}") from None
+            results = self._wait_cancelling_on_stop(external_id)
             if results is not None:
                 self._results = results
                 return results
-            self.log.warning("Ray work %s is gone (replica restarted?); computing what is not committed", external_id)
-            external_id = self.submit_job(context)
-            if (store := context.get("task_state_store")) is not None:
-                store.set(self.external_id_key, external_id)
+            resubmits += 1
+            external_id = self._resubmit_lost(external_id, resubmits, context)
+
+    def _wait_cancelling_on_stop(self, external_id: dict[str, str]) -> list[dict[str, Any]] | None:
+        """``ReplicaPool.result`` of the call; if the wait is interrupted (execution_timeout's
+        AirflowTaskTimeout, the task being stopped), the Ray call is cancelled first."""
+        self._work = external_id
+        try:
+            results = self.replicas.result(external_id, on_progress=self._log_progress, every_s=self.progress_interval)
+        except api.RayWorkError as err:
+            raise BatchInferenceException(f"shard(s) {self.label}: {err}") from None
+        except BaseException as err:
+            self._cancel_work()
+            if isinstance(err, SystemError) and err.__cause__ is not None:
+                raise err.__cause__ from None  # raised by a signal handler while Ray's C code waited: Ray wraps it
+            raise
+        self._work = None
+        return results
+
+    def _resubmit_lost(self, lost: dict[str, str], resubmits: int, context: Context) -> dict[str, str]:
+        """A call lost with its replica or node: submit the shards again (another replica, same
+        try), at most the spec's ``max_retries`` times, and record the new call."""
+        max_retries = self.core_spec.max_retries
+        if resubmits > max_retries:
+            raise BatchInferenceException(
+                f"shard(s) {self.label}: the Ray work was lost {resubmits} times (replica or node gone), more than the "
+                f"spec's max_retries={max_retries}; a task retry computes what is not committed"
+            )
+        self.log.warning("Ray work %s is gone (replica or its node lost); computing what is not committed on another "
+                         "replica (%s of max_retries=%s)", lost, resubmits, max_retries)
+        external_id = self.submit_job(context)
+        if (store := context.get("task_state_store")) is not None:
+            store.set(self.external_id_key, external_id)
+        return external_id
+
+    def on_kill(self) -> None:
+        """The task is being stopped (marked failed, cleared, or past ``execution_timeout``):
+        stop its Ray call too, so the replica is free for other shards at once."""
+        self._cancel_work()
+
+    def _cancel_work(self) -> None:
+        work, self._work = self._work, None
+        if work is None:
+            return
+        try:
+            state = self.replicas.cancel(work)
+        except Exception as err:  # the task stops anyway; the replica ends the call when it can
+            self.log.warning("Could not cancel Ray work %s: %s: %s", work, type(err).__name__, err)
+            return
+        self.log.warning("Cancelled Ray work %s of shard(s) %s (it was %s); nothing of it was committed", work["token"], self.label, state)
 
     def _log_progress(self, progress: api.Progress) -> None:
         self.log.info("Shard(s) %s: %s", self.label, progress.describe())
@@ -348,10 +415,20 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
                 label=self.label,
                 poll_interval=self.poll_interval,
                 progress_interval=self.progress_interval,
+                cancel_at=self._cancel_at(context),
             ),
             method_name="execute_complete",
-            timeout=self.execution_timeout,
+            # Airflow's own deadline only fails the task; the trigger cancels the Ray call first.
+            timeout=self.execution_timeout + timedelta(seconds=DEFERRED_TIMEOUT_GRACE_S) if self.execution_timeout else None,
         )
+
+    def _cancel_at(self, context: Context) -> float | None:
+        """When the trigger cancels the call: ``execution_timeout`` after this try started."""
+        if not self.execution_timeout:
+            return None
+        start = getattr(context["ti"], "start_date", None)
+        begun = start.timestamp() if start is not None else time.time()
+        return begun + self.execution_timeout.total_seconds()
 
     def _wait_started(self, external_id: dict[str, str], context: Context) -> str:
         """A submitted call is queued on the actor; wait until the actor reports it (or its end)."""
@@ -438,5 +515,5 @@ class FinalizeBatchOperator(_SpecOperator):
         if self.release_workers and summary.get("pending"):
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
             released = api.ReplicaPool(self.core_spec).shutdown()
-            self.log.info("Released %s Ray worker(s) of this model", released)
+            self.log.info("Released %s idle Ray worker(s) of this model (any serving a shard of another run keeps running)", released)
         return result

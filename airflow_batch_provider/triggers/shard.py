@@ -14,6 +14,13 @@ in task processes.
 
 Secrets never travel in the trigger's kwargs (they are stored in Airflow's database): it
 carries the ``ray`` connection id and reads address and token in the triggerer.
+
+The triggerer itself never connects to Ray (a process can join one cluster only): it asks
+through one Ray client child process per cluster (``api.RayDriver``), so triggers of
+shard tasks on different ``ray`` connections each poll their own cluster.
+
+Past ``cancel_at`` (the task's ``execution_timeout``) the trigger cancels the Ray call, which
+frees the replica, and reports the timeout.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ class RayShardTrigger(BaseTrigger):
     :param label: the work unit's label, for messages.
     :param poll_interval: seconds between status checks.
     :param progress_interval: seconds between progress lines in the task log.
+    :param cancel_at: wall-clock time (epoch seconds) at which the call is cancelled and the
+        task fails as timed out (its ``execution_timeout``); None: no deadline.
     """
 
     def __init__(
@@ -58,8 +67,11 @@ class RayShardTrigger(BaseTrigger):
         label: str = "",
         poll_interval: float = 5.0,
         progress_interval: float = 30.0,
+        cancel_at: float | None = None,
     ) -> None:
         super().__init__()
+        self.cancel_at = cancel_at
+        self._driver: api.RayDriver | None = None
         self.worker = worker
         self.token = token
         self.spec = spec
@@ -81,6 +93,7 @@ class RayShardTrigger(BaseTrigger):
                 "label": self.label,
                 "poll_interval": self.poll_interval,
                 "progress_interval": self.progress_interval,
+                "cancel_at": self.cancel_at,
             },
         )
 
@@ -91,6 +104,9 @@ class RayShardTrigger(BaseTrigger):
             while True:
                 outcome = await asyncio.to_thread(self._status)
                 state = outcome.get("state")
+                if state == api.RunState.RUNNING and self.cancel_at is not None and time.time() >= self.cancel_at:
+                    yield await self._cancel()
+                    return
                 if state == api.RunState.RUNNING:
                     progress = api.Progress.of(outcome)
                     if progress and time.monotonic() - reported >= self.progress_interval:
@@ -114,11 +130,21 @@ class RayShardTrigger(BaseTrigger):
 
     async def _connect(self) -> None:
         target = await RayHook(ray_conn_id=self.ray_conn_id).aget_target()
-        await asyncio.to_thread(api.connect, target)
+        self._driver = await asyncio.to_thread(api.RayDriver.for_target, target)
 
     def _status(self) -> dict[str, Any]:
-        pool = api.ReplicaPool(self._spec().core())
-        return pool.status({"worker": self.worker, "token": self.token}, timeout=60)
+        assert self._driver is not None
+        return self._driver.call("status", self._spec().core().to_dict(), work=self._work(), timeout=60)
+
+    def _work(self) -> dict[str, str]:
+        return {"worker": self.worker, "token": self.token}
+
+    async def _cancel(self) -> TriggerEvent:
+        assert self._driver is not None
+        state = await asyncio.to_thread(self._driver.call, "cancel", self._spec().core().to_dict(), work=self._work())
+        self.log.warning("Shard(s) %s passed its execution_timeout: cancelled Ray work %s (it was %s)", self.label, self.token, state)
+        return self._event("error", message=f"shard(s) {self.label}: execution_timeout reached; the Ray work {self.token} was "
+                                            f"cancelled ({state}) and its replica freed; a retry computes what is not committed")
 
     async def _from_sink(self, state: str) -> TriggerEvent:
         committed = await asyncio.to_thread(self._committed_results)

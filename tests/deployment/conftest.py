@@ -3,6 +3,7 @@ deployment scenarios, the DAGs they run, and a timing report printed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -34,6 +35,16 @@ SCENARIO_DAGS: dict[str, dict[str, Any]] = {
     "deploy_deferrable": {"rows": 50, "sleep_s": 4.0, "deferrable": True, "num_workers": 5},
     # 4 shards in a 1-slot pool ("one GPU")
     "deploy_pool_cap": {"rows": 40, "sleep_s": 1.0, "pool": "gpu_slots", "num_workers": 2},
+    # 8 shards of 3 batches x 1 s, two at a time: only the scheduler process is killed
+    "deploy_scheduler_only_kill": {"rows": 80, "sleep_s": 1.0, "batch_size": 4, "max_active_shards": 2},
+}
+
+#: The DAGs of the CeleryExecutor deployment (two Celery workers): same format.
+CELERY_DAGS: dict[str, dict[str, Any]] = {
+    # 6 shards of 2 batches x 2 s, two at a time; one retry (the killed worker's shard)
+    "celery_worker_kill": {"rows": 60, "sleep_s": 2.0, "max_active_shards": 2, "retries": 1},
+    # 8 shards of 3 batches (4, 4, 2 rows) x 1 s, two at a time
+    "celery_scheduler_kill": {"rows": 80, "sleep_s": 1.0, "batch_size": 4, "max_active_shards": 2},
 }
 
 
@@ -44,13 +55,14 @@ def _write_input(path: Path, rows: int) -> None:
             handle.write(json.dumps({"id": i, "value": i}) + "\n")
 
 
-@pytest.fixture(scope="session")
-def deployment():
-    root = Path(tempfile.mkdtemp(prefix="abp-deploy-"))
-    dep = Deployment(root)
+@contextlib.contextmanager
+def running_deployment(prefix: str, dags: dict[str, dict[str, Any]], **options: Any):
+    """A started :class:`Deployment` (``options``: executor, Celery workers...) running ``dags``."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    dep = Deployment(root, **options)
     data = root / "data"
     configs = []
-    for dag_id, opts in SCENARIO_DAGS.items():
+    for dag_id, opts in dags.items():
         base = data / dag_id
         _write_input(base / "in" / "rows.jsonl", opts["rows"])
         kwargs: dict[str, Any] = {"sleep_s": opts["sleep_s"], "calls_log": str(base / "calls.log")}
@@ -71,11 +83,30 @@ def deployment():
     _REPORT.append(root / "timings.json")
     try:
         dep.start()
-        TIMINGS["startup"] = {k: round(v, 1) for k, v in dep.timings.items()}
+        TIMINGS[f"startup ({dep.executor})"] = {k: round(v, 1) for k, v in dep.timings.items()}
         yield dep
     finally:
         dep.stop()
-        _REPORT[0].write_text(json.dumps(TIMINGS, indent=1))  # the root (logs, data) is kept for inspection
+        (root / "timings.json").write_text(json.dumps(TIMINGS, indent=1))  # the root (logs, data) is kept for inspection
+
+
+@pytest.fixture(scope="session")
+def deployment():
+    with running_deployment("abp-deploy-", SCENARIO_DAGS) as dep:
+        yield dep
+
+
+@pytest.fixture(scope="session")
+def celery_deployment():
+    """CeleryExecutor on the local Redis, two Celery workers; a task whose heartbeat stops
+    (its worker died) is taken for dead after 20 s."""
+    with running_deployment("abp-celery-", CELERY_DAGS, executor="CeleryExecutor", celery_workers=2, heartbeat_timeout_s=20) as dep:
+        yield dep
+
+
+@pytest.fixture(scope="session")
+def celery_client(celery_deployment) -> AirflowClient:
+    return AirflowClient(celery_deployment.base_url)
 
 
 @pytest.fixture(scope="session")
@@ -84,9 +115,12 @@ def client(deployment) -> AirflowClient:
 
 
 @pytest.fixture
-def scenario(deployment, client, request):
+def scenario(request):
     """The scenario's DAG (parsed and unpaused), its paths, and a timer for the report."""
     dag_id = request.node.get_closest_marker("dag").args[0]
+    celery = dag_id in CELERY_DAGS
+    deployment = request.getfixturevalue("celery_deployment" if celery else "deployment")
+    client = request.getfixturevalue("celery_client" if celery else "client")
     base = deployment.root / "data" / dag_id
     client.wait_dag(dag_id)
     started = time.monotonic()
@@ -99,7 +133,7 @@ def scenario(deployment, client, request):
     s.base = base
     s.sink = base / "out"
     s.calls_log = base / "calls.log"
-    s.opts = SCENARIO_DAGS[dag_id]
+    s.opts = (CELERY_DAGS if celery else SCENARIO_DAGS)[dag_id]
     s.timings = {}
     yield s
     s.timings["test_s"] = round(time.monotonic() - started, 1)

@@ -9,7 +9,9 @@ Everything runs from this repository (``PYTHONPATH``) with the Python that runs 
   ``~/.ray/auth_token`` is never written); tasks get address and token through the
   ``ray_default`` connection (``AIRFLOW_CONN_RAY_DEFAULT``);
 * ``airflow api-server``, ``scheduler``, ``dag-processor`` and ``triggerer`` with the
-  LocalExecutor;
+  LocalExecutor, or with the CeleryExecutor (``executor="CeleryExecutor"``) on the Redis server
+  at ``127.0.0.1:6379`` (a queue of its own) and ``celery_workers`` Celery workers, each in a
+  session of its own so that one can be killed alone;
 
 each started in its own session so that it, and whatever it forks, is stopped by process
 group at the end. Tests talk to Airflow only through the REST API v2 (:class:`AirflowClient`).
@@ -38,6 +40,8 @@ BIN = Path(sys.executable).parent
 PG_DSN = os.environ.get("ABP_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 ADMIN_PASSWORD = "admin-pw"
 TERMINAL = {"success", "failed"}
+#: Postgres ends a session idle inside a transaction this long (0: never, Postgres' default).
+IDLE_IN_TRANSACTION_TIMEOUT = os.environ.get("ABP_TEST_IDLE_IN_TRANSACTION_TIMEOUT", "60s")
 
 
 def free_port() -> int:
@@ -86,6 +90,12 @@ class Deployment:
     root: Path
     parallelism: int = 3
     ray_cpus: int = 16
+    executor: str = "LocalExecutor"
+    celery_workers: int = 0
+    celery_concurrency: int = 2
+    #: seconds without a heartbeat before the scheduler takes a running task for dead
+    heartbeat_timeout_s: int = 60
+    queue: str = field(default_factory=lambda: f"abp-{uuid.uuid4().hex[:8]}")
     procs: dict[str, Proc] = field(default_factory=dict)
     old_pgids: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -126,7 +136,11 @@ class Deployment:
         tick = time.monotonic()
         for component in ("api-server", "scheduler", "dag-processor", "triggerer"):
             self.start_component(component)
+        for index in range(self.celery_workers):
+            self.start_celery_worker(index)
         self.wait_healthy()
+        for index in range(self.celery_workers):
+            self.wait_celery_worker(index)
         self.timings["airflow_components_s"] = time.monotonic() - tick
         self.timings["total_startup_s"] = time.monotonic() - started
 
@@ -136,6 +150,10 @@ class Deployment:
         try:
             with conn.cursor() as cur:
                 cur.execute(f'CREATE DATABASE "{self.db_name}"')
+                # The workaround for a scheduler killed alone under the LocalExecutor (README,
+                # "Deadlines, lost nodes and restarts"): its forked workers keep its DB socket
+                # open, so its open transaction and row locks outlive it until Postgres ends them.
+                cur.execute(f"ALTER DATABASE \"{self.db_name}\" SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'")
         finally:
             conn.close()
 
@@ -196,7 +214,7 @@ class Deployment:
         env.update(
             AIRFLOW_HOME=str(self.home),
             AIRFLOW__CORE__DAGS_FOLDER=str(self.dags),
-            AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+            AIRFLOW__CORE__EXECUTOR=self.executor,
             AIRFLOW__CORE__PARALLELISM=str(self.parallelism),
             AIRFLOW__CORE__LOAD_EXAMPLES="False",
             AIRFLOW__CORE__FERNET_KEY=_fernet_key(self.root),
@@ -212,13 +230,39 @@ class Deployment:
             # must not take itself for dead and reset its own running tasks (seen at 10 s).
             AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD="30",
             AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL="5",
-            AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="60",
+            AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT=str(self.heartbeat_timeout_s),
             AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
             AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="10",
             AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC="2",
             AIRFLOW_CONN_RAY_DEFAULT=json.dumps({"conn_type": "ray", "host": self.ray_address, "password": self.ray_token}),
         )
+        if self.executor == "CeleryExecutor":
+            env.update(
+                AIRFLOW__CELERY__BROKER_URL="redis://127.0.0.1:6379/0",
+                AIRFLOW__CELERY__RESULT_BACKEND=f"db+{PG_DSN}/{self.db_name}",
+                AIRFLOW__CELERY__WORKER_CONCURRENCY=str(self.celery_concurrency),
+                # a queue of this deployment's own: other deployments on this Redis never take its tasks
+                AIRFLOW__OPERATORS__DEFAULT_QUEUE=self.queue,
+            )
         return env
+
+    def start_celery_worker(self, index: int) -> Proc:
+        """``airflow celery worker`` named ``w{index}``, on this deployment's queue, in a session
+        of its own (it, its pool processes and their task processes die together when killed)."""
+        name = f"celery-w{index}"
+        cmd = [str(BIN / "airflow"), "celery", "worker", "--queues", self.queue, "--concurrency", str(self.celery_concurrency),
+               "--celery-hostname", f"w{index}-{self.queue}@%h", "--skip-serve-logs"]
+        return self._spawn(name, cmd, self.airflow_env())
+
+    def wait_celery_worker(self, index: int, timeout: float = 180) -> None:
+        proc = self.procs[f"celery-w{index}"]
+
+        def ready():
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"celery worker {index} exited; log tail:\n{proc.log.read_text()[-3000:]}")
+            return " ready." in proc.log.read_text(errors="replace")
+
+        wait_for(ready, timeout, what=f"celery worker {index}")
 
     def airflow(self, *args: str, timeout: float = 120) -> str:
         out = subprocess.run(
@@ -264,6 +308,39 @@ class Deployment:
 
         wait_for(healthy, timeout, what="healthy Airflow components")
 
+    def stale_transactions(self) -> list[dict[str, Any]]:
+        """Sessions of this deployment's database idle inside a transaction, with the local
+        process that holds their socket (pid and command line), if any."""
+        import psutil
+
+        conn = _pg_connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pid, client_port, now() - state_change FROM pg_stat_activity "
+                            "WHERE datname = %s AND state = 'idle in transaction'", (self.db_name,))
+                rows = cur.fetchall()
+        finally:
+            conn.close()
+        holders: dict[int, list[int]] = {}
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                for sock in proc.net_connections(kind="tcp"):
+                    if sock.raddr and sock.raddr.port == 5432:
+                        holders.setdefault(sock.laddr.port, []).append(proc.info["pid"])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        found = []
+        for backend, port, idle in rows:
+            pids = holders.get(port, [])
+            commands = []
+            for pid in pids:
+                try:
+                    commands.append(" ".join(psutil.Process(pid).cmdline())[:120])
+                except psutil.NoSuchProcess:
+                    pass
+            found.append({"backend": backend, "idle_s": idle.total_seconds(), "holder_pids": pids, "holders": commands})
+        return found
+
     def wait_new_scheduler(self, since: float, timeout: float = 120) -> None:
         """Wait until a scheduler heartbeat newer than ``since`` (epoch seconds) is recorded."""
         from datetime import datetime
@@ -276,16 +353,30 @@ class Deployment:
         wait_for(beat, timeout, what="the new scheduler's first heartbeat")
 
     # -- faults ------------------------------------------------------------------------
-    def kill_component(self, name: str, sig: int = signal.SIGKILL, *, whole_group: bool = True) -> int:
+    def kill_component(self, name: str, sig: int = signal.SIGKILL, *, whole_group: bool = True, descendants: bool = False) -> int:
         """Kill a component as a crashed host or container would: with ``whole_group`` its forked
-        workers and their task processes die too (a LocalExecutor worker that outlives its
-        scheduler keeps the scheduler's Postgres connection, and its open transaction's row
-        locks, alive: the next scheduler would then skip that DAG run)."""
+        workers die too (a LocalExecutor worker that outlives its scheduler keeps the
+        scheduler's Postgres connection, and its open transaction's row locks, alive: the next
+        scheduler would then skip that DAG run); with ``descendants`` also every process it
+        started in a group of its own (task processes: the supervisor gives each its own group)."""
+        import psutil
+
         proc = self.procs[name]
+        victims = []
+        if descendants:
+            try:
+                victims = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
         if whole_group:
             os.killpg(proc.pgid, sig)
         else:
             os.kill(proc.pid, sig)
+        for victim in victims:
+            try:
+                victim.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
         proc.popen.wait(timeout=30)
         return proc.pid
 

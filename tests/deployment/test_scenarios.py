@@ -171,6 +171,65 @@ def test_1_scheduler_sigkill_mid_run(deployment: Deployment, client: AirflowClie
         assert all(after[i] == 1 for i in plan[index]["ids"])
 
 
+# -- scenario 1b ------------------------------------------------------------------------------
+@pytest.mark.dag("deploy_scheduler_only_kill")
+def test_1b_only_the_scheduler_process_killed(deployment: Deployment, client: AirflowClient, scenario):
+    """SIGKILL the scheduler process alone (its LocalExecutor workers live on, as after a
+    ``kill <pid>``); a new scheduler finishes the run, with no committed shard computed again.
+
+    A hang of 480 s was seen here once (earlier provider code). One way Airflow can hang so:
+    the LocalExecutor's workers are forked from the scheduler and keep its Postgres sockets
+    open (``airflow.settings`` disposes the pool in the child with ``close=False``), so a
+    transaction the scheduler had open when it died, and its row lock on the DAG run, can
+    outlive it; the new scheduler's ``SELECT ... FOR UPDATE SKIP LOCKED`` then skips that run.
+    The test records any session left idle in a transaction right after the kill, and the
+    deployment sets Postgres' ``idle_in_transaction_session_timeout`` (60 s) so that such a
+    session cannot hold the run for longer (``ABP_TEST_IDLE_IN_TRANSACTION_TIMEOUT=0`` turns it off).
+    """
+    kill_only_the_scheduler(deployment, client, scenario)
+
+
+def kill_only_the_scheduler(deployment: Deployment, client: AirflowClient, scenario) -> None:
+    """Run the scenario's DAG, SIGKILL the scheduler process alone once a shard is committed and
+    another runs, start a new one 2 s later; the run must succeed with every row once and no
+    committed shard computed again. Records the figures and any stale DB transactions."""
+    started = time.monotonic()
+    run_id = start_run(client, scenario.dag_id)
+
+    def one_committed_one_running():
+        tis = client.shard_tis(scenario.dag_id, run_id, SHARD)
+        return committed(scenario.sink) and any(t["state"] == "running" for t in tis)
+
+    wait_for(one_committed_one_running, 240, interval=0.2, what="a committed shard and a running one")
+    done_before, calls_before = committed(scenario.sink), calls(scenario.calls_log)
+    def celery_workers_alive() -> list[str]:
+        return [name for name, proc in deployment.procs.items() if name.startswith("celery-") and proc.popen.poll() is None]
+
+    workers_before = celery_workers_alive()
+    killed_at = time.monotonic()
+    deployment.kill_component("scheduler", signal.SIGKILL, whole_group=False)
+    assert celery_workers_alive() == workers_before  # only the scheduler died
+    scenario.timings["celery_workers_alive"] = workers_before
+    time.sleep(2)
+    scenario.timings["stale_transactions_after_kill"] = deployment.stale_transactions()
+    restarted_at = time.time()
+    deployment.start_component("scheduler")
+    deployment.wait_new_scheduler(restarted_at)
+    assert client.wait_run(scenario.dag_id, run_id, timeout=400) == "success"
+    scenario.timings["kill_to_success_s"] = round(time.monotonic() - killed_at, 1)
+    scenario.timings["run_s"] = round(time.monotonic() - started, 1)
+
+    after = calls(scenario.calls_log)
+    plan = unit_ids(client, scenario.dag_id, run_id)
+    for unit in plan.values():
+        if set(unit["shard_ids"]) <= done_before:
+            assert all(after[i] == calls_before[i] for i in unit["ids"]), f"committed shard {unit['shard_ids']} computed again"
+    assert_each_row_once(scenario.sink, scenario.opts["rows"])
+    ids = sink_ids(scenario.sink)
+    scenario.timings.update(rows_lost=scenario.opts["rows"] - len(set(ids)), rows_duplicated=len(ids) - len(set(ids)),
+                            rows_recomputed=sum(n - 1 for n in after.values() if n > 1))
+
+
 # -- scenario 2 -------------------------------------------------------------------------------
 @pytest.mark.dag("deploy_task_kill")
 def test_2_task_process_sigkill_reconnects(deployment: Deployment, client: AirflowClient, scenario):

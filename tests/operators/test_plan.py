@@ -68,6 +68,18 @@ def test_unreachable_ray_is_a_warning_not_a_failed_plan(monkeypatch, jsonl_sourc
     assert "Could not start Ray workers ahead (ConnectionError: Could not reach Ray at 10.0.0.9:6379)" in logged
 
 
+def test_resources_no_node_has_fail_the_plan(monkeypatch, jsonl_source, tmp_path):
+    """Unlike an unreachable Ray, a cluster that cannot hold one replica fails the plan at once."""
+
+    def infeasible(pool, wanted):
+        raise batch_mod.api.ResourcesUnavailableError("no node of the Ray cluster can run a replica: it asks for num_gpus=1")
+
+    monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
+    monkeypatch.setattr(batch_mod.api.ReplicaPool, "start", infeasible)
+    with pytest.raises(batch_mod.BatchInferenceException, match="num_gpus=1"):
+        plan(jsonl_source, str(tmp_path / "out"))
+
+
 @pytest.mark.parametrize(
     "caps, ahead",
     [({}, None), ({"max_active_shards": 3}, 3), ({"pool": "gpu_slots"}, 1), ({"pool": "gpu_slots", "max_active_shards": 2}, 2)],

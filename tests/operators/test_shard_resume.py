@@ -10,7 +10,7 @@ import pytest
 
 from airflow_batch_provider.core.api import BatchSpec, ReplicaPool, Shard, new_attempt, plan
 from airflow_batch_provider.operators import batch as batch_mod
-from airflow_batch_provider.operators.batch import BatchShardOperator, attempt_key, unit_id
+from airflow_batch_provider.operators.batch import BatchInferenceException, BatchShardOperator, attempt_key, unit_id
 
 
 class Store(dict):
@@ -90,7 +90,7 @@ def test_work_lost_while_waiting_is_resubmitted_and_the_new_call_recorded(monkey
         def find_running(self, key):
             return None
 
-        def submit(self, shards, attempt, options):
+        def submit(self, shards, attempt, options, **lease):
             return {"worker": "w2", "token": "new"}
 
     monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
@@ -100,3 +100,57 @@ def test_work_lost_while_waiting_is_resubmitted_and_the_new_call_recorded(monkey
     assert waited == ["old", "new"]
     assert store[BatchShardOperator.external_id_key] == {"worker": "w2", "token": "new", "unit": unit_id(unit)}
     assert summary["computed"] == 1
+
+
+class LosingPool:
+    """Every call it starts is lost (its replica's node dies); records what the task asks."""
+
+    def __init__(self):
+        self.submitted: list[str] = []
+        self.cancelled: list[dict] = []
+
+    def status(self, work):
+        return {"state": "RUNNING"}
+
+    def result(self, work, **progress):
+        return None
+
+    def find_running(self, key):
+        return None
+
+    def submit(self, shards, attempt, options, **lease):
+        self.submitted.append(attempt["token"])
+        return {"worker": f"w{len(self.submitted)}", "token": attempt["token"]}
+
+    def cancel(self, work):
+        self.cancelled.append(work)
+        return "FAILED"
+
+
+def test_work_lost_more_often_than_max_retries_fails_the_try(monkeypatch):
+    """A call lost with its node is submitted again in the same try, at most the spec's max_retries times."""
+    task = BatchShardOperator(task_id="batch.shard", spec={"source": "/in/a.jsonl", "sink": "/out", "predictor": "m:C", "max_retries": 2},
+                              work_unit={"label": "s0", "shards": []}, deferrable=False)
+    monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
+    pool = task.__dict__["replicas"] = LosingPool()
+    with pytest.raises(BatchInferenceException, match=r"lost 3 times .* max_retries=2"):
+        task.execute(context(1, Store()))
+    assert len(pool.submitted) == 3  # the first call and two resubmissions
+
+
+def test_on_kill_cancels_the_ray_call_it_follows(monkeypatch):
+    """Stopping the task (on_kill, also raised by execution_timeout inside the wait) cancels its Ray call."""
+    task = BatchShardOperator(task_id="batch.shard", spec={"source": "/in/a.jsonl", "sink": "/out", "predictor": "m:C"},
+                              work_unit={"label": "s0", "shards": []}, deferrable=False)
+    monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
+    pool = task.__dict__["replicas"] = LosingPool()
+
+    def killed_while_waiting(work, **progress):
+        raise KeyboardInterrupt  # stands in for AirflowTaskTimeout / the SIGTERM handler
+
+    pool.result = killed_while_waiting
+    with pytest.raises(KeyboardInterrupt):
+        task.execute(context(1, Store()))
+    assert pool.cancelled == [{"worker": "w1", "token": pool.submitted[0], "unit": unit_id(task.work_unit)}]
+    task.on_kill()  # nothing left to cancel: no second call
+    assert len(pool.cancelled) == 1

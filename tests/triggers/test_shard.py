@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from airflow_batch_provider.core import api
-from airflow_batch_provider.core.ray import pool as pool_mod
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.triggers import shard as shard_mod
 from airflow_batch_provider.triggers.shard import RayShardTrigger
@@ -35,40 +34,38 @@ def test_serialize_round_trip_has_no_secret():
     json.dumps(kwargs)  # stored in the DB as JSON
 
 
-class FakeRemote:
-    def __init__(self, outcomes):
+class FakeDriver:
+    """Stands in for the Ray client child process (``api.RayDriver``): answers ``status`` with
+    the next outcome (the last one repeats) and records every call, its target and thread."""
+
+    def __init__(self, outcomes, state):
         self.outcomes = list(outcomes)
+        self.state = state
 
-    def remote(self, token):
+    def call(self, method, spec, timeout=None, **args):
+        import threading
+
+        self.state["threads"].add(threading.get_ident())
+        self.state["calls"].append((method, args))
+        time.sleep(0.01)  # a blocking call: must run off the event loop
+        if method == "cancel":
+            return "RUNNING"
         return self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
-
-
-class FakeHandle:
-    def __init__(self, outcomes):
-        self.status = FakeRemote(outcomes)
 
 
 @pytest.fixture
 def fake_ray(monkeypatch):
-    state: dict[str, Any] = {"handle": None, "connected": 0, "threads": set()}
+    state: dict[str, Any] = {"outcomes": [{"state": "LOST"}], "targets": [], "threads": set(), "calls": []}
 
     async def aget_target(self):
         return api.RayTarget(address="1.2.3.4:6379", token="secret")
 
-    def connect(target):
-        state["connected"] += 1
-
-    def get(ref, timeout=None):
-        import threading
-
-        state["threads"].add(threading.get_ident())
-        time.sleep(0.01)  # a blocking call: must run off the event loop
-        return ref
+    def for_target(target):
+        state["targets"].append(target)
+        return FakeDriver(state["outcomes"], state)
 
     monkeypatch.setattr(RayHook, "aget_target", aget_target)
-    monkeypatch.setattr(api, "connect", connect)
-    monkeypatch.setattr(pool_mod, "find_replica", lambda name: state["handle"])
-    monkeypatch.setattr(pool_mod.ray, "get", get)
+    monkeypatch.setattr(api.RayDriver, "for_target", staticmethod(for_target))
     return state
 
 
@@ -85,22 +82,23 @@ def run_trigger(trigger: RayShardTrigger) -> dict[str, Any]:
 
 def test_run_polls_until_success_off_the_event_loop(fake_ray):
     results = [{"shard_id": "s0", "status": "computed", "rows_in": 3, "rows_out": 3}]
-    fake_ray["handle"] = FakeHandle([{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "SUCCEEDED", "results": results}])
+    fake_ray["outcomes"] = [{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "SUCCEEDED", "results": results}]
     payload, loop_thread = run_trigger(make())
     assert payload == {"status": "success", "worker": "abp-x-0", "token": "tok", "results": results}
-    assert fake_ray["connected"] == 1
-    assert loop_thread not in fake_ray["threads"]  # ray.get ran in worker threads only
+    assert fake_ray["targets"] == [api.RayTarget(address="1.2.3.4:6379", token="secret")]
+    assert [c[0] for c in fake_ray["calls"]] == ["status"] * 3
+    assert loop_thread not in fake_ray["threads"]  # the driver was called from worker threads only
 
 
 def test_run_reports_ray_failure(fake_ray):
-    fake_ray["handle"] = FakeHandle([{"state": "FAILED", "error": "RuntimeError: boom"}])
+    fake_ray["outcomes"] = [{"state": "FAILED", "error": "RuntimeError: boom"}]
     payload, _ = run_trigger(make())
     assert payload["status"] == "error" and "RuntimeError: boom" in payload["message"]
 
 
-@pytest.mark.parametrize("handle", [None, FakeHandle([{"state": "UNKNOWN"}])])
-def test_worker_gone_and_shards_committed_is_success(fake_ray, monkeypatch, handle):
-    fake_ray["handle"] = handle
+@pytest.mark.parametrize("state", ["LOST", "UNKNOWN"])
+def test_worker_gone_and_shards_committed_is_success(fake_ray, monkeypatch, state):
+    fake_ray["outcomes"] = [{"state": state}]
     committed = [{"shard_id": "s0", "status": "skipped", "rows_in": 5, "rows_out": 5, "bytes": 9, "seconds": 0.0, "model_seconds": 0.0}]
     monkeypatch.setattr(RayShardTrigger, "_committed_results", lambda self: committed)
     payload, _ = run_trigger(make())
@@ -108,7 +106,6 @@ def test_worker_gone_and_shards_committed_is_success(fake_ray, monkeypatch, hand
 
 
 def test_worker_gone_and_shard_missing_is_error(fake_ray, monkeypatch):
-    fake_ray["handle"] = None
     monkeypatch.setattr(RayShardTrigger, "_committed_results", lambda self: None)
     payload, _ = run_trigger(make())
     assert payload["status"] == "error" and "LOST" in payload["message"] and "retry" in payload["message"]
@@ -180,8 +177,18 @@ def test_committed_results_only_reads_the_sink(tmp_path):
 
 def test_run_logs_progress_lines_while_ray_computes(fake_ray, capsys):
     running = {"state": "RUNNING", "progress": {"rows_done": 250, "rows_total": 1000, "seconds": 5.0}}
-    fake_ray["handle"] = FakeHandle([running, running, {"state": "SUCCEEDED", "results": []}])
+    fake_ray["outcomes"] = [running, running, {"state": "SUCCEEDED", "results": []}]
     payload, _ = run_trigger(make(progress_interval=0))
     assert payload["status"] == "success"
     logged = capsys.readouterr().out  # the trigger's logger (structlog) writes to stdout here
     assert logged.count("Shard(s) s0: 250 of 1,000 rows (25%), 50 rows/s, about 15 s left") == 2
+
+
+def test_past_execution_timeout_the_trigger_cancels_the_ray_call(fake_ray):
+    """A deferred task's execution_timeout reaches Ray: the trigger cancels the call (freeing
+    the replica) and reports the timeout, instead of Airflow only failing the task."""
+    fake_ray["outcomes"] = [{"state": "RUNNING"}]
+    payload, _ = run_trigger(make(cancel_at=time.time() + 0.2))
+    assert payload["status"] == "error" and "execution_timeout reached" in payload["message"]
+    assert fake_ray["calls"][-1] == ("cancel", {"work": {"worker": "abp-x-0", "token": "tok"}})
+    assert make(cancel_at=5.0).serialize()[1]["cancel_at"] == 5.0

@@ -8,7 +8,12 @@ exit on their own after ``idle_timeout_s`` without work, freeing their GPUs.
 
 A replica runs one call at a time (its "compute" group) and answers control calls beside it:
 ``reserve``/``release`` lease it to one caller, ``status``/``wait`` report a call by its
-attempt token (``states.RunState``), ``running_for`` finds the call of an attempt key.
+attempt token (``states.RunState``), ``running_for`` finds the call of an attempt key,
+``cancel`` stops a call between batches, ``retire`` lets a cleanup stop only an idle replica.
+
+A lease names its holder (the caller's Ray job): a shard task that dies between leasing and
+starting its call frees the replica as soon as Ray reports its job finished, not after
+``LEASE_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import ray
 
 from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.errors import ShardCancelledError
 from airflow_batch_provider.core.ray.states import RunState
 from airflow_batch_provider.core.spec import BatchSpec
 
@@ -31,7 +37,22 @@ log = logging.getLogger(__name__)
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 #: a lease whose call never came is given up after this long.
 LEASE_TIMEOUT_S = 120.0
+#: how often a waiting ``reserve`` looks whether the holder of the lease in its way is gone.
+_HOLDER_CHECK_S = 1.0
 _RESULTS_KEPT = 256
+
+
+def _job_alive(job_id: str) -> bool:
+    """Whether the Ray job (driver) ``job_id`` is still running, as the GCS knows it."""
+    try:
+        from ray._private.state import state
+
+        for job in state.job_table():
+            if job.get("JobID") == job_id:
+                return not job.get("IsDead", False)
+    except Exception:  # an unknown answer keeps the lease: it still expires after LEASE_TIMEOUT_S
+        return True
+    return True
 
 
 @ray.remote(concurrency_groups={"compute": 1, "control": 8, "lease": 64})
@@ -52,7 +73,9 @@ class Replica:
         self.load_seconds = time.perf_counter() - started
         self.shards_run = 0
         self._lock = threading.Lock()
-        self._lease: tuple[str, float] | None = None
+        self._lease: tuple[str, float, str | None, str | None] | None = None  # token, since, holder's Ray job id, ask id
+        self._retired = False
+        self._cancelled: set[str] = set()  # tokens whose calls must stop (or never start)
         self._running: str | None = None
         self._running_attempt: dict[str, Any] = {}
         self._progress: dict[str, Any] = {}
@@ -76,12 +99,18 @@ class Replica:
             self._running, self._lease, self._running_attempt = token, None, attempt
             self._progress = progress
             self._last_active = time.monotonic()
+
+        def on_rows(rows: int, base: int) -> None:
+            progress.update(rows_done=base + rows)
+            self._stop_if_cancelled(token)
+
         try:
             runner = ShardRunner(BatchSpec.from_dict(spec), storage_options, predictor=self.predictor)
             results = []
             done_before = 0
             for shard in planned:
-                result = runner.run(shard, attempt, on_rows=lambda rows, base=done_before: progress.update(rows_done=base + rows)).to_dict()
+                self._stop_if_cancelled(token)
+                result = runner.run(shard, attempt, on_rows=lambda rows, base=done_before: on_rows(rows, base)).to_dict()
                 done_before += shard.rows
                 progress["rows_done"] = done_before
                 result["worker_pid"] = os.getpid()
@@ -94,8 +123,14 @@ class Replica:
             self._finish(token, {"state": RunState.FAILED, "error": f"{type(err).__name__}: {err}"})
             raise
 
+    def _stop_if_cancelled(self, token: str) -> None:
+        """Called between batches: a cancelled call stops here (its staged part is dropped)."""
+        if token in self._cancelled:
+            raise ShardCancelledError(f"the Ray call {token} was cancelled by its shard task (on_kill or execution_timeout)")
+
     def _finish(self, token: str, outcome: dict[str, Any]) -> None:
         with self._lock:
+            self._cancelled.discard(token)
             self._results[token] = outcome
             while len(self._results) > _RESULTS_KEPT:
                 self._results.popitem(last=False)
@@ -105,33 +140,79 @@ class Replica:
 
     # -- control (answered while a shard computes) ------------------------------------
     @ray.method(concurrency_group="lease")
-    def reserve(self, token: str, wait_s: float = 0.0) -> bool:
+    def reserve(
+        self, token: str, wait_s: float = 0.0, holder: str | None = None, not_after: float | None = None, ask: str | None = None
+    ) -> bool:
         """Lease this replica to one shard task; False while another holds or uses it.
 
         With ``wait_s`` > 0 a busy replica answers as soon as it is free (its shard ended, or
-        the lease holding it was released or expired), or False after ``wait_s``."""
+        the lease holding it was released, expired or lost its holder), or False after
+        ``wait_s``. ``holder`` is the caller's Ray job id. A call that starts after
+        ``not_after`` (wall clock) answers False at once: its caller stopped waiting for the
+        answer (the replica was still loading), and a lease nobody knows of must not be granted.
+        ``ask`` names this request, so that ``release`` can give back exactly the lease it got.
+        """
+        if not_after is not None and time.time() > not_after:
+            return False
         deadline = time.monotonic() + wait_s
         with self._lock:
             while True:
                 now = time.monotonic()
-                lease_free = self._lease is None or now - self._lease[1] > LEASE_TIMEOUT_S or self._lease[0] == token
-                if self._running is None and lease_free:
-                    self._lease = (token, now)
+                if self._retired:
+                    return False
+                if self._running is None and self._lease_free_for(token, now):
+                    self._lease = (token, now, holder, ask)
                     self._last_active = now
                     return True
                 wake = deadline - now
                 if wake <= 0:
                     return False
-                if self._running is None and self._lease is not None:  # held by a lease: it may expire first
-                    wake = min(wake, self._lease[1] + LEASE_TIMEOUT_S - now + 0.01)
+                if self._running is None and self._lease is not None:  # held by a lease: it may expire, or its holder die, first
+                    wake = min(wake, self._lease[1] + LEASE_TIMEOUT_S - now + 0.01, _HOLDER_CHECK_S)
                 self._done.wait(timeout=wake)
 
+    def _lease_free_for(self, token: str, now: float) -> bool:
+        """No lease, our own, an expired one, or one whose holder's Ray job has ended."""
+        lease = self._lease
+        if lease is None or lease[0] == token or now - lease[1] > LEASE_TIMEOUT_S:
+            return True
+        holder = lease[2]
+        if holder and not _job_alive(holder):
+            log.info("The lease of %s is freed: its holder (Ray job %s) is gone", lease[0], holder)
+            self._lease = None
+            return True
+        return False
+
     @ray.method(concurrency_group="control")
-    def release(self, token: str) -> None:
+    def release(self, token: str, ask: str | None = None) -> None:
+        """Give back the lease of ``token`` (only the one ``ask`` got, when named)."""
         with self._lock:
+            if self._lease and self._lease[0] == token and (ask is None or self._lease[3] == ask):
+                self._lease = None
+                self._done.notify_all()
+
+    @ray.method(concurrency_group="control")
+    def cancel(self, token: str) -> str:
+        """Stop the call of ``token``: a lease is given back; a running call stops at its next
+        batch (it commits nothing). Returns the state the call was in."""
+        with self._lock:
+            state = self._state_of(token)["state"]
+            if token not in self._results:
+                self._cancelled.add(token)  # a call not started yet will not start either
             if self._lease and self._lease[0] == token:
                 self._lease = None
                 self._done.notify_all()
+            return str(state)
+
+    @ray.method(concurrency_group="control")
+    def retire(self) -> bool:
+        """Agree to be stopped only when idle: True (and no lease is granted from now on) when no
+        call runs and no live lease holds this replica; False while it serves a shard."""
+        with self._lock:
+            if self._running is not None or not self._lease_free_for("", time.monotonic()):
+                return False
+            self._retired = True
+            return True
 
     @ray.method(concurrency_group="control")
     def status(self, token: str) -> dict[str, Any]:

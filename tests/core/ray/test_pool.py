@@ -1,4 +1,8 @@
-"""The replica pool on Ray: replicas started ahead by the plan step, then leased and reused by shards."""
+"""The replica pool on Ray: replicas started ahead by the plan step, then leased and reused by shards.
+
+Tests end with ``shutdown(force=True)``: a plain shutdown spares replicas leased to a live
+caller (this process), and a lease a test leaves behind would keep its replica, and a CPU,
+from the next test for the lease timeout."""
 
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ def test_started_replica_loads_in_background_and_serves_the_shards(local_ray, js
         assert [r["status"] for r in results] == ["computed", "computed"]
         assert open(loads).read().split() == [str(pid)]  # loaded once, by the replica started ahead
     finally:
-        pool.shutdown()
+        pool.shutdown(force=True)
 
 
 def test_start_workers_creates_no_more_than_wanted_or_the_pool(local_ray, jsonl_source, tmp_path):
@@ -79,7 +83,7 @@ def test_replica_math_threads_follow_num_cpus(local_ray, jsonl_source, tmp_path)
         env = ray.get(handle.__ray_call__.remote(lambda self: os.environ.get("OMP_NUM_THREADS")))
         assert env == "2"
     finally:
-        pool.shutdown()
+        pool.shutdown(force=True)
 
 
 def test_a_leased_call_not_yet_started_reports_running(local_ray, jsonl_source, tmp_path):
@@ -102,7 +106,7 @@ def test_a_leased_call_not_yet_started_reports_running(local_ray, jsonl_source, 
         assert outcome["results"] == ray.get(ref)
         assert pool.status({"worker": name, "token": attempt["token"]})["state"] == "SUCCEEDED"
     finally:
-        pool.shutdown()
+        pool.shutdown(force=True)
 
 
 def test_running_work_is_found_by_its_task_whatever_the_try(local_ray, jsonl_source, tmp_path):
@@ -123,7 +127,7 @@ def test_running_work_is_found_by_its_task_whatever_the_try(local_ray, jsonl_sou
         pool.result(work)
         assert pool.find_running(key) is None  # finished: a retry finds the commit instead
     finally:
-        pool.shutdown()
+        pool.shutdown(force=True)
 
 
 def test_a_waiting_lease_gets_the_replica_when_its_shard_ends(local_ray, jsonl_source, tmp_path):
@@ -150,7 +154,7 @@ def test_a_waiting_lease_gets_the_replica_when_its_shard_ends(local_ray, jsonl_s
         assert len(ready) == 2 and ray.get(ready) == [True, True]  # the release handed it to one more waiter...
         assert ray.wait(rest, timeout=0.5)[0] == []  # ...and the others still wait
     finally:
-        pool.shutdown()
+        pool.shutdown(force=True)
 
 
 def test_lease_waits_for_a_busy_replica(local_ray, jsonl_source, tmp_path):
@@ -167,7 +171,7 @@ def test_lease_waits_for_a_busy_replica(local_ray, jsonl_source, tmp_path):
         second = handle.run_shards.remote(spec.to_dict(), None, [pending[1].to_dict()], attempt)
         assert [r["status"] for r in pool.result(first) + ray.get(second)] == ["computed", "computed"]
     finally:
-        pool.shutdown()
+        pool.shutdown(force=True)
 
 
 def test_lease_with_a_deadline_gives_up_on_a_busy_pool(local_ray, jsonl_source, tmp_path):
@@ -182,7 +186,7 @@ def test_lease_with_a_deadline_gives_up_on_a_busy_pool(local_ray, jsonl_source, 
         assert [r["status"] for r in pool.result(work)] == ["computed"]
         assert pool.lease("now-free", timeout_s=5.0)[0] == work["worker"]
     finally:
-        pool.shutdown()
+        pool.shutdown(force=True)
 
 
 def test_a_running_call_reports_its_progress(local_ray, jsonl_source, tmp_path):
@@ -196,7 +200,7 @@ def test_a_running_call_reports_its_progress(local_ray, jsonl_source, tmp_path):
         results = pool.result(work, on_progress=heard.append, every_s=0.5)
         assert [r["status"] for r in results] == ["computed", "computed"]
     finally:
-        pool.shutdown()
+        pool.shutdown(force=True)
     assert heard, "no progress reported while the call ran"
     assert all(p.rows_total == 20 and 0 <= p.rows_done <= 20 for p in heard)
     assert [p.rows_done for p in heard] == sorted(p.rows_done for p in heard)

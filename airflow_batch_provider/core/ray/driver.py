@@ -1,0 +1,165 @@
+"""A Ray client in a child process, one per cluster: how one process talks to several clusters.
+
+``ray.init`` connects a process to one cluster for its lifetime, but Airflow's triggerer runs
+the triggers of every DAG in one process, and two shard tasks may use two ``ray``
+connections (two clusters). So the triggerer does not connect itself: for each target
+(address and token) it starts one child process (:class:`RayDriver`) that connects to that
+cluster and answers :class:`~airflow_batch_provider.core.ray.pool.ReplicaPool` calls sent as
+JSON lines on its stdin. The token reaches the child on its stdin, never in its command line
+or environment. Calls from many threads share one child and run side by side in it; a child
+that died is started again on the next call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from airflow_batch_provider.core.errors import RayWorkError
+from airflow_batch_provider.core.ray.connection import RayTarget
+
+log = logging.getLogger(__name__)
+
+#: the pool methods a driver serves (reading, and stopping a call): nothing that writes to the sink.
+METHODS = ("status", "cancel")
+#: longest a call to the child may take before the caller gives up on it.
+CALL_TIMEOUT_S = 120.0
+
+
+class RayDriver:
+    """A child process connected to one Ray cluster, serving pool calls for this process."""
+
+    _lock = threading.Lock()
+    _drivers: dict[str, RayDriver] = {}
+
+    @classmethod
+    def for_target(cls, target: RayTarget) -> RayDriver:
+        """The driver of ``target`` in this process (started on first use, or after it died)."""
+        key = hashlib.sha256(json.dumps([target.address, target.token]).encode()).hexdigest()
+        with cls._lock:
+            driver = cls._drivers.get(key)
+            if driver is None or not driver.alive:
+                driver = cls._drivers[key] = cls(target)
+            return driver
+
+    @classmethod
+    def stop_all(cls) -> None:
+        with cls._lock:
+            drivers, cls._drivers = list(cls._drivers.values()), {}
+        for driver in drivers:
+            driver.stop()
+
+    def __init__(self, target: RayTarget):
+        self.address = target.address
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "airflow_batch_provider.core.ray.driver"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
+        )
+        self._write_lock = threading.Lock()
+        self._pending: dict[int, Future] = {}
+        self._ids = itertools.count()
+        self._send({"address": target.address, "token": target.token})
+        threading.Thread(target=self._read_replies, name="abp-ray-driver-reader", daemon=True).start()
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def call(self, method: str, spec: dict[str, Any], timeout: float = CALL_TIMEOUT_S, **args: Any) -> Any:
+        """``ReplicaPool(spec).<method>(**args)`` in the child; raises :class:`RayWorkError` when
+        it failed there or the child died."""
+        if method not in METHODS:
+            raise ValueError(f"a Ray driver serves {METHODS}, not {method!r}")
+        future: Future = Future()
+        request_id = next(self._ids)
+        self._pending[request_id] = future
+        try:
+            self._send({"id": request_id, "method": method, "spec": spec, "args": args})
+        except OSError as err:
+            self._pending.pop(request_id, None)
+            raise RayWorkError(f"the Ray client process for {self.address} is gone ({err}); the next call starts a new one") from None
+        return future.result(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.alive:
+            self._proc.stdin.close()  # the child exits at end of input
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        with self._write_lock:
+            self._proc.stdin.write(json.dumps(message) + "\n")
+            self._proc.stdin.flush()
+
+    def _read_replies(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                continue  # not ours (a library printing to stdout)
+            future = self._pending.pop(reply.get("id"), None)
+            if future is None:
+                continue
+            if "error" in reply:
+                future.set_exception(RayWorkError(reply["error"]))
+            else:
+                future.set_result(reply.get("result"))
+        gone = RayWorkError(f"the Ray client process for {self.address} exited (code {self._proc.wait()})")
+        for future in list(self._pending.values()):
+            future.set_exception(gone)
+        self._pending.clear()
+
+
+def _serve() -> None:
+    """The child: connect, then answer each request line in a thread of its own."""
+    from airflow_batch_provider.core.ray.connection import connect
+    from airflow_batch_provider.core.ray.pool import ReplicaPool
+    from airflow_batch_provider.core.spec import BatchSpec
+
+    out = sys.stdout
+    sys.stdout = sys.stderr  # Ray and predictors print: only replies go to the parent
+    first = json.loads(sys.stdin.readline())
+    write_lock = threading.Lock()
+
+    def reply(message: dict[str, Any]) -> None:
+        with write_lock:
+            out.write(json.dumps(message, default=str) + "\n")
+            out.flush()
+
+    try:
+        connect(RayTarget(address=first.get("address"), token=first.get("token")))
+        failure = None
+    except Exception as err:  # every call answers with it: the trigger reports it
+        failure = f"cannot connect to Ray at {first.get('address')}: {type(err).__name__}: {err}"
+
+    def handle(request: dict[str, Any]) -> None:
+        try:
+            if failure:
+                raise RayWorkError(failure)
+            if request["method"] not in METHODS:
+                raise ValueError(f"unknown method {request['method']!r}")
+            pool = ReplicaPool(BatchSpec.from_dict(request["spec"]))
+            reply({"id": request["id"], "result": getattr(pool, request["method"])(**request["args"])})
+        except Exception as err:
+            reply({"id": request["id"], "error": f"{type(err).__name__}: {err}"})
+
+    with ThreadPoolExecutor(max_workers=16) as workers:
+        for line in sys.stdin:
+            if line.strip():
+                workers.submit(handle, json.loads(line))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    _serve()
