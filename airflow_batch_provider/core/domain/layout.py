@@ -10,7 +10,7 @@
     {checkpoint_dir}/reset.json                  which run last started fresh (resume=False)
     {checkpoint_dir}/shards/{shard_id}.json      per-shard sentinels (the commit records)
     {checkpoint_dir}/quarantine/                 sentinels found broken, kept for inspection
-    {checkpoint_dir}/input_schema.json           the input schema the plan settled
+    {checkpoint_dir}/input_schema-<fp>.json      the input schema the plan settled (per spec fingerprint)
     {checkpoint_dir}/output_schema-{fp}.json     the parts' schema under spec fingerprint fp, created once
 """
 
@@ -33,7 +33,7 @@ RESET_NAME = "reset.json"
 REJECTED_DIR = "_rejected"
 REJECTED_SUFFIX = ".jsonl"
 OUTPUT_SCHEMA_PREFIX = "output_schema-"
-INPUT_SCHEMA_NAME = "input_schema.json"
+INPUT_SCHEMA_PREFIX = "input_schema-"
 _PART_EXTENSIONS = tuple(FORMAT_EXTENSIONS[f][0] for f in FORMAT_EXTENSIONS)
 
 
@@ -130,7 +130,9 @@ class JobStorage:
 
     @property
     def input_schema_path(self) -> str:
-        return f"{self.spec.checkpoint_root}/{INPUT_SCHEMA_NAME}"
+        """Per spec fingerprint, like the output schema: a second spec racing to plan the same
+        empty sink (and refused) never replaces the input schema the first spec's shards read."""
+        return f"{self.spec.checkpoint_root}/{INPUT_SCHEMA_PREFIX}{self.spec.fingerprint}.json"
 
     @property
     def output_schema_path(self) -> str:

@@ -12,6 +12,7 @@ import pytest
 
 from airflow_batch_provider.core.domain import commit as commit_mod
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard, new_attempt, quarantine
+from airflow_batch_provider.core.domain.job_schema import load_input_schema
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.errors import BatchError, CommitError, StaleCheckpointError, StorageError
@@ -198,6 +199,30 @@ def test_first_plan_is_created_create_only(spec, monkeypatch):
     with pytest.raises(StaleCheckpointError, match="committed nothing yet"):
         plan_job(other, storage)
     assert plan_job(spec).plan.spec_fingerprint == spec.fingerprint
+
+
+def test_the_loser_of_the_plan_race_leaves_the_winners_input_schema(spec, monkeypatch):
+    """The loser of the create-only plan race has written its input schema before it is
+    refused: that must not be the file the winner's shards read."""
+    plan_job(spec)
+    winner_plan = open(JobStorage.for_spec(spec).plan_path, "rb").read()
+    os.remove(JobStorage.for_spec(spec).plan_path)
+    other = make_spec(spec.source, spec.sink, input_schema={"id": "int64", "text": "string"})
+    storage = JobStorage.for_spec(other)
+    real_create = type(storage.checkpoint).create_exclusive
+
+    def winner_plans_first(self, path, data):
+        if path.endswith("plan.json") and not os.path.exists(path):
+            real_create(self, path, winner_plan)
+        return real_create(self, path, data)
+
+    monkeypatch.setattr(type(storage.checkpoint), "create_exclusive", winner_plans_first)
+    with pytest.raises(StaleCheckpointError, match="committed nothing yet"):
+        plan_job(other, storage)
+    monkeypatch.undo()
+    assert load_input_schema(JobStorage.for_spec(spec)).names == ["id", "value", "text"]
+    ShardRunner(spec).run(plan_job(spec).pending[0], new_attempt())
+    assert set(sink_ids(spec.sink_root)) == set(range(100))
 
 
 def superseded_setup(spec):
