@@ -117,25 +117,25 @@ def check_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
         return ShardCheck(committed=False, note=quarantine(storage, shard.shard_id, invalid))
     if sentinel is None:
         return ShardCheck(committed=False)
-    problem = ""
-    if _has_part(sentinel):
-        part = storage.part_path(shard.shard_id)
-        size = storage.sink.size(part)
-        if size is None and sentinel.get("staged"):
-            problem = _roll_forward(storage, sentinel["staged"])
-            size = storage.sink.size(part)
-        problem = problem or _part_problem(part, sentinel, size)
+    problem = _published_problem(storage, storage.part_path(shard.shard_id), sentinel) if _has_part(sentinel) else ""
     rejected = sentinel.get("rejected")
     if not problem and rejected:
-        path = storage.rejected_path(shard.shard_id)
-        rejected_size = storage.sink.size(path)
-        if rejected_size is None and rejected.get("staged"):
-            problem = _roll_forward(storage, rejected["staged"])
-            rejected_size = storage.sink.size(path)
-        problem = problem or _part_problem(path, rejected, rejected_size)
+        problem = _published_problem(storage, storage.rejected_path(shard.shard_id), rejected)
     if problem:
         return ShardCheck(False, note=quarantine(storage, shard.shard_id, problem))
     return ShardCheck(committed=True, sentinel=sentinel)
+
+
+def _published_problem(storage: JobStorage, path: str, record: dict[str, Any]) -> str:
+    """What is wrong with a file a sentinel committed (its part, or its rejected rows), after
+    rolling forward a commit that was never published; "" when it is in place."""
+    size = storage.sink.size(path)
+    if size is None and record.get("staged"):
+        problem = _roll_forward(storage, record["staged"])
+        if problem:
+            return problem
+        size = storage.sink.size(path)
+    return _part_problem(path, record, size)
 
 
 def inspect_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
