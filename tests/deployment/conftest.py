@@ -1,4 +1,4 @@
-"""Session fixtures: one real deployment (Postgres, Ray head, four Airflow components) for all
+"""Module fixtures: a real deployment (Postgres, Ray head, four Airflow components) for all
 deployment scenarios, the DAGs they run, and a timing report printed at the end."""
 
 from __future__ import annotations
@@ -90,13 +90,15 @@ def running_deployment(prefix: str, dags: dict[str, dict[str, Any]], **options: 
         (root / "timings.json").write_text(json.dumps(TIMINGS, indent=1))  # the root (logs, data) is kept for inspection
 
 
-@pytest.fixture(scope="session")
+# Module scope: each deployment (scheduler, API server, triggerer, dag processor, workers) is
+# stopped once its test module ends, instead of loading the machine through the rest of the suite.
+@pytest.fixture(scope="module")
 def deployment():
     with running_deployment("abp-deploy-", SCENARIO_DAGS) as dep:
         yield dep
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def celery_deployment():
     """CeleryExecutor on the local Redis, two Celery workers; a task whose heartbeat stops
     (its worker died) is taken for dead after 20 s."""
@@ -104,12 +106,12 @@ def celery_deployment():
         yield dep
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def celery_client(celery_deployment) -> AirflowClient:
     return AirflowClient(celery_deployment.base_url)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def client(deployment) -> AirflowClient:
     return AirflowClient(deployment.base_url)
 
