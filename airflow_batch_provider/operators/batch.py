@@ -276,11 +276,14 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         return self._summarise(results, None if self.deferrable else time.perf_counter() - started)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Resume after the trigger fired: validate its event, return the shard summary."""
+        """Resume after the trigger fired: validate its event, return the shard summary. A call
+        the trigger found lost (replica or node gone) is submitted again and deferred anew."""
         if not isinstance(event, dict) or "status" not in event:
             raise BatchInferenceException(
                 f"shard(s) {self.label}: the trigger returned no valid event ({event!r}); retrying computes what is not committed"
             )
+        if event["status"] == "lost":
+            return self._resume_lost(event, context)
         if event["status"] != "success":
             raise BatchInferenceException(event.get("message") or f"shard(s) {self.label} failed: {event!r}")
         results = event.get("results")
@@ -288,6 +291,16 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             raise BatchInferenceException(f"shard(s) {self.label}: success event without results ({event!r})")
         self.log.info("Ray work %s finished", event.get("token"))
         return self._summarise(results)
+
+    def _resume_lost(self, event: dict[str, Any], context: Context) -> dict[str, Any]:
+        """The deferred twin of the sync path's resubmission: same try, another replica."""
+        self.log.warning("%s", event.get("message"))
+        RayHook(ray_conn_id=self.ray_conn_id).get_conn()
+        resubmits = int(event.get("resubmits") or 0) + 1
+        lost = {"worker": event.get("worker", ""), "token": event.get("token", "")}
+        external_id = self._resubmit_lost(lost, resubmits, context)
+        self._defer_unless_done(external_id, context, resubmits=resubmits)
+        return self._summarise(self.get_job_result(external_id, context))
 
     # -- ResumableJobMixin ---------------------------------------------------------------
     def submit_job(self, context: Context) -> dict[str, str]:
@@ -395,9 +408,10 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         return self._results
 
     # -- deferrable path -------------------------------------------------------------------
-    def _defer_unless_done(self, external_id: dict[str, str], context: Context) -> None:
+    def _defer_unless_done(self, external_id: dict[str, str], context: Context, resubmits: int = 0) -> None:
         """The call was just submitted or found running: return if it has already ended well,
-        raise if it failed, else defer to the trigger while Ray computes."""
+        raise if it failed, else defer to the trigger while Ray computes. ``resubmits``: how
+        often this try already submitted the work again after losing it."""
         status = self._wait_started(external_id, context)
         if status == api.RunState.SUCCEEDED:
             return
@@ -416,6 +430,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
                 poll_interval=self.poll_interval,
                 progress_interval=self.progress_interval,
                 cancel_at=self._cancel_at(context),
+                resubmits=resubmits,
             ),
             method_name="execute_complete",
             # Airflow's own deadline only fails the task; the trigger cancels the Ray call first.

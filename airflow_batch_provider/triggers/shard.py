@@ -8,7 +8,8 @@ thread (``asyncio.to_thread``) so the triggerer's event loop never blocks.
 When the replica is gone (its actor was killed, or its idle timeout ended it, or Ray lost
 its result), the sink decides: if every shard of the work unit is committed with its part
 in place the work is done (its results are rebuilt from the sentinels); otherwise the
-trigger reports a failure and the task's retry computes what is not committed. The trigger
+trigger reports the call ``lost`` and the task, resumed, submits what is not committed to
+another replica within the same try (up to the spec's ``max_retries``). The trigger
 only reads: it never publishes, quarantines or deletes anything in the sink; writes happen
 in task processes.
 
@@ -42,7 +43,9 @@ class RayShardTrigger(BaseTrigger):
     """Wait for one shard task's Ray work (a ``Replica.run_shards`` call) to finish.
 
     Yields one event: ``{"status": "success", "results": [...], "worker", "token"}`` with the
-    per-shard results, or ``{"status": "error", "message": ..., "worker", "token"}``.
+    per-shard results, ``{"status": "lost", "message": ..., "worker", "token", "resubmits"}``
+    when the call went with its replica or node and not every shard is committed, or
+    ``{"status": "error", "message": ..., "worker", "token"}``.
 
     :param worker: name of the Ray model replica running the work.
     :param token: the attempt token the work was submitted with.
@@ -54,6 +57,8 @@ class RayShardTrigger(BaseTrigger):
     :param progress_interval: seconds between progress lines in the task log.
     :param cancel_at: wall-clock time (epoch seconds) at which the call is cancelled and the
         task fails as timed out (its ``execution_timeout``); None: no deadline.
+    :param resubmits: how many times this try already submitted the work again after losing it
+        (echoed in the event, so the task counts against ``max_retries`` across deferrals).
     """
 
     def __init__(
@@ -68,9 +73,11 @@ class RayShardTrigger(BaseTrigger):
         poll_interval: float = 5.0,
         progress_interval: float = 30.0,
         cancel_at: float | None = None,
+        resubmits: int = 0,
     ) -> None:
         super().__init__()
         self.cancel_at = cancel_at
+        self.resubmits = resubmits
         self._driver: api.RayDriver | None = None
         self.worker = worker
         self.token = token
@@ -94,6 +101,7 @@ class RayShardTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "progress_interval": self.progress_interval,
                 "cancel_at": self.cancel_at,
+                "resubmits": self.resubmits,
             },
         )
 
@@ -152,10 +160,11 @@ class RayShardTrigger(BaseTrigger):
             self.log.info("Ray work %s is %s, but every shard of %s is committed", self.token, state, self.label)
             return self._event("success", results=committed)
         return self._event(
-            "error",
+            "lost",
+            resubmits=self.resubmits,
             message=(
                 f"shard(s) {self.label}: the Ray work {self.token} on {self.worker} is {state} (worker restarted "
-                "or gone) and not every shard is committed; a retry computes what is missing"
+                "or gone) and not every shard is committed"
             ),
         )
 

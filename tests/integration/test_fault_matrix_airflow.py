@@ -2,8 +2,9 @@
 writes, with sync and with deferrable shard tasks (`airflow dags test`, a real local Ray).
 
 This is where the two paths differ: a sync task waits on the Ray call itself, a deferred one
-has its trigger poll it. In both, Ray restarts the replica and retries the call within the
-same task try (``max_retries``), and the run must end with every row once. A crash point
+has its trigger poll it. In both, Ray restarts the replica and the task submits the lost call
+again within the same try (up to ``max_retries``): the sync task itself, the deferred one on
+its trigger's ``lost`` event. The run must end with every row once. A crash point
 that fires outside the replica (``finalize_before_manifest``) and every point on S3 are in
 tests/core/domain/test_fault_matrix.py. Set ``ABP_MATRIX_OUT`` to collect the figures.
 """
@@ -32,14 +33,8 @@ def tester(request, tmp_path_factory, dag_tester):
 
 
 @pytest.mark.parametrize("point", REPLICA_POINTS)
-def test_replica_killed_at_each_point_ray_retries_within_the_try(tester, point, jsonl_source, tmp_path, request):
+def test_replica_killed_at_each_point_ray_retries_within_the_try(tester, point, jsonl_source, tmp_path):
     mode, dags = tester
-    if mode == "deferrable":
-        # Known gap (issue 12, open): replicas no longer retry a call themselves
-        # (max_task_retries=0); the sync task resubmits a lost call within its try, but a
-        # deferred task's trigger reports it lost and the try fails (a task retry recomputes
-        # only that shard). Strict: this fails loudly once the deferred path resubmits too.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="deferred shard tasks do not yet resubmit a lost Ray call within the try"))
     calls, marker = tmp_path / "calls.log", tmp_path / "killed"
     spec = make_spec(jsonl_source, str(tmp_path / "out"), predictor_kwargs={"calls_log": str(calls)}, max_retries=2)
     run = dags.run(spec, extra_env={"ABP_FAILPOINTS": f"{point}=kill@{marker}"})

@@ -99,6 +99,37 @@ def test_execute_resubmits_when_earlier_work_is_lost(monkeypatch):
     assert store[BatchShardOperator.external_id_key]["token"] == "new"
 
 
+LOST = {"status": "lost", "worker": "w", "token": "old", "resubmits": 0, "message": "shard(s) s0: the Ray work old is LOST"}
+
+
+def test_execute_complete_resubmits_a_lost_call_and_defers_again(monkeypatch):
+    task = op(deferrable=True)
+    store = Store({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
+    monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w2", "token": "new"})
+    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: "RUNNING")
+    with pytest.raises(TaskDeferred) as deferred:
+        task.execute_complete({"task_state_store": store}, LOST)
+    trigger = deferred.value.trigger
+    assert (trigger.worker, trigger.token, trigger.resubmits) == ("w2", "new", 1)
+    assert store[BatchShardOperator.external_id_key]["token"] == "new"
+
+
+def test_execute_complete_returns_when_the_resubmitted_call_already_finished(monkeypatch):
+    task = op(deferrable=True)
+    monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w2", "token": "new"})
+    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: "SUCCEEDED")
+    monkeypatch.setattr(BatchShardOperator, "get_job_result", lambda self, ext, ctx: [RESULT])
+    assert task.execute_complete({"task_state_store": Store()}, LOST)["computed"] == 1
+
+
+def test_execute_complete_stops_resubmitting_past_max_retries(monkeypatch):
+    task = op(deferrable=True)  # the spec's max_retries (default) bounds resubmissions across deferrals
+    monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: pytest.fail("submitted past max_retries"))
+    event = {**LOST, "resubmits": task.core_spec.max_retries}
+    with pytest.raises(BatchInferenceException, match="lost .* times"):
+        task.execute_complete({"task_state_store": Store()}, event)
+
+
 def test_batch_inference_plumbs_deferrable():
     import pendulum
     from airflow.sdk import DAG

@@ -105,10 +105,13 @@ def test_worker_gone_and_shards_committed_is_success(fake_ray, monkeypatch, stat
     assert payload["status"] == "success" and payload["results"] == committed
 
 
-def test_worker_gone_and_shard_missing_is_error(fake_ray, monkeypatch):
+def test_worker_gone_and_shard_missing_is_lost(fake_ray, monkeypatch):
+    """The task resumes on a ``lost`` event and submits again; the count of earlier
+    resubmissions travels through the trigger so max_retries holds across deferrals."""
     monkeypatch.setattr(RayShardTrigger, "_committed_results", lambda self: None)
-    payload, _ = run_trigger(make())
-    assert payload["status"] == "error" and "LOST" in payload["message"] and "retry" in payload["message"]
+    payload, _ = run_trigger(make(resubmits=1))
+    assert payload["status"] == "lost" and "LOST" in payload["message"] and payload["resubmits"] == 1
+    assert (payload["worker"], payload["token"]) == ("abp-x-0", "tok")
 
 
 def test_committed_results_reads_real_sentinels(tmp_path):

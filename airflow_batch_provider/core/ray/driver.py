@@ -8,6 +8,11 @@ cluster and answers :class:`~airflow_batch_provider.core.ray.pool.ReplicaPool` c
 JSON lines on its stdin. The token reaches the child on its stdin, never in its command line
 or environment. Calls from many threads share one child and run side by side in it; a child
 that died is started again on the next call.
+
+A target without an address means "``RAY_ADDRESS``, else the Ray this process runs" (as does
+``RAY_ADDRESS=local``): the parent resolves it, because a child would otherwise start a Ray of its own that holds none of
+the task's replicas. When this process is itself connected to that Ray (``airflow dags test``
+runs triggers inline, next to its tasks' local Ray), calls run here, without a child.
 """
 
 from __future__ import annotations
@@ -41,8 +46,20 @@ class RayDriver:
     _drivers: dict[str, RayDriver] = {}
 
     @classmethod
-    def for_target(cls, target: RayTarget) -> RayDriver:
+    def for_target(cls, target: RayTarget) -> RayDriver | InProcessDriver:
         """The driver of ``target`` in this process (started on first use, or after it died)."""
+        address = target.address or os.environ.get("RAY_ADDRESS") or None
+        if address == "local":  # "start a Ray of your own": a child's own Ray holds none of the replicas
+            address = None
+        if _connected_to(address):
+            return InProcessDriver()
+        if address is None:
+            raise RayWorkError(
+                "no Ray address to follow the shard's Ray work from: this process is not connected to Ray and neither the "
+                "`ray` connection's host nor RAY_ADDRESS names a cluster. A deferred shard task needs a Ray cluster that "
+                "its worker and the triggerer both reach: set the connection's host (or RAY_ADDRESS) to it"
+            )
+        target = RayTarget(address=address, token=target.token or os.environ.get("RAY_AUTH_TOKEN") or None)
         key = hashlib.sha256(json.dumps([target.address, target.token]).encode()).hexdigest()
         with cls._lock:
             driver = cls._drivers.get(key)
@@ -119,6 +136,38 @@ class RayDriver:
         for future in list(self._pending.values()):
             future.set_exception(gone)
         self._pending.clear()
+
+
+class InProcessDriver:
+    """The same calls as :class:`RayDriver`, answered by this process's own Ray connection."""
+
+    alive = True
+
+    def call(self, method: str, spec: dict[str, Any], timeout: float = CALL_TIMEOUT_S, **args: Any) -> Any:
+        from airflow_batch_provider.core.ray.pool import ReplicaPool
+        from airflow_batch_provider.core.spec import BatchSpec
+
+        if method not in METHODS:
+            raise ValueError(f"a Ray driver serves {METHODS}, not {method!r}")
+        try:
+            return getattr(ReplicaPool(BatchSpec.from_dict(spec)), method)(**args)
+        except Exception as err:
+            raise RayWorkError(f"{type(err).__name__}: {err}") from None
+
+    def stop(self) -> None:
+        pass
+
+
+def _connected_to(address: str | None) -> bool:
+    """Whether this process is connected to Ray, and to the cluster at ``address`` (None or
+    ``auto``: whichever it is connected to)."""
+    ray = sys.modules.get("ray")  # a process that never imported Ray is not connected
+    if ray is None or not ray.is_initialized():
+        return False
+    if address in (None, "auto"):
+        return True
+    current = ray.get_runtime_context().gcs_address
+    return address.removeprefix("ray://").split("/")[0] == current
 
 
 def _serve() -> None:
