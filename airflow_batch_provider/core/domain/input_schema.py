@@ -43,8 +43,9 @@ def file_schemas(
 
     def one(file: InputFile) -> pa.Schema:
         if spec.source_format == "parquet":
-            return footers[file.relpath] if file.relpath in footers else parquet_schema(store, file.path)
-        return unify_schemas([(file.path, jsonl_sample_schema(store, s)) for s in by_file.get(file.relpath, [])], INPUT_FIX)
+            return footers[file.relpath] if file.relpath in footers else parquet_schema(store, file.path, file.size)
+        samples = [(file.path, jsonl_sample_schema(store, s, file.size)) for s in by_file.get(file.relpath, [])]
+        return unify_schemas(samples, INPUT_FIX)
 
     with ThreadPoolExecutor(min(_THREADS, max(1, len(files)))) as pool:
         return list(pool.map(one, files))
@@ -65,20 +66,20 @@ def job_input_schema(spec: BatchSpec, named: list[tuple[str, pa.Schema]]) -> pa.
     return schema
 
 
-def parquet_schema(store: Store, path: str) -> pa.Schema:
+def parquet_schema(store: Store, path: str, size: int | None = None) -> pa.Schema:
     try:
-        with store.open_read(path) as handle:
+        with store.open_read(path, size) as handle:
             return pq.ParquetFile(handle).schema_arrow
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError flavours
         raise InputDataError(f"{path}: not a readable Parquet file ({err})") from None
 
 
-def jsonl_sample_schema(store: Store, shard: Shard) -> pa.Schema:
+def jsonl_sample_schema(store: Store, shard: Shard, file_size: int | None = None) -> pa.Schema:
     """Types of the first lines of one JSONL shard, inferred exactly (big integers included).
 
     Lines that are not JSON objects are left out here: the reader reports them with their line."""
     assert shard.byte_start is not None and shard.byte_end is not None
-    with store.open_read(shard.path) as handle:
+    with store.open_read(shard.path, file_size) as handle:
         handle.seek(shard.byte_start)
         block = handle.read(min(SAMPLE_BYTES, shard.byte_end - shard.byte_start))
     if shard.byte_start + len(block) < shard.byte_end and b"\n" in block:

@@ -25,6 +25,7 @@ from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import InputFile
 
 _CHECK_THREADS = 16
+_SPLIT_THREADS = 16
 #: Staged data idle this long is an orphan (its attempt crashed or lost): a live attempt
 #: writes its part in parts of at most 8 MiB, far more often than this.
 ORPHAN_GRACE_S = 3600.0
@@ -95,14 +96,17 @@ def _plan_once(storage: JobStorage, files: list, notes: list[str]) -> JobPlan | 
                     f"already committed in {spec.sink_root}. Restore the file, or set resume=False "
                     "(or use a new sink) to start fresh."
                 )
-    shards: list[Shard] = []
     footers: dict[str, Any] = {}  # Parquet schemas read while splitting
-    for file in files:
+
+    def shards_of(file: InputFile) -> list[Shard]:
         old = reusable.get(file.relpath)
         if old is not None and old.version == file.version and file.relpath in old_shards:
-            shards.extend(old_shards[file.relpath])
-        else:
-            shards.extend(split_file(storage.source, spec, file, footers))
+            return old_shards[file.relpath]
+        return split_file(storage.source, spec, file, footers)
+
+    # Files are split side by side: on object stores each is a round trip or more.
+    with ThreadPoolExecutor(min(_SPLIT_THREADS, max(1, len(files)))) as pool:
+        shards: list[Shard] = [shard for found in pool.map(shards_of, files) for shard in found]
     schemas = _file_schemas(storage, files, shards, existing, footers)
     input_schema = job_input_schema(spec, [(f.path, schema_from_json(schemas[f.relpath])) for f in files if f.relpath in schemas])
     plan = Plan(
@@ -159,8 +163,9 @@ def _file_schemas(
     unchanged = {f.relpath for f in existing.inputs} if existing is not None else set()
     versions = {f.relpath: f.version for f in existing.inputs} if existing is not None else {}
     todo = [f for f in files if not (f.relpath in known and f.relpath in unchanged and versions[f.relpath] == f.version)]
-    fresh = file_schemas(storage.source, storage.spec, todo, [s for s in shards if s.relpath in {f.relpath for f in todo}], footers)
-    found = {f.relpath: known[f.relpath] for f in files if f not in todo and f.relpath in known}
+    todo_paths = {f.relpath for f in todo}
+    fresh = file_schemas(storage.source, storage.spec, todo, [s for s in shards if s.relpath in todo_paths], footers)
+    found = {f.relpath: known[f.relpath] for f in files if f.relpath not in todo_paths and f.relpath in known}
     found.update({f.relpath: schema_to_json(schema) for f, schema in zip(todo, fresh, strict=True)})
     return found
 

@@ -156,7 +156,7 @@ def split_file(store: Store, spec: BatchSpec, file: InputFile, footers: dict[str
 
 def _split_parquet(store: Store, spec: BatchSpec, file: InputFile, footers: dict[str, Any] | None = None) -> list[Shard]:
     try:
-        with store.open_read(file.path) as handle:
+        with store.open_read(file.path, size=file.size) as handle:
             metadata = pq.ParquetFile(handle).metadata
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError flavours
         raise InputDataError(f"{file.path}: not a readable Parquet file ({err})") from None
@@ -181,7 +181,7 @@ def _split_jsonl(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
     boundaries = [(0, 0)]  # (line number, byte offset) where each shard starts
     lines = offset = 0
     last_byte = b"\n"
-    with store.open_read(file.path) as handle:
+    with store.open_read(file.path, size=file.size) as handle:
         while block := handle.read(_SCAN_BLOCK):
             newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 0x0A)
             # after newline k of this block, lines + k + 1 lines are complete

@@ -133,7 +133,9 @@ class Store(ABC):
         self._fs = fs
 
     # -- reading -----------------------------------------------------------------------
-    def open_read(self, path: str) -> IO[bytes]:
+    def open_read(self, path: str, size: int | None = None) -> IO[bytes]:
+        """Open ``path`` to read. ``size``: its size as listed, which spares object stores a
+        metadata request per file (planning reads thousands of small files this way)."""
         return self._fs.open(path, "rb")
 
     @contextlib.contextmanager

@@ -270,8 +270,10 @@ class S3Store(Store):
         self.part_size = part_size
 
     # -- reading -----------------------------------------------------------------------
-    def open_read(self, path: str) -> IO[bytes]:
-        return self._fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
+    def open_read(self, path: str, size: int | None = None) -> IO[bytes]:
+        # With the size known s3fs sends no HEAD; a file changed since it was listed is then
+        # refused when a shard reads it (``read_pinned``), as one changed after planning is.
+        return self._fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead", size=size)
 
     @contextlib.contextmanager
     def read_pinned(self, path: str, version: str) -> Iterator[IO[bytes]]:
