@@ -3,17 +3,19 @@
 An identity predictor (``benchmarks/identity.py``) over generated rows (an id and a short
 text), so that everything measured is reading, shard handling, committing and writing:
 
-1. ``io``: the I/O ceiling. SCALE_ROWS rows as JSONL and as Parquet, on local disk (and on a
-   SeaweedFS S3 server with SCALE_S3=1), through ``airflow dags test`` on a Ray head, against a
-   single-process pyarrow read -> Parquet write of the same files (the limit of this machine
-   for that work). Rows/s, input MB/s, ratio.
+1. ``io``: the I/O ceiling. SCALE_ROWS rows as JSONL and as Parquet, on local disk and on a
+   SeaweedFS S3 server (SCALE_S3=0 leaves S3 out), through ``airflow dags test`` on a Ray head,
+   against a single-process pyarrow read -> Parquet write of the same files (the limit of this
+   machine for that work). Rows/s, input MB/s, ratio; locally with one shard per mapped task
+   and with SCALE_IO_SHARDS_PER_TASK shards per task.
 2. ``resume``: head to head with Ray Data's own checkpointing (``CheckpointConfig(id_column=
    "id")``) at each size of SCALE_RESUME_ROWS: each run is SIGKILLed (its whole process group)
    once about half of its output is written, then resumed. Rows computed again, wall time of
    the resumed run, peak RSS of the driver and the Ray workers during it, bytes of input read
-   during it, and whether the sink holds every id exactly once.
+   during it (every byte the driver and the Ray workers read, input and libraries), and
+   whether the sink holds every id exactly once.
 3. ``plan``: plan time and peak RSS over one large JSONL file (SCALE_PLAN_BIG_GB) and over
-   many small files (SCALE_PLAN_FILES), on local disk (and S3 with SCALE_S3=1).
+   many small files (SCALE_PLAN_FILES locally, SCALE_PLAN_FILES_S3 on S3).
 4. ``shards``: SCALE_MANY_SHARDS small shards through a real scheduler (LocalExecutor on
    PostgreSQL, parallelism 4, ``tests/deployment/harness.py``), one mapped task per shard and
    SCALE_SHARDS_PER_TASK shards per task, against the same shards run by the core without
@@ -54,10 +56,12 @@ BATCH = int(os.environ.get("SCALE_BATCH_SIZE", "65536"))
 RESUME_ROWS = [int(x) for x in os.environ.get("SCALE_RESUME_ROWS", "1000000,10000000").split(",") if x]
 PLAN_BIG_GB = float(os.environ.get("SCALE_PLAN_BIG_GB", "5"))
 PLAN_FILES = int(os.environ.get("SCALE_PLAN_FILES", "100000"))
+PLAN_FILES_S3 = int(os.environ.get("SCALE_PLAN_FILES_S3", "20000"))
+IO_PER_TASK = int(os.environ.get("SCALE_IO_SHARDS_PER_TASK", "10"))
 SECTIONS = os.environ.get("SCALE_SECTIONS", "io,resume,plan,shards").split(",")
 MANY_SHARDS = int(os.environ.get("SCALE_MANY_SHARDS", "2000"))
 MANY_PER_TASK = int(os.environ.get("SCALE_SHARDS_PER_TASK", "20"))
-WITH_S3 = os.environ.get("SCALE_S3", "0") == "1"
+WITH_S3 = os.environ.get("SCALE_S3", "1") == "1"
 CPUS = int(os.environ.get("SCALE_CPUS", str(min(2, os.cpu_count() or 1))))
 BIN = os.path.dirname(sys.executable)
 MB = 1 << 20
@@ -150,6 +154,7 @@ def airflow_env(source: str, sink: str, **extra: str) -> dict[str, str]:
         "SCALE_BATCH_SIZE": str(BATCH),
         "SCALE_ROWS_PER_SHARD": str(ROWS_PER_SHARD),
         "SCALE_MAX_ACTIVE": str(CPUS),
+        "SCALE_DAG_SHARDS_PER_TASK": "1",
         "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
         **extra,
     }
@@ -255,12 +260,13 @@ def section_io(head: RayHead) -> list[str]:
         size = generate(source, ROWS, FILES, fmt)
         log(f"io: {ROWS} rows of {fmt}, {size / MB:.0f} MB in {FILES} files")
         copy_s = pyarrow_copy(source, fmt, f"{WORK}/io-copy-{fmt}")
-        sink = f"{WORK}/io-out-{fmt}"
-        wall, text, _ = dags_test(airflow_env(f"{source}/*.{fmt}", sink), f"io-{fmt}.log")
-        manifest = json.load(open(f"{sink}/_SUCCESS"))
-        assert manifest["rows_out"] == ROWS, manifest["rows_out"]
-        prov_s = manifest["elapsed_seconds"]
-        lines.append(_io_row(f"local {fmt}", ROWS, size, copy_s, prov_s, wall))
+        for per_task in dict.fromkeys((1, IO_PER_TASK)):
+            sink = f"{WORK}/io-out-{fmt}-{per_task}"
+            env = airflow_env(f"{source}/*.{fmt}", sink, SCALE_DAG_SHARDS_PER_TASK=str(per_task))
+            wall, text, _ = dags_test(env, f"io-{fmt}-{per_task}.log")
+            manifest = json.load(open(f"{sink}/_SUCCESS"))
+            assert manifest["rows_out"] == ROWS, manifest["rows_out"]
+            lines.append(_io_row(f"local {fmt}, {per_task}/task", ROWS, size, copy_s, manifest["elapsed_seconds"], wall))
         if WITH_S3:
             lines.append(_io_s3(fmt, source, size))
         shutil.rmtree(f"{WORK}/io-copy-{fmt}", ignore_errors=True)
@@ -268,7 +274,7 @@ def section_io(head: RayHead) -> list[str]:
 
 
 def _io_row(name: str, rows: int, size: int, copy_s: float, prov_s: float, wall: float) -> str:
-    return (f"{name:<14} pyarrow copy {copy_s:7.1f} s {rows / copy_s:>11,.0f} rows/s {size / MB / copy_s:6.1f} MB/s | provider "
+    return (f"{name:<22} pyarrow copy {copy_s:7.1f} s {rows / copy_s:>11,.0f} rows/s {size / MB / copy_s:6.1f} MB/s | provider "
             f"{prov_s:7.1f} s {rows / prov_s:>11,.0f} rows/s {size / MB / prov_s:6.1f} MB/s | {copy_s / prov_s:.3f}x "
             f"(whole command {wall:.1f} s)")
 
@@ -289,7 +295,7 @@ def _io_s3(fmt: str, source: str, size: int) -> str:
         wall, _, _ = dags_test(env, f"io-s3-{fmt}.log")
         manifest = json.loads(fs.cat(f"{bucket}/out/_SUCCESS"))
         assert manifest["rows_out"] == ROWS
-        return _io_row(f"S3 {fmt}", ROWS, size, copy_s, manifest["elapsed_seconds"], wall)
+        return _io_row(f"S3 {fmt}, 1/task", ROWS, size, copy_s, manifest["elapsed_seconds"], wall)
     finally:
         server.stop()
 
@@ -407,7 +413,7 @@ def _resume_row(name: str, rows: int, size: int, killed: bool, done_before: int,
     once = "yes" if total == distinct == rows else f"NO ({total} rows, {distinct} distinct ids of {rows})"
     extra = f", rows processed before the kill {counted_before}" if counted_before is not None else ""
     return (f"{name:<9} {rows:>11,} rows: killed={killed} with {done_before:,} rows in the sink{extra}; resume {run['wall']:.1f} s, "
-            f"peak RSS {run['peak_rss'] / MB:,.0f} MiB, input read {run['bytes_read'] / MB:,.0f} MiB of {size / MB:,.0f}, "
+            f"peak RSS {run['peak_rss'] / MB:,.0f} MiB, read {run['bytes_read'] / MB:,.0f} MiB (input is {size / MB:,.0f}), "
             f"rows computed again {again:,}; every row once: {once}")
 
 
@@ -467,10 +473,11 @@ def _plan_s3(big_file: str, small_dir: str) -> list[str]:
         bucket = server.new_bucket("plan")
         fs = s3fs.S3FileSystem(**server.storage_options())
         fs.put(big_file, f"{bucket}/big/big.jsonl")
-        fs.put(f"{small_dir}/", f"{bucket}/small/", recursive=True)
+        fs.pipe({f"{bucket}/small/f-{index:06d}.jsonl": f'{{"id":{index},"text":"row"}}\n'.encode() for index in range(PLAN_FILES_S3)})
         lines = []
-        for name, source in (("one large JSONL file", f"s3://{bucket}/big/big.jsonl"), ("small JSONL files", f"s3://{bucket}/small/")):
-            result = _plan(source, f"s3://{bucket}/out-{name[:3]}", server.storage_options())
+        for name, source in (("one large JSONL file", f"s3://{bucket}/big/big.jsonl"),
+                             (f"{PLAN_FILES_S3:,} small JSONL files", f"s3://{bucket}/small/")):
+            result = _plan(source, f"s3://{bucket}/out-{len(lines)}", server.storage_options())
             lines.append(f"plan, {name} (S3): {result['seconds']:.1f} s, {result['shards']} shards, "
                          f"peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB")
         return lines
@@ -479,6 +486,8 @@ def _plan_s3(big_file: str, small_dir: str) -> list[str]:
 
 
 MANY_DAG = """
+from datetime import timedelta
+
 import pendulum
 from airflow.sdk import dag
 from airflow_batch_provider import BatchSpec, batch_inference
@@ -489,7 +498,10 @@ spec = BatchSpec(source={source!r}, sink={sink!r}, predictor="benchmarks.identit
 
 @dag(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
 def many():
-    batch_inference(spec, group_id="scale", max_active_shards=4, shards_per_task={per_task}, shard_retries=0)
+    # Retries: a task process that crashes while it connects to Ray (seen on the loaded 2-core
+    # machine) is retried like any Airflow task; the benchmark counts the retries it needed.
+    batch_inference(spec, group_id="scale", max_active_shards=4, shards_per_task={per_task}, shard_retries=2,
+                    shard_kwargs={{"retry_delay": timedelta(seconds=1)}})
 
 
 many()
@@ -536,11 +548,13 @@ def section_shards() -> list[str]:
             state = client.wait_run(dag_id, run_id, timeout=3600)
             wall = time.perf_counter() - started
             assert state == "success", state
-            timings[per_task] = (wall, _commit_gaps(sink), -(-MANY_SHARDS // per_task))
+            retried = len(glob.glob(f"{deployment.root}/logs/dag_id={dag_id}/**/attempt=2.log", recursive=True))
+            timings[per_task] = (wall, _commit_gaps(sink), -(-MANY_SHARDS // per_task), retried)
         core_wall, core_gap = _core_many(deployment, f"{source}/*.jsonl", f"{WORK}/many-out-core", rows_per_shard)
-        for per_task, (wall, gap, tasks) in timings.items():
+        for per_task, (wall, gap, tasks, retried) in timings.items():
             lines.append(f"{MANY_SHARDS} shards in {tasks} mapped tasks ({per_task} per task): {wall:.1f} s, "
-                         f"{(wall - core_wall) / tasks:.2f} s of Airflow per mapped task, median gap between commits {gap:.3f} s")
+                         f"{(wall - core_wall) / tasks:.2f} s of Airflow per mapped task, median gap between commits {gap:.3f} s, "
+                         f"{retried} task(s) retried")
         lines.append(f"{MANY_SHARDS} shards, core without Airflow (one after another, same Ray head): {core_wall:.1f} s, "
                      f"median gap between commits {core_gap:.3f} s")
     finally:
@@ -574,24 +588,44 @@ def main() -> None:
         f"batch {BATCH}; {CPUS} CPUs")
     subprocess.run([f"{BIN}/airflow", "db", "migrate"], env=airflow_env("", ""), check=True, capture_output=True)
     results: dict[str, list[str]] = {}
+    took: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def run(title: str, section: Callable[[], list[str]]) -> None:
+        begun = time.perf_counter()
+        results[title] = section()
+        took[title] = time.perf_counter() - begun
+        log(f"{title}: done in {took[title]:.0f} s")
+
     head = RayHead(f"/tmp/abp-scale-ray-{os.getpid()}")
     head.start()
     try:
         if "io" in SECTIONS:
-            results["I/O ceiling (identity predictor; input MB/s)"] = section_io(head)
+            run("I/O ceiling (identity predictor; input MB/s)", lambda: section_io(head))
         if "resume" in SECTIONS:
-            results["resume after a SIGKILL at about half"] = section_resume(head)
+            run("resume after a SIGKILL at about half", lambda: section_resume(head))
     finally:
         head.stop()
     if "plan" in SECTIONS:
-        results["planning cost"] = section_plan()
+        run("planning cost", section_plan)
     if "shards" in SECTIONS:
-        results["many shards through a real scheduler (LocalExecutor on PostgreSQL, parallelism 4)"] = section_shards()
+        run("many shards through a real scheduler (LocalExecutor on PostgreSQL, parallelism 4)", section_shards)
     print()
+    print(f"machine: {_machine()}")
     for title, lines in results.items():
-        print(f"== {title}")
+        print(f"== {title} ({took[title]:.0f} s)")
         for line in lines:
             print(line)
+    print(f"== all sections: {time.perf_counter() - started:.0f} s")
+
+
+def _machine() -> str:
+    import platform
+
+    import psutil
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.machine())
+    return f"{model}, {os.cpu_count()} cores, {psutil.virtual_memory().total / (1 << 30):.0f} GiB RAM, Python {platform.python_version()}"
 
 
 if __name__ == "__main__":

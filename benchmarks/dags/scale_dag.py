@@ -31,7 +31,7 @@ def batch_scale():
         spec,
         group_id="scale",
         max_active_shards=int(os.environ.get("SCALE_MAX_ACTIVE", "2")),
-        shards_per_task=int(os.environ.get("SCALE_SHARDS_PER_TASK", "1")),
+        shards_per_task=int(os.environ.get("SCALE_DAG_SHARDS_PER_TASK", "1")),
     )
 
 
