@@ -21,7 +21,10 @@ through one Ray client child process per cluster (``api.RayDriver``), so trigger
 shard tasks on different ``ray`` connections each poll their own cluster.
 
 Past ``cancel_at`` (the task's ``execution_timeout``) the trigger cancels the Ray call, which
-frees the replica, and reports the timeout.
+frees the replica, and reports the timeout. A user who marks the deferred task failed or
+success, or clears it, stops its Ray call too (``on_kill``, which Airflow calls only on such a
+user action, never when a triggerer restarts: the call then goes on and the trigger follows it
+again).
 """
 
 from __future__ import annotations
@@ -146,6 +149,16 @@ class RayShardTrigger(BaseTrigger):
 
     def _work(self) -> dict[str, str]:
         return {"worker": self.worker, "token": self.token}
+
+    async def on_kill(self) -> None:
+        """A user acted on the deferred task (marked it failed or success, cleared it): cancel
+        its Ray call, which frees the replica; nothing of the call is committed."""
+        if self._driver is None:
+            await self._connect()
+        assert self._driver is not None
+        state = await asyncio.to_thread(self._driver.call, "cancel", self._spec().core().to_dict(), work=self._work())
+        self.log.warning("Shard(s) %s stopped by a user: cancelled Ray work %s (it was %s); nothing of it was committed",
+                         self.label, self.token, state)
 
     async def _cancel(self) -> TriggerEvent:
         assert self._driver is not None

@@ -33,6 +33,8 @@ SCENARIO_DAGS: dict[str, dict[str, Any]] = {
                             "num_workers": 3, "resume": False},
     # 5 deferrable shards of 2 batches x 4 s, five model replicas, no cap
     "deploy_deferrable": {"rows": 50, "sleep_s": 4.0, "deferrable": True, "num_workers": 5},
+    # 1 deferrable shard of 5 batches x 6 s, marked failed by a user while it computes
+    "deploy_deferred_mark_failed": {"rows": 10, "sleep_s": 6.0, "batch_size": 2, "deferrable": True, "retries": 0},
     # 4 shards in a 1-slot pool ("one GPU")
     "deploy_pool_cap": {"rows": 40, "sleep_s": 1.0, "pool": "gpu_slots", "num_workers": 2},
     # 8 shards of 3 batches x 1 s, two at a time: only the scheduler process is killed

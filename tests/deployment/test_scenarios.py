@@ -406,3 +406,26 @@ def test_pool_caps_concurrent_shards_to_gpus(deployment: Deployment, client: Air
     assert len(tis) == 4 and {t["pool"] for t in tis} == {"gpu_slots"}
     assert max_overlap(tis) == 1
     assert_each_row_once(scenario.sink, scenario.opts["rows"])
+
+
+# -- a user stops a deferred shard ----------------------------------------------------------------
+@pytest.mark.dag("deploy_deferred_mark_failed")
+def test_marking_a_deferred_shard_failed_cancels_its_ray_call(deployment: Deployment, client: AirflowClient, scenario):
+    """A user marks a deferred shard task failed while Ray computes it (5 batches of 6 s): the
+    triggerer calls the trigger's ``on_kill``, which cancels the Ray call, so the replica stops
+    between two batches instead of computing the shard to its end, and commits nothing."""
+    run_id = start_run(client, scenario.dag_id)
+
+    def deferred_and_computing():
+        tis = client.shard_tis(scenario.dag_id, run_id, SHARD)
+        return tis[0] if tis and tis[0]["state"] == "deferred" and calls(scenario.calls_log) else None
+
+    ti = wait_for(deferred_and_computing, timeout=240, what="the shard task deferred with its first batch running")
+    client.patch(f"/api/v2/dags/{scenario.dag_id}/dagRuns/{run_id}/taskInstances/{SHARD}/{ti['map_index']}", {"new_state": "failed"})
+    batches_at_mark = len(scenario.calls_log.read_text().splitlines())
+    time.sleep(32)  # the whole call takes 30 s: had it gone on, every batch would be logged by now
+    batches = len(scenario.calls_log.read_text().splitlines())
+    scenario.timings.update(batches_at_mark=batches_at_mark, batches_computed=batches)
+    assert batches <= batches_at_mark + 1 < 5, (batches_at_mark, batches)  # at most the batch running at the cancel ends
+    assert committed(scenario.sink) == set()
+    assert client.wait_run(scenario.dag_id, run_id, timeout=120) == "failed"

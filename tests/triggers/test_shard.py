@@ -114,6 +114,13 @@ def test_worker_gone_and_shard_missing_is_lost(fake_ray, monkeypatch):
     assert (payload["worker"], payload["token"]) == ("abp-x-0", "tok")
 
 
+def test_on_kill_cancels_the_ray_call(fake_ray):
+    """Airflow calls on_kill when a user marks the deferred task failed or success, or clears it."""
+    trigger = make()
+    asyncio.run(trigger.on_kill())
+    assert fake_ray["calls"] == [("cancel", {"work": {"worker": "abp-x-0", "token": "tok"}})]
+
+
 def test_committed_results_reads_real_sentinels(tmp_path):
     """The sink check on real files: plan + run one shard, then ask the trigger."""
     from airflow_batch_provider.core.domain.commit import new_attempt
