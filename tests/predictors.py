@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -191,11 +192,20 @@ class DriftingOutput:
 
 class NodeTracedDoubler(SlowDoubler):
     """``SlowDoubler`` that appends ``{"pid", "ids"}`` per batch to ``trace_log`` *before* it
-    sleeps: a test sees which process (so which Ray node) started a batch, and kills it mid-batch."""
+    sleeps: a test sees which process (so which Ray node) started a batch, and kills it mid-batch.
+    With ``load_log``, each replica appends ``{"pid", "ancestors", "loaded_at"}`` there once its
+    model is loaded: a test sees on which node Ray started a replica again after its node was
+    lost, even once that replica is gone."""
 
-    def __init__(self, trace_log: str, **kwargs: Any):
+    def __init__(self, trace_log: str, load_log: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.trace_log = trace_log
+        if load_log:
+            with open(load_log, "a") as handle:
+                import psutil
+
+                ancestors = [proc.pid for proc in psutil.Process().parents()]
+                handle.write(json.dumps({"pid": os.getpid(), "ancestors": ancestors, "loaded_at": time.time()}) + "\n")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with open(self.trace_log, "a") as handle:
