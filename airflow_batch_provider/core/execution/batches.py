@@ -122,7 +122,10 @@ def _dict_to_table(columns: dict[str, Any]) -> pa.Table:
 
 
 def _to_arrow_array(name: str, values: Any) -> pa.Array:
-    """One output column as Arrow. A 2-D array is a fixed-size list column, and so is a
+    """One output column as Arrow, in memory of its own: Arrow would wrap a numpy array
+    without copying it, and the part writer holds batches until a row group is full, so a
+    predictor that reuses its output buffer would overwrite rows not yet written. A 2-D array
+    is a fixed-size list column, and so is a
     column of equal-length 1-D arrays (nulls in place). A Python list of plain values goes to
     Arrow as it is, never through numpy: a list per row is a list column whatever the lengths
     (ragged is fine), and mixed types are refused rather than made strings."""
@@ -138,7 +141,7 @@ def _to_arrow_array(name: str, values: Any) -> pa.Array:
         array = np.asarray(values) if not isinstance(values, np.ndarray) else values
     if array.ndim == 2:
         try:
-            flat = pa.array(np.ascontiguousarray(array).reshape(-1))
+            flat = pa.array(np.array(array, order="C", copy=True).reshape(-1))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
             raise _mistyped(name, err) from None
         return pa.FixedSizeListArray.from_arrays(flat, array.shape[1])
@@ -152,7 +155,7 @@ def _to_arrow_array(name: str, values: Any) -> pa.Array:
     if array.dtype == object:
         return _from_python(name, [v.tolist() if isinstance(v, np.ndarray) else v for v in array.tolist()])
     try:
-        return pa.array(array)
+        return pa.array(np.array(array, copy=True))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
         raise _mistyped(name, err) from None
 
