@@ -11,7 +11,8 @@ text), so that everything measured is reading, shard handling, committing and wr
 2. ``resume``: head to head with Ray Data's own checkpointing (``CheckpointConfig(id_column=
    "id")``) at each size of SCALE_RESUME_ROWS: each run is SIGKILLed (its whole process group)
    once about half of its output is written, then resumed. Rows computed again, wall time of
-   the resumed run, peak RSS of the driver and the Ray workers during it, bytes of input read
+   the resumed run, peak RSS of the driver and of its own Ray workers during it (the provider's
+   model replicas; every other worker for Ray Data), bytes of input read
    during it (every byte the driver and the Ray workers read, input and libraries), and
    whether the sink holds every id exactly once.
 3. ``plan``: plan time and peak RSS over one large JSONL file (SCALE_PLAN_BIG_GB) and over
@@ -188,43 +189,64 @@ def computed_rows(log_text: str) -> int:
 # -- measuring a run -----------------------------------------------------------------------------
 class Sampler:
     """Samples, every 0.2 s, the RSS and the bytes read of a set of processes (the driver's tree
-    and the Ray head's worker processes): peak of the summed RSS, and the growth of read bytes."""
+    and one way's worker processes on the Ray head): peak of the summed RSS (and of each
+    side), and the growth of read bytes; the largest processes are logged."""
 
-    def __init__(self, head: RayHead, root_pid: Callable[[], int | None]):
-        self.head, self.root_pid = head, root_pid
+    def __init__(self, head: RayHead, root_pid: Callable[[], int | None], replicas: bool):
+        # The Ray head is shared by both ways: each counts only its own worker processes (the
+        # provider its model replicas; Ray Data every other worker), not what the other left
+        # running there (Ray Data's _StatsActor and autoscaling actor stay after its driver exits).
+        self.head, self.root_pid, self.replicas = head, root_pid, replicas
         self.peak_rss = 0
+        self.peak_driver = self.peak_workers = 0  # each side's own peak (they need not peak together)
+        self.peak_by_process: dict[int, tuple[str, int]] = {}  # pid -> (name, peak RSS)
         self._read0: dict[int, int] = {}
         self._read: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _procs(self) -> list[Any]:
+        workers, driver = self._sides()
+        return workers + driver
+
+    def _sides(self) -> tuple[list[Any], list[Any]]:
+        """(the Ray head's worker processes, the driver's process tree)."""
         import psutil
 
-        procs = [p for p in self.head.processes().values() if "ray::" in " ".join(_cmdline(p))]
+        workers = [p for p in self.head.processes().values()
+                   if "ray::" in (line := " ".join(_cmdline(p))) and ("ray::Replica" in line) == self.replicas]
+        driver = []
         pid = self.root_pid()
         if pid:
             try:
                 root = psutil.Process(pid)
-                procs += [root, *root.children(recursive=True)]
+                driver = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 pass
-        return procs
+        return workers, driver
 
     def _run(self) -> None:
         import psutil
 
         while not self._stop.is_set():
-            total = 0
-            for proc in self._procs():
-                try:
-                    total += proc.memory_info().rss
-                    chars = proc.io_counters().read_chars
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                self._read0.setdefault(proc.pid, chars)
-                self._read[proc.pid] = chars
-            self.peak_rss = max(self.peak_rss, total)
+            sums = []
+            for side in self._sides():
+                total = 0
+                for proc in side:
+                    try:
+                        rss = proc.memory_info().rss
+                        chars = proc.io_counters().read_chars
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    total += rss
+                    name, peak = self.peak_by_process.get(proc.pid, ("", 0))
+                    if rss > peak:
+                        self.peak_by_process[proc.pid] = (name or " ".join(_cmdline(proc))[:60], rss)
+                    self._read0.setdefault(proc.pid, chars)
+                    self._read[proc.pid] = chars
+                sums.append(total)
+            self.peak_workers, self.peak_driver = max(self.peak_workers, sums[0]), max(self.peak_driver, sums[1])
+            self.peak_rss = max(self.peak_rss, sum(sums))
             time.sleep(0.2)
 
     def __enter__(self) -> Sampler:
@@ -239,6 +261,8 @@ class Sampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+        top = sorted(self.peak_by_process.values(), key=lambda item: -item[1])[:6]
+        log("largest processes (peak RSS): " + "; ".join(f"{name} {peak / MB:,.0f} MiB" for name, peak in top))
 
     @property
     def bytes_read(self) -> int:
@@ -325,7 +349,7 @@ def ray_data_run(source: str, sink: str, checkpoint: str, counts: str, log_name:
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", RAY_DATA_DRIVER % BATCH, source, sink, checkpoint, counts], cwd=ROOT,
                             stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
-    sampler = Sampler(sampler_head, lambda: proc.pid) if sampler_head else None
+    sampler = Sampler(sampler_head, lambda: proc.pid, replicas=False) if sampler_head else None
     if sampler:
         sampler.__enter__()
     killed = False
@@ -341,6 +365,7 @@ def ray_data_run(source: str, sink: str, checkpoint: str, counts: str, log_name:
     if not killed and proc.returncode != 0:
         sys.exit(f"Ray Data run failed; see {WORK}/{log_name}")
     return {"wall": wall, "killed": killed, "peak_rss": sampler.peak_rss if sampler else 0,
+            "peak_driver": sampler.peak_driver if sampler else 0, "peak_workers": sampler.peak_workers if sampler else 0,
             "bytes_read": sampler.bytes_read if sampler else 0}
 
 
@@ -386,11 +411,12 @@ def section_resume(head: RayHead) -> list[str]:
         time.sleep(2)  # shards already on the replicas may still commit: they count as committed before the resume
         committed_rows = sum(json.load(open(p))["rows_in"] for p in glob.glob(f"{sentinels}/*.json"))
         holder: dict[str, int | None] = {"pid": None}
-        with Sampler(head, lambda holder=holder: holder["pid"]) as sampler:
+        with Sampler(head, lambda holder=holder: holder["pid"], replicas=True) as sampler:
             wall, text, _ = _dags_test_tracking(env, f"prov-{rows}-2.log", holder)
         again = computed_rows(text) - (rows - committed_rows)
         total, distinct = sink_ids(sink)
-        stats = {"wall": wall, "peak_rss": sampler.peak_rss, "bytes_read": sampler.bytes_read}
+        stats = {"wall": wall, "peak_rss": sampler.peak_rss, "peak_driver": sampler.peak_driver,
+                 "peak_workers": sampler.peak_workers, "bytes_read": sampler.bytes_read}
         lines.append(_resume_row("provider", rows, size, killed, committed_rows, stats, again, total, distinct, None))
     return lines
 
@@ -413,7 +439,8 @@ def _resume_row(name: str, rows: int, size: int, killed: bool, done_before: int,
     once = "yes" if total == distinct == rows else f"NO ({total} rows, {distinct} distinct ids of {rows})"
     extra = f", rows processed before the kill {counted_before}" if counted_before is not None else ""
     return (f"{name:<9} {rows:>11,} rows: killed={killed} with {done_before:,} rows in the sink{extra}; resume {run['wall']:.1f} s, "
-            f"peak RSS {run['peak_rss'] / MB:,.0f} MiB, read {run['bytes_read'] / MB:,.0f} MiB (input is {size / MB:,.0f}), "
+            f"peak RSS {run['peak_rss'] / MB:,.0f} MiB (driver {run['peak_driver'] / MB:,.0f}, Ray workers "
+            f"{run['peak_workers'] / MB:,.0f}), read {run['bytes_read'] / MB:,.0f} MiB (input is {size / MB:,.0f}), "
             f"rows computed again {again:,}; every row once: {once}")
 
 
