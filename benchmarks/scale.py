@@ -6,8 +6,8 @@ text), so that everything measured is reading, shard handling, committing and wr
 1. ``io``: the I/O ceiling. SCALE_ROWS rows as JSONL and as Parquet, on local disk and on a
    SeaweedFS S3 server (SCALE_S3=0 leaves S3 out), through ``airflow dags test`` on a Ray head,
    against a single-process pyarrow read -> Parquet write of the same files (the limit of this
-   machine for that work). Rows/s, input MB/s, ratio; locally with one shard per mapped task
-   and with SCALE_IO_SHARDS_PER_TASK shards per task.
+   machine for that work). Rows/s, input MB/s, ratio; locally with one shard per mapped task,
+   with SCALE_IO_SHARDS_PER_TASK shards per task, and by the core alone (no Airflow, no Ray).
 2. ``resume``: head to head with Ray Data's own checkpointing (``CheckpointConfig(id_column=
    "id")``) at each size of SCALE_RESUME_ROWS: each run is SIGKILLed (its whole process group)
    once about half of its output is written, then resumed. Rows computed again, wall time of
@@ -291,10 +291,38 @@ def section_io(head: RayHead) -> list[str]:
             manifest = json.load(open(f"{sink}/_SUCCESS"))
             assert manifest["rows_out"] == ROWS, manifest["rows_out"]
             lines.append(_io_row(f"local {fmt}, {per_task}/task", ROWS, size, copy_s, manifest["elapsed_seconds"], wall))
+        core_s = _core_io(f"{source}/*.{fmt}", fmt, f"{WORK}/io-out-{fmt}-core")
+        lines.append(_io_row(f"local {fmt}, core alone", ROWS, size, copy_s, core_s, core_s))
         if WITH_S3:
             lines.append(_io_s3(fmt, source, size))
         shutil.rmtree(f"{WORK}/io-copy-{fmt}", ignore_errors=True)
     return lines
+
+
+CORE_IO_CHILD = """
+import sys, time
+sys.path.insert(0, %r)
+from airflow_batch_provider.core import api
+from airflow_batch_provider.core.execution.runner import ShardRunner
+spec = api.BatchSpec(source=sys.argv[1], sink=sys.argv[2], predictor="benchmarks.identity:Identity", source_format=sys.argv[3],
+                     batch_format="pyarrow", batch_size=%d, rows_per_shard=%d)
+started = time.perf_counter()
+job = api.plan(spec)
+runner = ShardRunner(spec)
+for number, shard in enumerate(job.pending):
+    runner.run(shard, api.new_attempt("core-io-%%d" %% number))
+api.finalize(spec)
+print(time.perf_counter() - started)
+"""
+
+
+def _core_io(source: str, fmt: str, sink: str) -> float:
+    """Plan -> every shard -> finalize by the core in one fresh process, without Airflow or Ray:
+    the provider's own per-row work (reading, checking, writing, committing) alone."""
+    shutil.rmtree(sink, ignore_errors=True)
+    out = subprocess.run([sys.executable, "-c", CORE_IO_CHILD % (ROOT, BATCH, ROWS_PER_SHARD), source, sink, fmt],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _io_row(name: str, rows: int, size: int, copy_s: float, prov_s: float, wall: float) -> str:

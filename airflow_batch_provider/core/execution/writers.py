@@ -3,9 +3,12 @@
 Parquet parts are written in row groups of many predictor batches: pyarrow's writer closes a
 row group at every ``write_table``, so writing each batch as it comes would leave a part of
 250,000 rows and ``batch_size=64`` with about 3,900 row groups and a footer near 1 MB, which
-every reader of the sink then pays for. Batches are buffered up to :data:`ROW_GROUP_ROWS` rows
-or :data:`ROW_GROUP_BYTES` bytes of Arrow memory (whichever comes first), so the buffer's
-memory stays bounded whatever the row width (an embedding of 1,024 floats is 4 KiB a row).
+every reader of the sink then pays for. Batches are buffered until :data:`ROW_GROUP_ROWS`
+rows or :data:`ROW_GROUP_BYTES` bytes of Arrow memory are held (whichever comes first), so the
+buffer's memory stays bounded whatever the row width (an embedding of 1,024 floats is 4 KiB a
+row). Row groups are not made larger than that: a row group is written in the writer thread
+while the next batches are read, and one held until the shard ends would be written after
+its last read, with nothing left to overlap it.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-#: most rows in one Parquet row group (Arrow's own default maximum).
-ROW_GROUP_ROWS = 1 << 20
-#: most bytes of Arrow memory buffered for one row group.
+#: rows buffered before they are written as one Parquet row group (fewer only at the part's end).
+ROW_GROUP_ROWS = 1 << 16
+#: bytes of Arrow memory buffered before they are written as one row group, if that comes first.
 ROW_GROUP_BYTES = 64 << 20
 
 from airflow_batch_provider.core.schemas import OUTPUT_FIX, RowOrigin, conform_table
@@ -75,12 +78,12 @@ class PartWriter:
             self._stream.write(("\n".join(lines) + "\n").encode())
 
     def _write_row_group(self) -> None:
-        """The buffered batches as one row group (or several of ``row_group_rows`` at most)."""
+        """The buffered batches as one row group (Arrow splits one above 1,048,576 rows)."""
         if not self._buffered:
             return
         if self._parquet is None:
             self._parquet = pq.ParquetWriter(self._stream, self.schema)
-        self._parquet.write_table(pa.concat_tables(self._buffered), row_group_size=self._row_group_rows)
+        self._parquet.write_table(pa.concat_tables(self._buffered))
         self._buffered.clear()
         self._buffered_rows = self._buffered_bytes = 0
 

@@ -51,10 +51,10 @@ def write_batches(batch_rows: int, batches: int, **limits: int) -> pq.ParquetFil
     return pq.ParquetFile(io.BytesIO(stream.getvalue()))
 
 
-def test_a_row_group_holds_at_most_row_group_rows():
+def test_a_row_group_is_written_once_row_group_rows_are_buffered():
     part = write_batches(30, 10, row_group_rows=100)
     sizes = [part.metadata.row_group(i).num_rows for i in range(part.metadata.num_row_groups)]
-    assert sizes == [100, 20, 100, 20, 60]  # four batches buffered (120 rows), written as groups of 100 at most
+    assert sizes == [120, 120, 60]  # four batches reach 100 rows; the part's end writes the rest
     assert part.read().column("id").to_pylist() == list(range(300))  # every row, in order
 
 
