@@ -327,7 +327,9 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
                 "mapped this index anew); submitting this unit's shards", external_id, self.label,
             )
             return OTHER_UNIT
-        return self.replicas.status(external_id)["state"]
+        outcome = self.replicas.status(external_id)
+        self._queued = bool(outcome.get("queued"))  # leased to this call, which the replica has not taken up yet
+        return outcome["state"]
 
     def is_job_active(self, status: str) -> bool:
         return status == api.RunState.RUNNING
@@ -446,13 +448,20 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         return begun + self.execution_timeout.total_seconds()
 
     def _wait_started(self, external_id: dict[str, str], context: Context) -> str:
-        """A submitted call is queued on the actor; wait until the actor reports it (or its end)."""
+        """Wait until the replica runs the submitted call (or reports its end), not only holds
+        its lease. Until the replica's compute thread takes the call up, the lease is all that
+        keeps the replica for it, and the lease lasts as long as its holder, this process's
+        Ray job. Deferring ends the process: the replica, seeing its holder gone, would lease
+        itself to another shard task, whose call would then wait behind this one unseen and
+        be taken for lost (its shard computed twice)."""
         deadline = time.monotonic() + self.start_timeout_s
         while True:
+            self._queued = False
             status = self.get_job_status(external_id, context)
-            if status != api.RunState.UNKNOWN or time.monotonic() > deadline:
+            started = status != api.RunState.UNKNOWN and not (status == api.RunState.RUNNING and self._queued)
+            if started or time.monotonic() > deadline:
                 return status
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     def _summarise(self, results: list[dict[str, Any]], task_seconds: float | None = None) -> dict[str, Any]:
         """Log each shard's figures; ``task_seconds`` (sync path only) also gives the overhead."""

@@ -142,3 +142,45 @@ def test_batch_inference_plumbs_deferrable():
     shard = dag.get_task("batch_inference.shard")
     assert shard.partial_kwargs["deferrable"] is True
     assert shard.max_active_tis_per_dagrun == 2
+
+
+def test_a_deferrable_task_defers_only_once_the_replica_runs_its_call(local_ray, jsonl_source, tmp_path):
+    """Deferring ends the task's process, and with it the Ray job that holds the replica's
+    lease. A call still queued behind that lease would lose the replica to another shard task
+    (seen in a deployment run: that task's call then waited unseen, was taken for lost, and
+    its shard computed twice). The task waits until the replica runs its call."""
+    import threading
+    import time
+
+    import ray
+
+    from airflow_batch_provider.core.domain.commit import new_attempt
+    from airflow_batch_provider.core.domain.jobs import plan_job
+
+    spec = {"source": jsonl_source, "source_format": "jsonl", "sink": str(tmp_path / "out"),
+            "predictor": "tests.predictors:Doubler", "num_cpus": 1, "num_workers": 1}
+    task = op(deferrable=True)
+    task.spec = spec
+    pool = task.replicas
+    attempt = new_attempt()
+    try:
+        name, handle = pool.lease(attempt["token"])
+        shards = [s.to_dict() for s in plan_job(task.core_spec).pending[:1]]
+        submitted = {}
+
+        def submit_later():  # the replica takes the call up 1.5 s after its lease
+            time.sleep(1.5)
+            submitted["at"] = time.monotonic()
+            submitted["ref"] = handle.run_shards.remote(task.core_spec.to_dict(), None, shards, attempt)
+
+        thread = threading.Thread(target=submit_later)
+        started = time.monotonic()
+        thread.start()
+        status = task._wait_started({"worker": name, "token": attempt["token"]}, {})
+        waited = time.monotonic() - started
+        thread.join()
+        assert waited >= 1.5 and status in ("RUNNING", "SUCCEEDED"), (waited, status)
+        assert not task._queued
+        ray.get(submitted["ref"])
+    finally:
+        pool.shutdown(force=True)
