@@ -16,7 +16,7 @@ come in as ``storage_options`` (s3fs style); attempts carry an opaque key of the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_batch_provider.core.domain import layout
 from airflow_batch_provider.core.domain.commit import inspect_shard, new_attempt
@@ -28,10 +28,24 @@ from airflow_batch_provider.core.errors import BatchError, BatchSpecError, RayWo
 from airflow_batch_provider.core.execution.runner import ShardResult, ShardRunner
 from airflow_batch_provider.core.ray.connection import RayTarget, connect
 from airflow_batch_provider.core.ray.driver import RayDriver
-from airflow_batch_provider.core.ray.pool import ReplicaPool
 from airflow_batch_provider.core.ray.states import Progress, RunState
 from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import is_remote
+
+if TYPE_CHECKING:
+    from airflow_batch_provider.core.ray.pool import ReplicaPool
+
+
+def __getattr__(name: str) -> Any:
+    """``ReplicaPool`` is imported on first use: it imports Ray, and only a process that runs
+    shards may load Ray. Airflow imports this module in processes that fork task processes
+    (scheduler, DAG processor, triggerer, Celery workers), and a task forked from a process
+    with Ray's core library loaded can be aborted by Ray while it connects."""
+    if name == "ReplicaPool":
+        from airflow_batch_provider.core.ray.pool import ReplicaPool
+
+        return ReplicaPool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def plan(spec: BatchSpec, storage_options: dict[str, Any] | None = None, *, reset_key: str | None = None) -> JobPlan:

@@ -4,7 +4,7 @@
 ``before_sentinel`` point SIGKILL itself, once: the marker file records that it fired, so
 Ray's retry of the same work (or a rerun) gets past it. Actions: ``kill`` (SIGKILL, as an
 OOM kill or a lost node would) and ``raise`` (a Python exception). Without ``@marker`` the
-point fires every time. Points: ``mid_part``, ``before_sentinel``, ``before_publish``,
+point fires every time. Points: ``ray_connect`` (before ``ray.init``), ``mid_part``, ``before_sentinel``, ``before_publish``,
 ``before_publish_rejected``, ``after_publish``, ``finalize_before_manifest``.
 """
 

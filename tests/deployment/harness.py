@@ -380,6 +380,10 @@ class Deployment:
         proc.popen.wait(timeout=30)
         return proc.pid
 
+    def airflow_pgids(self) -> list[int]:
+        """The process groups of the Airflow components (not the Ray head's)."""
+        return [p.pgid for p in self.procs.values() if p.name != "ray-head"]
+
     # -- stop --------------------------------------------------------------------------
     def stop(self) -> None:
         groups = [p.pgid for p in self.procs.values() if p.name != "ray-head"] + self.old_pgids
@@ -449,6 +453,31 @@ def task_pid(ti_id: str) -> int | None:
         if cmdline.strip() == f"airflow worker -- {ti_id}":
             return proc.info["pid"]
     return None
+
+
+def ray_loaded(pgids: list[int]) -> list[str]:
+    """The processes of these process groups, other than task runners (``airflow worker --
+    <ti id>``, which run shards) and the triggerer's Ray clients (``core.ray.driver``, started
+    by fork and exec), that have Ray's core library (``_raylet``)
+    mapped: a process that forks others (the scheduler and its LocalExecutor workers, Celery's
+    prefork pool, the triggerer, the DAG processor) must not, or Ray aborts in forked children
+    while they connect (``plasma_store_provider.cc: Check failed: WarmupStore()``)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getpgid(proc.info["pid"]) not in pgids:
+                continue
+            cmdline = " ".join(proc.info.get("cmdline") or [])
+            if cmdline.startswith("airflow worker -- ") or "airflow_batch_provider.core.ray.driver" in cmdline:
+                continue
+            with open(f"/proc/{proc.info['pid']}/maps") as maps:
+                if "_raylet" in maps.read():
+                    found.append(f"{proc.info['pid']}: {cmdline[:160]}")
+        except (OSError, psutil.NoSuchProcess):
+            continue
+    return found
 
 
 class AirflowClient:

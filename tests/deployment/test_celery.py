@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.deployment.harness import wait_for
+from tests.deployment.harness import ray_loaded, wait_for
 from tests.deployment.test_scenarios import (
     FINALIZE,
     SHARD,
@@ -119,3 +119,12 @@ def test_only_the_scheduler_killed_workers_alive(celery_deployment, celery_clien
     kill_only_the_scheduler(celery_deployment, celery_client, scenario)
     assert scenario.timings["celery_workers_alive"]  # at least one worker (the other test may have killed one)
     assert scenario.timings["kill_to_success_s"] < 240
+
+
+def test_no_forking_celery_process_has_ray_loaded(celery_deployment):
+    """After the shard tasks above ran, neither a Celery worker nor its prefork pool processes
+    (which fork each task's supervisor and task process), nor the scheduler, DAG processor,
+    triggerer or api-server, has Ray loaded: only task processes, which run shards, load it."""
+    pgids = celery_deployment.airflow_pgids()
+    assert any(name.startswith("celery-") for name in celery_deployment.procs)
+    assert not ray_loaded(pgids), ray_loaded(pgids)
