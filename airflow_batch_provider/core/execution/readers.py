@@ -225,7 +225,7 @@ def _read_jsonl(
             at_file_start = False
             block_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
             if job_schema is not None:
-                batch = _parse_block_as(block, job_schema, shard, line, bad, declared=declared)
+                batch = _parse_block_as(block, job_schema, shard, line, bad, declared=declared, selected=bool(spec.columns))
             else:  # a plan written before schemas were settled: the shard's own types
                 batch = _parse_block(block, shard.path, line, bad)
                 if batch.table.num_rows:
@@ -253,11 +253,16 @@ def _row_lines(block: bytes, first_line: int, rows: int) -> np.ndarray | None:
     return positions if len(positions) == rows else None
 
 
-def _parse_block_as(block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool) -> Batch:
-    """Parse straight into the job's schema; when Arrow refuses the block, line by line."""
-    # a declared input_schema selects columns (as Parquet reads only those); an inferred one
-    # must see every key, so that a key the sample never showed fails instead of vanishing
-    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore" if declared else "infer")
+def _parse_block_as(
+    block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool, selected: bool = False
+) -> Batch:
+    """Parse straight into the job's schema; when Arrow refuses the block, line by line.
+
+    A declared input_schema or ``columns`` (``selected``) selects columns, as Parquet reads
+    only those: other keys are not read. An inferred schema of every column must see every
+    key, so that a key the sample never showed fails instead of vanishing."""
+    only_schema = declared or selected
+    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore" if only_schema else "infer")
     try:
         table = _arrow_json(block, options)
         table.validate(full=True)  # Arrow's JSON reader does not check UTF-8 in strings
@@ -267,7 +272,7 @@ def _parse_block_as(block: bytes, schema: pa.Schema, shard: Shard, first_line: i
     if table is not None and positions is not None and not _may_be_rounded(table, schema):
         origin = RowOrigin(shard.path, first_line + 1, "line", shard.shard_id, _lines_if_gapped(positions))
         return _conformed(table, positions, schema, origin, bad, declared=declared)
-    return _parse_lines_as(block, schema, shard, first_line, bad, declared=declared)
+    return _parse_lines_as(block, schema, shard, first_line, bad, declared=declared, only_schema=only_schema)
 
 
 def _may_be_rounded(table: pa.Table, schema: pa.Schema) -> bool:
@@ -283,7 +288,9 @@ def _may_be_rounded(table: pa.Table, schema: pa.Schema) -> bool:
     return False
 
 
-def _parse_lines_as(block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool) -> Batch:
+def _parse_lines_as(
+    block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool, only_schema: bool
+) -> Batch:
     """The slow path: one row at a time, so that each bad line is named, and rejected with its text."""
     tables, numbers = [], []
     for offset, text in enumerate(block.split(b"\n")):
@@ -293,7 +300,7 @@ def _parse_lines_as(block: bytes, schema: pa.Schema, shard: Shard, first_line: i
         raw = text.rstrip(b"\r")
         value, problem = _line_value(text, shard.path, number)
         here = RowOrigin(shard.path, number, "line", shard.shard_id)
-        if problem is None and declared:
+        if problem is None and only_schema:
             value = {k: v for k, v in value.items() if k in schema.names}
         if problem is None:
             try:
