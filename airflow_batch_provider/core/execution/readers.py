@@ -245,12 +245,36 @@ def _read_jsonl(
 
 
 def _row_lines(block: bytes, first_line: int, rows: int) -> np.ndarray | None:
-    """The line (1-based) of each of the block's ``rows`` rows; None when they do not match."""
-    count = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-    if rows == count:  # every line a row (the usual case): no need to split
-        return np.arange(first_line + 1, first_line + 1 + count, dtype=np.int64)
-    positions = np.array([first_line + i + 1 for i, text in enumerate(block.split(b"\n")) if text.strip()], dtype=np.int64)
-    return positions if len(positions) == rows else None
+    """The line (1-based) of each of the block's ``rows`` rows, when each non-blank line holds
+    exactly one JSON object; None otherwise (the block is then read line by line).
+
+    Arrow's row count alone proves nothing: it reads ``{..} {..}`` on one line as two rows,
+    a ``null`` line as a row, and an object across two lines as one, so the counts can agree
+    while a line is bad (a blank line makes up for an extra row). Here every non-blank line
+    must start with ``{`` and end with ``}``: no object then spans lines (``}`` then ``{``
+    across a line end is not JSON, Arrow refuses it), each line gives at least one row, and
+    rows == non-blank lines leaves exactly one per line."""
+    data = np.frombuffer(block, dtype=np.uint8)
+    newlines = np.flatnonzero(data == 0x0A)
+    starts = np.concatenate(([0], newlines + 1))
+    ends = np.concatenate((newlines, [len(data)]))
+    if block.endswith(b"\n"):
+        starts, ends = starts[:-1], ends[:-1]
+    if not len(data) or not len(starts):
+        return None if rows else np.array([], dtype=np.int64)
+    ends = ends - ((ends > starts) & (data[np.maximum(ends - 1, 0)] == 0x0D))  # CRLF
+    one_object = (ends > starts) & (data[np.minimum(starts, len(data) - 1)] == 0x7B) & (data[np.maximum(ends - 1, 0)] == 0x7D)
+    for index in np.flatnonzero(~one_object):  # blank lines, and lines with spaces around the object
+        text = block[starts[index] : ends[index]].strip()
+        if not text:
+            continue
+        if not (text.startswith(b"{") and text.endswith(b"}")):
+            return None
+        one_object[index] = True
+    lines = np.flatnonzero(one_object)
+    if len(lines) != rows:
+        return None
+    return lines.astype(np.int64) + (first_line + 1)
 
 
 def _parse_block_as(
