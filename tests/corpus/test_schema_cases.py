@@ -556,3 +556,16 @@ def test_parquet_columns_ignore_unselected_columns_that_do_not_unify(tmp_path):
     pq.write_table(pa.table({"id": [1], "other": [1.5]}), tmp_path / "pin/b.parquet")
     run_job(tmp_path / "pin", tmp_path / "pout", columns=["id"])
     assert by_id(read_back(str(tmp_path / "pout"), "parquet")) == [{"id": 0}, {"id": 1}]
+
+
+# -- issue 19 item 8: an output column null in the first batch ---------------------------------
+@pytest.mark.parametrize("sink_format", ["parquet", "jsonl"])
+def test_output_column_null_in_the_first_batches_takes_the_type_seen_later_in_the_shard(tmp_path, sink_format):
+    jsonl(tmp_path / "in/a.jsonl", [{"id": i} for i in range(100)])
+    manifest = run_job(tmp_path / "in", tmp_path / "out", predictor="tests.predictors:SparseNote",
+                       batch_size=16, sink_format=sink_format)
+    assert manifest["schema"]["columns"] == {"id": "int64", "note": "string"}
+    table = read_back(str(tmp_path / "out"), sink_format)
+    assert by_id(table) == [{"id": i, "note": f"n{i}" if i >= 50 else None} for i in range(100)]
+    if sink_format == "parquet":
+        assert table.schema.field("note").type == pa.string()
