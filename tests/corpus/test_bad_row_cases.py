@@ -185,6 +185,64 @@ def test_last_line_without_newline_is_a_row(tmp_path):
     assert manifest["shards"] == 3
 
 
+# -- a line holding other than one object (issue 19 item 2) ------------------------------------
+def _row(i: int) -> str:
+    return json.dumps({"id": i, "value": i * 0.5})
+
+
+_PREDICT_FAILS = _row(99)  # the predictor raises on id 99: a bad row found after reading, by its line
+_TWO = {"space": _row(11) + " " + _row(12), "none": _row(11) + _row(12)}
+
+# (lines, separator, final newline, bad lines in order, ids kept); in each, Arrow's row count
+# equals the number of physical lines, blank ones included, which once let the block through.
+LINE_CASES = {
+    "two_objects_blank_after": ([_row(10), _TWO["space"], "", _row(13), _PREDICT_FAILS], b"\n", True, [2, 5], [10, 13]),
+    "two_objects_no_space_blank_before": (["", _row(10), _TWO["none"], _row(13), _PREDICT_FAILS], b"\n", True, [3, 5], [10, 13]),
+    "crlf": ([_row(10), _TWO["space"], "", _row(13), _PREDICT_FAILS], b"\r\n", True, [2, 5], [10, 13]),
+    "several_blank_lines": ([_row(10), "", "  ", _row(11) + " " + _row(12) + " " + _row(13), _PREDICT_FAILS], b"\n", True, [4, 5], [10]),
+    "last_line_without_newline": ([_row(10), "", _PREDICT_FAILS, _TWO["space"]], b"\n", False, [3, 4], [10]),
+    "null_line": ([_row(10), "null", _PREDICT_FAILS], b"\n", True, [2, 3], [10]),
+    "object_across_two_lines": (['{"id": 10, "value":', "5.0}", _TWO["space"], _PREDICT_FAILS, _row(15)], b"\n", True, [1, 2, 3, 4], [15]),
+}
+
+
+def _line_case(tmp_path, name: str, **kw):
+    lines, sep, final, bad, kept = LINE_CASES[name]
+    body = sep.join(line.encode() for line in lines) + (sep if final else b"")
+    src = write_lines(str(tmp_path / "in" / "a.jsonl"), body)
+    marker = tmp_path / "fail-marker"
+    marker.write_text("")
+    kwargs = {"fail_marker": str(marker), "fail_mod": 99}
+    spec = spec_for(src, str(tmp_path / "out"), predictor_kwargs=kwargs, **kw)
+    return src, spec, [line.rstrip("\r") for line in body.decode().split("\n")], bad, kept
+
+
+@pytest.mark.parametrize("name", sorted(LINE_CASES))
+def test_line_not_holding_one_object_fails_naming_file_and_line(tmp_path, name):
+    src, spec, texts, bad, _kept = _line_case(tmp_path, name)
+    with pytest.raises(InputDataError) as err:
+        run_job(spec)
+    first_unreadable = next(n for n in bad if texts[n - 1] != _PREDICT_FAILS)  # a block is read before its rows are predicted
+    assert str(err.value).startswith(f"{src}: line {first_unreadable} ")
+    assert written(spec.sink_root) == []
+
+
+@pytest.mark.parametrize("name", sorted(LINE_CASES))
+def test_line_not_holding_one_object_is_rejected_alone_and_later_lines_keep_their_numbers(tmp_path, name):
+    src, spec, texts, bad, kept = _line_case(tmp_path, name, bad_rows="skip")
+    manifest = run_job(spec)
+    assert sink_rows(spec.sink_root) == doubled(kept)
+    records = rejected(spec.sink_root)
+    assert [r["line"] for r in records] == bad
+    for record in records:
+        if record["stage"] == "read":
+            assert record["raw"] == texts[record["line"] - 1]
+            assert record["error"].startswith(f"{src}: line {record['line']} ")
+        else:  # the predictor's: the row it was given, at the line it came from
+            assert (record["stage"], record["row"]["id"], texts[record["line"] - 1]) == ("predict", 99, _PREDICT_FAILS)
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (len(kept), len(bad))
+
+
 # -- keys and values ----------------------------------------------------------------------
 def test_duplicate_keys_fail_naming_the_line_and_key(tmp_path):
     src = write_lines(str(tmp_path / "in" / "a.jsonl"), b'{"id": 0, "value": 0.0}\n{"id": 1, "value": 0.5, "value": 9.0}\n')

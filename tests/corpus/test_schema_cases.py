@@ -483,3 +483,89 @@ def test_a_new_spec_over_an_uncommitted_sink_does_not_inherit_the_output_schema(
             resume=False)
     assert read_back(str(tmp_path / "out"), "parquet").schema.field("out").type == pa.float64()
     assert len(list((tmp_path / "out/_checkpoint").glob("output_schema-*.json"))) == 2
+
+
+# -- issue 19 item 1: columns=[...] on JSONL without input_schema --------------------------------
+def _mixed_rows(n: int) -> list[dict]:
+    """Rows with keys the job does not select, some of them of changing type."""
+    return [{"id": i, "text": f"t{i}", "meta": {"k": i}, "score": i if i % 2 else f"s{i}"} for i in range(n)]
+
+
+@pytest.mark.parametrize("bad_rows", ["fail", "skip"])
+def test_jsonl_columns_read_only_the_selected_keys(tmp_path, bad_rows):
+    jsonl(tmp_path / "in/a.jsonl", _mixed_rows(5))
+    manifest = run_job(tmp_path / "in", tmp_path / "out", columns=["id", "text"], bad_rows=bad_rows, rows_per_shard=2)
+    table = read_back(str(tmp_path / "out"), "parquet")
+    assert table.column_names == ["id", "text"]
+    assert by_id(table) == [{"id": i, "text": f"t{i}"} for i in range(5)]
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (5, 5, 0)
+    assert not os.path.exists(tmp_path / "out/_rejected")
+
+
+def test_jsonl_columns_match_parquet_columns(tmp_path):
+    rows = [{"id": i, "text": f"t{i}", "other": float(i)} for i in range(4)]
+    jsonl(tmp_path / "jin/a.jsonl", rows)
+    os.makedirs(tmp_path / "pin")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pin/a.parquet")
+    run_job(tmp_path / "jin", tmp_path / "jout", columns=["text", "id"])
+    run_job(tmp_path / "pin", tmp_path / "pout", columns=["text", "id"])
+    jtable, ptable = read_back(str(tmp_path / "jout"), "parquet"), read_back(str(tmp_path / "pout"), "parquet")
+    assert jtable.schema == ptable.schema and jtable.column_names == ["text", "id"]
+    assert by_id(jtable) == by_id(ptable) == [{"id": i, "text": f"t{i}"} for i in range(4)]
+
+
+def test_jsonl_columns_unselected_key_after_the_sample_is_not_read(tmp_path):
+    lines = [json.dumps({"id": i}) for i in range(600)]
+    lines.append(json.dumps({"id": 600, "surprise": "x"}))  # past the 500-line sample, not selected
+    write_lines(tmp_path / "in/a.jsonl", lines)
+    manifest = run_job(tmp_path / "in", tmp_path / "out", columns=["id"])
+    assert manifest["rows_out"] == 601
+    assert read_back(str(tmp_path / "out"), "parquet").column_names == ["id"]
+
+
+def test_jsonl_columns_selected_value_that_does_not_fit_is_still_a_bad_row(tmp_path):
+    lines = [json.dumps({"id": i, "n": i, "junk": [i]}) for i in range(600)]
+    lines.append(json.dumps({"id": 600, "n": "not a number", "junk": "x"}))  # line 601, after the sample
+    write_lines(tmp_path / "in/a.jsonl", lines)
+    with pytest.raises(InputDataError) as err:
+        run_job(tmp_path / "in", tmp_path / "out", columns=["id", "n"])
+    assert str(err.value).startswith(f"{tmp_path}/in/a.jsonl: line 601 (shard ")
+    assert "column 'n' holds string value 'not a number', which int64 in the job's schema cannot hold unchanged" in str(err.value)
+    manifest = run_job(tmp_path / "in", tmp_path / "skip", columns=["id", "n"], bad_rows="skip")
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (600, 1)
+    [record] = [json.loads(line) for line in open(next((tmp_path / "skip/_rejected").glob("*.jsonl")))]
+    assert (record["line"], json.loads(record["raw"])["n"]) == (601, "not a number")
+
+
+def test_jsonl_columns_selected_column_absent_behaves_as_for_parquet(tmp_path):
+    jsonl(tmp_path / "in/a.jsonl", [{"id": 0, "text": "a"}, {"id": 1}])  # absent in one row
+    jsonl(tmp_path / "in/b.jsonl", [{"id": 2, "other": 1}])  # absent in a whole file
+    run_job(tmp_path / "in", tmp_path / "out", columns=["id", "text"])
+    assert by_id(read_back(str(tmp_path / "out"), "parquet")) == [
+        {"id": 0, "text": "a"}, {"id": 1, "text": None}, {"id": 2, "text": None}]
+    os.makedirs(tmp_path / "pin")
+    pq.write_table(pa.table({"id": [0]}), tmp_path / "pin/a.parquet")
+    for source in ("in", "pin"):  # absent everywhere: refused at plan time, in both formats
+        with pytest.raises(BatchSpecError, match=r"columns \['nope'\] are not in any input file under"):
+            run_job(tmp_path / source, tmp_path / f"{source}-nope", columns=["id", "nope"])
+
+
+def test_parquet_columns_ignore_unselected_columns_that_do_not_unify(tmp_path):
+    os.makedirs(tmp_path / "pin")
+    pq.write_table(pa.table({"id": [0], "other": ["x"]}), tmp_path / "pin/a.parquet")
+    pq.write_table(pa.table({"id": [1], "other": [1.5]}), tmp_path / "pin/b.parquet")
+    run_job(tmp_path / "pin", tmp_path / "pout", columns=["id"])
+    assert by_id(read_back(str(tmp_path / "pout"), "parquet")) == [{"id": 0}, {"id": 1}]
+
+
+# -- issue 19 item 8: an output column null in the first batch ---------------------------------
+@pytest.mark.parametrize("sink_format", ["parquet", "jsonl"])
+def test_output_column_null_in_the_first_batches_takes_the_type_seen_later_in_the_shard(tmp_path, sink_format):
+    jsonl(tmp_path / "in/a.jsonl", [{"id": i} for i in range(100)])
+    manifest = run_job(tmp_path / "in", tmp_path / "out", predictor="tests.predictors:SparseNote",
+                       batch_size=16, sink_format=sink_format)
+    assert manifest["schema"]["columns"] == {"id": "int64", "note": "string"}
+    table = read_back(str(tmp_path / "out"), sink_format)
+    assert by_id(table) == [{"id": i, "note": f"n{i}" if i >= 50 else None} for i in range(100)]
+    if sink_format == "parquet":
+        assert table.schema.field("note").type == pa.string()

@@ -44,7 +44,7 @@ def file_schemas(
     def one(file: InputFile) -> pa.Schema:
         if spec.source_format == "parquet":
             return footers[file.relpath] if file.relpath in footers else parquet_schema(store, file.path, file.size)
-        samples = [(file.path, jsonl_sample_schema(store, s, file.size)) for s in by_file.get(file.relpath, [])]
+        samples = [(file.path, jsonl_sample_schema(store, s, file.size, spec.columns)) for s in by_file.get(file.relpath, [])]
         return unify_schemas(samples, INPUT_FIX)
 
     with ThreadPoolExecutor(min(_THREADS, max(1, len(files)))) as pool:
@@ -55,8 +55,8 @@ def job_input_schema(spec: BatchSpec, named: list[tuple[str, pa.Schema]]) -> pa.
     """The one input schema of the job: declared, or the unified file schemas."""
     if spec.input_schema is not None:
         schema = declared_schema("input_schema", spec.input_schema)
-    else:
-        schema = unify_schemas(named, INPUT_FIX)
+    else:  # columns not selected are never read: their types need not agree across files
+        schema = unify_schemas([(where, _selected(s, spec.columns)) for where, s in named], INPUT_FIX)
     if spec.columns:
         missing = [c for c in spec.columns if c not in schema.names]
         if missing:
@@ -64,6 +64,11 @@ def job_input_schema(spec: BatchSpec, named: list[tuple[str, pa.Schema]]) -> pa.
             raise BatchSpecError(f"columns {missing} are not in {where} (columns there: {schema.names}); fix BatchSpec.columns")
         schema = pa.schema([schema.field(c) for c in spec.columns])
     return schema
+
+
+def _selected(schema: pa.Schema, columns: tuple[str, ...] | None) -> pa.Schema:
+    """``schema`` cut to ``columns`` (those present, in the file's order); all of it without."""
+    return schema if not columns else pa.schema([f for f in schema if f.name in columns])
 
 
 def parquet_schema(store: Store, path: str, size: int | None = None) -> pa.Schema:
@@ -74,8 +79,11 @@ def parquet_schema(store: Store, path: str, size: int | None = None) -> pa.Schem
         raise InputDataError(f"{path}: not a readable Parquet file ({err})") from None
 
 
-def jsonl_sample_schema(store: Store, shard: Shard, file_size: int | None = None) -> pa.Schema:
-    """Types of the first lines of one JSONL shard, inferred exactly (big integers included).
+def jsonl_sample_schema(
+    store: Store, shard: Shard, file_size: int | None = None, columns: tuple[str, ...] | None = None
+) -> pa.Schema:
+    """Types of the first lines of one JSONL shard, inferred exactly (big integers included);
+    with ``columns``, of those keys only (the reader never reads the others).
 
     Lines that are not JSON objects are left out here: the reader reports them with their line."""
     assert shard.byte_start is not None and shard.byte_end is not None
@@ -87,8 +95,8 @@ def jsonl_sample_schema(store: Store, shard: Shard, file_size: int | None = None
     texts = block.split(b"\n")[:SAMPLE_LINES]
     fast = _sample_type_at_once(texts)
     if fast is not None:
-        return fast
-    columns: dict[str, list[tuple[int, Any]]] = {}
+        return _selected(fast, columns)
+    values_of: dict[str, list[tuple[int, Any]]] = {}
     for offset, text in enumerate(texts):  # slow path: per value, naming the line where types part ways
         try:
             row = json.loads(text) if text.strip() else None
@@ -96,8 +104,9 @@ def jsonl_sample_schema(store: Store, shard: Shard, file_size: int | None = None
             continue
         if isinstance(row, dict):
             for key, value in row.items():
-                columns.setdefault(key, []).append((shard.start + offset + 1, value))
-    return pa.schema([(name, _column_type(shard.path, name, values)) for name, values in columns.items()])
+                if not columns or key in columns:
+                    values_of.setdefault(key, []).append((shard.start + offset + 1, value))
+    return pa.schema([(name, _column_type(shard.path, name, values)) for name, values in values_of.items()])
 
 
 def _sample_type_at_once(texts: list[bytes]) -> pa.Schema | None:

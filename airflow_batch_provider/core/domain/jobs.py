@@ -18,7 +18,7 @@ from airflow_batch_provider.core.domain.commit import InvalidSentinel, check_sha
 from airflow_batch_provider.core.domain.input_schema import file_schemas, job_input_schema
 from airflow_batch_provider.core.domain.job_schema import known_output_schema, write_input_schema
 from airflow_batch_provider.core.domain.layout import JobStorage, quarantine_dir
-from airflow_batch_provider.core.domain.planning import Plan, Shard, list_inputs, split_file
+from airflow_batch_provider.core.domain.planning import Plan, Shard, find_inputs, hidden_inputs_note, split_file
 from airflow_batch_provider.core.errors import IncompleteJobError, StaleCheckpointError
 from airflow_batch_provider.core.schemas import schema_from_json, schema_to_json
 from airflow_batch_provider.core.spec import BatchSpec
@@ -55,7 +55,9 @@ def plan_job(spec: BatchSpec, storage: JobStorage | None = None, *, reset_key: s
     notes: list[str] = []
     if not spec.resume:
         notes.append(reset_once(storage, reset_key))
-    files = list_inputs(storage.source, spec)
+    files, hidden = find_inputs(storage.source, spec)
+    if hidden:
+        notes.append(hidden_inputs_note(hidden))
     for _ in range(2):
         job = _plan_once(storage, files, notes)
         if job is not None:

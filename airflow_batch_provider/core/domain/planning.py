@@ -9,6 +9,7 @@ shard's id; editing a file in place does (and is caught as stale, see ``jobs.py`
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -128,21 +129,65 @@ class Plan:
 
 # -- listing ------------------------------------------------------------------------------
 def list_inputs(store: Store, spec: BatchSpec) -> list[InputFile]:
-    """The source's input files, sorted by relative path. Fails loudly when there are none.
+    """The source's input files, sorted by relative path (see :func:`find_inputs`)."""
+    return find_inputs(store, spec)[0]
 
-    Hidden paths (a part starting with ``_`` or ``.``) are skipped, as dataset readers skip
-    them: a sink or checkpoint directory under the source is never read back as input."""
+
+def find_inputs(store: Store, spec: BatchSpec) -> tuple[list[InputFile], list[InputFile]]:
+    """(the source's input files sorted by relative path, the files skipped as hidden).
+    Fails loudly when there are none.
+
+    Hidden paths (a part below the source starting with ``_`` or ``.``) are skipped, as
+    Spark, Hive and pyarrow skip them: ``_SUCCESS``, ``_staging/``, ``.crc`` files and a sink
+    or checkpoint directory under the source are never read back as input. What the source
+    names itself is read: a hidden file or directory given as the source, or a glob part that
+    starts with ``_`` or ``.``. The skipped files are returned so the plan can say so."""
     extensions = FORMAT_EXTENSIONS[spec.source_format]
     found = store.find_inputs(spec.source, extensions)
     if found is None:
         raise BatchSpecError(f"source={spec.source!r} does not exist (no file, directory or glob match there)")
-    files = [f for f in found if not any(part.startswith(("_", ".")) for part in f.relpath.split("/"))]
+    named = _named_parts(spec.source)
+    direct = len(found) == 1 and found[0].path.rstrip("/") == spec.source.rstrip("/")
+    files, hidden = [], []
+    for file in found:
+        skip = not direct and any(_is_hidden(part) and not _asked_for(part, named) for part in file.relpath.split("/"))
+        (hidden if skip else files).append(file)
+    hidden.sort(key=lambda f: f.relpath)
     if not files:
+        skipped = (
+            f"; {len(hidden)} file(s) under a path part starting with '_' or '.' were skipped, e.g. "
+            f"{hidden[0].path}: point source at them directly to read them"
+            if hidden else "; check the path or set source_format"
+        )
         raise BatchSpecError(
             f"source={spec.source!r} matched no {spec.source_format} input files "
-            f"(looked for {', '.join(extensions)} files); check the path or set source_format"
+            f"(looked for {', '.join(extensions)} files){skipped}"
         )
-    return sorted(files, key=lambda f: f.relpath)
+    return sorted(files, key=lambda f: f.relpath), hidden
+
+
+def hidden_inputs_note(hidden: list[InputFile]) -> str:
+    """The plan's note on the files :func:`find_inputs` skipped as hidden."""
+    return (
+        f"skipped {len(hidden)} input file(s) under a path part starting with '_' or '.' (as Spark, Hive and pyarrow "
+        f"do: _SUCCESS, _staging/ and .crc files live there), e.g. {hidden[0].path}; to read them, point source at "
+        "such a file or directory (or a glob that names the part, e.g. '_staging/*.jsonl')"
+    )
+
+
+def _is_hidden(part: str) -> bool:
+    return part.startswith(("_", "."))
+
+
+def _named_parts(source: str) -> list[str]:
+    """The glob's pattern parts that ask for hidden names themselves (``_*``, ``.tmp``)."""
+    if not any(ch in source for ch in "*?["):
+        return []
+    return [part for part in source.split("/") if _is_hidden(part)]
+
+
+def _asked_for(part: str, named: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(part, pattern) for pattern in named)
 
 
 # -- splitting ----------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def _read_jsonl(
             at_file_start = False
             block_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
             if job_schema is not None:
-                batch = _parse_block_as(block, job_schema, shard, line, bad, declared=declared)
+                batch = _parse_block_as(block, job_schema, shard, line, bad, declared=declared, selected=bool(spec.columns))
             else:  # a plan written before schemas were settled: the shard's own types
                 batch = _parse_block(block, shard.path, line, bad)
                 if batch.table.num_rows:
@@ -245,19 +245,48 @@ def _read_jsonl(
 
 
 def _row_lines(block: bytes, first_line: int, rows: int) -> np.ndarray | None:
-    """The line (1-based) of each of the block's ``rows`` rows; None when they do not match."""
-    count = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-    if rows == count:  # every line a row (the usual case): no need to split
-        return np.arange(first_line + 1, first_line + 1 + count, dtype=np.int64)
-    positions = np.array([first_line + i + 1 for i, text in enumerate(block.split(b"\n")) if text.strip()], dtype=np.int64)
-    return positions if len(positions) == rows else None
+    """The line (1-based) of each of the block's ``rows`` rows, when each non-blank line holds
+    exactly one JSON object; None otherwise (the block is then read line by line).
+
+    Arrow's row count alone proves nothing: it reads ``{..} {..}`` on one line as two rows,
+    a ``null`` line as a row, and an object across two lines as one, so the counts can agree
+    while a line is bad (a blank line makes up for an extra row). Here every non-blank line
+    must start with ``{`` and end with ``}``: no object then spans lines (``}`` then ``{``
+    across a line end is not JSON, Arrow refuses it), each line gives at least one row, and
+    rows == non-blank lines leaves exactly one per line."""
+    data = np.frombuffer(block, dtype=np.uint8)
+    newlines = np.flatnonzero(data == 0x0A)
+    starts = np.concatenate(([0], newlines + 1))
+    ends = np.concatenate((newlines, [len(data)]))
+    if block.endswith(b"\n"):
+        starts, ends = starts[:-1], ends[:-1]
+    if not len(data) or not len(starts):
+        return None if rows else np.array([], dtype=np.int64)
+    ends = ends - ((ends > starts) & (data[np.maximum(ends - 1, 0)] == 0x0D))  # CRLF
+    one_object = (ends > starts) & (data[np.minimum(starts, len(data) - 1)] == 0x7B) & (data[np.maximum(ends - 1, 0)] == 0x7D)
+    for index in np.flatnonzero(~one_object):  # blank lines, and lines with spaces around the object
+        text = block[starts[index] : ends[index]].strip()
+        if not text:
+            continue
+        if not (text.startswith(b"{") and text.endswith(b"}")):
+            return None
+        one_object[index] = True
+    lines = np.flatnonzero(one_object)
+    if len(lines) != rows:
+        return None
+    return lines.astype(np.int64) + (first_line + 1)
 
 
-def _parse_block_as(block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool) -> Batch:
-    """Parse straight into the job's schema; when Arrow refuses the block, line by line."""
-    # a declared input_schema selects columns (as Parquet reads only those); an inferred one
-    # must see every key, so that a key the sample never showed fails instead of vanishing
-    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore" if declared else "infer")
+def _parse_block_as(
+    block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool, selected: bool = False
+) -> Batch:
+    """Parse straight into the job's schema; when Arrow refuses the block, line by line.
+
+    A declared input_schema or ``columns`` (``selected``) selects columns, as Parquet reads
+    only those: other keys are not read. An inferred schema of every column must see every
+    key, so that a key the sample never showed fails instead of vanishing."""
+    only_schema = declared or selected
+    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore" if only_schema else "infer")
     try:
         table = _arrow_json(block, options)
         table.validate(full=True)  # Arrow's JSON reader does not check UTF-8 in strings
@@ -267,7 +296,7 @@ def _parse_block_as(block: bytes, schema: pa.Schema, shard: Shard, first_line: i
     if table is not None and positions is not None and not _may_be_rounded(table, schema):
         origin = RowOrigin(shard.path, first_line + 1, "line", shard.shard_id, _lines_if_gapped(positions))
         return _conformed(table, positions, schema, origin, bad, declared=declared)
-    return _parse_lines_as(block, schema, shard, first_line, bad, declared=declared)
+    return _parse_lines_as(block, schema, shard, first_line, bad, declared=declared, only_schema=only_schema)
 
 
 def _may_be_rounded(table: pa.Table, schema: pa.Schema) -> bool:
@@ -283,7 +312,9 @@ def _may_be_rounded(table: pa.Table, schema: pa.Schema) -> bool:
     return False
 
 
-def _parse_lines_as(block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool) -> Batch:
+def _parse_lines_as(
+    block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool, only_schema: bool
+) -> Batch:
     """The slow path: one row at a time, so that each bad line is named, and rejected with its text."""
     tables, numbers = [], []
     for offset, text in enumerate(block.split(b"\n")):
@@ -293,7 +324,7 @@ def _parse_lines_as(block: bytes, schema: pa.Schema, shard: Shard, first_line: i
         raw = text.rstrip(b"\r")
         value, problem = _line_value(text, shard.path, number)
         here = RowOrigin(shard.path, number, "line", shard.shard_id)
-        if problem is None and declared:
+        if problem is None and only_schema:
             value = {k: v for k, v in value.items() if k in schema.names}
         if problem is None:
             try:

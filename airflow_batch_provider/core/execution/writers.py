@@ -25,15 +25,16 @@ ROW_GROUP_ROWS = 1 << 16
 #: bytes of Arrow memory buffered before they are written as one row group, if that comes first.
 ROW_GROUP_BYTES = 64 << 20
 
-from airflow_batch_provider.core.schemas import OUTPUT_FIX, RowOrigin, conform_table
+from airflow_batch_provider.core.schemas import OUTPUT_FIX, Incompatible, RowOrigin, conform_table, unify_fields
 
 
 class PartWriter:
     """Streams Arrow tables into one part, each conformed to the job's output schema.
 
     ``schema`` is that schema when it is known (declared, or recorded by an earlier shard);
-    otherwise ``settle(first_batch_schema)`` is asked for it at the first batch (it records
-    the schema create-only and returns the winner of any race). Every batch is conformed to
+    otherwise batches are held until a row group's worth (or the part's end) and
+    ``settle(their_unified_schema)`` is asked for it (it records the schema create-only and
+    returns the winner of any race). Every batch is conformed to
     it losslessly (``schemas.conform_table``), so every part of a job has one schema.
     """
 
@@ -55,17 +56,48 @@ class PartWriter:
         self._row_group_bytes = row_group_bytes
         self._buffered: list[pa.Table] = []
         self._buffered_rows = self._buffered_bytes = 0
+        self._unsettled: list[tuple[pa.Table, RowOrigin]] = []  # batches held until the schema is settled
+        self._unsettled_rows = self._unsettled_bytes = 0
         self.schema = schema
         self.rows = 0
 
     def write(self, table: pa.Table, origin: RowOrigin | None = None) -> None:
         if not table.num_rows:
             return
+        origin = origin or RowOrigin("(predictor output)", 0, "row")
         if self.schema is None:
-            self.schema = self._settle(table.schema) if self._settle else table.schema
-        table = conform_table(
-            table, self.schema, origin or RowOrigin("(predictor output)", 0, "row"), fix=OUTPUT_FIX, what="the job's output schema"
-        )
+            # The output schema is settled from the first row group's worth of batches, not the
+            # first batch: a column null in the first batch (a sparse field) would otherwise be
+            # recorded as type null and fail every later batch that holds a value.
+            self._unsettled.append((table, origin))
+            self._unsettled_rows += table.num_rows
+            self._unsettled_bytes += table.nbytes
+            if self._unsettled_rows >= self._row_group_rows or self._unsettled_bytes >= self._row_group_bytes:
+                self._settle_schema()
+            return
+        self._write_conformed(table, origin)
+
+    def _settle_schema(self) -> None:
+        """Settle the schema from the batches held so far (their types unified, a null-only
+        column taking another batch's type), then write them."""
+        if not self._unsettled:
+            return
+        first = self._unsettled[0][0].schema
+        try:
+            fields = list(first)
+            for table, _origin in self._unsettled[1:]:
+                fields = unify_fields(fields, list(table.schema))
+            seen = pa.schema(fields)
+        except Incompatible:
+            seen = first  # conforming the later batches names the row and column that differ
+        self.schema = self._settle(seen) if self._settle else seen
+        held, self._unsettled = self._unsettled, []
+        self._unsettled_rows = self._unsettled_bytes = 0
+        for table, origin in held:
+            self._write_conformed(table, origin)
+
+    def _write_conformed(self, table: pa.Table, origin: RowOrigin) -> None:
+        table = conform_table(table, self.schema, origin, fix=OUTPUT_FIX, what="the job's output schema")
         self.rows += table.num_rows
         if self._format == "parquet":
             self._buffered.append(table)
@@ -89,6 +121,7 @@ class PartWriter:
 
     def close(self) -> None:
         """Write what is buffered and the Parquet footer; the part is whole only after this."""
+        self._settle_schema()
         self._write_row_group()
         if self._parquet is not None:
             self._parquet.close()
