@@ -10,12 +10,14 @@ import threading
 
 import pytest
 
+from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain import commit as commit_mod
+from airflow_batch_provider.core.domain import jobs as jobs_mod
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard, new_attempt, quarantine
 from airflow_batch_provider.core.domain.job_schema import load_input_schema
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
-from airflow_batch_provider.core.errors import BatchError, CommitError, StaleCheckpointError, StorageError
+from airflow_batch_provider.core.errors import BatchError, CommitError, IncompleteJobError, StaleCheckpointError, StorageError
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from tests.core.domain.test_commit import make_spec, run_all, sink_ids
 
@@ -108,6 +110,103 @@ def test_reset_deletes_success_before_any_part(spec, monkeypatch):
     monkeypatch.setattr(type(storage.sink), "delete", recording_delete)
     plan_job(make_spec(spec.source, spec.sink, resume=False))
     assert order[0] == "_SUCCESS" and sum(n.startswith("part-") for n in order) == 5
+
+
+def fresh_spec(spec):
+    return make_spec(spec.source, spec.sink, predictor_kwargs=spec.predictor_kwargs, resume=False)
+
+
+def test_a_reset_during_finalize_takes_back_the_success_it_wrote(spec, monkeypatch):
+    """Run 1's finalize has checked every shard when run 2 (resume=False) resets the sink:
+    the _SUCCESS run 1 then writes would name parts that are gone."""
+    run_all(spec)
+    storage = JobStorage.for_spec(spec)
+    real_hit = failpoints.hit
+
+    def run_two_resets_here(name):
+        if name == "finalize_before_manifest":
+            plan_job(fresh_spec(spec), reset_key="dag/run-2/plan")
+        real_hit(name)
+
+    monkeypatch.setattr(failpoints, "hit", run_two_resets_here)
+    with pytest.raises(IncompleteJobError, match="was reset .* while this run finalized"):
+        finalize_job(spec, storage)
+    monkeypatch.undo()
+    assert not os.path.exists(storage.manifest_path) and sink_ids(spec.sink_root) == []
+    # run 2 goes on: every row once, and its _SUCCESS names parts that are there
+    fresh = fresh_spec(spec)
+    again = plan_job(fresh, reset_key="dag/run-2/plan")
+    assert "already started fresh" in again.notes[0] and len(again.pending) == 5
+    for shard in again.pending:
+        ShardRunner(fresh).run(shard, new_attempt())
+    manifest = finalize_job(fresh)
+    assert sink_ids(spec.sink_root) == list(range(380))
+    assert all(os.path.exists(os.path.join(spec.sink_root, p["part"])) for p in manifest["parts"])
+
+
+def test_a_finalize_during_a_reset_writes_no_success(spec, monkeypatch):
+    """The reset has deleted _SUCCESS and not yet the parts when run 1's finalize checks them:
+    it must not write a _SUCCESS the reset then leaves naming deleted parts."""
+    run_all(spec)
+    storage = JobStorage.for_spec(spec)
+    real_delete = type(storage.sink).delete
+    outcome = []
+
+    def finalize_between_success_and_parts(self, path):
+        real_delete(self, path)
+        if path == storage.manifest_path and not outcome:
+            try:
+                outcome.append(finalize_job(spec))
+            except IncompleteJobError as err:
+                outcome.append(err)
+
+    monkeypatch.setattr(type(storage.sink), "delete", finalize_between_success_and_parts)
+    plan_job(fresh_spec(spec), reset_key="dag/run-2/plan")
+    monkeypatch.undo()
+    assert isinstance(outcome[0], IncompleteJobError) and "being reset" in str(outcome[0])
+    assert not os.path.exists(storage.manifest_path) and sink_ids(spec.sink_root) == []
+
+
+def test_a_reset_cut_short_then_resumed_can_finalize(spec, monkeypatch):
+    run_all(spec)
+    real_withdraw, withdrawn = jobs_mod.withdraw, []
+
+    def crash_at_the_third_shard(*args):
+        withdrawn.append(args[1])
+        if len(withdrawn) == 3:
+            raise failpoints.FailpointError("the reset's process dies here")
+        return real_withdraw(*args)
+
+    monkeypatch.setattr(jobs_mod, "withdraw", crash_at_the_third_shard)
+    with pytest.raises(failpoints.FailpointError):
+        plan_job(fresh_spec(spec), reset_key="dag/run-2/plan")
+    monkeypatch.undo()
+    with pytest.raises(IncompleteJobError, match="being reset"):
+        finalize_job(spec)
+    job = plan_job(spec)  # resume=True over what the reset left
+    assert any("cut short" in n for n in job.notes), job.notes
+    for shard in job.pending:
+        ShardRunner(spec).run(shard, new_attempt())
+    finalize_job(spec)
+    assert sink_ids(spec.sink_root) == list(range(380))
+
+
+def test_an_older_runs_retried_plan_never_resets_again(spec):
+    """Run 1's plan task is retried after run 2 started fresh: run 2's shards stay."""
+    fresh = fresh_spec(spec)
+    runner = ShardRunner(fresh)
+    for shard in plan_job(fresh, reset_key="dag/run-1/plan").pending:
+        runner.run(shard, new_attempt())
+    run_two = plan_job(fresh, reset_key="dag/run-2/plan")
+    for shard in run_two.pending[:2]:
+        runner.run(shard, new_attempt())
+    retried = plan_job(fresh, reset_key="dag/run-1/plan")
+    assert "already started fresh" in retried.notes[0] and (retried.committed, len(retried.pending)) == (2, 3)
+    for shard in retried.pending:
+        runner.run(shard, new_attempt())
+    finalize_job(fresh)
+    assert sink_ids(spec.sink_root) == list(range(380))
+    assert computed_rows(spec) == 380 + 380  # run 1 all, then run 2 all (its first two shards not again)
 
 
 # -- 2. runs sharing a sink ------------------------------------------------------------------
@@ -366,7 +465,7 @@ def test_local_storage_failures_are_batch_errors_that_say_what_to_do(tmp_path, j
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the sink's parent should be")
     spec = make_spec(jsonl_source, str(blocker / "out"))
-    with pytest.raises(BatchError, match=r"not-a-dir/out/_checkpoint/shards failed: Not a directory.*then clear the task"):
+    with pytest.raises(BatchError, match=r"not-a-dir/out/_checkpoint/\S+ failed: Not a directory.*then clear the task"):
         plan_job(spec)
 
 
