@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core import failpoints
-from airflow_batch_provider.core.domain.commit import InvalidSentinel, check_shard, different_spec_error, parse_sentinel, withdraw
+from airflow_batch_provider.core.domain.commit import (
+    InvalidSentinel,
+    check_shard,
+    different_spec_error,
+    parse_sentinel,
+    remove_stale_rejected,
+    withdraw,
+)
 from airflow_batch_provider.core.domain.input_schema import file_schemas, job_input_schema
 from airflow_batch_provider.core.domain.job_schema import known_output_schema, write_input_schema
 from airflow_batch_provider.core.domain.layout import JobStorage, quarantine_dir
@@ -370,6 +377,7 @@ def finalize_job(
         )
     rejected_names = {storage.rejected_path(s.shard_id).rsplit("/", 1)[-1] for s in plan.shards}
     _abort_idle_staged(storage, expected | rejected_names, orphan_grace_s)
+    _remove_stale_rejected(storage, plan.shards, checks)
     failpoints.hit("finalize_before_manifest")
     sentinels = [c.sentinel or {} for c in checks]
     output_schema = known_output_schema(storage)
@@ -427,6 +435,20 @@ def _resetting_message(spec: BatchSpec) -> str:
         "parts, or such a reset was cut short. No _SUCCESS is written over it. Let that run finish (a reset cut "
         "short is finished by rerunning its plan task; a plan with resume=True keeps what it left)."
     )
+
+
+def _remove_stale_rejected(storage: JobStorage, shards: list[Shard], checks: list) -> int:
+    """Delete rejected-row files of shards whose sentinel says they rejected nothing (left by
+    an earlier commit, quarantined since, when the commit that replaced it was cut short before
+    its last step): one listing; the sentinel is what counts."""
+    clean = {
+        storage.rejected_path(s.shard_id).rsplit("/", 1)[-1]: s.shard_id
+        for s, c in zip(shards, checks, strict=True) if not (c.sentinel or {}).get("rejected")
+    }
+    stale = [clean[name] for name in storage.rejected_files() if name in clean]
+    for shard_id in stale:
+        remove_stale_rejected(storage, shard_id)
+    return len(stale)
 
 
 def _abort_idle_staged(storage: JobStorage, part_names: set[str], grace_s: float) -> int:

@@ -19,7 +19,7 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.errors import BatchError, CommitError, IncompleteJobError, StaleCheckpointError, StorageError
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from tests.core.domain.test_commit import make_spec, run_all, sink_ids
+from tests.core.domain.test_commit import make_spec, run_all, run_killed_at, sink_ids
 
 
 @pytest.fixture
@@ -482,3 +482,61 @@ def test_reset_and_withdraw_take_the_rejected_rows_file_with_the_shard(spec, tmp
     plan_job(fresh, reset_key="run-2")
     assert [n for n in os.listdir(rejected_dir) if n.endswith(".jsonl")] == []
     assert sink_ids(spec.sink_root) == []
+
+
+# -- 4. a shard recomputed without bad rows leaves no rejected-rows file of its earlier commit -----
+def rejected_once_then_quarantined(spec, tmp_path):
+    """A skip job whose predictor fails on ids divisible by 97 (a flaky remote model, say):
+    shard 0 rejects ids 0 and 97. Its part is then damaged, so finalize quarantines its sentinel, and
+    the predictor is healthy again: the rerun recomputes shard 0 rejecting nothing."""
+    flaky = tmp_path / "predictor-fails"
+    flaky.touch()
+    kwargs = {"fail_marker": str(flaky), "fail_mod": 97, "calls_log": spec.predictor_kwargs["calls_log"]}
+    skipping = make_spec(spec.source, spec.sink, bad_rows="skip", predictor_kwargs=kwargs)
+    run_all(skipping)
+    storage = JobStorage.for_spec(skipping)
+    shard = plan_job(skipping).plan.shards[0]
+    stale = storage.rejected_path(shard.shard_id)
+    assert [json.loads(line)["row"]["id"] for line in open(stale)] == [0, 97]
+    part = storage.part_path(shard.shard_id)
+    open(part, "ab").write(b"damaged")
+    with pytest.raises(IncompleteJobError, match="quarantined"):
+        finalize_job(skipping)
+    flaky.unlink()
+    return skipping, storage, shard, stale
+
+
+def rejected_ids(spec) -> list[int]:
+    folder = os.path.join(spec.sink_root, "_rejected")
+    names = [n for n in os.listdir(folder) if n.endswith(".jsonl")] if os.path.isdir(folder) else []
+    return sorted(json.loads(line)["row"]["id"] for n in names for line in open(os.path.join(folder, n)))
+
+
+def assert_each_row_once(spec, manifest):
+    """Every input row once, in a part or in _rejected/, and _SUCCESS counts the same."""
+    assert rejected_ids(spec) == [194, 291]  # the other shards' rejected rows; 0 and 97 are in shard 0's part now
+    assert sorted(sink_ids(spec.sink_root) + rejected_ids(spec)) == list(range(380))
+    assert manifest["rows_rejected"] == 2 and manifest["rows_out"] == 378
+
+
+def test_a_recompute_that_rejects_nothing_removes_the_earlier_rejected_rows(spec, tmp_path):
+    skipping, storage, shard, stale = rejected_once_then_quarantined(spec, tmp_path)
+    assert [s.shard_id for s in plan_job(skipping).pending] == [shard.shard_id]
+    run_all(skipping)
+    assert not os.path.exists(stale)
+    assert_each_row_once(spec, finalize_job(skipping))
+
+
+@pytest.mark.parametrize("point", ["before_publish", "before_publish_rejected"])
+def test_a_kill_while_recomputing_without_bad_rows_then_rerun_ends_clean(spec, tmp_path, point):
+    """Killed after the sentinel (no rows rejected) is created: before the part is published
+    (the rerun's plan rolls the commit forward) or after it (finalize finds the stale file)."""
+    skipping, storage, shard, stale = rejected_once_then_quarantined(spec, tmp_path)
+    marker = tmp_path / "fired"
+    proc = run_killed_at(skipping, point, marker)
+    assert proc.returncode == -9 and marker.exists(), proc.stderr.decode()[-2000:]
+    assert os.path.exists(stale)
+    run_all(skipping)
+    manifest = finalize_job(skipping, orphan_grace_s=0)
+    assert not os.path.exists(stale)
+    assert_each_row_once(spec, manifest)
