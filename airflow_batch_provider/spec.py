@@ -89,10 +89,13 @@ SECRET_KINDS = ("conn", "var")
 
 
 def check_secret_reference(kwarg: str, reference: str) -> None:
-    """A ``predictor_secrets`` reference must be ``conn:<conn_id>`` or ``var:<key>``."""
+    """A ``predictor_secrets`` reference must be ``conn:<conn_id>`` or ``var:<key>``. What was
+    given instead is never echoed: it is most likely the secret itself, and this message ends
+    up in the DAG import error and the logs."""
     kind, _, name = reference.partition(":")
     if kind not in SECRET_KINDS or not name:
         raise BatchSpecError(
-            f"predictor_secrets[{kwarg!r}] = {reference!r}: write 'conn:<conn_id>' (the connection's password) "
-            "or 'var:<key>' (an Airflow Variable)"
+            f"predictor_secrets[{kwarg!r}] is not a reference to a secret (its value is not shown: it may be the "
+            "secret itself; if so, rotate it). Write 'conn:<conn_id>' (the connection's password) "
+            "or 'var:<key>' (an Airflow Variable), and keep the value in that connection or variable"
         )

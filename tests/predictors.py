@@ -117,6 +117,25 @@ class KeyedDoubler(Doubler):
         super().__init__(**kwargs)
 
 
+class LeakyKeyed(Doubler):
+    """A hosted model's client that fails the way HTTP clients do: quoting the URL it called,
+    API key and all, for batches holding an id divisible by ``fail_mod`` (or at load, with
+    ``fail_on_load``)."""
+
+    def __init__(self, api_key: str, fail_mod: int = 97, fail_on_load: bool = False, **kwargs: Any):
+        if fail_on_load:
+            raise ConnectionError(f"cannot reach https://models.example/v1/load?key={api_key}")
+        super().__init__(**kwargs)
+        self.api_key = api_key
+        self.bad_mod = fail_mod
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        bad = [int(i) for i in batch["id"] if int(i) % self.bad_mod == 0]
+        if bad:
+            raise RuntimeError(f"403 Client Error: Forbidden for url: https://models.example/v1/embed?key={self.api_key}&id={bad[0]}")
+        return super().__call__(batch)
+
+
 class RaiseOnIds(_Logged):
     """``Doubler`` that raises on any batch holding one of ``bad_ids`` (as a model may on a
     row it cannot take): under bad_rows="skip" the runner isolates those rows."""

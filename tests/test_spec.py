@@ -38,3 +38,10 @@ def test_importing_the_spec_loads_neither_airflow_nor_ray():
     code = "import sys, airflow_batch_provider as p; p.BatchSpec; print(sorted(m for m in ('ray', 'airflow', 'pyarrow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_literal_secret_in_predictor_secrets_is_refused_without_echoing_it():
+    literal = "sk-live-9Qz:7f3a9c0e1b2d"  # the key itself, pasted where its reference belongs
+    with pytest.raises(BatchSpecError, match=r"predictor_secrets\['api_key'\] is not a reference.*'conn:<conn_id>'") as caught:
+        BatchSpec(source="/in.jsonl", sink="/out", predictor="m:P", predictor_secrets={"api_key": literal})
+    assert literal not in str(caught.value) and "sk-live" not in str(caught.value)

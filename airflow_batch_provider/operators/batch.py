@@ -538,6 +538,6 @@ class FinalizeBatchOperator(_SpecOperator):
             context["outlet_events"][outlet].extra = {k: v for k, v in result.items() if v is not None}
         if self.release_workers and summary.get("pending"):
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
-            released = api.ReplicaPool(self.core_spec).shutdown()
+            released = api.ReplicaPool(self.core_spec, secrets=resolve_predictor_secrets(self.core_spec.predictor_secrets)).shutdown()
             self.log.info("Released %s idle Ray worker(s) of this model (any serving a shard of another run keeps running)", released)
         return result

@@ -11,8 +11,9 @@ Writing a shard, in order:
    the staged handle;
 3. the winner publishes the staged part to ``{sink}/part-{shard_id}.{ext}`` (rename on disk,
    completing the multipart upload on S3), then the rows it rejected (``bad_rows="skip"``),
-   staged the same way, to ``{sink}/_rejected/{shard_id}.jsonl``; a loser discards only its
-   own staged files.
+   staged the same way, to ``{sink}/_rejected/{shard_id}.jsonl`` (a commit that rejected
+   nothing deletes any such file an earlier, quarantined commit left: the sentinel, saying
+   ``rows_rejected`` 0, is what counts); a loser discards only its own staged files.
 
 A crash before 2 leaves only hidden staged data: the shard is pending and is recomputed.
 A crash between 2 and 3 is rolled forward by whoever next checks the shard (the staged
@@ -117,25 +118,29 @@ def check_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
         return ShardCheck(committed=False, note=quarantine(storage, shard.shard_id, invalid))
     if sentinel is None:
         return ShardCheck(committed=False)
-    problem = _published_problem(storage, storage.part_path(shard.shard_id), sentinel) if _has_part(sentinel) else ""
+    problem, rolled = _published_problem(storage, storage.part_path(shard.shard_id), sentinel) if _has_part(sentinel) else ("", False)
     rejected = sentinel.get("rejected")
     if not problem and rejected:
-        problem = _published_problem(storage, storage.rejected_path(shard.shard_id), rejected)
+        problem, _ = _published_problem(storage, storage.rejected_path(shard.shard_id), rejected)
     if problem:
         return ShardCheck(False, note=quarantine(storage, shard.shard_id, problem))
+    if rolled and not rejected:
+        remove_stale_rejected(storage, shard.shard_id)  # the crashed commit's last step
     return ShardCheck(committed=True, sentinel=sentinel)
 
 
-def _published_problem(storage: JobStorage, path: str, record: dict[str, Any]) -> str:
+def _published_problem(storage: JobStorage, path: str, record: dict[str, Any]) -> tuple[str, bool]:
     """What is wrong with a file a sentinel committed (its part, or its rejected rows), after
-    rolling forward a commit that was never published; "" when it is in place."""
+    rolling forward a commit that was never published ("" when it is in place), and whether
+    it was rolled forward. A file of another size in its place is an earlier, quarantined
+    commit's (this one's is still staged): publishing replaces it."""
     size = storage.sink.size(path)
-    if size is None and record.get("staged"):
+    if size != record["bytes"] and record.get("staged"):
         problem = _roll_forward(storage, record["staged"])
         if problem:
-            return problem
-        size = storage.sink.size(path)
-    return _part_problem(path, record, size)
+            return problem, False
+        return _part_problem(path, record, storage.sink.size(path)), True
+    return _part_problem(path, record, size), False
 
 
 def inspect_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
@@ -334,11 +339,21 @@ def commit_shard(
     failpoints.hit("before_publish")
     if staged is not None and not staged.publish():
         raise _gone(shard, storage.part_path(shard.shard_id))
+    failpoints.hit("before_publish_rejected")
     if rejected is not None:
-        failpoints.hit("before_publish_rejected")
         if not rejected.publish():
             raise _gone(shard, storage.rejected_path(shard.shard_id))
+    else:
+        remove_stale_rejected(storage, shard.shard_id)
     return True, sentinel
+
+
+def remove_stale_rejected(storage: JobStorage, shard_id: str) -> None:
+    """Delete the ``_rejected/{shard_id}.jsonl`` an earlier commit of this shard left (its
+    sentinel quarantined, the shard recomputed rejecting nothing): the sentinel that stands
+    says no rows were rejected, and its rows are all in the part now. Done after the part
+    is published, again when a commit is rolled forward, and by finalize."""
+    storage.sink.delete(storage.rejected_path(shard_id))
 
 
 def plan_still_has(storage: JobStorage, shard: Shard, attempt: dict[str, Any]) -> bool:

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core import failpoints
-from airflow_batch_provider.core.domain.commit import InvalidSentinel, check_shard, different_spec_error, parse_sentinel, withdraw
+from airflow_batch_provider.core.domain.commit import (
+    InvalidSentinel,
+    check_shard,
+    different_spec_error,
+    parse_sentinel,
+    remove_stale_rejected,
+    withdraw,
+)
 from airflow_batch_provider.core.domain.input_schema import file_schemas, job_input_schema
 from airflow_batch_provider.core.domain.job_schema import known_output_schema, write_input_schema
 from airflow_batch_provider.core.domain.layout import JobStorage, quarantine_dir
@@ -55,6 +63,11 @@ def plan_job(spec: BatchSpec, storage: JobStorage | None = None, *, reset_key: s
     notes: list[str] = []
     if not spec.resume:
         notes.append(reset_once(storage, reset_key))
+    elif read_reset_state(storage)["resetting"]:
+        # A resume=False reset cut short, then resumed: keep what it left (finalize refuses
+        # a sink marked as being reset).
+        _write_reset_state(storage, {**read_reset_state(storage), "generation": uuid.uuid4().hex, "resetting": False})
+        notes.append("a resume=False reset of this sink was cut short; resume=True keeps what it left and computes the rest")
     files, hidden = find_inputs(storage.source, spec)
     if hidden:
         notes.append(hidden_inputs_note(hidden))
@@ -223,20 +236,40 @@ def _check_sample_sentinel(storage: JobStorage, shard_id: str) -> None:
 
 
 def reset_once(storage: JobStorage, reset_key: str | None) -> str:
-    """``resume=False``: start fresh once per ``reset_key``; the key is recorded after the
-    reset, so a reset cut short is done again by the retry."""
-    if reset_key:
-        raw = storage.checkpoint.read_bytes(storage.reset_path)
-        try:
-            done = raw is not None and json.loads(raw).get("key") == reset_key
-        except (ValueError, AttributeError):
-            done = False
-        if done:
-            return f"resume=False: this run ({reset_key}) already started fresh; keeping what it has committed since"
+    """``resume=False``: start fresh once per ``reset_key``. Every key that ever reset this
+    sink is kept (not only the last): a retried plan task of an older run, after a newer run
+    has started, must not reset again and delete the newer run's shards. The key is recorded
+    after the reset, so a reset cut short is done again by the retry."""
+    state = read_reset_state(storage)
+    if reset_key and reset_key in state["keys"]:
+        return f"resume=False: this run ({reset_key}) already started fresh; keeping what it has committed since"
     note = reset_job(storage)
     if reset_key:
-        storage.checkpoint.write_atomic(storage.reset_path, json.dumps({"key": reset_key, "reset_at": time.time()}).encode())
+        state = read_reset_state(storage)
+        _write_reset_state(storage, {**state, "keys": [*state["keys"], reset_key], "reset_at": time.time()})
     return note
+
+
+def read_reset_state(storage: JobStorage) -> dict[str, Any]:
+    """``reset.json``: the keys of every run that started fresh, the ``generation`` (a new id
+    at the start of every reset) and ``resetting`` (a reset has started and not finished).
+    An older file holds one ``key``; an unreadable one counts as no reset yet."""
+    raw = storage.checkpoint.read_bytes(storage.reset_path)
+    try:
+        data = json.loads(raw) if raw is not None else {}
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    keys = [k for k in data.get("keys") or [] if isinstance(k, str)] if isinstance(data.get("keys"), list) else []
+    if isinstance(data.get("key"), str) and data["key"] not in keys:
+        keys.append(data["key"])
+    return {"keys": keys, "generation": data.get("generation"), "resetting": data.get("resetting") is True,
+            "reset_at": data.get("reset_at")}
+
+
+def _write_reset_state(storage: JobStorage, state: dict[str, Any]) -> None:
+    storage.checkpoint.write_atomic(storage.reset_path, json.dumps(state).encode())
 
 
 def reset_job(storage: JobStorage) -> str:
@@ -250,6 +283,10 @@ def reset_job(storage: JobStorage) -> str:
     quarantined and recomputed) and is finished by the retry.
     """
     spec = storage.spec
+    # A new generation, marked unfinished, before anything goes: a finalize that checked the
+    # shards before this point sees the change after writing _SUCCESS and takes it back.
+    state = read_reset_state(storage)
+    _write_reset_state(storage, {**state, "generation": uuid.uuid4().hex, "resetting": True})
     storage.sink.delete(storage.manifest_path)
     removed = kept = 0
     for shard_id in sorted(storage.committed_ids()):
@@ -262,6 +299,7 @@ def reset_job(storage: JobStorage) -> str:
     storage.checkpoint.delete(storage.output_schema_path)
     storage.checkpoint.delete(storage.plan_path)
     storage.checkpoint.delete(storage.plan_id_path)
+    _write_reset_state(storage, {**read_reset_state(storage), "resetting": False})
     note = f"resume=False: deleted {removed} part files and their sentinels of an earlier run of {spec.sink_root}"
     if removed_quarantined:
         note += f", and {removed_quarantined} file(s) of quarantined sentinels"
@@ -310,6 +348,9 @@ def finalize_job(
     attempt of another run still streaming its part keeps writing (and then loses the race
     and aborts its own). Staged parts of other plans or writers are ``gc``'s business."""
     storage = storage or JobStorage.for_spec(spec)
+    reset = read_reset_state(storage)
+    if reset["resetting"]:
+        raise IncompleteJobError(_resetting_message(spec))
     plan = load_plan(storage)
     if plan is None:
         raise IncompleteJobError(f"{storage.plan_path} is missing: run the plan step first")
@@ -338,6 +379,7 @@ def finalize_job(
         )
     rejected_names = {storage.rejected_path(s.shard_id).rsplit("/", 1)[-1] for s in plan.shards}
     _abort_idle_staged(storage, expected | rejected_names, orphan_grace_s)
+    _remove_stale_rejected(storage, plan.shards, checks)
     failpoints.hit("finalize_before_manifest")
     sentinels = [c.sentinel or {} for c in checks]
     output_schema = known_output_schema(storage)
@@ -373,8 +415,42 @@ def finalize_job(
     }
     if elapsed_seconds is not None:
         manifest["elapsed_seconds"] = elapsed_seconds
-    storage.sink.write_atomic(storage.manifest_path, json.dumps(manifest, indent=1).encode())
+    data = json.dumps(manifest, indent=1).encode()
+    storage.sink.write_atomic(storage.manifest_path, data)
+    # A reset (resume=False of a newer run) that began after the checks above may have
+    # deleted parts this manifest names: take it back. One that begins after this read
+    # deletes _SUCCESS itself, after marking its generation.
+    after = read_reset_state(storage)
+    if after["generation"] != reset["generation"] or after["resetting"]:
+        storage.sink.remove_if_unchanged(storage.manifest_path, data)
+        raise IncompleteJobError(
+            f"{spec.sink_root} was reset (resume=False, by another run) while this run finalized: its parts are "
+            "being deleted, so no _SUCCESS was left. The run that reset the sink computes it again; "
+            "rerun this one (from its plan task) only if its own output is wanted."
+        )
     return manifest
+
+
+def _resetting_message(spec: BatchSpec) -> str:
+    return (
+        f"{spec.sink_root} is being reset (resume=False): a newer run started fresh and is deleting this job's "
+        "parts, or such a reset was cut short. No _SUCCESS is written over it. Let that run finish (a reset cut "
+        "short is finished by rerunning its plan task; a plan with resume=True keeps what it left)."
+    )
+
+
+def _remove_stale_rejected(storage: JobStorage, shards: list[Shard], checks: list) -> int:
+    """Delete rejected-row files of shards whose sentinel says they rejected nothing (left by
+    an earlier commit, quarantined since, when the commit that replaced it was cut short before
+    its last step): one listing; the sentinel is what counts."""
+    clean = {
+        storage.rejected_path(s.shard_id).rsplit("/", 1)[-1]: s.shard_id
+        for s, c in zip(shards, checks, strict=True) if not (c.sentinel or {}).get("rejected")
+    }
+    stale = [clean[name] for name in storage.rejected_files() if name in clean]
+    for shard_id in stale:
+        remove_stale_rejected(storage, shard_id)
+    return len(stale)
 
 
 def _abort_idle_staged(storage: JobStorage, part_names: set[str], grace_s: float) -> int:

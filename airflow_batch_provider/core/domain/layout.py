@@ -7,7 +7,7 @@
     {sink}/_rejected/{shard_id}.jsonl            rows a shard rejected (bad_rows="skip"), committed with it
     {checkpoint_dir}/plan.json                   the plan, persisted once
     {checkpoint_dir}/plan.id                     its id, read by every commit (superseded plans)
-    {checkpoint_dir}/reset.json                  which run last started fresh (resume=False)
+    {checkpoint_dir}/reset.json                  every run that started fresh, and the reset generation
     {checkpoint_dir}/shards/{shard_id}.json      per-shard sentinels (the commit records)
     {checkpoint_dir}/quarantine/                 sentinels found broken, kept for inspection
     {checkpoint_dir}/input_schema-<fp>.json      the input schema the plan settled (per spec fingerprint)

@@ -20,6 +20,7 @@ from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import BadRowLimitError, BatchError
 from airflow_batch_provider.core.execution.writers import jsonable
+from airflow_batch_provider.core.redaction import Redactor
 from airflow_batch_provider.core.stores import StagedPart
 
 #: How many bad rows a failing shard's message lists.
@@ -32,9 +33,10 @@ class BadRows:
     Thread-safe: the reader thread rejects unreadable rows while the predictor's thread
     rejects the rows it raised on."""
 
-    def __init__(self, storage: JobStorage, shard: Shard):
+    def __init__(self, storage: JobStorage, shard: Shard, redactor: Redactor | None = None):
         self._storage = storage
         self._shard = shard
+        self._redactor = redactor or Redactor()  # secret values never reach the sink
         self.limit = storage.spec.bad_row_limit(shard.rows)
         self.count = 0
         self.count_unread = 0  # rejected before reaching the predictor (not in the reader's row count)
@@ -56,7 +58,8 @@ class BadRows:
         ``"read"`` (the row never reached the predictor) or ``"predict"`` (the predictor raised)."""
         if self._storage.spec.bad_rows == "fail":
             raise error
-        record: dict[str, Any] = {"file": self._shard.path, self.position_key: position, "stage": stage, "error": str(error)}
+        message = self._redactor.text(str(error))
+        record: dict[str, Any] = {"file": self._shard.path, self.position_key: position, "stage": stage, "error": message}
         if raw is not None:
             try:
                 record["raw"] = raw.decode("utf-8")
@@ -72,7 +75,7 @@ class BadRows:
             self.count += 1
             self.count_unread += stage == "read"
             if len(self._first) < _SHOWN:
-                self._first.append(f"{self.position_key.replace('_', ' ')} {position} ({error})")
+                self._first.append(f"{self.position_key.replace('_', ' ')} {position} ({message})")
             if self.limit is not None and self.count > self.limit:
                 raise BadRowLimitError(self._limit_message())
 

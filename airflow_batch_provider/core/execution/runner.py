@@ -23,6 +23,7 @@ from airflow_batch_provider.core.execution.batches import build_predictor, from_
 from airflow_batch_provider.core.execution.readers import Batch, ReadStats, read_shard
 from airflow_batch_provider.core.execution.threads import BackgroundWriter, prefetch
 from airflow_batch_provider.core.execution.writers import PartWriter
+from airflow_batch_provider.core.redaction import Redactor
 from airflow_batch_provider.core.spec import BatchSpec
 
 
@@ -66,13 +67,29 @@ class ShardRunner:
         self.spec = spec
         self.storage = JobStorage.for_spec(spec, storage_options)
         started = time.perf_counter()
-        self.predictor = predictor or build_predictor(spec.predictor, {**spec.predictor_kwargs, **(secrets or {})})
+        #: the secret values: taken out of every error this runner writes or raises
+        self.redactor = Redactor((secrets or {}).values())
+        try:
+            self.predictor = predictor or build_predictor(spec.predictor, {**spec.predictor_kwargs, **(secrets or {})})
+        except Exception as err:
+            if self.redactor.names_a_secret(err):
+                raise self.redactor.error(err) from None
+            raise
         self.load_seconds = time.perf_counter() - started
         self._output_schema: pa.Schema | None = None  # create-only once recorded: kept once seen
 
     def run(self, shard: Shard, attempt: dict[str, Any], on_rows: Callable[[int], None] | None = None) -> ShardResult:
         """Check, compute and commit ``shard``; ``on_rows(n)`` hears of every batch the model
-        has done (``n`` rows of the shard so far), for progress reports."""
+        has done (``n`` rows of the shard so far), for progress reports. An error that names
+        a secret value is raised with the value replaced by ``***``."""
+        try:
+            return self._run(shard, attempt, on_rows)
+        except Exception as err:
+            if not self.redactor.names_a_secret(err):
+                raise
+            raise self.redactor.error(err) from None
+
+    def _run(self, shard: Shard, attempt: dict[str, Any], on_rows: Callable[[int], None] | None) -> ShardResult:
         started = time.perf_counter()
         check = check_shard(self.storage, shard)
         if check.committed:
@@ -82,7 +99,7 @@ class ShardRunner:
         input_schema = load_input_schema(storage)
         staged = storage.sink.open_staged(storage.part_path(shard.shard_id))
         stats = ReadStats()
-        bad = BadRows(storage, shard)
+        bad = BadRows(storage, shard, self.redactor)
         model_seconds = 0.0
         try:
             self._output_schema = self._output_schema or known_output_schema(storage)
@@ -141,12 +158,12 @@ class ShardRunner:
         try:
             output = self.predictor(given)
         except Exception as err:
-            error = PredictorFailedError(
+            error = PredictorFailedError(self.redactor.text(
                 f"the predictor raised {type(err).__name__}: {err} on shard {shard.shard_id}, {shard.path} "
                 f"{batch.where(shard)}"
-            )
+            ))
             if self.spec.bad_rows == "fail":
-                raise error from err
+                raise error from (None if self.redactor.names_a_secret(err) else err)
             rows = batch.table.num_rows
             if rows <= 1:
                 if rows:

@@ -60,13 +60,32 @@ _REPORT_S = 60.0
 CANCEL_GRACE_S = 10.0
 
 
-def pool_key(spec: BatchSpec) -> str:
-    """Replicas are shared by every job that loads the same model with the same resources."""
+#: salt and rounds of the digest of secret values in a pool key (PBKDF2-HMAC-SHA256): the
+#: digest must be the same in every process of every deployment, and costly to test guesses against.
+_SECRETS_SALT = b"airflow-batch-provider/replica-key/v1"
+_SECRETS_ROUNDS = 200_000
+
+
+def pool_key(spec: BatchSpec, secrets: dict[str, str] | None = None) -> str:
+    """Replicas are shared by every job that loads the same model with the same resources and
+    the same secret *values* (a rotated key gets new replicas; two deployments naming their
+    key alike on one Ray cluster do not share theirs). The values enter only through a salted,
+    slow digest (``secrets_digest``), and the key is a truncated hash of it: neither the value
+    nor its digest is in an actor's name."""
     loads = [spec.predictor, spec.predictor_kwargs, spec.num_gpus, spec.num_cpus]
-    if spec.predictor_secrets:  # by reference: replicas of different credentials are not shared
-        loads.append(spec.predictor_secrets)
+    if spec.predictor_secrets:
+        if secrets is None or set(secrets) != set(spec.predictor_secrets):
+            raise RayWorkError(f"the predictor's secret arguments {sorted(spec.predictor_secrets)} were not resolved; "
+                               "reach its replicas from a task that resolves predictor_secrets")
+        loads += [spec.predictor_secrets, secrets_digest(secrets)]
     raw = json.dumps(loads, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def secrets_digest(secrets: dict[str, str]) -> str:
+    """A salted PBKDF2 digest of the secret values (never the values themselves)."""
+    material = json.dumps(sorted(secrets.items())).encode()
+    return hashlib.pbkdf2_hmac("sha256", material, _SECRETS_SALT, _SECRETS_ROUNDS).hex()
 
 
 class ReplicaPool:
@@ -80,13 +99,21 @@ class ReplicaPool:
 
     def __init__(self, spec: BatchSpec, *, secrets: dict[str, str] | None = None, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
         self.spec = spec
-        self.key = pool_key(spec)
+        self._key: str | None = None
         self.idle_timeout_s = idle_timeout_s
         self._secrets = secrets
         self._secrets_ref: Any = None
         self._refs: dict[str, Any] = {}  # token -> ObjectRef of calls submitted by this process
         self._asks = itertools.count()
         self._ask_ids: dict[Any, str] = {}  # ObjectRef of a reserve call -> the id of that ask
+
+    @property
+    def key(self) -> str:
+        """:func:`pool_key`, computed on first use: following a call by its work id (status,
+        cancel) needs no key, and so no secrets."""
+        if self._key is None:
+            self._key = pool_key(self.spec, self._secrets)
+        return self._key
 
     # -- replicas -----------------------------------------------------------------------
     def size(self) -> int:

@@ -65,11 +65,19 @@ class Replica:
     def __init__(self, predictor: str, predictor_kwargs: dict[str, Any], idle_timeout_s: float, secrets: dict[str, str] | None = None):
         from airflow_batch_provider.core.execution.allocator import keep_freed_memory
         from airflow_batch_provider.core.execution.batches import build_predictor
+        from airflow_batch_provider.core.redaction import Redactor
 
         # Before the model loads: this process serves only this replica, shard after shard.
         self.keeps_freed_memory = keep_freed_memory()
         started = time.perf_counter()
-        self.predictor = build_predictor(predictor, {**predictor_kwargs, **(secrets or {})})  # Ray resolved the ref
+        self._secrets = secrets  # Ray resolved the ref; each run's runner redacts errors with them
+        self._redactor = Redactor((secrets or {}).values())
+        try:
+            self.predictor = build_predictor(predictor, {**predictor_kwargs, **(secrets or {})})
+        except Exception as err:
+            if self._redactor.names_a_secret(err):
+                raise self._redactor.error(err) from None
+            raise
         self.load_seconds = time.perf_counter() - started
         self.shards_run = 0
         self._lock = threading.Lock()
@@ -105,7 +113,7 @@ class Replica:
             self._stop_if_cancelled(token)
 
         try:
-            runner = ShardRunner(BatchSpec.from_dict(spec), storage_options, predictor=self.predictor)
+            runner = ShardRunner(BatchSpec.from_dict(spec), storage_options, predictor=self.predictor, secrets=self._secrets)
             results = []
             done_before = 0
             for shard in planned:
@@ -120,7 +128,9 @@ class Replica:
             self._finish(token, {"state": RunState.SUCCEEDED, "results": results})
             return results
         except BaseException as err:
-            self._finish(token, {"state": RunState.FAILED, "error": f"{type(err).__name__}: {err}"})
+            self._finish(token, {"state": RunState.FAILED, "error": self._redactor.text(f"{type(err).__name__}: {err}")})
+            if self._redactor.names_a_secret(err):
+                raise self._redactor.error(err) from None
             raise
 
     def _stop_if_cancelled(self, token: str) -> None:

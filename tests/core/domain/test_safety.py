@@ -10,14 +10,16 @@ import threading
 
 import pytest
 
+from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain import commit as commit_mod
+from airflow_batch_provider.core.domain import jobs as jobs_mod
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard, new_attempt, quarantine
 from airflow_batch_provider.core.domain.job_schema import load_input_schema
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
-from airflow_batch_provider.core.errors import BatchError, CommitError, StaleCheckpointError, StorageError
+from airflow_batch_provider.core.errors import BatchError, CommitError, IncompleteJobError, StaleCheckpointError, StorageError
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from tests.core.domain.test_commit import make_spec, run_all, sink_ids
+from tests.core.domain.test_commit import make_spec, run_all, run_killed_at, sink_ids
 
 
 @pytest.fixture
@@ -108,6 +110,103 @@ def test_reset_deletes_success_before_any_part(spec, monkeypatch):
     monkeypatch.setattr(type(storage.sink), "delete", recording_delete)
     plan_job(make_spec(spec.source, spec.sink, resume=False))
     assert order[0] == "_SUCCESS" and sum(n.startswith("part-") for n in order) == 5
+
+
+def fresh_spec(spec):
+    return make_spec(spec.source, spec.sink, predictor_kwargs=spec.predictor_kwargs, resume=False)
+
+
+def test_a_reset_during_finalize_takes_back_the_success_it_wrote(spec, monkeypatch):
+    """Run 1's finalize has checked every shard when run 2 (resume=False) resets the sink:
+    the _SUCCESS run 1 then writes would name parts that are gone."""
+    run_all(spec)
+    storage = JobStorage.for_spec(spec)
+    real_hit = failpoints.hit
+
+    def run_two_resets_here(name):
+        if name == "finalize_before_manifest":
+            plan_job(fresh_spec(spec), reset_key="dag/run-2/plan")
+        real_hit(name)
+
+    monkeypatch.setattr(failpoints, "hit", run_two_resets_here)
+    with pytest.raises(IncompleteJobError, match="was reset .* while this run finalized"):
+        finalize_job(spec, storage)
+    monkeypatch.undo()
+    assert not os.path.exists(storage.manifest_path) and sink_ids(spec.sink_root) == []
+    # run 2 goes on: every row once, and its _SUCCESS names parts that are there
+    fresh = fresh_spec(spec)
+    again = plan_job(fresh, reset_key="dag/run-2/plan")
+    assert "already started fresh" in again.notes[0] and len(again.pending) == 5
+    for shard in again.pending:
+        ShardRunner(fresh).run(shard, new_attempt())
+    manifest = finalize_job(fresh)
+    assert sink_ids(spec.sink_root) == list(range(380))
+    assert all(os.path.exists(os.path.join(spec.sink_root, p["part"])) for p in manifest["parts"])
+
+
+def test_a_finalize_during_a_reset_writes_no_success(spec, monkeypatch):
+    """The reset has deleted _SUCCESS and not yet the parts when run 1's finalize checks them:
+    it must not write a _SUCCESS the reset then leaves naming deleted parts."""
+    run_all(spec)
+    storage = JobStorage.for_spec(spec)
+    real_delete = type(storage.sink).delete
+    outcome = []
+
+    def finalize_between_success_and_parts(self, path):
+        real_delete(self, path)
+        if path == storage.manifest_path and not outcome:
+            try:
+                outcome.append(finalize_job(spec))
+            except IncompleteJobError as err:
+                outcome.append(err)
+
+    monkeypatch.setattr(type(storage.sink), "delete", finalize_between_success_and_parts)
+    plan_job(fresh_spec(spec), reset_key="dag/run-2/plan")
+    monkeypatch.undo()
+    assert isinstance(outcome[0], IncompleteJobError) and "being reset" in str(outcome[0])
+    assert not os.path.exists(storage.manifest_path) and sink_ids(spec.sink_root) == []
+
+
+def test_a_reset_cut_short_then_resumed_can_finalize(spec, monkeypatch):
+    run_all(spec)
+    real_withdraw, withdrawn = jobs_mod.withdraw, []
+
+    def crash_at_the_third_shard(*args):
+        withdrawn.append(args[1])
+        if len(withdrawn) == 3:
+            raise failpoints.FailpointError("the reset's process dies here")
+        return real_withdraw(*args)
+
+    monkeypatch.setattr(jobs_mod, "withdraw", crash_at_the_third_shard)
+    with pytest.raises(failpoints.FailpointError):
+        plan_job(fresh_spec(spec), reset_key="dag/run-2/plan")
+    monkeypatch.undo()
+    with pytest.raises(IncompleteJobError, match="being reset"):
+        finalize_job(spec)
+    job = plan_job(spec)  # resume=True over what the reset left
+    assert any("cut short" in n for n in job.notes), job.notes
+    for shard in job.pending:
+        ShardRunner(spec).run(shard, new_attempt())
+    finalize_job(spec)
+    assert sink_ids(spec.sink_root) == list(range(380))
+
+
+def test_an_older_runs_retried_plan_never_resets_again(spec):
+    """Run 1's plan task is retried after run 2 started fresh: run 2's shards stay."""
+    fresh = fresh_spec(spec)
+    runner = ShardRunner(fresh)
+    for shard in plan_job(fresh, reset_key="dag/run-1/plan").pending:
+        runner.run(shard, new_attempt())
+    run_two = plan_job(fresh, reset_key="dag/run-2/plan")
+    for shard in run_two.pending[:2]:
+        runner.run(shard, new_attempt())
+    retried = plan_job(fresh, reset_key="dag/run-1/plan")
+    assert "already started fresh" in retried.notes[0] and (retried.committed, len(retried.pending)) == (2, 3)
+    for shard in retried.pending:
+        runner.run(shard, new_attempt())
+    finalize_job(fresh)
+    assert sink_ids(spec.sink_root) == list(range(380))
+    assert computed_rows(spec) == 380 + 380  # run 1 all, then run 2 all (its first two shards not again)
 
 
 # -- 2. runs sharing a sink ------------------------------------------------------------------
@@ -366,7 +465,7 @@ def test_local_storage_failures_are_batch_errors_that_say_what_to_do(tmp_path, j
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the sink's parent should be")
     spec = make_spec(jsonl_source, str(blocker / "out"))
-    with pytest.raises(BatchError, match=r"not-a-dir/out/_checkpoint/shards failed: Not a directory.*then clear the task"):
+    with pytest.raises(BatchError, match=r"not-a-dir/out/_checkpoint/\S+ failed: Not a directory.*then clear the task"):
         plan_job(spec)
 
 
@@ -383,3 +482,61 @@ def test_reset_and_withdraw_take_the_rejected_rows_file_with_the_shard(spec, tmp
     plan_job(fresh, reset_key="run-2")
     assert [n for n in os.listdir(rejected_dir) if n.endswith(".jsonl")] == []
     assert sink_ids(spec.sink_root) == []
+
+
+# -- 4. a shard recomputed without bad rows leaves no rejected-rows file of its earlier commit -----
+def rejected_once_then_quarantined(spec, tmp_path):
+    """A skip job whose predictor fails on ids divisible by 97 (a flaky remote model, say):
+    shard 0 rejects ids 0 and 97. Its part is then damaged, so finalize quarantines its sentinel, and
+    the predictor is healthy again: the rerun recomputes shard 0 rejecting nothing."""
+    flaky = tmp_path / "predictor-fails"
+    flaky.touch()
+    kwargs = {"fail_marker": str(flaky), "fail_mod": 97, "calls_log": spec.predictor_kwargs["calls_log"]}
+    skipping = make_spec(spec.source, spec.sink, bad_rows="skip", predictor_kwargs=kwargs)
+    run_all(skipping)
+    storage = JobStorage.for_spec(skipping)
+    shard = plan_job(skipping).plan.shards[0]
+    stale = storage.rejected_path(shard.shard_id)
+    assert [json.loads(line)["row"]["id"] for line in open(stale)] == [0, 97]
+    part = storage.part_path(shard.shard_id)
+    open(part, "ab").write(b"damaged")
+    with pytest.raises(IncompleteJobError, match="quarantined"):
+        finalize_job(skipping)
+    flaky.unlink()
+    return skipping, storage, shard, stale
+
+
+def rejected_ids(spec) -> list[int]:
+    folder = os.path.join(spec.sink_root, "_rejected")
+    names = [n for n in os.listdir(folder) if n.endswith(".jsonl")] if os.path.isdir(folder) else []
+    return sorted(json.loads(line)["row"]["id"] for n in names for line in open(os.path.join(folder, n)))
+
+
+def assert_each_row_once(spec, manifest):
+    """Every input row once, in a part or in _rejected/, and _SUCCESS counts the same."""
+    assert rejected_ids(spec) == [194, 291]  # the other shards' rejected rows; 0 and 97 are in shard 0's part now
+    assert sorted(sink_ids(spec.sink_root) + rejected_ids(spec)) == list(range(380))
+    assert manifest["rows_rejected"] == 2 and manifest["rows_out"] == 378
+
+
+def test_a_recompute_that_rejects_nothing_removes_the_earlier_rejected_rows(spec, tmp_path):
+    skipping, storage, shard, stale = rejected_once_then_quarantined(spec, tmp_path)
+    assert [s.shard_id for s in plan_job(skipping).pending] == [shard.shard_id]
+    run_all(skipping)
+    assert not os.path.exists(stale)
+    assert_each_row_once(spec, finalize_job(skipping))
+
+
+@pytest.mark.parametrize("point", ["before_publish", "before_publish_rejected"])
+def test_a_kill_while_recomputing_without_bad_rows_then_rerun_ends_clean(spec, tmp_path, point):
+    """Killed after the sentinel (no rows rejected) is created: before the part is published
+    (the rerun's plan rolls the commit forward) or after it (finalize finds the stale file)."""
+    skipping, storage, shard, stale = rejected_once_then_quarantined(spec, tmp_path)
+    marker = tmp_path / "fired"
+    proc = run_killed_at(skipping, point, marker)
+    assert proc.returncode == -9 and marker.exists(), proc.stderr.decode()[-2000:]
+    assert os.path.exists(stale)
+    run_all(skipping)
+    manifest = finalize_job(skipping, orphan_grace_s=0)
+    assert not os.path.exists(stale)
+    assert_each_row_once(spec, manifest)

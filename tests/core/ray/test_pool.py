@@ -6,6 +6,7 @@ from the next test for the lease timeout."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -205,3 +206,35 @@ def test_a_running_call_reports_its_progress(local_ray, jsonl_source, tmp_path):
     assert all(p.rows_total == 20 and 0 <= p.rows_done <= 20 for p in heard)
     assert [p.rows_done for p in heard] == sorted(p.rows_done for p in heard)
     assert any(p.rows_done > 0 for p in heard) and "of 20 rows" in heard[-1].describe()
+
+
+def test_replicas_are_keyed_by_the_secret_values_never_named_by_them(jsonl_source, tmp_path):
+    """A rotated key gets new replicas, and two deployments naming their keys alike on one
+    Ray cluster do not share theirs; the value is nowhere in the name (no Ray needed)."""
+    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:LeakyKeyed",
+                     predictor_secrets={"api_key": "var:model_api_key"})
+    old, new = "sk-live-old-7f3a9c0e1b2d", "sk-live-new-4e5f6a7b8c9d"
+    assert pool_key(spec, {"api_key": old}) == pool_key(spec, {"api_key": old})  # every task of a deployment finds them
+    assert pool_key(spec, {"api_key": old}) != pool_key(spec, {"api_key": new})
+    names = [ReplicaPool(spec, secrets={"api_key": value}).name(0) for value in (old, new)]
+    assert names[0] != names[1] and not any(part in name for name in names for part in ("sk-live", "old", "new"))
+    with pytest.raises(RayWorkError, match="were not resolved"):
+        ReplicaPool(spec).name(0)
+
+
+def test_a_replicas_error_naming_its_secret_reaches_the_caller_without_it(local_ray, jsonl_source, tmp_path):
+    """The replica gets the secret values with the call and redacts with them: neither the
+    error the caller raises nor the status a trigger reads holds the value."""
+    secret = "sk-live-5a6b7c8d9e0f1a2b"
+    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:LeakyKeyed",
+                     predictor_secrets={"api_key": "var:model_api_key"}, num_cpus=1, num_workers=1, rows_per_shard=100)
+    pool = ReplicaPool(spec, secrets={"api_key": secret})
+    try:
+        work = pool.submit(plan_job(spec).pending[:1], new_attempt())
+        with pytest.raises(RayWorkError, match=r"key=\*\*\*") as caught:
+            pool.result(work)
+        assert secret not in str(caught.value)
+        status = pool.status(work)
+        assert status["state"] == "FAILED" and "key=***" in status["error"] and secret not in json.dumps(status)
+    finally:
+        pool.shutdown(force=True)
