@@ -4,8 +4,9 @@
     airflow-batch verify SINK                             re-read every part; non-zero exit on a mismatch
     airflow-batch gc SINK --older-than 6h [--yes]         leftovers of crashed attempts, old quarantine
 
-S3 credentials come from the Airflow connection named by ``--conn-id`` (as the tasks use it),
-or else from the usual AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, profiles).
+S3 credentials come from the Airflow connection named by ``--conn-id`` (as the tasks use it;
+one that does not exist is an error), or else from the usual AWS environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, profiles). Exit status: see ``EXIT_CODES``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 from datetime import datetime, timezone
@@ -23,18 +25,41 @@ from airflow_batch_provider.core import api
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
+#: so that a pipeline can gate on ``status`` and ``verify``
+EXIT_CODES = """exit status:
+  0  a healthy sink (status: it may still be running; verify: every committed part re-read and matching)
+  1  the sink has problems, one line each: a part that differs from its sentinel or is gone, a part or
+     rejected-rows file no sentinel names, a sentinel that does not parse, a plan or _SUCCESS that
+     disagrees with the sentinels (status looks at listings and sizes; verify re-reads every byte)
+  2  no sink could be read: no such path, nothing of a batch job there (no plan, sentinel or _SUCCESS:
+     pass --checkpoint-dir when the job sets checkpoint_dir), an unsupported URL (gs://, s3:// without
+     bucket), an Airflow connection that does not exist, a storage error, or bad arguments"""
+
 
 def parse_duration(text: str) -> float:
-    """``90s``, ``30m``, ``6h``, ``7d`` -> seconds."""
+    """``90s``, ``30m``, ``6h``, ``7d`` -> seconds (more than none)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write it like 90s, 30m, 6h or 7d")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: gc needs a grace period longer than your longest shard task, e.g. 6h "
+                                         "(with none, it removes the parts that running tasks are writing)")
+    return seconds
 
 
-def storage_options(sink: str, conn_id: str | None) -> dict[str, Any] | None:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("airflow-batch-provider")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def storage_options(sink: str, checkpoint_dir: str | None, conn_id: str | None) -> dict[str, Any] | None:
     """The options the tasks would use: the Airflow connection when one is named."""
-    if not api.is_remote(sink):
+    if not api.is_remote(sink) and not (checkpoint_dir and api.is_remote(checkpoint_dir)):
         return None
     if conn_id is None:
         return {}  # boto3's own credential chain: environment, profile, instance role
@@ -45,8 +70,13 @@ def storage_options(sink: str, conn_id: str | None) -> dict[str, Any] | None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
             handler.setStream(sys.stderr)
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
     with contextlib.redirect_stdout(sys.stderr):  # structlog's own loggers write to sys.stdout
-        return options_for_connection(conn_id)
+        try:
+            return options_for_connection(conn_id)
+        except AirflowNotFoundException as err:  # named, so never the default chain instead
+            raise api.BatchSpecError(str(err)) from None
 
 
 def _when(stamp: float | None) -> str:
@@ -61,7 +91,7 @@ def _mib(size: int) -> str:
 
 def render_status(status: api.SinkStatus) -> str:
     rate = status.rows_per_second
-    span = (status.last_commit_at or 0) - (status.first_commit_at or 0)
+    span = (status.last_commit_at or 0) - (status.planned_at or 0)
     lines = [
         f"sink        {status.sink}",
         f"checkpoint  {status.checkpoint_dir}",
@@ -70,7 +100,7 @@ def render_status(status: api.SinkStatus) -> str:
         f"rows        {status.rows_in:,} in, {status.rows_out:,} out, {status.rows_rejected:,} rejected "
         f"(planned {status.planned_rows:,})",
         f"bytes       {_mib(status.bytes)}",
-        f"speed       {f'{rate:,.0f} rows/s over {span / 60:.1f} min of commits' if rate else '-'}",
+        f"speed       {f'{rate:,.0f} rows/s over {span / 60:.1f} min from the plan to the last commit' if rate else '-'}",
         f"finalized   {_when(status.finalized_at) if status.finalized_at else 'no'}",
     ]
     if status.throughput:
@@ -80,47 +110,75 @@ def render_status(status: api.SinkStatus) -> str:
         lines.append("last commits:")
         lines += [f"  {_when(c.committed_at)}  {c.shard_id}  {c.rows_in:>10,} rows  {_mib(c.bytes):>12}  {c.part}"
                   for c in status.last_commits]
-    lines.append(f"(read in {status.seconds:.2f} s)")
+    lines += [f"PROBLEM {problem}" for problem in status.problems]
+    lines.append(f"(read in {status.seconds:.2f} s; {len(status.problems)} problem(s))")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="airflow-batch", description="Look after the sink of a batch inference job.")
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, where a reader gone is caught, not at the interpreter's exit
+        return code
+    except BrokenPipeError:  # ``airflow-batch status | head``: the reader has gone, say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="airflow-batch", description="Look after the sink of a batch inference job.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("status", "shards committed, pending and quarantined; rows, bytes, speed, last commits"),
-                       ("verify", "re-read every committed part; check its size and sha256 against its sentinel"),
+    for name, text in (("status", "shards committed, pending and quarantined; rows, bytes, speed (rows read from the "
+                                  "plan's writing to the last commit), last commits; problems the listings show"),
+                       ("verify", "re-read every committed part; check its size and sha256 against its sentinel, and "
+                                  "the sink's files against its sentinels, plan and _SUCCESS"),
                        ("gc", "remove what crashed attempts left (staged parts, orphan uploads) and old quarantine entries")):
-        command = commands.add_parser(name, help=text, description=text)
+        command = commands.add_parser(name, help=text, description=text, epilog=EXIT_CODES if name != "gc" else None,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_argument("sink", help="the sink: a local path or s3://bucket/prefix")
         command.add_argument("--checkpoint-dir", help="the job's checkpoint_dir, when it is not {sink}/_checkpoint")
-        command.add_argument("--conn-id", help="Airflow connection for S3 credentials (default: the AWS environment)")
+        command.add_argument("--conn-id", help="Airflow connection for S3 credentials; it must exist "
+                                               "(default: the AWS environment)")
         if name == "status":
             command.add_argument("--json", action="store_true", help="print the figures as JSON")
         if name == "gc":
             command.add_argument("--older-than", type=parse_duration, required=True,
                                  help="only what is older than this (longer than your longest shard task), e.g. 6h")
             command.add_argument("--yes", action="store_true", help="remove; without it, only print what would go")
-    args = parser.parse_args(argv)
-    options = storage_options(args.sink, args.conn_id)
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
     try:
+        options = storage_options(args.sink, args.checkpoint_dir, args.conn_id)
         if args.command == "status":
             status = api.sink_status(args.sink, args.checkpoint_dir, options)
             print(json.dumps(status.to_dict(), indent=1) if args.json else render_status(status))
-            return 0
+            return 1 if status.problems else 0
         if args.command == "verify":
             result = api.verify_sink(args.sink, args.checkpoint_dir, options)
             for problem in result.problems:
                 print(f"MISMATCH {problem}")
-            print(f"{result.checked} committed parts checked, {len(result.problems)} mismatched")
+            print(f"{result.checked} committed parts checked, {len(result.problems)} problem(s)")
             return 1 if result.problems else 0
         lines = api.collect_garbage(args.sink, args.checkpoint_dir, options, older_than_s=args.older_than, apply=args.yes)
         print("\n".join(lines) if lines else "nothing to remove")
         if lines and not args.yes:
             print("(dry run: add --yes to remove them)")
         return 0
-    except api.BatchError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except BrokenPipeError:
+        raise
+    except (api.BatchError, OSError, ValueError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def test_the_console_script_runs(sink):
 def test_verify_names_each_part_that_differs_from_its_sentinel(sink, capsys):
     spec, storage = sink
     assert main(["verify", spec.sink]) == 0
-    assert "4 committed parts checked, 0 mismatched" in capsys.readouterr().out
+    assert "4 committed parts checked, 0 problem(s)" in capsys.readouterr().out
     parts = sorted(n for n in os.listdir(spec.sink) if n.startswith("part-"))
     flipped = os.path.join(spec.sink, parts[0])
     data = bytearray(open(flipped, "rb").read())
@@ -68,7 +68,7 @@ def test_verify_names_each_part_that_differs_from_its_sentinel(sink, capsys):
     text = capsys.readouterr().out
     assert f"MISMATCH {flipped}: sha256" in text
     assert f"MISMATCH {os.path.join(spec.sink, parts[1])}: missing" in text
-    assert "4 committed parts checked, 2 mismatched" in text
+    assert "4 committed parts checked, 2 problem(s)" in text
 
 
 def test_gc_removes_only_old_unreferenced_leftovers_and_only_with_yes(sink, capsys):
@@ -112,7 +112,7 @@ def test_status_and_verify_on_s3_with_the_tasks_connection(s3_server, s3_bucket,
     figures = json.loads(capsys.readouterr().out)
     assert (figures["committed"], figures["pending"], figures["rows_out"]) == (5, 0, 380)
     assert main(["verify", spec.sink, "--conn-id", "abp_cli_s3"]) == 0
-    assert "5 committed parts checked, 0 mismatched" in capsys.readouterr().out
+    assert "5 committed parts checked, 0 problem(s)" in capsys.readouterr().out
     assert s3_server.secret_key not in json.dumps(figures)
 
 
@@ -150,3 +150,127 @@ def test_status_reads_each_sentinel_once_and_a_finalized_sink_from_its_manifest(
     done, done_gets = gets_during_status()
     assert (done.committed, done.pending, done.rows_in) == (8, 0, 380) and done.finalized_at
     assert done_gets <= 2
+
+
+# -- what is not a healthy sink: non-zero exit, so a pipeline can gate on status and verify --------
+@pytest.mark.parametrize("command", ["status", "verify"])
+def test_a_path_that_is_not_a_sink_exits_2(command, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for path in (str(tmp_path / "nowhere"), str(tmp_path / "empty")):
+        assert main([command, path]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path} is not the sink of a batch job") and "--checkpoint-dir" in err
+
+
+@pytest.mark.parametrize("url, says", [("gs://x", "gs:// is not supported"), ("s3://", "names no bucket"),
+                                       ("s3:///out", "names no bucket")])
+def test_unsupported_urls_give_one_line_and_exit_2(url, says):
+    for command in (["status", url], ["verify", url], ["gc", url, "--older-than", "1h"]):
+        done = subprocess.run([sys.executable, "-m", "airflow_batch_provider", *command], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 2, done
+        assert done.stderr.count("\n") == 1 and says in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_conn_id_that_does_not_exist_is_an_error(monkeypatch, capsys):
+    monkeypatch.delenv("AIRFLOW_CONN_ABP_NOWHERE", raising=False)
+    assert main(["status", "s3://bucket/out", "--conn-id", "abp_nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "connection 'abp_nowhere'" in err and "does not exist" in err
+
+
+def test_an_unparseable_sentinel_and_a_part_no_sentinel_names_fail_verify_and_status(sink, capsys):
+    spec, storage = sink
+    sentinels = sorted(os.listdir(storage.sentinel_dir))
+    broken = os.path.join(storage.sentinel_dir, sentinels[0])
+    open(broken, "w").write('{"shard_id": "cut sh')
+    stray = os.path.join(spec.sink, "part-0000stray.parquet")
+    open(stray, "wb").write(b"PAR1")
+    assert main(["verify", spec.sink]) == 1
+    out = capsys.readouterr().out
+    assert f"MISMATCH {broken}: the sentinel does not parse" in out
+    assert f"MISMATCH {stray}: no sentinel names this part" in out
+    # the broken sentinel's own part is now a part no (readable) sentinel names
+    assert out.count("no sentinel names this part") == 2 and "3 committed parts checked, 3 problem(s)" in out
+    assert main(["status", spec.sink]) == 1
+    out = capsys.readouterr().out
+    assert f"PROBLEM {broken}: the sentinel does not parse" in out and f"PROBLEM {stray}" in out
+
+
+def test_status_reports_a_deleted_part(sink, capsys):
+    spec, _ = sink
+    part = os.path.join(spec.sink, sorted(n for n in os.listdir(spec.sink) if n.startswith("part-"))[0])
+    os.remove(part)
+    assert main(["status", spec.sink, "--json"]) == 1
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["healthy"] is False
+    assert [p for p in figures["problems"] if p.startswith(f"{part}: missing (shard ")] != []
+
+
+def test_a_manifest_or_plan_that_disagrees_with_the_sentinels_fails_verify(tmp_path, jsonl_source, capsys):
+    from airflow_batch_provider.core.domain.jobs import finalize_job
+
+    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+                     rows_per_shard=100)
+    storage = run_some(spec, 5)
+    finalize_job(spec, storage)
+    assert main(["verify", spec.sink]) == 0 and main(["status", spec.sink]) == 0
+    capsys.readouterr()
+    manifest_path = os.path.join(spec.sink, "_SUCCESS")
+    manifest = json.load(open(manifest_path))
+    dropped = manifest["parts"].pop()
+    json.dump(manifest, open(manifest_path, "w"))
+    assert main(["verify", spec.sink]) == 1
+    assert f"shard {dropped['shard_id']} is committed but {manifest_path} does not list it" in capsys.readouterr().out
+    open(manifest_path, "w").write("{not json")
+    assert main(["verify", spec.sink]) == 1
+    assert f"MISMATCH {manifest_path}: does not parse as JSON" in capsys.readouterr().out
+    os.remove(manifest_path)
+    os.remove(storage.plan_path)
+    assert main(["verify", spec.sink]) == 1
+    assert f"MISMATCH {storage.plan_path}: missing, but 5 shard(s) are committed" in capsys.readouterr().out
+
+
+def test_speed_is_measured_from_the_plan_not_the_first_commit(sink, capsys):
+    """From the first commit, the first shards' compute time is left out: 171 rows/s where the
+    tasks logged 121-131 in a real run."""
+    spec, storage = sink
+    assert main(["status", spec.sink, "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    planned = figures["last_commit_at"] - 100.0  # the plan was written 100 s before the last commit
+    os.utime(storage.plan_path, (planned, planned))
+    assert main(["status", spec.sink, "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["rows_per_second"] == pytest.approx(350 / 100.0, rel=1e-3)
+    assert main(["status", spec.sink]) == 0
+    assert "speed       4 rows/s over 1.7 min from the plan to the last commit" in capsys.readouterr().out
+
+
+def test_gc_refuses_zero_and_a_sink_whose_checkpoint_it_cannot_see(tmp_path, jsonl_source, capsys):
+    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+                     rows_per_shard=100, checkpoint_dir=str(tmp_path / "elsewhere"))
+    storage = run_some(spec, 4)
+    pending = plan_job(spec, storage).pending[0]
+    leftover = storage.sink.open_staged(storage.part_path(pending.shard_id))
+    leftover.stream.write(b"half a part")
+    leftover.finish()
+    hour_ago = time.time() - 3600
+    os.utime(leftover.staged, (hour_ago, hour_ago))
+    with pytest.raises(SystemExit) as exit_:
+        main(["gc", spec.sink, "--checkpoint-dir", spec.checkpoint_dir, "--older-than", "0s"])
+    assert exit_.value.code == 2 and "grace period" in capsys.readouterr().err
+    # Without --checkpoint-dir gc cannot tell committed staged data from leftovers: it removes nothing.
+    assert main(["gc", spec.sink, "--older-than", "30m", "--yes"]) == 2
+    assert "gc needs the job's checkpoint" in capsys.readouterr().err and os.path.exists(leftover.staged)
+    assert main(["gc", spec.sink, "--checkpoint-dir", spec.checkpoint_dir, "--older-than", "30m", "--yes"]) == 0
+    assert "removed staged part" in capsys.readouterr().out and not os.path.exists(leftover.staged)
+
+
+def test_a_reader_that_goes_away_ends_it_quietly_and_version(sink, tmp_path, capsys):
+    spec, _ = sink
+    err = tmp_path / "stderr"
+    shell = f"{sys.executable} -m airflow_batch_provider status {spec.sink} 2>{err} | true"
+    subprocess.run(["bash", "-c", shell], cwd=ROOT, check=True)
+    assert "Traceback" not in err.read_text() and "BrokenPipe" not in err.read_text()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("airflow-batch ")

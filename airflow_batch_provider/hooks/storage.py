@@ -31,13 +31,17 @@ def storage_options_for(spec: BatchSpec) -> dict[str, Any] | None:
     """Storage options for the spec's URLs: None when everything is on local disk."""
     if not needs_credentials(spec):
         return None
-    return options_for_connection(spec.storage_conn_id or DEFAULT_AWS_CONN_ID)
+    conn_id = spec.storage_conn_id or DEFAULT_AWS_CONN_ID
+    return options_for_connection(conn_id, missing_ok=conn_id == DEFAULT_AWS_CONN_ID)
 
 
-def options_for_connection(conn_id: str) -> dict[str, Any]:
+def options_for_connection(conn_id: str, *, missing_ok: bool = False) -> dict[str, Any]:
     """s3fs-style options (``key``, ``secret``, ``token``, ``endpoint_url``, ``client_kwargs``) of an ``aws`` connection.
 
-    When the connection does not exist, ``{}``: boto3's default credential chain
+    A connection that does not exist is an error (``AirflowNotFoundException``): a job that
+    names one must not run with other credentials (the host's own role, say) when it is
+    missing or misspelt. Only with ``missing_ok`` (the default ``aws_default``, as every AWS
+    hook treats it) does a missing one mean ``{}``: boto3's default credential chain
     (environment, profile, instance role) applies where the data is read and written.
     """
     try:
@@ -50,6 +54,12 @@ def options_for_connection(conn_id: str) -> dict[str, Any]:
     try:
         BaseHook.get_connection(conn_id)
     except AirflowNotFoundException:
+        if not missing_ok:
+            raise AirflowNotFoundException(
+                f"the Airflow connection {conn_id!r} (for S3 credentials) does not exist: create it, or name another "
+                f"(storage_conn_id, s3://conn_id@bucket/..., --conn-id); leave it out to use {DEFAULT_AWS_CONN_ID!r} "
+                "or, where that does not exist either, boto3's default credential chain"
+            ) from None
         log.info("No %r connection: boto3's default credential chain applies", conn_id)
         return {}
     hook = AwsBaseHook(aws_conn_id=conn_id, client_type="s3")

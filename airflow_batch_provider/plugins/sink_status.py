@@ -1,60 +1,171 @@
 """The sink status page: an Airflow 3 plugin (a FastAPI app in the api-server and a view in the UI).
 
-For one sink it shows the shards committed / pending / quarantined, rows in and out, rejected
-rows, bytes, throughput per minute as a chart, and the last commits, all from the sink's own
-files (``core.api.sink_status``), read with the same Airflow connection the tasks use. The
-page and its JSON twin (``status.json``) need a logged-in Airflow user; they name connections,
-never show their secrets. Tasks link here through the "Sink status" extra link.
+For the sink of one batch inference task it shows the shards committed / pending / quarantined,
+rows in and out, rejected rows, bytes, throughput per minute as a chart, the last commits and
+any problem the listings show, all from the sink's own files (``core.api.sink_status``). Tasks
+link here through the "Sink status" extra link.
+
+Who sees what: the page is asked for a task (``dag_id`` and ``task_id``), never for a path or a
+connection. The user must be allowed to read that DAG (the auth manager's ``is_authorized_dag``,
+as Airflow's own DAG routes ask it); the sink, its checkpoint and the connection come from the
+task's spec in the serialized DAG, and the sink is read with the DAG's own connection. So the
+api-server's credentials (and every connection's) read only sinks of DAGs the user may read,
+never a bucket or local file the user names. Errors reading a sink give the user one fixed
+sentence; the details go to the api-server's log.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlencode
 
 from airflow.api_fastapi.core_api.security import GetUserDep
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from airflow_batch_provider.core import api
 from airflow_batch_provider.links.sink_status import STATUS_PAGE_PREFIX, SinkStatusLink, status_page_url
 
+log = logging.getLogger(__name__)
+
 app = FastAPI(title="Batch inference sink status", docs_url=None, redoc_url=None, openapi_url=None)
 
+#: what a user is told when a sink cannot be read (AccessDenied, NoSuchBucket, a missing
+#: connection...): the same words whatever the cause; the api-server's log has the cause.
+CANNOT_READ = "The sink of this task cannot be read right now. The api-server's log says why."
+NOT_YET = "Nothing of this job is in its sink yet: its plan task has not run (or the sink was moved)."
+TEMPLATED = "This task's sink is templated: the page reads sinks whose URL is written out in the DAG."
+_QUERY = {"dag_id", "task_id"}
 
-def _status(sink: str, checkpoint_dir: str | None, conn_id: str | None) -> api.SinkStatus:
-    options = None
-    if api.is_remote(sink) or (checkpoint_dir and api.is_remote(checkpoint_dir)):
-        from airflow_batch_provider.hooks.storage import options_for_connection
 
-        options = options_for_connection(conn_id or "aws_default")
-    return api.sink_status(sink, checkpoint_dir, options)
+class _Unreadable(Exception):
+    """A sentence for the user (never the underlying error's text) and the HTTP status."""
+
+    def __init__(self, text: str, code: int):
+        super().__init__(text)
+        self.code = code
+
+
+def _readable(user: Any, dag_id: str) -> bool:
+    """Whether ``user`` may read DAG ``dag_id``: the check Airflow's ``requires_access_dag("GET")`` makes."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+    from airflow.models.dag import DagModel
+
+    details = DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id))
+    return get_auth_manager().is_authorized_dag(method="GET", details=details, user=user)
+
+
+def _task_spec(task: Any) -> dict[str, Any] | None:
+    """The batch spec a (serialized, maybe mapped) task holds, if it is a batch inference task."""
+    spec = getattr(task, "spec", None)
+    if not isinstance(spec, dict):
+        spec = (getattr(task, "partial_kwargs", None) or {}).get("spec")
+    return spec if isinstance(spec, dict) and spec.get("sink") else None
+
+
+def _is_batch_task(task: Any) -> bool:
+    """Whether a serialized task is one of this provider's (plan, shard, finalize)."""
+    module = getattr(task, "_task_module", None) or getattr(task, "task_type_module", None) or ""
+    return str(module).startswith("airflow_batch_provider.")
+
+
+def _spec_of(user: Any, dag_id: str, task_id: str) -> Any:
+    """The spec (``airflow_batch_provider.spec.BatchSpec``) of a batch task of a DAG the user
+    may read: 403 when they may not, whether or not the DAG exists (as Airflow's own routes
+    answer), 404 when the DAG has no such batch task."""
+    if not _readable(user, dag_id):
+        raise HTTPException(403, "Forbidden")
+    from airflow.models.serialized_dag import SerializedDagModel
+
+    from airflow_batch_provider.spec import BatchSpec
+
+    dag = SerializedDagModel.get_dag(dag_id)
+    task = dag.task_dict.get(task_id) if dag is not None else None
+    spec = _task_spec(task) if task is not None else None
+    if spec is None and task is not None and _is_batch_task(task):
+        # A mapped shard task's partial spec is serialized as text: its plan task (upstream, in
+        # the same task group) holds the same spec as a dict.
+        spec = next((found for t in sorted(task.upstream_list, key=lambda t: t.task_id) if (found := _task_spec(t))), None)
+    if spec is None:
+        raise HTTPException(404, f"DAG {dag_id!r} has no batch inference task {task_id!r}")
+    return BatchSpec.from_dict(spec)
+
+
+def _status(spec: Any) -> api.SinkStatus:
+    """The sink's figures, read with the DAG's own connection (``storage_conn_id``), as its tasks do."""
+    from airflow_batch_provider.core.domain.inspection import NotASinkError
+    from airflow_batch_provider.hooks.storage import storage_options_for
+
+    if "{{" in spec.sink_root or "{{" in (spec.checkpoint_dir or ""):
+        raise _Unreadable(TEMPLATED, 404)
+    try:
+        return api.sink_status(spec.sink_root, spec.checkpoint_dir, storage_options_for(spec))
+    except NotASinkError:
+        raise _Unreadable(NOT_YET, 404) from None
+    except Exception:
+        log.exception("the sink status of %s (storage_conn_id=%s) could not be read", spec.sink_root, spec.storage_conn_id)
+        raise _Unreadable(CANNOT_READ, 503) from None
+
+
+def _check_query(request: Request) -> None:
+    """Refuse a path, a checkpoint or a connection in the query: the DAG names them."""
+    unknown = sorted(set(request.query_params) - _QUERY)
+    if unknown:
+        raise HTTPException(400, f"this page takes dag_id and task_id only, not {', '.join(unknown)}: the sink and "
+                                 "its connection come from the DAG")
 
 
 @app.get("/status.json")
-def status_json(
-    user: GetUserDep,  # a logged-in Airflow user (Bearer token or the UI's cookie)
-    sink: str = Query(..., description="the sink URL or path"),
-    checkpoint_dir: str | None = None,
-    conn_id: str | None = None,
-) -> JSONResponse:
+def status_json(request: Request, user: GetUserDep, dag_id: str, task_id: str) -> JSONResponse:
+    _check_query(request)
+    spec = _spec_of(user, dag_id, task_id)
     try:
-        return JSONResponse(_status(sink, checkpoint_dir, conn_id).to_dict())
-    except api.BatchError as err:
-        return JSONResponse({"error": str(err)}, status_code=400)
+        return JSONResponse(_status(spec).to_dict())
+    except _Unreadable as err:
+        return JSONResponse({"error": str(err)}, status_code=err.code)
 
 
 @app.get("/", response_class=HTMLResponse)
-def page(user: GetUserDep, sink: str | None = None, checkpoint_dir: str | None = None, conn_id: str | None = None) -> HTMLResponse:
-    if not sink:
-        return HTMLResponse(_frame("Batch inference sinks", _FORM))
+def page(request: Request, user: GetUserDep, dag_id: str | None = None, task_id: str | None = None) -> HTMLResponse:
+    _check_query(request)
+    if not dag_id or not task_id:
+        return HTMLResponse(_frame("Batch inference sinks", _index(user)))
+    spec = _spec_of(user, dag_id, task_id)
     try:
-        status = _status(sink, checkpoint_dir, conn_id)
-    except (api.BatchError, OSError, ValueError) as err:
-        return HTMLResponse(_frame("Sink status", f"<p class='error'>Cannot read {html.escape(sink)}: {html.escape(str(err))}</p>"
-                                   + _FORM), status_code=400)
-    return HTMLResponse(_frame(f"Sink {sink}", render(status, conn_id), refresh=None if status.finalized_at else 15))
+        status = _status(spec)
+    except _Unreadable as err:
+        return HTMLResponse(_frame(f"Sink of {dag_id} / {task_id}", f"<p class='error'>{html.escape(str(err))}</p>"),
+                            status_code=err.code)
+    return HTMLResponse(_frame(f"Sink {status.sink}", render(status, spec.storage_conn_id),
+                               refresh=None if status.finalized_at else 15))
+
+
+def _index(user: Any) -> str:
+    """The sinks of the batch tasks in the DAGs this user may read (one row per DAG and sink),
+    from the serialized DAGs: no sink is read to draw it."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.models.serialized_dag import SerializedDagModel
+
+    dag_ids = sorted(get_auth_manager().get_authorized_dag_ids(user=user, method="GET"))
+    rows, seen = [], set()
+    for model in SerializedDagModel.get_latest_serialized_dags(dag_ids=dag_ids) if dag_ids else []:
+        dag = model.dag
+        for task in sorted(dag.task_dict.values(), key=lambda t: t.task_id):
+            spec = _task_spec(task)
+            if spec is None or (dag.dag_id, spec["sink"]) in seen:
+                continue
+            seen.add((dag.dag_id, spec["sink"]))
+            query = html.escape(urlencode({"dag_id": dag.dag_id, "task_id": task.task_id}))
+            rows.append(f"<tr><td>{html.escape(dag.dag_id)}</td><td><a href='{STATUS_PAGE_PREFIX}/?{query}'>"
+                        f"{html.escape(spec['sink'])}</a></td><td>{html.escape(task.task_id)}</td></tr>")
+    if not rows:
+        return "<p>No batch inference task in the DAGs you may read.</p>"
+    return "<table id='sinks'><tr><th>DAG</th><th>sink</th><th>task</th></tr>" + "".join(sorted(rows)) + "</table>"
 
 
 def render(status: api.SinkStatus, conn_id: str | None) -> str:
@@ -80,11 +191,13 @@ def render(status: api.SinkStatus, conn_id: str | None) -> str:
         f"<td>{c.bytes / (1 << 20):,.2f} MiB</td><td>{e(c.part)}</td></tr>"
         for c in status.last_commits
     )
-    source = f"connection <code>{e(conn_id)}</code>" if conn_id else "local files or the api-server's AWS environment"
+    source = f"the DAG's connection <code>{e(conn_id)}</code>" if conn_id else "the DAG's default connection"
+    problems = "".join(f"<li>{e(p)}</li>" for p in status.problems)
     return (
         f"<p class='where'>{e(status.sink)} &middot; checkpoint {e(status.checkpoint_dir)} &middot; read with {source} "
         f"in {status.seconds:.2f} s</p>"
-        f"<div class='progress'><div style='width:{done * 100:.1f}%'></div></div>"
+        + (f"<h2 class='error'>Problems</h2><ul id='problems'>{problems}</ul>" if problems else "")
+        + f"<div class='progress'><div style='width:{done * 100:.1f}%'></div></div>"
         f"<div class='cards'>{cards}</div>"
         f"<h2>Rows per minute</h2>{_chart(status.throughput)}"
         f"<h2>Last commits</h2><table id='commits'><tr><th>committed</th><th>shard</th><th>rows in</th><th>rows out</th>"
@@ -111,10 +224,6 @@ def _chart(series: list[tuple[float, int]], width: int = 720, height: int = 160)
 def _when(stamp: float | None) -> str:
     return datetime.fromtimestamp(stamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if stamp else "-"
 
-
-_FORM = (f"<form method='get' action='{STATUS_PAGE_PREFIX}/'><label>Sink <input name='sink' size='60' "
-         "placeholder='s3://bucket/prefix or /data/out'></label> <label>Connection <input name='conn_id' "
-         "placeholder='aws_default'></label> <button type='submit'>Show</button></form>")
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#1b1f24} h1{font-size:20px} h2{font-size:16px;margin-top:28px}

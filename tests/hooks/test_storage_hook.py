@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from airflow.sdk.exceptions import AirflowOptionalProviderFeatureException
+from airflow.sdk.exceptions import AirflowNotFoundException, AirflowOptionalProviderFeatureException
 
 from airflow_batch_provider import BatchSpec
 from airflow_batch_provider.core.errors import PredictorError
@@ -99,11 +99,22 @@ def test_connection_without_credentials_in_an_environment_without_any(monkeypatc
     assert options_for_connection("abp_s3") == {"endpoint_url": "http://127.0.0.1:9999"}
 
 
-def test_missing_connection_leaves_boto3_its_default_chain(monkeypatch, caplog):
+def test_a_named_connection_that_does_not_exist_is_an_error(monkeypatch):
+    """Not a silent fall-back to the host's own credentials (the worker's or api-server's role)."""
     monkeypatch.delenv("AIRFLOW_CONN_ABP_NOWHERE", raising=False)
+    with pytest.raises(AirflowNotFoundException, match="connection 'abp_nowhere' .* does not exist"):
+        storage_options_for(_s3_spec("abp_nowhere"))
+    with pytest.raises(AirflowNotFoundException, match="'abp_nowhere'"):
+        options_for_connection("abp_nowhere")
+
+
+def test_without_aws_default_an_unnamed_connection_leaves_boto3_its_default_chain(monkeypatch, caplog):
+    monkeypatch.delenv("AIRFLOW_CONN_AWS_DEFAULT", raising=False)
+    spec = BatchSpec(source="s3://bucket/in/", sink="s3://bucket/out", predictor="m:C", source_format="jsonl")
+    assert spec.storage_conn_id is None
     with caplog.at_level(logging.INFO, logger="airflow_batch_provider.hooks.storage"):
-        assert storage_options_for(_s3_spec("abp_nowhere")) == {}
-    assert "No 'abp_nowhere' connection" in caplog.text
+        assert storage_options_for(spec) == {}
+    assert "No 'aws_default' connection" in caplog.text
 
 
 def test_without_the_amazon_provider_the_error_names_the_extra(monkeypatch):

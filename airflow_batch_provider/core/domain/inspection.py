@@ -4,6 +4,12 @@ Everything here works from the sink's own files (the plan, the sentinels, the qu
 staged leftovers), without the job's spec, so that the status page, the CLI and a person with
 only a sink URL get the same answers. Status and verification only read; clean-up removes only
 what no sentinel references and what is older than the caller's grace period.
+
+A place that holds no plan, no sentinel and no ``_SUCCESS`` is not a sink (a typo, or a
+checkpoint kept elsewhere): every function here raises :class:`NotASinkError` rather than
+report zeros. Anything else that is wrong (a sentinel that does not parse, a part no sentinel
+names, a committed part gone, a plan or ``_SUCCESS`` that disagrees with the sentinels) is a
+*problem*: status lists the ones its listings show, verification those and every byte.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from typing import Any
 
 from airflow_batch_provider.core.domain import layout
 from airflow_batch_provider.core.domain.planning import Plan
+from airflow_batch_provider.core.errors import BatchError, BatchSpecError
 from airflow_batch_provider.core.spec import default_checkpoint_root
 from airflow_batch_provider.core.stores import Store, store_for
+from airflow_batch_provider.core.stores.urls import protocol_of, split_s3_url
 
 _READ_THREADS = 32
 _HASH_BLOCK = 8 << 20
@@ -29,6 +37,10 @@ _HASH_BLOCK = 8 << 20
 _SENTINELS_KEPT = 500_000
 _sentinel_cache: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
 _cache_lock = threading.Lock()
+
+
+class NotASinkError(BatchError):
+    """Nothing of a batch job where a sink was named: no plan, no sentinel, no ``_SUCCESS``."""
 
 
 @dataclass
@@ -60,22 +72,36 @@ class SinkStatus:
     rows_rejected: int = 0
     bytes: int = 0
     finalized_at: float | None = None
+    #: when ``plan.json`` was last written: the start the speed is measured from
+    planned_at: float | None = None
     first_commit_at: float | None = None
     last_commit_at: float | None = None
     #: rows read per minute of commits: ``[(minute start, rows), ...]``, oldest first
     throughput: list[tuple[float, int]] = field(default_factory=list)
     last_commits: list[Commit] = field(default_factory=list)
     seconds: float = 0.0  # how long gathering this took
+    #: what the listings show wrong (a committed part gone, a part no sentinel names, ...)
+    problems: list[str] = field(default_factory=list)
 
     @property
     def rows_per_second(self) -> float | None:
-        if self.first_commit_at is None or self.last_commit_at is None or self.last_commit_at <= self.first_commit_at:
+        """Rows read from the plan's writing to the last commit. Not from the first commit: that
+        leaves out the first shards' own compute time and overstates the speed (171 rows/s where
+        the tasks logged 121-131). It includes waits for workers, and a job resumed long after
+        its plan shows a lower figure than it runs at (the rows per minute show that)."""
+        start = self.planned_at
+        if start is None or self.last_commit_at is None or self.last_commit_at <= start:
             return None
-        return self.rows_in / (self.last_commit_at - self.first_commit_at)
+        return self.rows_in / (self.last_commit_at - start)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["rows_per_second"] = self.rows_per_second
+        data["healthy"] = self.healthy
         return data
 
 
@@ -83,21 +109,45 @@ class SinkFiles:
     """The stores and paths of a sink, known from its URL alone."""
 
     def __init__(self, sink: str, checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None):
-        self.sink = sink.rstrip("/")
-        self.checkpoint_dir = (checkpoint_dir or default_checkpoint_root(self.sink)).rstrip("/")
+        self.sink = check_location(sink, "sink").rstrip("/")
+        self.checkpoint_dir = check_location(checkpoint_dir or default_checkpoint_root(self.sink), "checkpoint_dir").rstrip("/")
         self.sink_store: Store = store_for(self.sink, storage_options)
         self.checkpoint_store: Store = store_for(self.checkpoint_dir, storage_options)
+        #: sentinel files that do not parse as a commit record, found by the last ``sentinels()``
+        self.unreadable: list[str] = []
 
     def plan(self) -> Plan | None:
         path = layout.plan_path(self.checkpoint_dir)
         raw = self.checkpoint_store.read_bytes(path)
         return None if raw is None else Plan.from_json(raw, path)
 
+    def require_sink(self, plan: Plan | None, sentinel_names: Any) -> None:
+        """Raise :class:`NotASinkError` when nothing of a job is there."""
+        if plan is None and not sentinel_names and self.manifest_raw() is None:
+            raise NotASinkError(
+                f"{self.sink} is not the sink of a batch job: there is no {layout.plan_path(self.checkpoint_dir)}, no "
+                f"sentinel in {layout.sentinel_dir(self.checkpoint_dir)} and no {layout.manifest_path(self.sink)}. "
+                "Check the path; if the job sets checkpoint_dir, pass it (--checkpoint-dir)."
+            )
+
+    def outputs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The part files and rejected-row files in the sink, by name: two listings."""
+        parts = {n: i for n, i in self.sink_store.list_files(self.sink).items() if layout.is_part_name(n)}
+        rejected = {n: i for n, i in self.sink_store.list_files(layout.rejected_dir(self.sink)).items()
+                    if n.endswith(layout.REJECTED_SUFFIX)}
+        return parts, rejected
+
+    def sentinel_names(self) -> dict[str, Any]:
+        directory = layout.sentinel_dir(self.checkpoint_dir)
+        return {n: info for n, info in self.checkpoint_store.list_files(directory).items() if n.endswith(layout.SENTINEL_SUFFIX)}
+
     def sentinels(self, *, use_manifest: bool = True) -> list[dict[str, Any]]:
         """Every sentinel that parses: one LIST, then a GET for each one not read before (or, with
         ``use_manifest``, the ``_SUCCESS`` manifest's copy of them when it covers every one)."""
         directory = layout.sentinel_dir(self.checkpoint_dir)
-        listed = {n: info for n, info in self.checkpoint_store.list_files(directory).items() if n.endswith(layout.SENTINEL_SUFFIX)}
+        listed = self.sentinel_names()
+        self.listed_sentinels = listed
+        self.unreadable = []
         from_manifest = self._from_manifest(listed) if use_manifest else None
         if from_manifest is not None:
             return from_manifest
@@ -116,10 +166,13 @@ class SinkFiles:
                 data = json.loads(self.checkpoint_store.read_bytes(f"{directory}/{name}") or b"")
             except ValueError:
                 return name, None
-            return name, data if isinstance(data, dict) and "shard_id" in data else None
+            shard_id = name[: -len(layout.SENTINEL_SUFFIX)]
+            return name, data if isinstance(data, dict) and data.get("shard_id") == shard_id else None
 
         with ThreadPoolExecutor(_READ_THREADS) as pool:
-            fetched = [(n, d) for n, d in pool.map(read, missing) if d is not None]
+            read_now = list(pool.map(read, missing))
+        fetched = [(n, d) for n, d in read_now if d is not None]
+        self.unreadable = sorted(f"{directory}/{n}" for n, d in read_now if d is None)
         with _cache_lock:
             for name, data in fetched:
                 found[name] = data
@@ -128,15 +181,20 @@ class SinkFiles:
                 _sentinel_cache.popitem(last=False)
         return [found[n] for n in sorted(found)]
 
+    def manifest_raw(self) -> bytes | None:
+        """``_SUCCESS``'s bytes, read once per ``SinkFiles``."""
+        if not hasattr(self, "_manifest_raw"):
+            self._manifest_raw = self.sink_store.read_bytes(layout.manifest_path(self.sink))
+        return self._manifest_raw
+
     def manifest(self) -> dict[str, Any] | None:
-        """``_SUCCESS``, read once per ``SinkFiles``."""
-        if not hasattr(self, "_manifest"):
-            raw = self.sink_store.read_bytes(layout.manifest_path(self.sink))
-            try:
-                self._manifest = json.loads(raw) if raw is not None else None
-            except ValueError:
-                self._manifest = None
-        return self._manifest
+        """``_SUCCESS`` parsed; None when absent or unreadable (``problems`` names the latter)."""
+        raw = self.manifest_raw()
+        try:
+            data = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
 
     def _from_manifest(self, listed: dict[str, Any]) -> list[dict[str, Any]] | None:
         """A finalized sink's ``_SUCCESS`` holds every committed part's figures: one GET instead
@@ -148,6 +206,83 @@ class SinkFiles:
         return sorted(parts, key=lambda p: p["shard_id"])
 
 
+def check_location(url: str, what: str) -> str:
+    """``url`` when a store serves it; else a one-line error (``gs://``, an ``s3://`` without bucket)."""
+    protocol = protocol_of(url)
+    if protocol == "s3":
+        try:
+            split_s3_url(url)
+        except ValueError:
+            raise BatchSpecError(f"{what} {url!r} names no bucket: write s3://bucket/prefix") from None
+    elif protocol != "file":
+        raise BatchSpecError(f"{what} {url!r}: {protocol}:// is not supported; use a local path or s3://bucket/prefix")
+    return url
+
+
+def layout_problems(files: SinkFiles, plan: Plan | None, sentinels: list[dict[str, Any]],
+                    before: tuple[dict[str, Any], dict[str, Any]], *, check_parts: bool) -> list[str]:
+    """What the listings show wrong, one line each: sentinels that do not parse, part and
+    rejected-row files that no sentinel names, and (``check_parts``) committed files gone or of
+    another size; a plan and a ``_SUCCESS`` that disagree with the sentinels. Listings only, no
+    read of a part: cheap enough for the status page's every refresh.
+
+    ``before`` is the sink listed before the sentinels were: a shard creates its sentinel
+    before it publishes its part, so a part listed then and named by no sentinel listed after
+    is not a commit in flight. Committed files are looked for in a listing made after."""
+    sink, problems = files.sink, []
+    problems += [f"{path}: the sentinel does not parse as the commit record of its shard; its shard counts as not "
+                 "committed (its task quarantines it and computes the shard again)" for path in files.unreadable]
+    rejected_dir = layout.rejected_dir(sink)
+    parts, rejected = files.outputs() if check_parts else before
+    named_parts, named_rejected = set(), set()
+    for sentinel in sentinels:
+        shard_id, part, record = sentinel["shard_id"], sentinel.get("part"), sentinel.get("rejected")
+        expected = [(sink, part, sentinel.get("bytes"), parts)] if part else []
+        if record:  # a sentinel holds {name, bytes, ...}; _SUCCESS's copy only the name
+            name = record.get("name") if isinstance(record, dict) else record
+            expected.append((rejected_dir, name, record.get("bytes") if isinstance(record, dict) else None, rejected))
+        for directory, name, size, found in expected:
+            (named_parts if found is parts else named_rejected).add(name)
+            if not check_parts:
+                continue
+            if name not in found:
+                problems.append(f"{directory}/{name}: missing (shard {shard_id} is committed)")
+            elif size is not None and found[name].size != size:
+                problems.append(f"{directory}/{name}: {found[name].size} bytes, its sentinel says {size}")
+    problems += [f"{sink}/{name}: no sentinel names this part; readers of the sink see its rows. Move it away "
+                 "if it is not this job's" for name in sorted(set(before[0]) - named_parts)]
+    problems += [f"{rejected_dir}/{name}: no sentinel names these rejected rows" for name in sorted(set(before[1]) - named_rejected)]
+    committed = {s["shard_id"]: s for s in sentinels}
+    plan_path = layout.plan_path(files.checkpoint_dir)
+    if plan is None and committed:
+        problems.append(f"{plan_path}: missing, but {len(committed)} shard(s) are committed")
+    planned = {s.shard_id for s in plan.shards} if plan is not None else set(committed)
+    problems += [f"shard {shard_id} is committed but not in {plan_path} (committed under a superseded plan: planning "
+                 "again withdraws it)" for shard_id in sorted(set(committed) - planned)]
+    manifest_path = layout.manifest_path(sink)
+    manifest = files.manifest()
+    if files.manifest_raw() is not None and manifest is None:
+        problems.append(f"{manifest_path}: does not parse as JSON; readers cannot trust this sink. Run the finalize task again")
+    if manifest is not None:
+        listed_parts = {p.get("shard_id"): p for p in manifest.get("parts") or [] if isinstance(p, dict)}
+        not_committed = sorted(planned - set(committed))
+        if not_committed:
+            problems.append(f"{manifest_path} is there, but {len(not_committed)} planned shard(s) are not committed "
+                            f"(e.g. {not_committed[0]})")
+        if plan is not None and manifest.get("shards") != len(plan.shards):
+            problems.append(f"{manifest_path} counts {manifest.get('shards')} shards, {plan_path} plans {len(plan.shards)}")
+        problems += [f"{manifest_path} lists shard {shard_id}, which has no sentinel"
+                     for shard_id in sorted(set(listed_parts) - set(committed), key=str)]
+        problems += [f"shard {shard_id} is committed but {manifest_path} does not list it"
+                     for shard_id in sorted(set(committed) - set(listed_parts))]
+        for shard_id in sorted(set(listed_parts) & set(committed)):
+            said, sentinel = listed_parts[shard_id], committed[shard_id]
+            differ = [k for k in ("part", "bytes", "sha256", "rows_out") if k in said and k in sentinel and said[k] != sentinel[k]]
+            if differ:
+                problems.append(f"{manifest_path}: shard {shard_id}'s {', '.join(differ)} differ from its sentinel's")
+    return problems
+
+
 def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None,
                 *, last: int = 10) -> SinkStatus:
     """Shards committed / pending / quarantined, rows, bytes, throughput per minute, last commits."""
@@ -155,7 +290,11 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
     files = SinkFiles(sink, checkpoint_dir, storage_options)
     status = SinkStatus(sink=files.sink, checkpoint_dir=files.checkpoint_dir)
     plan = files.plan()
+    before = files.outputs()
     sentinels = files.sentinels()
+    files.require_sink(plan, files.listed_sentinels)
+    if plan is not None:
+        status.planned_at = files.checkpoint_store.modified_at(layout.plan_path(files.checkpoint_dir))
     committed_ids = {s["shard_id"] for s in sentinels}
     if plan is not None:
         status.planned_shards, status.planned_rows = len(plan.shards), plan.total_rows
@@ -181,6 +320,7 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
         status.throughput = sorted(per_minute.items())
         status.last_commits = stamped[-last:][::-1]
     status.finalized_at = (files.manifest() or {}).get("finalized_at")
+    status.problems = layout_problems(files, plan, sentinels, before, check_parts=True)
     status.seconds = time.perf_counter() - started
     return status
 
@@ -192,9 +332,14 @@ class Verification:
 
 
 def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None) -> Verification:
-    """Re-read every committed part and compare its size and sha256 with its sentinel."""
+    """Re-read every committed part and compare its size and sha256 with its sentinel; and
+    everything ``layout_problems`` finds (unreadable sentinels, unknown or missing parts, a plan
+    or ``_SUCCESS`` that disagrees with the sentinels)."""
     files = SinkFiles(sink, checkpoint_dir, storage_options)
+    plan = files.plan()
+    before = files.outputs()
     sentinels = files.sentinels(use_manifest=False)
+    files.require_sink(plan, files.listed_sentinels)
 
     def check_file(path: str, recorded: dict[str, Any], shard_id: str) -> str:
         digest, size = hashlib.sha256(), 0
@@ -222,6 +367,8 @@ def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: d
 
     with ThreadPoolExecutor(8) as pool:
         problems = [p for p in pool.map(check, sentinels) if p]
+    found = set(problems)  # a part gone is named once, by its re-read
+    problems += [p for p in layout_problems(files, plan, sentinels, before, check_parts=False) if p not in found]
     return Verification(checked=len(sentinels), problems=sorted(problems))
 
 
@@ -233,7 +380,18 @@ def collect_garbage(sink: str, checkpoint_dir: str | None = None, storage_option
     entries. Returns a line per item; removes them only with ``apply``."""
     files = SinkFiles(sink, checkpoint_dir, storage_options)
     cutoff = time.time() - older_than_s
+    if files.plan() is None:
+        # Without the job's sentinels every staged part looks unreferenced, committed ones too.
+        raise NotASinkError(
+            f"no plan at {layout.plan_path(files.checkpoint_dir)}: gc needs the job's checkpoint to know which "
+            "staged data is committed. If the job sets checkpoint_dir, pass it (--checkpoint-dir)."
+        )
     sentinels = files.sentinels(use_manifest=False)
+    if files.unreadable:
+        raise NotASinkError(
+            f"{len(files.unreadable)} sentinel(s) cannot be read (e.g. {files.unreadable[0]}): gc cannot tell what "
+            "they commit, so it removes nothing. Run verify, and move the broken ones away first."
+        )
     referenced = {json.dumps(s["staged"], sort_keys=True) for s in sentinels if s.get("staged")}
     referenced |= {json.dumps(s["rejected"]["staged"], sort_keys=True) for s in sentinels if (s.get("rejected") or {}).get("staged")}
     found = []
