@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_batch_provider.core.domain import layout
 from airflow_batch_provider.core.domain.commit import inspect_shard, new_attempt
-from airflow_batch_provider.core.domain.inspection import SinkStatus, Verification, collect_garbage, sink_status, verify_sink
+from airflow_batch_provider.core.domain.inspection import NotASinkError, SinkStatus, Verification, collect_garbage, sink_status, verify_sink
 from airflow_batch_provider.core.domain.jobs import JobPlan, finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
@@ -91,6 +91,7 @@ __all__ = [
     "BatchSpec",
     "BatchSpecError",
     "JobPlan",
+    "NotASinkError",
     "Progress",
     "RayDriver",
     "RayTarget",

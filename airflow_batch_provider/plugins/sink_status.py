@@ -98,14 +98,13 @@ def _spec_of(user: Any, dag_id: str, task_id: str) -> Any:
 
 def _status(spec: Any) -> api.SinkStatus:
     """The sink's figures, read with the DAG's own connection (``storage_conn_id``), as its tasks do."""
-    from airflow_batch_provider.core.domain.inspection import NotASinkError
     from airflow_batch_provider.hooks.storage import storage_options_for
 
     if "{{" in spec.sink_root or "{{" in (spec.checkpoint_dir or ""):
         raise _Unreadable(TEMPLATED, 404)
     try:
         return api.sink_status(spec.sink_root, spec.checkpoint_dir, storage_options_for(spec))
-    except NotASinkError:
+    except api.NotASinkError:
         raise _Unreadable(NOT_YET, 404) from None
     except Exception:
         log.exception("the sink status of %s (storage_conn_id=%s) could not be read", spec.sink_root, spec.storage_conn_id)
