@@ -24,7 +24,7 @@ from airflow_batch_provider.core.domain.inspection import NotASinkError, SinkSta
 from airflow_batch_provider.core.domain.jobs import JobPlan, finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
-from airflow_batch_provider.core.errors import BatchError, BatchSpecError, RayWorkError, ResourcesUnavailableError, ShardCancelledError
+from airflow_batch_provider.core.errors import BatchError, BatchSpecError, RayWorkError, ResourcesUnavailableError, ShardCancelledError, is_retryable
 from airflow_batch_provider.core.execution.runner import ShardResult, ShardRunner
 from airflow_batch_provider.core.ray.connection import RayTarget, connect
 from airflow_batch_provider.core.ray.driver import RayDriver
@@ -109,6 +109,7 @@ __all__ = [
     "connect",
     "finalize",
     "is_remote",
+    "is_retryable",
     "needs_credentials",
     "new_attempt",
     "plan",

@@ -11,13 +11,22 @@ from __future__ import annotations
 class BatchError(Exception):
     """Base class of everything this package raises on purpose."""
 
+    #: whether the same step, run again unchanged, can succeed (a flaky store, a lost node,
+    #: a predictor's hosted endpoint) or cannot (the spec, the data or the checkpoint must
+    #: change first): a host fails a step that cannot without retrying it.
+    retryable = True
+
 
 class BatchSpecError(BatchError, ValueError):
     """A BatchSpec field has a value we cannot run."""
 
+    retryable = False
+
 
 class InputDataError(BatchError, ValueError):
     """An input file cannot be read as the declared format (names the file and row)."""
+
+    retryable = False
 
 
 class InputEncodingError(InputDataError):
@@ -40,6 +49,8 @@ class PredictorError(BatchError):
 class PredictorOutputError(PredictorError):
     """The predictor's output cannot be written: ragged, mistyped or misaligned (names the column)."""
 
+    retryable = False
+
 
 class PredictorFailedError(PredictorError):
     """The predictor raised on a batch (names the shard, the file and the batch's lines or rows)."""
@@ -47,6 +58,8 @@ class PredictorFailedError(PredictorError):
 
 class StaleCheckpointError(BatchError):
     """The sink holds work of a different spec or of changed input: never reused silently."""
+
+    retryable = False
 
 
 class StorageError(BatchError, OSError):
@@ -60,9 +73,23 @@ class CommitError(BatchError):
 class IncompleteJobError(BatchError):
     """Finalize found shards of the plan that are not committed."""
 
+    retryable = False
+
 
 class RayWorkError(BatchError):
-    """A shard's work on a Ray model replica failed, or Ray could not run it."""
+    """A shard's work on a Ray model replica failed, or Ray could not run it.
+
+    ``retryable``: False when the replica's error was one no retry can fix (its message is
+    all that crossed from the replica)."""
+
+    def __init__(self, message: str, *, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def is_retryable(err: BaseException) -> bool:
+    """Whether running the step again can help: only core errors that say so are final."""
+    return getattr(err, "retryable", True) if isinstance(err, BatchError) else True
 
 
 class ShardCancelledError(RayWorkError):

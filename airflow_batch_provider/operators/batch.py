@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, ResumableJobMixin, conf
 
 from airflow_batch_provider.core import api
-from airflow_batch_provider.exceptions import BatchInferenceException
+from airflow_batch_provider.exceptions import BatchInferenceException, BatchInferenceFailure, task_error
 from airflow_batch_provider.hooks.predictor_secrets import resolve_predictor_secrets
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.hooks.storage import storage_options_for
@@ -37,7 +37,7 @@ OTHER_UNIT = "OTHER_UNIT"
 #: (which cancels the Ray call at ``execution_timeout``) has not answered.
 DEFERRED_TIMEOUT_GRACE_S = 60.0
 
-__all__ = ["BatchInferenceException", "BatchShardOperator", "FinalizeBatchOperator", "PlanBatchOperator", "work_units"]
+__all__ = ["BatchInferenceException", "BatchInferenceFailure", "BatchShardOperator", "FinalizeBatchOperator", "PlanBatchOperator", "work_units"]
 
 
 def _spec_dict(spec: BatchSpec | dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +101,7 @@ class _SpecOperator(BaseOperator):
         try:
             return BatchSpec.from_dict(self.spec)
         except api.BatchError as err:
-            raise BatchInferenceException(str(err)) from None
+            raise task_error(str(err), retryable=api.is_retryable(err)) from err
 
     @cached_property
     def core_spec(self) -> api.BatchSpec:
@@ -156,7 +156,7 @@ class PlanBatchOperator(_SpecOperator):
         try:
             job = api.plan(spec, self.storage_options, reset_key=None if spec.resume else reset_key(context["ti"]))
         except api.BatchError as err:
-            raise BatchInferenceException(str(err)) from None
+            raise task_error(str(err), retryable=api.is_retryable(err)) from err
         for note in job.notes:
             self.log.warning("%s", note)
         units = work_units(job.pending, conf.getint("core", "max_map_length", fallback=1024), self.shards_per_task)
@@ -193,7 +193,7 @@ class PlanBatchOperator(_SpecOperator):
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
             names = api.ReplicaPool(spec, secrets=resolve_predictor_secrets(spec.predictor_secrets)).start(wanted)
         except api.ResourcesUnavailableError as err:  # no shard could run either: fail now, naming the resources
-            raise BatchInferenceException(str(err)) from None
+            raise task_error(str(err), retryable=api.is_retryable(err)) from err
         except Exception as err:  # an optimisation only: the shard tasks connect and report
             self.log.warning("Could not start Ray workers ahead (%s: %s); the shard tasks will start them", type(err).__name__, err)
             return
@@ -285,7 +285,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         if event["status"] == "lost":
             return self._resume_lost(event, context)
         if event["status"] != "success":
-            raise BatchInferenceException(event.get("message") or f"shard(s) {self.label} failed: {event!r}")
+            raise task_error(event.get("message") or f"shard(s) {self.label} failed: {event!r}", retryable=event.get("retryable", True))
         results = event.get("results")
         if not isinstance(results, list):
             raise BatchInferenceException(f"shard(s) {self.label}: success event without results ({event!r})")
@@ -315,7 +315,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         try:
             work = self.replicas.submit(self.shards, attempt, self.storage_options, lease_timeout_s=self.lease_timeout)
         except api.BatchError as err:
-            raise BatchInferenceException(f"shard(s) {self.label}: {err}") from None
+            raise task_error(f"shard(s) {self.label}: {err}", retryable=api.is_retryable(err)) from err
         self.log.info("Shard(s) %s submitted to Ray worker %s (attempt %s)", self.label, work["worker"], work["token"])
         return {**work, "unit": unit}
 
@@ -359,8 +359,8 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         self._work = external_id
         try:
             results = self.replicas.result(external_id, on_progress=self._log_progress, every_s=self.progress_interval)
-        except api.RayWorkError as err:
-            raise BatchInferenceException(f"shard(s) {self.label}: {err}") from None
+        except api.BatchError as err:  # the core's error raised on the replica, or a RayWorkError
+            raise task_error(f"shard(s) {self.label}: {err}", retryable=api.is_retryable(err)) from err
         except BaseException as err:
             self._cancel_work()
             if isinstance(err, SystemError) and err.__cause__ is not None:
@@ -419,7 +419,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             return
         if status == api.RunState.FAILED:
             outcome = self.replicas.status(external_id)
-            raise BatchInferenceException(f"shard(s) {self.label} failed on Ray: {outcome.get('error')}")
+            raise task_error(f"shard(s) {self.label} failed on Ray: {outcome.get('error')}", retryable=outcome.get("retryable", True))
         self.log.info("Deferring while Ray computes shard(s) %s (%s)", self.label, external_id)
         self.defer(
             trigger=RayShardTrigger(
@@ -521,7 +521,7 @@ class FinalizeBatchOperator(_SpecOperator):
         try:
             manifest = api.finalize(self.core_spec, self.storage_options, elapsed_seconds=elapsed)
         except api.BatchError as err:
-            raise BatchInferenceException(str(err)) from None
+            raise task_error(str(err), retryable=api.is_retryable(err)) from err
         result = {k: manifest[k] for k in ("shards", "rows_in", "rows_out", "rows_rejected", "bytes", "sink", "spec_fingerprint")}
         result["computed_this_run"] = summary.get("pending")
         result["elapsed_seconds"] = elapsed

@@ -48,7 +48,8 @@ class RayShardTrigger(BaseTrigger):
     Yields one event: ``{"status": "success", "results": [...], "worker", "token"}`` with the
     per-shard results, ``{"status": "lost", "message": ..., "worker", "token", "resubmits"}``
     when the call went with its replica or node and not every shard is committed, or
-    ``{"status": "error", "message": ..., "worker", "token"}``.
+    ``{"status": "error", "message": ..., "worker", "token"}`` (with ``"retryable": False`` when
+    the replica's error is one no retry can fix).
 
     :param worker: name of the Ray model replica running the work.
     :param token: the attempt token the work was submitted with.
@@ -128,7 +129,8 @@ class RayShardTrigger(BaseTrigger):
                 if state == api.RunState.SUCCEEDED:
                     yield self._event("success", results=outcome.get("results", []))
                 elif state == api.RunState.FAILED:
-                    yield self._event("error", message=f"shard(s) {self.label} failed on Ray: {outcome.get('error')}")
+                    yield self._event("error", message=f"shard(s) {self.label} failed on Ray: {outcome.get('error')}",
+                                      retryable=outcome.get("retryable", True))
                 else:
                     yield await self._from_sink(str(state or api.RunState.UNKNOWN))
                 return

@@ -377,7 +377,9 @@ class ReplicaPool:
     ) -> list[dict[str, Any]] | None:
         """Block until the call ends: its shard results, or None when the call is lost (its
         replica, or the node under it, gone or restarted without it: the caller submits the
-        shards again). Raises :class:`RayWorkError` when it failed.
+        shards again). When it failed, raises the core error the replica raised (its type and
+        message, say ``InputDataError`` naming the line) where Ray hands it back, else
+        :class:`RayWorkError` carrying the message and whether a retry can help.
         While it runs, ``on_progress`` hears how far it is every ``every_s`` seconds."""
         ref = self._refs.pop(work["token"], None)
         if ref is not None:
@@ -395,6 +397,9 @@ class ReplicaPool:
                 log.warning("Ray work %s on %s is lost: %s", work["token"], work["worker"], _failure_message(err))
                 return None
             except Exception as err:
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, BatchError):
+                    raise cause from None  # the core's own error, type and message, as raised on the replica
                 raise RayWorkError(_failure_message(err)) from None
         while True:
             outcome = self.wait(work, every_s if on_progress else _WAIT_CALL_S)
@@ -406,7 +411,7 @@ class ReplicaPool:
             if state == RunState.SUCCEEDED:
                 return outcome["results"]
             if state == RunState.FAILED:
-                raise RayWorkError(f"failed on Ray: {outcome['error']}")
+                raise RayWorkError(f"failed on Ray: {outcome['error']}", retryable=outcome.get("retryable", True))
             return None
 
     def find_running(self, key: str, timeout_s: float = 2.0) -> dict[str, str] | None:

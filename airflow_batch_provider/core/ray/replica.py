@@ -28,7 +28,7 @@ from typing import Any
 import ray
 
 from airflow_batch_provider.core.domain.planning import Shard
-from airflow_batch_provider.core.errors import ShardCancelledError
+from airflow_batch_provider.core.errors import ShardCancelledError, is_retryable
 from airflow_batch_provider.core.ray.states import RunState
 from airflow_batch_provider.core.spec import BatchSpec
 
@@ -128,7 +128,8 @@ class Replica:
             self._finish(token, {"state": RunState.SUCCEEDED, "results": results})
             return results
         except BaseException as err:
-            self._finish(token, {"state": RunState.FAILED, "error": self._redactor.text(f"{type(err).__name__}: {err}")})
+            self._finish(token, {"state": RunState.FAILED, "error": self._redactor.text(f"{type(err).__name__}: {err}"),
+                                 "retryable": is_retryable(err)})
             if self._redactor.names_a_secret(err):
                 raise self._redactor.error(err) from None
             raise
