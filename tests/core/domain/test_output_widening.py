@@ -142,3 +142,31 @@ def test_values_of_two_types_in_a_column_null_in_the_first_shard_still_fail_nami
     spec = note_spec(tmp_path, jsonl_source, text_from=350, text_to=ROWS, int_from=250, int_to=350)
     with pytest.raises(InputDataError, match=r"column 'note' holds string value 'n350', which int64 in the job's output schema"):
         run(spec)
+
+
+def test_parts_on_s3_are_retyped_too(s3_server, tmp_path):
+    """The same job on S3: finalize re-types parts through the S3 store's staging (multipart)."""
+    import io
+
+    from airflow_batch_provider.core.api import finalize, plan
+    from tests.core.stores.test_s3 import parquet_bytes, put
+
+    bucket = s3_server.new_bucket()
+    put(s3_server, bucket, "in/a.parquet", parquet_bytes(range(300)))
+    options = s3_server.storage_options()
+    spec = BatchSpec(source=f"s3://{bucket}/in/", sink=f"s3://{bucket}/out", predictor="tests.predictors:NoteInRange",
+                     source_format="parquet", rows_per_shard=100,
+                     predictor_kwargs={"text_from": 200, "text_to": 300, "calls_log": str(tmp_path / "calls")})
+    runner = ShardRunner(spec, options)
+    for shard in plan(spec, options).pending:
+        runner.run(shard, new_attempt())
+    manifest = finalize(spec, options)
+    assert manifest["schema"]["columns"] == {"id": "int64", "note": "string"}
+    client = s3_server.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/part-")["Contents"]]
+    tables = [pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=k)["Body"].read())) for k in keys]
+    assert {str(t.schema.field("note").type) for t in tables} == {"string"}
+    rows = sorted((r for t in tables for r in t.to_pylist()), key=lambda r: r["id"])
+    assert rows == [{"id": i, "note": f"n{i}" if i >= 200 else None} for i in range(300)]
+    assert computed_ids(spec) == list(range(300))
+    assert verify_sink(spec.sink_root, storage_options=options).problems == []
