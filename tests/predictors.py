@@ -257,3 +257,21 @@ class SparseNote:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return {"id": batch["id"], "note": [f"n{int(i)}" if int(i) >= self.first_note else None for i in batch["id"]]}
+
+
+class NoteInRange(_Logged):
+    """``note`` is text (``"n<id>"``) for ids in ``[text_from, text_to)``, an integer (the id)
+    for ids in ``[int_from, int_to)``, and null elsewhere: a sparse output column that is all
+    null in whole shards (an error or note field)."""
+
+    def __init__(self, text_from: int = 0, text_to: int = 0, int_from: int = 0, int_to: int = 0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.text = (text_from, text_to)
+        self.ints = (int_from, int_to)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        self.log(batch["id"])
+        ids = [int(i) for i in batch["id"]]
+        if any(self.ints[0] <= i < self.ints[1] for i in ids):  # an int column in this batch
+            return {"id": batch["id"], "note": [i if self.ints[0] <= i < self.ints[1] else None for i in ids]}
+        return {"id": batch["id"], "note": [f"n{i}" if self.text[0] <= i < self.text[1] else None for i in ids]}

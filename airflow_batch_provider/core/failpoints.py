@@ -5,7 +5,9 @@
 Ray's retry of the same work (or a rerun) gets past it. Actions: ``kill`` (SIGKILL, as an
 OOM kill or a lost node would) and ``raise`` (a Python exception). Without ``@marker`` the
 point fires every time. Points: ``ray_connect`` (before ``ray.init``), ``mid_part``, ``before_sentinel``, ``before_publish``,
-``before_publish_rejected``, ``after_publish``, ``finalize_before_manifest``.
+``before_publish_rejected``, ``after_publish``, ``finalize_before_manifest``, and finalize's
+re-typing of a part (``RETYPE_POINTS``, reached only by a job whose output column widened
+from type null; ``domain/retype.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import signal
 ENV = "ABP_FAILPOINTS"
 #: every point the code passes, in the order a job reaches them (the fault matrix test runs each)
 POINTS = ("mid_part", "before_sentinel", "before_publish", "before_publish_rejected", "after_publish", "finalize_before_manifest")
+#: finalize re-typing a part: after staging it, after replacing its sentinel (before publishing)
+RETYPE_POINTS = ("retype_before_sentinel", "retype_before_publish")
 
 
 class FailpointError(RuntimeError):

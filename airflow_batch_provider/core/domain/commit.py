@@ -273,13 +273,16 @@ def commit_shard(
     attempt: dict[str, Any],
     rejected: StagedPart | None = None,
     rows_rejected: int = 0,
+    null_columns: list[str] | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """Create the sentinel (the commit point), then publish or discard the staged part and
     the staged rejected rows (``rejected``, holding ``rows_rejected`` rows; None when none).
 
     Returns (won, sentinel): ``won`` is False when another attempt committed first; the
     returned sentinel is then the winner's. ``staged`` is None for a shard that produced no
-    rows: it commits without a part (its sentinel's ``part`` is null).
+    rows: it commits without a part (its sentinel's ``part`` is null). ``null_columns``: the
+    columns the (Parquet) part holds as type null, which finalize re-types if the job's output
+    schema gives them a type later (``domain/retype.py``): no part has to be opened to find them.
     """
     spec = storage.spec
     sentinel = {
@@ -296,6 +299,7 @@ def commit_shard(
             "staged": rejected.handle,
         },
         "lines": lines,
+        "null_columns": list(null_columns or []) if staged is not None else [],
         "bytes": staged.stream.bytes_written if staged is not None else 0,
         "sha256": staged.stream.sha256 if staged is not None else None,
         "input_fingerprint": shard.input_fingerprint,

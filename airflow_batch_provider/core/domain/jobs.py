@@ -24,9 +24,10 @@ from airflow_batch_provider.core.domain.commit import (
     withdraw,
 )
 from airflow_batch_provider.core.domain.input_schema import file_schemas, job_input_schema
-from airflow_batch_provider.core.domain.job_schema import known_output_schema, write_input_schema
+from airflow_batch_provider.core.domain.job_schema import delete_output_schema, known_output_schema, write_input_schema
 from airflow_batch_provider.core.domain.layout import JobStorage, quarantine_dir
 from airflow_batch_provider.core.domain.planning import Plan, Shard, find_inputs, hidden_inputs_note, split_file
+from airflow_batch_provider.core.domain.retype import retype_parts
 from airflow_batch_provider.core.errors import IncompleteJobError, StaleCheckpointError
 from airflow_batch_provider.core.schemas import schema_from_json, schema_to_json
 from airflow_batch_provider.core.spec import BatchSpec
@@ -296,7 +297,7 @@ def reset_job(storage: JobStorage) -> str:
             continue
         removed += withdraw(storage, shard_id, raw, sentinel)  # its part and its rejected rows
     removed_quarantined = _remove_quarantined_parts(storage)
-    storage.checkpoint.delete(storage.output_schema_path)
+    delete_output_schema(storage)
     storage.checkpoint.delete(storage.plan_path)
     storage.checkpoint.delete(storage.plan_id_path)
     _write_reset_state(storage, {**read_reset_state(storage), "resetting": False})
@@ -380,8 +381,10 @@ def finalize_job(
     rejected_names = {storage.rejected_path(s.shard_id).rsplit("/", 1)[-1] for s in plan.shards}
     _abort_idle_staged(storage, expected | rejected_names, orphan_grace_s)
     _remove_stale_rejected(storage, plan.shards, checks)
+    # Parts committed with a column as type null that a later shard typed: re-typed (the
+    # model is not called), so every part has the schema _SUCCESS records.
+    sentinels = retype_parts(storage, plan.shards, [c.sentinel or {} for c in checks])
     failpoints.hit("finalize_before_manifest")
-    sentinels = [c.sentinel or {} for c in checks]
     output_schema = known_output_schema(storage)
     manifest = {
         "spec_fingerprint": spec.fingerprint,

@@ -12,10 +12,12 @@
     {checkpoint_dir}/quarantine/                 sentinels found broken, kept for inspection
     {checkpoint_dir}/input_schema-<fp>.json      the input schema the plan settled (per spec fingerprint)
     {checkpoint_dir}/output_schema-{fp}.json     the parts' schema under spec fingerprint fp, created once
+    {checkpoint_dir}/output_schema-{fp}.widened-{h}.json  the type a column recorded as null took later, created once
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +141,12 @@ class JobStorage:
         """Per spec fingerprint: a spec planned afresh over an uncommitted sink never inherits
         the output schema an earlier spec's shards recorded."""
         return f"{self.spec.checkpoint_root}/{OUTPUT_SCHEMA_PREFIX}{self.spec.fingerprint}.json"
+
+    def output_widening_path(self, column: str) -> str:
+        """The type output column ``column``, recorded as null, took when a later shard held a
+        value in it: one create-only file per column (named by a hash: any column name is safe)."""
+        digest = hashlib.sha256(column.encode()).hexdigest()[:16]
+        return f"{self.spec.checkpoint_root}/{OUTPUT_SCHEMA_PREFIX}{self.spec.fingerprint}.widened-{digest}.json"
 
     @property
     def manifest_path(self) -> str:

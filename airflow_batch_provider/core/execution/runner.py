@@ -6,6 +6,8 @@ benchmarks call directly. The predictor is built once per runner and reused for 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -14,7 +16,13 @@ import pyarrow as pa
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard
-from airflow_batch_provider.core.domain.job_schema import known_output_schema, load_input_schema, record_output_schema
+from airflow_batch_provider.core.domain.job_schema import (
+    has_open_columns,
+    known_output_schema,
+    load_input_schema,
+    record_output_schema,
+    widen_output_schema,
+)
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import PredictorFailedError
@@ -22,9 +30,11 @@ from airflow_batch_provider.core.execution.badrows import BadRows
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
 from airflow_batch_provider.core.execution.readers import Batch, ReadStats, read_shard
 from airflow_batch_provider.core.execution.threads import BackgroundWriter, prefetch
-from airflow_batch_provider.core.execution.writers import PartWriter
+from airflow_batch_provider.core.execution.writers import OutputSchemaWidened, PartWriter
 from airflow_batch_provider.core.redaction import Redactor
 from airflow_batch_provider.core.spec import BatchSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,18 +104,50 @@ class ShardRunner:
         check = check_shard(self.storage, shard)
         if check.committed:
             return ShardResult.skipped(shard.shard_id, check.sentinel, time.perf_counter() - started, note="already committed")
-        spec = self.spec
         storage = self.storage
         input_schema = load_input_schema(storage)
+        while True:
+            try:
+                staged, part, stats, bad, rejected, model_seconds = self._write_part(shard, input_schema, on_rows)
+                break
+            except OutputSchemaWidened as widened:
+                # A column this part wrote as type null after a row group took a type: write the
+                # (uncommitted) shard again with it, rather than commit a part that cannot hold it.
+                log.info("shard %s: %s; writing the shard again with the widened schema", shard.shard_id, widened)
+                self._output_schema = None
+        won, sentinel = commit_shard(
+            storage, shard, staged if part.rows else None, rows_in=stats.rows + bad.count_unread, rows_out=part.rows,
+            lines=stats.lines, attempt=attempt, rejected=rejected, rows_rejected=bad.count, null_columns=part.null_columns,
+        )
+        failpoints.hit("after_publish")
+        return ShardResult(
+            shard.shard_id,
+            "computed" if won else "lost_race",
+            sentinel["rows_in"],
+            sentinel["rows_out"],
+            sentinel["bytes"],
+            sentinel.get("rows_rejected", 0),
+            time.perf_counter() - started,
+            model_seconds,
+            note=check.note,
+        )
+
+    def _write_part(self, shard: Shard, input_schema: pa.Schema | None, on_rows: Callable[[int], None] | None) -> tuple:
+        """Read, predict and write ``shard`` into a staged part: (staged, part writer, read
+        stats, bad rows, staged rejected rows, model seconds). Nothing is committed yet."""
+        spec, storage = self.spec, self.storage
         staged = storage.sink.open_staged(storage.part_path(shard.shard_id))
         stats = ReadStats()
         bad = BadRows(storage, shard, self.redactor)
         model_seconds = 0.0
+        writer = part = None
         try:
-            self._output_schema = self._output_schema or known_output_schema(storage)
+            if self._output_schema is None or has_open_columns(self._output_schema):
+                self._output_schema = known_output_schema(storage)  # a column of type null may have widened
             part = PartWriter(
                 staged.stream, spec.sink_format, self._output_schema,
                 settle=lambda schema: record_output_schema(storage, schema, input_schema),
+                widen=lambda seen: widen_output_schema(storage, known_output_schema(storage) or seen, seen, input_schema),
             )
             writer = BackgroundWriter(lambda item: part.write(*item))
             rows_done = 0
@@ -128,25 +170,15 @@ class ShardRunner:
                 staged.abort()  # no rows out: no part, so no reader ever sees a part without columns
             rejected = bad.finish()
         except BaseException:
+            if writer is not None:
+                with contextlib.suppress(BaseException):
+                    writer.close()  # its thread ends (it holds the error raised here)
+            if part is not None:
+                part.discard()
             staged.abort()
             bad.abort()
             raise
-        won, sentinel = commit_shard(
-            storage, shard, staged if part.rows else None, rows_in=stats.rows + bad.count_unread, rows_out=part.rows,
-            lines=stats.lines, attempt=attempt, rejected=rejected, rows_rejected=bad.count,
-        )
-        failpoints.hit("after_publish")
-        return ShardResult(
-            shard.shard_id,
-            "computed" if won else "lost_race",
-            sentinel["rows_in"],
-            sentinel["rows_out"],
-            sentinel["bytes"],
-            sentinel.get("rows_rejected", 0),
-            time.perf_counter() - started,
-            model_seconds,
-            note=check.note,
-        )
+        return staged, part, stats, bad, rejected, model_seconds
 
     def _predict(self, batch: Batch, shard: Shard, bad: BadRows) -> list[Any]:
         """The predictor's output tables for ``batch``. When it raises: under

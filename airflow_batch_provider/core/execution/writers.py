@@ -13,6 +13,7 @@ its last read, with nothing left to overlap it.
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import json
 from typing import Any, Callable
@@ -28,6 +29,16 @@ ROW_GROUP_BYTES = 64 << 20
 from airflow_batch_provider.core.schemas import OUTPUT_FIX, Incompatible, RowOrigin, conform_table, unify_fields
 
 
+class OutputSchemaWidened(Exception):
+    """A column this part already wrote as type null (in a Parquet row group) took a type: the
+    part cannot hold both, so the shard is written again from its start with the widened
+    schema (it is not committed yet; see ``ShardRunner``)."""
+
+    def __init__(self, columns: list[str]):
+        super().__init__(f"output column(s) {columns} were widened from type null after this part wrote them as null")
+        self.columns = columns
+
+
 class PartWriter:
     """Streams Arrow tables into one part, each conformed to the job's output schema.
 
@@ -36,6 +47,11 @@ class PartWriter:
     ``settle(their_unified_schema)`` is asked for it (it records the schema create-only and
     returns the winner of any race). Every batch is conformed to
     it losslessly (``schemas.conform_table``), so every part of a job has one schema.
+
+    A column of type null in that schema is widened (``widen(table_schema)`` records the type
+    and returns the job's schema) by the first batch holding a value in it. Before this part's
+    first Parquet row group is written, the part simply takes the type; after, the part has
+    that column as null already and :class:`OutputSchemaWidened` is raised.
     """
 
     def __init__(
@@ -44,6 +60,7 @@ class PartWriter:
         sink_format: str,
         schema: pa.Schema | None = None,
         settle: Callable[[pa.Schema], pa.Schema] | None = None,
+        widen: Callable[[pa.Schema], pa.Schema] | None = None,
         *,
         row_group_rows: int = ROW_GROUP_ROWS,
         row_group_bytes: int = ROW_GROUP_BYTES,
@@ -52,6 +69,7 @@ class PartWriter:
         self._format = sink_format
         self._parquet: pq.ParquetWriter | None = None
         self._settle = settle
+        self._widen = widen
         self._row_group_rows = row_group_rows
         self._row_group_bytes = row_group_bytes
         self._buffered: list[pa.Table] = []
@@ -60,6 +78,8 @@ class PartWriter:
         self._unsettled_rows = self._unsettled_bytes = 0
         self.schema = schema
         self.rows = 0
+        #: the schema of the Parquet file, once its first row group is written
+        self.written_schema: pa.Schema | None = None
 
     def write(self, table: pa.Table, origin: RowOrigin | None = None) -> None:
         if not table.num_rows:
@@ -96,7 +116,34 @@ class PartWriter:
         for table, origin in held:
             self._write_conformed(table, origin)
 
+    def _widen_for(self, table: pa.Table) -> None:
+        """Widen the columns of type null in which ``table`` holds values (see the class)."""
+        assert self.schema is not None
+        open_columns = [
+            f.name for f in self.schema
+            if pa.types.is_null(f.type) and f.name in table.column_names and table.column(f.name).null_count < table.num_rows
+        ]
+        if not open_columns or self._widen is None:
+            return
+        widened = self._widen(pa.schema([table.schema.field(n) for n in open_columns]))
+        changed = [n for n in open_columns if not pa.types.is_null(widened.field(n).type)]
+        if not changed:
+            return
+        if self.written_schema is not None and any(pa.types.is_null(self.written_schema.field(n).type) for n in changed):
+            raise OutputSchemaWidened(changed)
+        # Only the columns this table widened: another column widened by another shard stays
+        # null in this part (its sentinel says so, and finalize re-types it).
+        self.schema = pa.schema([widened.field(f.name) if f.name in changed else f for f in self.schema])
+        self._buffered = [t.cast(self.schema) for t in self._buffered]  # null -> T: no value changes
+
+    @property
+    def null_columns(self) -> list[str]:
+        """Columns the Parquet part holds as type null (finalize re-types them if they widen)."""
+        schema = self.written_schema if self._format == "parquet" else None
+        return [f.name for f in schema if pa.types.is_null(f.type)] if schema is not None else []
+
     def _write_conformed(self, table: pa.Table, origin: RowOrigin) -> None:
+        self._widen_for(table)
         table = conform_table(table, self.schema, origin, fix=OUTPUT_FIX, what="the job's output schema")
         self.rows += table.num_rows
         if self._format == "parquet":
@@ -115,9 +162,17 @@ class PartWriter:
             return
         if self._parquet is None:
             self._parquet = pq.ParquetWriter(self._stream, self.schema)
+            self.written_schema = self.schema
         self._parquet.write_table(pa.concat_tables(self._buffered))
         self._buffered.clear()
         self._buffered_rows = self._buffered_bytes = 0
+
+    def discard(self) -> None:
+        """Close the Parquet writer of a part being thrown away (its stream is aborted next)."""
+        if self._parquet is not None:
+            with contextlib.suppress(Exception):
+                self._parquet.close()
+            self._parquet = None
 
     def close(self) -> None:
         """Write what is buffered and the Parquet footer; the part is whole only after this."""
