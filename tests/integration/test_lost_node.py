@@ -61,7 +61,11 @@ def test_a_lost_node_mid_shard_is_recomputed_on_the_other_node_in_the_same_try(c
     spec = BatchSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:NodeTracedDoubler",
                      predictor_kwargs={"trace_log": trace, "load_log": loads, "sleep_s": 1.0}, rows_per_shard=20, batch_size=5,
                      num_cpus=1, max_retries=2, num_workers=2)
-    tester = DagTester(str(tmp_path / "airflow"), connections={"ray_default": cluster.conn_uri()})
+    # The replicas outlive the run (release_workers=False): finalize would otherwise stop the lost
+    # replica while Ray still waits to declare its node dead (about 14 s), whenever the shards
+    # after the kill end sooner than that, and Ray would then never start it again.
+    tester = DagTester(str(tmp_path / "airflow"), connections={"ray_default": cluster.conn_uri()},
+                       group_kwargs=", release_workers=False")
     killed: dict = {}
 
     def kill_the_node_of_the_first_shard():
@@ -70,7 +74,7 @@ def test_a_lost_node_mid_shard_is_recomputed_on_the_other_node_in_the_same_try(c
             seen = traces(trace)
             if len(seen) >= 2:  # the first shard is two batches in
                 node = cluster.node_of(seen[-1]["pid"])
-                if node in ("a", "b"):
+                if node in ("a", "b", "c"):  # whichever worker node holds the replica running it
                     killed.update(node=node, pid=seen[-1]["pid"], batches_before=len(seen), at=time.time())
                     cluster.kill_node(node)
                     return
