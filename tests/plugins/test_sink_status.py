@@ -52,6 +52,20 @@ def _request(url: str, *, token: str | None = None, data: dict | None = None) ->
         return err.code, err.read()
 
 
+def _wait_healthy(server: subprocess.Popen, base: str, log_path: str, timeout: float) -> None:
+    """Wait until the api-server at ``base`` answers its health check (fail if it exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"api-server exited: {open(log_path).read()[-3000:]}")
+        try:
+            if _request(f"{base}/api/v2/monitor/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A finished batch run and an api-server over its Airflow home: (base URL, JWT, spec, tester)."""
@@ -74,16 +88,7 @@ def served(tmp_path_factory):
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "airflow"), "api-server", "-p", str(port)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                pytest.fail(f"api-server exited: {open(log.name).read()[-3000:]}")
-            try:
-                if _request(f"{base}/api/v2/monitor/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
+        _wait_healthy(server, base, log.name, timeout=120)
         status, body = _request(f"{base}/auth/token", data={"username": "admin", "password": PASSWORD})
         assert status in (200, 201), body
         yield base, json.loads(body)["access_token"], spec, tester

@@ -25,7 +25,7 @@ from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.plugins.sink_status import CANNOT_READ
 from tests.conftest import write_jsonl
 from tests.integration.dagtest import ROOT, DagTester
-from tests.plugins.test_sink_status import _free_port, _request
+from tests.plugins.test_sink_status import _free_port, _request, _wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -87,16 +87,7 @@ def served(tmp_path_factory):
     server = subprocess.Popen([airflow, "api-server", "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                pytest.fail(f"api-server exited: {open(log_path).read()[-3000:]}")
-            try:
-                if _request(f"{base}/api/v2/monitor/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
+        _wait_healthy(server, base, log_path, timeout=180)
         tokens = {}
         for user, password in USERS.items():
             status, body = _request(f"{base}/auth/token", data={"username": user, "password": password})
