@@ -16,36 +16,63 @@ come in as ``storage_options`` (s3fs style); attempts carry an opaque key of the
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from airflow_batch_provider.core.domain import layout
-from airflow_batch_provider.core.domain.commit import inspect_shard, new_attempt
-from airflow_batch_provider.core.domain.inspection import NotASinkError, SinkStatus, Verification, collect_garbage, sink_status, verify_sink
-from airflow_batch_provider.core.domain.jobs import JobPlan, finalize_job, plan_job
-from airflow_batch_provider.core.domain.layout import JobStorage
-from airflow_batch_provider.core.domain.planning import Shard
-from airflow_batch_provider.core.errors import BatchError, BatchSpecError, RayWorkError, ResourcesUnavailableError, ShardCancelledError, is_retryable
-from airflow_batch_provider.core.execution.runner import ShardResult, ShardRunner
-from airflow_batch_provider.core.ray.connection import RayTarget, connect
-from airflow_batch_provider.core.ray.driver import RayDriver
-from airflow_batch_provider.core.ray.states import Progress, RunState
-from airflow_batch_provider.core.spec import BatchSpec
-from airflow_batch_provider.core.stores import is_remote
-
 if TYPE_CHECKING:
+    from airflow_batch_provider.core.domain.commit import new_attempt
+    from airflow_batch_provider.core.domain.inspection import NotASinkError, SinkStatus, Verification, collect_garbage, sink_status, verify_sink
+    from airflow_batch_provider.core.domain.jobs import JobPlan
+    from airflow_batch_provider.core.domain.planning import Shard
+    from airflow_batch_provider.core.domain.results import ShardResult
+    from airflow_batch_provider.core.errors import (
+        BatchError,
+        BatchSpecError,
+        CallLostError,
+        RayWorkError,
+        ResourcesUnavailableError,
+        ShardCancelledError,
+        is_retryable,
+    )
+    from airflow_batch_provider.core.execution.runner import ShardRunner
+    from airflow_batch_provider.core.ray.call import DriverFollower, ShardCall
+    from airflow_batch_provider.core.ray.connection import RayTarget, connect
+    from airflow_batch_provider.core.ray.driver import RayDriver
     from airflow_batch_provider.core.ray.pool import ReplicaPool
+    from airflow_batch_provider.core.ray.states import CallEnd, CallEvent, CallOutcome, Progress, RunState, WorkId
+    from airflow_batch_provider.core.spec import BatchSpec
+    from airflow_batch_provider.core.stores import is_remote
+
+#: where each name of this API lives. Loaded on first use: Airflow imports this module while
+#: it parses DAG files and in processes that fork task processes (scheduler, DAG processor,
+#: triggerer, Celery workers). Parsing must stay light (no pyarrow), and a task forked from a
+#: process with Ray's core library loaded can be aborted by Ray while it connects.
+_HOMES = {
+    "new_attempt": "core.domain.commit",
+    **dict.fromkeys(("NotASinkError", "SinkStatus", "Verification", "collect_garbage", "sink_status", "verify_sink"), "core.domain.inspection"),
+    "JobPlan": "core.domain.jobs",
+    "Shard": "core.domain.planning",
+    "ShardResult": "core.domain.results",
+    **dict.fromkeys(("BatchError", "BatchSpecError", "CallLostError", "RayWorkError", "ResourcesUnavailableError",
+                     "ShardCancelledError", "is_retryable"), "core.errors"),
+    "ShardRunner": "core.execution.runner",
+    **dict.fromkeys(("DriverFollower", "ShardCall"), "core.ray.call"),
+    **dict.fromkeys(("RayTarget", "connect"), "core.ray.connection"),
+    "RayDriver": "core.ray.driver",
+    "ReplicaPool": "core.ray.pool",
+    **dict.fromkeys(("CallEnd", "CallEvent", "CallOutcome", "Progress", "RunState", "WorkId"), "core.ray.states"),
+    "BatchSpec": "core.spec",
+    "is_remote": "core.stores",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """``ReplicaPool`` is imported on first use: it imports Ray, and only a process that runs
-    shards may load Ray. Airflow imports this module in processes that fork task processes
-    (scheduler, DAG processor, triggerer, Celery workers), and a task forked from a process
-    with Ray's core library loaded can be aborted by Ray while it connects."""
-    if name == "ReplicaPool":
-        from airflow_batch_provider.core.ray.pool import ReplicaPool
-
-        return ReplicaPool
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"airflow_batch_provider.{home}"), name)
+    globals()[name] = value
+    return value
 
 
 def plan(spec: BatchSpec, storage_options: dict[str, Any] | None = None, *, reset_key: str | None = None) -> JobPlan:
@@ -53,11 +80,17 @@ def plan(spec: BatchSpec, storage_options: dict[str, Any] | None = None, *, rese
 
     ``reset_key`` names the host's run (opaque): with ``resume=False`` the earlier output is
     removed once per key, so a retried plan keeps what its run committed since."""
+    from airflow_batch_provider.core.domain.jobs import plan_job
+    from airflow_batch_provider.core.domain.layout import JobStorage
+
     return plan_job(spec, JobStorage.for_spec(spec, storage_options), reset_key=reset_key)
 
 
 def finalize(spec: BatchSpec, storage_options: dict[str, Any] | None = None, *, elapsed_seconds: float | None = None) -> dict[str, Any]:
     """Check that every planned shard is committed with its part in place; write ``_SUCCESS``."""
+    from airflow_batch_provider.core.domain.jobs import finalize_job
+    from airflow_batch_provider.core.domain.layout import JobStorage
+
     return finalize_job(spec, JobStorage.for_spec(spec, storage_options), elapsed_seconds=elapsed_seconds)
 
 
@@ -66,6 +99,10 @@ def committed_results(spec: BatchSpec, storage_options: dict[str, Any] | None, s
 
     Reads only: a commit whose part is not yet published counts as not committed here (the
     next shard task rolls it forward)."""
+    from airflow_batch_provider.core.domain.commit import inspect_shard
+    from airflow_batch_provider.core.domain.layout import JobStorage
+    from airflow_batch_provider.core.domain.results import ShardResult
+
     storage = JobStorage.for_spec(spec, storage_options)
     results = []
     for shard in shards:
@@ -78,11 +115,15 @@ def committed_results(spec: BatchSpec, storage_options: dict[str, Any] | None, s
 
 def rejected_path(spec: BatchSpec, shard_id: str) -> str:
     """Where the rows a shard rejected (``bad_rows="skip"``) are, once it is committed."""
+    from airflow_batch_provider.core.domain import layout
+
     return layout.rejected_path(spec.sink_root, shard_id)
 
 
 def needs_credentials(spec: BatchSpec) -> bool:
     """Whether any of the job's locations is on an object store."""
+    from airflow_batch_provider.core.stores import is_remote
+
     return any(is_remote(url) for url in (spec.source, spec.sink_root, spec.checkpoint_root))
 
 
@@ -90,6 +131,11 @@ __all__ = [
     "BatchError",
     "BatchSpec",
     "BatchSpecError",
+    "CallEnd",
+    "CallEvent",
+    "CallLostError",
+    "CallOutcome",
+    "DriverFollower",
     "JobPlan",
     "NotASinkError",
     "Progress",
@@ -100,10 +146,13 @@ __all__ = [
     "ReplicaPool",
     "RunState",
     "Shard",
+    "ShardCall",
     "ShardCancelledError",
+    "ShardResult",
     "ShardRunner",
     "SinkStatus",
     "Verification",
+    "WorkId",
     "collect_garbage",
     "committed_results",
     "connect",

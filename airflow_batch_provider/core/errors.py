@@ -98,3 +98,8 @@ class ShardCancelledError(RayWorkError):
 
 class ResourcesUnavailableError(RayWorkError):
     """No node of the Ray cluster has the resources a model replica asks for."""
+
+
+class CallLostError(RayWorkError):
+    """A shard's Ray call was lost with its replica or node more often than the spec's
+    ``max_retries`` allows within one try: a retry of the task computes what is not committed."""

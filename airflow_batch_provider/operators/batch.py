@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -29,9 +29,6 @@ from airflow_batch_provider.triggers.shard import RayShardTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-#: status of a stored Ray call that belongs to another work unit: neither running nor succeeded
-OTHER_UNIT = "OTHER_UNIT"
 
 #: how long after ``execution_timeout`` Airflow itself fails a deferred shard task whose trigger
 #: (which cancels the Ray call at ``execution_timeout``) has not answered.
@@ -203,11 +200,12 @@ class PlanBatchOperator(_SpecOperator):
 class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     """Compute one work unit (usually one shard) on a Ray model replica and commit its part.
 
-    The Ray call is recorded in ``task_state_store`` (``ResumableJobMixin``, on both paths): a
-    retry whose Ray work is still running waits for it instead of starting it again, and a
-    retry of a shard that got committed meanwhile returns at once. A try that died between
-    submitting and recording is covered too: its retry asks the model's replicas for work of
-    this task instance.
+    The Ray call (:class:`~airflow_batch_provider.core.api.ShardCall`, which this task, its
+    deferred twin and the trigger all drive) is recorded in ``task_state_store``
+    (``ResumableJobMixin``, on both paths): a retry whose Ray work is still running waits for it
+    instead of starting it again, and a retry of a shard that got committed meanwhile returns at
+    once. A try that died between submitting and recording is covered too: its retry asks the
+    model's replicas for work of this task instance.
 
     :param spec: the ``BatchSpec`` (or its dict).
     :param work_unit: one item of the plan task's output (``{"label", "shards"}``).
@@ -254,8 +252,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.progress_interval = progress_interval
-        self._results: list[dict[str, Any]] | None = None
-        self._work: dict[str, str] | None = None  # the Ray call this process follows, for on_kill
+        self._call: api.ShardCall | None = None  # built on first use in a try (it needs the task instance)
 
     @cached_property
     def shards(self) -> list[api.Shard]:
@@ -269,6 +266,18 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     def label(self) -> str:
         return self.work_unit["label"]
 
+    def call(self, context: Context) -> api.ShardCall:
+        """This try's :class:`~airflow_batch_provider.core.api.ShardCall` of the work unit."""
+        if self._call is None:
+            ti = context["ti"]
+            unit = unit_id(self.work_unit)
+            self._call = api.ShardCall(
+                self.replicas, self.shards, unit=unit, label=self.label, key=attempt_key(ti, unit), try_number=ti.try_number,
+                max_retries=self.core_spec.max_retries, plan_id=self.work_unit.get("plan_id"),
+                storage_options=self.storage_options, lease_timeout_s=self.lease_timeout, log=self.log,
+            )
+        return self._call
+
     def execute(self, context: Context) -> dict[str, Any]:
         started = time.perf_counter()
         RayHook(ray_conn_id=self.ray_conn_id).get_conn()
@@ -278,58 +287,32 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger fired: validate its event, return the shard summary. A call
         the trigger found lost (replica or node gone) is submitted again and deferred anew."""
-        if not isinstance(event, dict) or "status" not in event:
-            raise BatchInferenceException(
-                f"shard(s) {self.label}: the trigger returned no valid event ({event!r}); retrying computes what is not committed"
-            )
-        if event["status"] == "lost":
-            return self._resume_lost(event, context)
-        if event["status"] != "success":
-            raise task_error(event.get("message") or f"shard(s) {self.label} failed: {event!r}", retryable=event.get("retryable", True))
-        results = event.get("results")
-        if not isinstance(results, list):
-            raise BatchInferenceException(f"shard(s) {self.label}: success event without results ({event!r})")
-        self.log.info("Ray work %s finished", event.get("token"))
-        return self._summarise(results)
-
-    def _resume_lost(self, event: dict[str, Any], context: Context) -> dict[str, Any]:
-        """The deferred twin of the sync path's resubmission: same try, another replica."""
-        self.log.warning("%s", event.get("message"))
-        RayHook(ray_conn_id=self.ray_conn_id).get_conn()
-        resubmits = int(event.get("resubmits") or 0) + 1
-        lost = {"worker": event.get("worker", ""), "token": event.get("token", "")}
-        external_id = self._resubmit_lost(lost, resubmits, context)
-        self._defer_unless_done(external_id, context, resubmits=resubmits)
-        return self._summarise(self.get_job_result(external_id, context))
-
-    # -- ResumableJobMixin ---------------------------------------------------------------
-    def submit_job(self, context: Context) -> dict[str, str]:
-        ti = context["ti"]
-        unit = unit_id(self.work_unit)
-        key = attempt_key(ti, unit)
-        if ti.try_number > 1 and (running := self.replicas.find_running(key)):
-            # An earlier try submitted this work but died before task_state_store held its id.
-            self.log.info("Reconnecting to running Ray work %s of an earlier try (its id was never stored)", running)
-            return {**running, "unit": unit}
-        attempt = api.new_attempt(key, try_number=ti.try_number, plan_id=self.work_unit.get("plan_id"))
         try:
-            work = self.replicas.submit(self.shards, attempt, self.storage_options, lease_timeout_s=self.lease_timeout)
-        except api.BatchError as err:
-            raise task_error(f"shard(s) {self.label}: {err}", retryable=api.is_retryable(err)) from err
-        self.log.info("Shard(s) %s submitted to Ray worker %s (attempt %s)", self.label, work["worker"], work["token"])
-        return {**work, "unit": unit}
+            end = api.CallEvent.from_dict(event)
+        except ValueError as err:
+            raise BatchInferenceException(
+                f"shard(s) {self.label}: the trigger returned no valid event ({err}); retrying computes what is not committed"
+            ) from None
+        if end.status == api.CallEnd.ERROR:
+            raise task_error(end.message or f"shard(s) {self.label} failed: {event!r}", retryable=end.retryable)
+        if end.status == api.CallEnd.LOST:
+            self.log.warning("%s", end.message)
+            RayHook(ray_conn_id=self.ray_conn_id).get_conn()
+            resubmits = end.resubmits + 1
+            work = self._guarded(lambda: self.call(context).resubmit(end.work, resubmits))
+            self._record(context, work)
+            self._defer_unless_done(work, context, resubmits=resubmits)
+            return self._summarise(self.call(context).results_of(work))
+        self.log.info("Ray work %s finished", end.work.token)
+        return self._summarise(end.results)
+
+    # -- ResumableJobMixin: the stored id is the WorkId's JSON form -------------------------
+    def submit_job(self, context: Context) -> dict[str, str]:
+        return self._guarded(lambda: self.call(context).submit()).to_dict()
 
     def get_job_status(self, external_id: Any, context: Context) -> str:
-        stored_unit = external_id.get("unit") if isinstance(external_id, dict) else None
-        if stored_unit is not None and stored_unit != unit_id(self.work_unit):
-            self.log.warning(
-                "The stored Ray work %s computed other shards than %s (the plan ran again in this DAG run and "
-                "mapped this index anew); submitting this unit's shards", external_id, self.label,
-            )
-            return OTHER_UNIT
-        outcome = self.replicas.status(external_id)
-        self._queued = bool(outcome.get("queued"))  # leased to this call, which the replica has not taken up yet
-        return outcome["state"]
+        work = self.call(context).adopt(external_id)
+        return str(self.call(context).outcome(work).state if work else api.RunState.UNKNOWN)
 
     def is_job_active(self, status: str) -> bool:
         return status == api.RunState.RUNNING
@@ -337,94 +320,56 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     def is_job_succeeded(self, status: str) -> bool:
         return status == api.RunState.SUCCEEDED
 
-    def poll_until_complete(self, external_id: Any, context: Context) -> list[dict[str, Any]]:
-        """Sync: block until the Ray work ends. Deferrable: check once, then defer to the trigger.
-
-        Returns the shard results (``execute_resumable`` hands them on when it reconnected)."""
+    def poll_until_complete(self, external_id: Any, context: Context) -> list[api.ShardResult]:
+        """Sync: block until the Ray work ends. Deferrable: check once, then defer to the trigger."""
+        work = api.WorkId.from_dict(external_id)
         if self.deferrable:
-            self._defer_unless_done(external_id, context)
-            return self.get_job_result(external_id, context)
-        resubmits = 0
-        while True:
-            results = self._wait_cancelling_on_stop(external_id)
-            if results is not None:
-                self._results = results
-                return results
-            resubmits += 1
-            external_id = self._resubmit_lost(external_id, resubmits, context)
+            self._defer_unless_done(work, context)
+            return self.call(context).results_of(work)
+        return self._guarded(lambda: self.call(context).follow(
+            work, on_progress=self._log_progress, every_s=self.progress_interval, on_resubmit=lambda new: self._record(context, new),
+        ))
 
-    def _wait_cancelling_on_stop(self, external_id: dict[str, str]) -> list[dict[str, Any]] | None:
-        """``ReplicaPool.result`` of the call; if the wait is interrupted (execution_timeout's
-        AirflowTaskTimeout, the task being stopped), the Ray call is cancelled first."""
-        self._work = external_id
-        try:
-            results = self.replicas.result(external_id, on_progress=self._log_progress, every_s=self.progress_interval)
-        except api.BatchError as err:  # the core's error raised on the replica, or a RayWorkError
-            raise task_error(f"shard(s) {self.label}: {err}", retryable=api.is_retryable(err)) from err
-        except BaseException as err:
-            self._cancel_work()
-            if isinstance(err, SystemError) and err.__cause__ is not None:
-                raise err.__cause__ from None  # raised by a signal handler while Ray's C code waited: Ray wraps it
-            raise
-        self._work = None
-        return results
-
-    def _resubmit_lost(self, lost: dict[str, str], resubmits: int, context: Context) -> dict[str, str]:
-        """A call lost with its replica or node: submit the shards again (another replica, same
-        try), at most the spec's ``max_retries`` times, and record the new call."""
-        max_retries = self.core_spec.max_retries
-        if resubmits > max_retries:
-            raise BatchInferenceException(
-                f"shard(s) {self.label}: the Ray work was lost {resubmits} times (replica or node gone), more than the "
-                f"spec's max_retries={max_retries}; a task retry computes what is not committed"
-            )
-        self.log.warning("Ray work %s is gone (replica or its node lost); computing what is not committed on another "
-                         "replica (%s of max_retries=%s)", lost, resubmits, max_retries)
-        external_id = self.submit_job(context)
-        if (store := context.get("task_state_store")) is not None:
-            store.set(self.external_id_key, external_id)
-        return external_id
+    def get_job_result(self, external_id: Any, context: Context) -> list[api.ShardResult]:
+        return self.call(context).results_of(api.WorkId.from_dict(external_id))
 
     def on_kill(self) -> None:
         """The task is being stopped (marked failed, cleared, or past ``execution_timeout``):
         stop its Ray call too, so the replica is free for other shards at once."""
-        self._cancel_work()
+        if self._call is not None:
+            self._call.cancel_followed()
 
-    def _cancel_work(self) -> None:
-        work, self._work = self._work, None
-        if work is None:
-            return
+    def _record(self, context: Context, work: api.WorkId) -> None:
+        """Keep the call a retry must find (a resubmitted call replaces the lost one)."""
+        if (store := context.get("task_state_store")) is not None:
+            store.set(self.external_id_key, work.to_dict())
+
+    def _guarded(self, step: Callable[[], Any]) -> Any:
+        """Run a step of the call; a core error becomes the task's error, naming the shards."""
         try:
-            state = self.replicas.cancel(work)
-        except Exception as err:  # the task stops anyway; the replica ends the call when it can
-            self.log.warning("Could not cancel Ray work %s: %s: %s", work, type(err).__name__, err)
-            return
-        self.log.warning("Cancelled Ray work %s of shard(s) %s (it was %s); nothing of it was committed", work["token"], self.label, state)
+            return step()
+        except api.BatchError as err:
+            raise task_error(_about(self.label, err), retryable=api.is_retryable(err)) from err
 
     def _log_progress(self, progress: api.Progress) -> None:
         self.log.info("Shard(s) %s: %s", self.label, progress.describe())
 
-    def get_job_result(self, external_id: Any, context: Context) -> list[dict[str, Any]]:
-        if self._results is None:
-            self._results = self.replicas.status(external_id).get("results", [])
-        return self._results
-
     # -- deferrable path -------------------------------------------------------------------
-    def _defer_unless_done(self, external_id: dict[str, str], context: Context, resubmits: int = 0) -> None:
+    def _defer_unless_done(self, work: api.WorkId, context: Context, resubmits: int = 0) -> None:
         """The call was just submitted or found running: return if it has already ended well,
-        raise if it failed, else defer to the trigger while Ray computes. ``resubmits``: how
-        often this try already submitted the work again after losing it."""
-        status = self._wait_started(external_id, context)
-        if status == api.RunState.SUCCEEDED:
+        raise if it failed, else defer to the trigger while Ray computes. Deferring ends this
+        process, so the replica must have taken the call up first (``ShardCall.wait_started``).
+        ``resubmits``: how often this try already submitted the work again after losing it."""
+        outcome = self.call(context).wait_started(work, self.start_timeout_s)
+        if outcome.state == api.RunState.SUCCEEDED:
             return
-        if status == api.RunState.FAILED:
-            outcome = self.replicas.status(external_id)
-            raise task_error(f"shard(s) {self.label} failed on Ray: {outcome.get('error')}", retryable=outcome.get("retryable", True))
-        self.log.info("Deferring while Ray computes shard(s) %s (%s)", self.label, external_id)
+        if outcome.state == api.RunState.FAILED:
+            raise task_error(f"shard(s) {self.label} failed on Ray: {outcome.error}", retryable=outcome.retryable)
+        self.log.info("Deferring while Ray computes shard(s) %s (%s)", self.label, work.to_dict())
         self.defer(
             trigger=RayShardTrigger(
-                worker=external_id["worker"],
-                token=external_id["token"],
+                worker=work.replica,
+                token=work.token,
                 spec=self.spec,
                 shards=self.work_unit["shards"],
                 ray_conn_id=self.ray_conn_id,
@@ -447,53 +392,41 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         begun = start.timestamp() if start is not None else time.time()
         return begun + self.execution_timeout.total_seconds()
 
-    def _wait_started(self, external_id: dict[str, str], context: Context) -> str:
-        """Wait until the replica runs the submitted call (or reports its end), not only holds
-        its lease. Until the replica's compute thread takes the call up, the lease is all that
-        keeps the replica for it, and the lease lasts as long as its holder, this process's
-        Ray job. Deferring ends the process: the replica, seeing its holder gone, would lease
-        itself to another shard task, whose call would then wait behind this one unseen and
-        be taken for lost (its shard computed twice)."""
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            self._queued = False
-            status = self.get_job_status(external_id, context)
-            started = status != api.RunState.UNKNOWN and not (status == api.RunState.RUNNING and self._queued)
-            if started or time.monotonic() > deadline:
-                return status
-            time.sleep(0.1)
-
-    def _summarise(self, results: list[dict[str, Any]], task_seconds: float | None = None) -> dict[str, Any]:
+    def _summarise(self, results: list[api.ShardResult], task_seconds: float | None = None) -> dict[str, Any]:
         """Log each shard's figures; ``task_seconds`` (sync path only) also gives the overhead."""
         for r in results:
-            rate = r["rows_in"] / r["seconds"] if r["seconds"] else 0.0
             self.log.info(
                 "Shard %s %s: %s rows in, %s rows out, %s rows rejected, %s bytes, %.2f s (model %.2f s, %.1f rows/s)",
-                r["shard_id"], r["status"], r["rows_in"], r["rows_out"], r.get("rows_rejected", 0), r["bytes"], r["seconds"],
-                r["model_seconds"], rate,
+                r.shard_id, r.status, r.rows_in, r.rows_out, r.rows_rejected, r.bytes, r.seconds, r.model_seconds, r.rows_per_second,
             )
-            if r.get("rows_rejected"):
+            if r.rows_rejected:
                 self.log.warning(
-                    "Shard %s rejected %s rows (bad_rows='skip'): see %s", r["shard_id"], r["rows_rejected"],
-                    api.rejected_path(self.core_spec, r["shard_id"]),
+                    "Shard %s rejected %s rows (bad_rows='skip'): see %s", r.shard_id, r.rows_rejected,
+                    api.rejected_path(self.core_spec, r.shard_id),
                 )
-            if r.get("model_load_seconds"):
-                self.log.info("Ray worker %s loaded the model in %.2f s (once; later shards reuse it)", r.get("worker_pid"), r["model_load_seconds"])
-            if r.get("note"):
-                self.log.warning("%s", r["note"])
-        model = sum(r["model_seconds"] for r in results)
+            if r.model_load_seconds:
+                self.log.info("Ray replica (pid %s) loaded the model in %.2f s (once; later shards reuse it)", r.worker_pid, r.model_load_seconds)
+            if r.note:
+                self.log.warning("%s", r.note)
+        model = sum(r.model_seconds for r in results)
         if task_seconds is not None:
             self.log.info("Shard task wall %.3f s, model %.3f s, overhead %.3f s", task_seconds, model, task_seconds - model)
         return {
             "task_seconds": task_seconds,
-            "shards": [r["shard_id"] for r in results],
-            "computed": sum(r["status"] == "computed" for r in results),
-            "rows_in": sum(r["rows_in"] for r in results),
-            "rows_out": sum(r["rows_out"] for r in results),
-            "rows_rejected": sum(r.get("rows_rejected", 0) for r in results),
-            "seconds": sum(r["seconds"] for r in results),
-            "model_seconds": sum(r["model_seconds"] for r in results),
+            "shards": [r.shard_id for r in results],
+            "computed": sum(r.computed for r in results),
+            "rows_in": sum(r.rows_in for r in results),
+            "rows_out": sum(r.rows_out for r in results),
+            "rows_rejected": sum(r.rows_rejected for r in results),
+            "seconds": sum(r.seconds for r in results),
+            "model_seconds": model,
         }
+
+
+def _about(label: str, err: BaseException) -> str:
+    """A core error's message, naming the work unit unless it already starts with it."""
+    message = str(err)
+    return message if message.startswith("shard(s) ") else f"shard(s) {label}: {message}"
 
 
 class FinalizeBatchOperator(_SpecOperator):

@@ -41,6 +41,9 @@ from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.hooks.storage import storage_options_for
 from airflow_batch_provider.spec import BatchSpec
 
+#: longest one status question to the replica may take, through the Ray client process.
+STATUS_TIMEOUT_S = 60.0
+
 
 class RayShardTrigger(BaseTrigger):
     """Wait for one shard task's Ray work (a ``Replica.run_shards`` call) to finish.
@@ -82,7 +85,6 @@ class RayShardTrigger(BaseTrigger):
         super().__init__()
         self.cancel_at = cancel_at
         self.resubmits = resubmits
-        self._driver: api.RayDriver | None = None
         self.worker = worker
         self.token = token
         self.spec = spec
@@ -109,73 +111,67 @@ class RayShardTrigger(BaseTrigger):
             },
         )
 
+    @property
+    def work(self) -> api.WorkId:
+        return api.WorkId(replica=self.worker, token=self.token)
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
-            await self._connect()
+            call = await self._connect()
             reported = time.monotonic()
             while True:
-                outcome = await asyncio.to_thread(self._status)
-                state = outcome.get("state")
-                if state == api.RunState.RUNNING and self.cancel_at is not None and time.time() >= self.cancel_at:
-                    yield await self._cancel()
-                    return
-                if state == api.RunState.RUNNING:
-                    progress = api.Progress.of(outcome)
-                    if progress and time.monotonic() - reported >= self.progress_interval:
-                        self.log.info("Shard(s) %s: %s", self.label, progress.describe())  # reaches the task log
+                outcome = await asyncio.to_thread(call.outcome, self.work)
+                if outcome.state == api.RunState.RUNNING:
+                    if self.cancel_at is not None and time.time() >= self.cancel_at:
+                        yield await self._cancel(call)
+                        return
+                    if outcome.progress and time.monotonic() - reported >= self.progress_interval:
+                        self.log.info("Shard(s) %s: %s", self.label, outcome.progress.describe())  # reaches the task log
                         reported = time.monotonic()
                     await asyncio.sleep(self.poll_interval)
                     continue
-                if state == api.RunState.SUCCEEDED:
-                    yield self._event("success", results=outcome.get("results", []))
-                elif state == api.RunState.FAILED:
-                    yield self._event("error", message=f"shard(s) {self.label} failed on Ray: {outcome.get('error')}",
-                                      retryable=outcome.get("retryable", True))
+                if outcome.state == api.RunState.SUCCEEDED:
+                    yield self._event(api.CallEnd.SUCCESS, results=outcome.results)
+                elif outcome.state == api.RunState.FAILED:
+                    yield self._event(api.CallEnd.ERROR, message=f"shard(s) {self.label} failed on Ray: {outcome.error}",
+                                      retryable=outcome.retryable)
                 else:
-                    yield await self._from_sink(str(state or api.RunState.UNKNOWN))
+                    yield await self._from_sink(outcome.state)
                 return
         except Exception as err:  # report it as an event: the task fails (and retries) with this message
-            yield self._event("error", message=f"shard(s) {self.label}: polling Ray failed: {type(err).__name__}: {err}")
+            yield self._event(api.CallEnd.ERROR, message=f"shard(s) {self.label}: polling Ray failed: {type(err).__name__}: {err}")
 
     # -- helpers (blocking ones run in a thread) -----------------------------------------
     def _spec(self) -> BatchSpec:
         return BatchSpec.from_dict(self.spec)
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> api.ShardCall:
         target = await RayHook(ray_conn_id=self.ray_conn_id).aget_target()
-        self._driver = await asyncio.to_thread(api.RayDriver.for_target, target)
-
-    def _status(self) -> dict[str, Any]:
-        assert self._driver is not None
-        return self._driver.call("status", self._spec().core().to_dict(), work=self._work(), timeout=60)
-
-    def _work(self) -> dict[str, str]:
-        return {"worker": self.worker, "token": self.token}
+        driver = await asyncio.to_thread(api.RayDriver.for_target, target)
+        follower = api.DriverFollower(driver, self._spec().core().to_dict(), timeout_s=STATUS_TIMEOUT_S)
+        return api.ShardCall(follower, [], unit="", label=self.label, log=self.log)
 
     async def on_kill(self) -> None:
         """A user acted on the deferred task (marked it failed or success, cleared it): cancel
         its Ray call, which frees the replica; nothing of the call is committed."""
-        if self._driver is None:
-            await self._connect()
-        assert self._driver is not None
-        state = await asyncio.to_thread(self._driver.call, "cancel", self._spec().core().to_dict(), work=self._work())
+        call = await self._connect()
+        state = await asyncio.to_thread(call.cancel, self.work)
         self.log.warning("Shard(s) %s stopped by a user: cancelled Ray work %s (it was %s); nothing of it was committed",
                          self.label, self.token, state)
 
-    async def _cancel(self) -> TriggerEvent:
-        assert self._driver is not None
-        state = await asyncio.to_thread(self._driver.call, "cancel", self._spec().core().to_dict(), work=self._work())
+    async def _cancel(self, call: api.ShardCall) -> TriggerEvent:
+        state = await asyncio.to_thread(call.cancel, self.work)
         self.log.warning("Shard(s) %s passed its execution_timeout: cancelled Ray work %s (it was %s)", self.label, self.token, state)
-        return self._event("error", message=f"shard(s) {self.label}: execution_timeout reached; the Ray work {self.token} was "
-                                            f"cancelled ({state}) and its replica freed; a retry computes what is not committed")
+        return self._event(api.CallEnd.ERROR, message=f"shard(s) {self.label}: execution_timeout reached; the Ray work {self.token} was "
+                                                      f"cancelled ({state}) and its replica freed; a retry computes what is not committed")
 
-    async def _from_sink(self, state: str) -> TriggerEvent:
+    async def _from_sink(self, state: api.RunState) -> TriggerEvent:
         committed = await asyncio.to_thread(self._committed_results)
         if committed is not None:
             self.log.info("Ray work %s is %s, but every shard of %s is committed", self.token, state, self.label)
-            return self._event("success", results=committed)
+            return self._event(api.CallEnd.SUCCESS, results=[api.ShardResult.from_dict(r) for r in committed])
         return self._event(
-            "lost",
+            api.CallEnd.LOST,
             resubmits=self.resubmits,
             message=(
                 f"shard(s) {self.label}: the Ray work {self.token} on {self.worker} is {state} (worker restarted "
@@ -188,5 +184,5 @@ class RayShardTrigger(BaseTrigger):
         shards = [api.Shard.from_dict(raw) for raw in self.shards]
         return api.committed_results(spec.core(), storage_options_for(spec), shards)
 
-    def _event(self, status: str, **payload: Any) -> TriggerEvent:
-        return TriggerEvent({"status": status, "worker": self.worker, "token": self.token, **payload})
+    def _event(self, status: api.CallEnd, **fields: Any) -> TriggerEvent:
+        return TriggerEvent(api.CallEvent(status, self.work, **fields).to_dict())

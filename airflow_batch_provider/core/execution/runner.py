@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -25,6 +24,7 @@ from airflow_batch_provider.core.domain.job_schema import (
 )
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.domain.results import ShardResult
 from airflow_batch_provider.core.errors import PredictorFailedError
 from airflow_batch_provider.core.execution.badrows import BadRows
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
@@ -35,33 +35,6 @@ from airflow_batch_provider.core.redaction import Redactor
 from airflow_batch_provider.core.spec import BatchSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ShardResult:
-    """What one shard run did; JSON-able, it travels back through Ray and XCom."""
-
-    shard_id: str
-    status: str  # "computed" | "skipped" (already committed) | "lost_race" (another attempt won)
-    rows_in: int = 0
-    rows_out: int = 0
-    bytes: int = 0
-    rows_rejected: int = 0
-    seconds: float = 0.0
-    model_seconds: float = 0.0
-    note: str = ""
-
-    @classmethod
-    def skipped(cls, shard_id: str, sentinel: dict[str, Any] | None, seconds: float = 0.0, note: str = "") -> ShardResult:
-        """A shard found committed: its counts come from its sentinel."""
-        sentinel = sentinel or {}
-        return cls(
-            shard_id, "skipped", sentinel.get("rows_in", 0), sentinel.get("rows_out", 0), sentinel.get("bytes", 0),
-            sentinel.get("rows_rejected", 0), seconds, note=note,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class ShardRunner:

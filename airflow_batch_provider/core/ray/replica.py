@@ -18,6 +18,7 @@ starting its call frees the replica as soon as Ray reports its job finished, not
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -118,13 +119,12 @@ class Replica:
             done_before = 0
             for shard in planned:
                 self._stop_if_cancelled(token)
-                result = runner.run(shard, attempt, on_rows=lambda rows, base=done_before: on_rows(rows, base)).to_dict()
+                result = runner.run(shard, attempt, on_rows=lambda rows, base=done_before: on_rows(rows, base))
                 done_before += shard.rows
                 progress["rows_done"] = done_before
-                result["worker_pid"] = os.getpid()
-                result["model_load_seconds"] = self.load_seconds if self.shards_run == 0 else 0.0
+                load_seconds = self.load_seconds if self.shards_run == 0 else 0.0
                 self.shards_run += 1
-                results.append(result)
+                results.append(dataclasses.replace(result, worker_pid=os.getpid(), model_load_seconds=load_seconds).to_dict())
             self._finish(token, {"state": RunState.SUCCEEDED, "results": results})
             return results
         except BaseException as err:

@@ -1,0 +1,53 @@
+"""What one shard run did: the result a replica hands back, XCom carries, and a sentinel rebuilds."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What one shard run did; JSON-able (``to_dict``), it travels back through Ray and XCom.
+
+    ``worker_pid`` and ``model_load_seconds`` are set by the Ray replica that ran the shard
+    (the pid of its Ray worker process; the model's load time on its first shard, else 0)."""
+
+    shard_id: str
+    status: str  # "computed" | "skipped" (already committed) | "lost_race" (another attempt won)
+    rows_in: int = 0
+    rows_out: int = 0
+    bytes: int = 0
+    rows_rejected: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    note: str = ""
+    worker_pid: int | None = None
+    model_load_seconds: float = 0.0
+
+    @classmethod
+    def skipped(cls, shard_id: str, sentinel: dict[str, Any] | None, seconds: float = 0.0, note: str = "") -> ShardResult:
+        """A shard found committed: its counts come from its sentinel."""
+        sentinel = sentinel or {}
+        return cls(
+            shard_id, "skipped", sentinel.get("rows_in", 0), sentinel.get("rows_out", 0), sentinel.get("bytes", 0),
+            sentinel.get("rows_rejected", 0), seconds, note=note,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShardResult:
+        """Read back :meth:`to_dict` (keys it does not know are ignored: a newer replica may add some)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def computed(self) -> bool:
+        return self.status == "computed"
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_in / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
