@@ -255,10 +255,6 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         self._call: api.ShardCall | None = None  # built on first use in a try (it needs the task instance)
 
     @cached_property
-    def shards(self) -> list[api.Shard]:
-        return [api.Shard.from_dict(s) for s in self.work_unit["shards"]]
-
-    @cached_property
     def replicas(self) -> api.ReplicaPool:
         return api.ReplicaPool(self.core_spec, secrets=resolve_predictor_secrets(self.core_spec.predictor_secrets))
 
@@ -272,7 +268,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             ti = context["ti"]
             unit = unit_id(self.work_unit)
             self._call = api.ShardCall(
-                self.replicas, self.shards, unit=unit, label=self.label, key=attempt_key(ti, unit), try_number=ti.try_number,
+                self.replicas, self.work_unit["shards"], unit=unit, label=self.label, key=attempt_key(ti, unit), try_number=ti.try_number,
                 max_retries=self.core_spec.max_retries, plan_id=self.work_unit.get("plan_id"),
                 storage_options=self.storage_options, lease_timeout_s=self.lease_timeout, log=self.log,
             )

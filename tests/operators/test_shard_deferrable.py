@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
+from airflow_batch_provider.core import api
 from airflow_batch_provider.operators import batch as batch_mod
 from airflow_batch_provider.operators.batch import BatchInferenceException, BatchShardOperator
 from airflow_batch_provider.triggers.shard import RayShardTrigger
@@ -23,6 +25,28 @@ def op(**kwargs: Any) -> BatchShardOperator:
 class Store(dict):
     def set(self, key, value):
         self[key] = value
+
+
+class Pool:
+    """The model's replicas as the task sees them: ``status`` answers the next state (the last repeats)."""
+
+    def __init__(self, *states: str, results: list | None = None):
+        self.states = list(states)
+        self.results = results or []
+
+    def status(self, work):
+        state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        return {"state": state, "results": self.results} if state == "SUCCEEDED" else {"state": state}
+
+
+def context(store: Store) -> dict[str, Any]:
+    ti = SimpleNamespace(dag_id="d", run_id="r", task_id="shard", map_index=0, try_number=1, start_date=None, stats_tags={})
+    return {"ti": ti, "task_state_store": store}
+
+
+def with_pool(task: BatchShardOperator, *states: str, results: list | None = None) -> BatchShardOperator:
+    task.__dict__["replicas"] = Pool(*states, results=results)
+    return task
 
 
 @pytest.fixture(autouse=True)
@@ -55,12 +79,11 @@ def test_execute_complete_raises_on_bad_or_failed_event(event, needle):
 
 
 def test_execute_submits_then_defers_with_conn_id_not_token(monkeypatch):
-    task = op(deferrable=True, poll_interval=2)
+    task = with_pool(op(deferrable=True, poll_interval=2), "RUNNING")
     store = Store()
     monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w", "token": "t1"})
-    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: "RUNNING")
     with pytest.raises(TaskDeferred) as deferred:
-        task.execute({"task_state_store": store})
+        task.execute(context(store))
     trigger = deferred.value.trigger
     assert isinstance(trigger, RayShardTrigger)
     assert deferred.value.method_name == "execute_complete"
@@ -70,31 +93,26 @@ def test_execute_submits_then_defers_with_conn_id_not_token(monkeypatch):
 
 
 def test_execute_reconnects_to_running_work_without_submitting(monkeypatch):
-    task = op(deferrable=True)
+    task = with_pool(op(deferrable=True), "RUNNING")
     store = Store({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
     monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: pytest.fail("submitted again"))
-    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: "RUNNING")
     with pytest.raises(TaskDeferred) as deferred:
-        task.execute({"task_state_store": store})
+        task.execute(context(store))
     assert deferred.value.trigger.token == "old"
 
 
 def test_execute_returns_early_when_already_finished(monkeypatch):
-    task = op(deferrable=True)
+    task = with_pool(op(deferrable=True), "SUCCEEDED", results=[RESULT])
     monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w", "token": "t"})
-    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: "SUCCEEDED")
-    monkeypatch.setattr(BatchShardOperator, "get_job_result", lambda self, ext, ctx: [RESULT])
-    assert task.execute({"task_state_store": Store()})["computed"] == 1
+    assert task.execute(context(Store()))["computed"] == 1
 
 
 def test_execute_resubmits_when_earlier_work_is_lost(monkeypatch):
-    task = op(deferrable=True)
+    task = with_pool(op(deferrable=True), "LOST", "RUNNING")
     store = Store({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
-    statuses = iter(["LOST", "RUNNING"])
     monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w", "token": "new"})
-    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: next(statuses))
     with pytest.raises(TaskDeferred) as deferred:
-        task.execute({"task_state_store": store})
+        task.execute(context(store))
     assert deferred.value.trigger.token == "new"
     assert store[BatchShardOperator.external_id_key]["token"] == "new"
 
@@ -103,31 +121,28 @@ LOST = {"status": "lost", "worker": "w", "token": "old", "resubmits": 0, "messag
 
 
 def test_execute_complete_resubmits_a_lost_call_and_defers_again(monkeypatch):
-    task = op(deferrable=True)
+    task = with_pool(op(deferrable=True), "RUNNING")
     store = Store({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
-    monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w2", "token": "new"})
-    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: "RUNNING")
+    monkeypatch.setattr(api.ShardCall, "submit", lambda self: api.WorkId("w2", "new", self.unit))
     with pytest.raises(TaskDeferred) as deferred:
-        task.execute_complete({"task_state_store": store}, LOST)
+        task.execute_complete(context(store), LOST)
     trigger = deferred.value.trigger
     assert (trigger.worker, trigger.token, trigger.resubmits) == ("w2", "new", 1)
     assert store[BatchShardOperator.external_id_key]["token"] == "new"
 
 
 def test_execute_complete_returns_when_the_resubmitted_call_already_finished(monkeypatch):
-    task = op(deferrable=True)
-    monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w2", "token": "new"})
-    monkeypatch.setattr(BatchShardOperator, "get_job_status", lambda self, ext, ctx: "SUCCEEDED")
-    monkeypatch.setattr(BatchShardOperator, "get_job_result", lambda self, ext, ctx: [RESULT])
-    assert task.execute_complete({"task_state_store": Store()}, LOST)["computed"] == 1
+    task = with_pool(op(deferrable=True), "SUCCEEDED", results=[RESULT])
+    monkeypatch.setattr(api.ShardCall, "submit", lambda self: api.WorkId("w2", "new", self.unit))
+    assert task.execute_complete(context(Store()), LOST)["computed"] == 1
 
 
 def test_execute_complete_stops_resubmitting_past_max_retries(monkeypatch):
     task = op(deferrable=True)  # the spec's max_retries (default) bounds resubmissions across deferrals
-    monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: pytest.fail("submitted past max_retries"))
+    monkeypatch.setattr(api.ShardCall, "submit", lambda self: pytest.fail("submitted past max_retries"))
     event = {**LOST, "resubmits": task.core_spec.max_retries}
     with pytest.raises(BatchInferenceException, match="lost .* times"):
-        task.execute_complete({"task_state_store": Store()}, event)
+        task.execute_complete(context(Store()), event)
 
 
 def test_batch_inference_plumbs_deferrable():
@@ -176,11 +191,12 @@ def test_a_deferrable_task_defers_only_once_the_replica_runs_its_call(local_ray,
         thread = threading.Thread(target=submit_later)
         started = time.monotonic()
         thread.start()
-        status = task._wait_started({"worker": name, "token": attempt["token"]}, {})
+        outcome = task.call(context(Store())).wait_started(api.WorkId(name, attempt["token"]), task.start_timeout_s)
         waited = time.monotonic() - started
         thread.join()
+        status = outcome.state
         assert waited >= 1.5 and status in ("RUNNING", "SUCCEEDED"), (waited, status)
-        assert not task._queued
+        assert not outcome.queued
         ray.get(submitted["ref"])
     finally:
         pool.shutdown(force=True)

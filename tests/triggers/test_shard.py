@@ -81,7 +81,7 @@ def run_trigger(trigger: RayShardTrigger) -> dict[str, Any]:
 
 
 def test_run_polls_until_success_off_the_event_loop(fake_ray):
-    results = [{"shard_id": "s0", "status": "computed", "rows_in": 3, "rows_out": 3}]
+    results = [api.ShardResult("s0", "computed", rows_in=3, rows_out=3).to_dict()]
     fake_ray["outcomes"] = [{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "SUCCEEDED", "results": results}]
     payload, loop_thread = run_trigger(make())
     assert payload == {"status": "success", "worker": "abp-x-0", "token": "tok", "results": results}
@@ -99,7 +99,7 @@ def test_run_reports_ray_failure(fake_ray):
 @pytest.mark.parametrize("state", ["LOST", "UNKNOWN"])
 def test_worker_gone_and_shards_committed_is_success(fake_ray, monkeypatch, state):
     fake_ray["outcomes"] = [{"state": state}]
-    committed = [{"shard_id": "s0", "status": "skipped", "rows_in": 5, "rows_out": 5, "bytes": 9, "seconds": 0.0, "model_seconds": 0.0}]
+    committed = [api.ShardResult("s0", "skipped", rows_in=5, rows_out=5, bytes=9).to_dict()]
     monkeypatch.setattr(RayShardTrigger, "_committed_results", lambda self: committed)
     payload, _ = run_trigger(make())
     assert payload["status"] == "success" and payload["results"] == committed

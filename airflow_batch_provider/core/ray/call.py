@@ -59,7 +59,8 @@ class ShardCall:
     """One work unit's call on the replicas of its model.
 
     :param pool: the replicas (see the module's docstring).
-    :param shards: the unit's shards, computed one after another on one replica.
+    :param shards: the unit's shards (their JSON form, as the plan handed them out), computed
+        one after another on one replica.
     :param unit: names the unit by its shards (a stored call of another unit is never adopted).
     :param label: the unit as messages name it.
     :param key: what every try of the host's task on this unit shares (finds an earlier try's call).
@@ -74,7 +75,7 @@ class ShardCall:
     def __init__(
         self,
         pool: Any,
-        shards: list[Shard],
+        shards: list[dict[str, Any]],
         *,
         unit: str,
         label: str,
@@ -123,7 +124,7 @@ class ShardCall:
             self.log.info("Reconnecting to running Ray work %s of an earlier try (its id was never stored)", running)
             return WorkId.from_dict({**running, "unit": self.unit})
         attempt = new_attempt(self.key, try_number=self.try_number, plan_id=self.plan_id)
-        raw = self.pool.submit(self.shards, attempt, self.storage_options, lease_timeout_s=self.lease_timeout_s)
+        raw = self.pool.submit([Shard.from_dict(s) for s in self.shards], attempt, self.storage_options, lease_timeout_s=self.lease_timeout_s)
         work = WorkId.from_dict({**raw, "unit": self.unit})
         self.log.info("Shard(s) %s submitted to Ray replica %s (attempt %s)", self.label, work.replica, work.token)
         return work
