@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from airflow_batch_provider.core.ray.states import CallEnd, CallEvent, CallOutcome, Progress, RunState, WorkId
     from airflow_batch_provider.core.spec import BatchSpec
     from airflow_batch_provider.core.stores import is_remote
+    from airflow_batch_provider.core.tunables import Tunables
 
 #: where each name of this API lives. Loaded on first use: Airflow imports this module while
 #: it parses DAG files and in processes that fork task processes (scheduler, DAG processor,
@@ -63,6 +64,7 @@ _HOMES = {
     **dict.fromkeys(("CallEnd", "CallEvent", "CallOutcome", "Progress", "RunState", "WorkId"), "core.ray.states"),
     "BatchSpec": "core.spec",
     "is_remote": "core.stores",
+    "Tunables": "core.tunables",
 }
 
 
@@ -151,6 +153,7 @@ __all__ = [
     "ShardResult",
     "ShardRunner",
     "SinkStatus",
+    "Tunables",
     "Verification",
     "WorkId",
     "collect_garbage",

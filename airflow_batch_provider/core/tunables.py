@@ -9,7 +9,88 @@ the reason beside it, that no deployment should need to change.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Tunables:
+    """What a deployment may set (Airflow: ``[batch_inference]``, one option per field, with
+    the field's name). Seconds throughout; the defaults suit a cluster on a local network."""
+
+    #: a model replica with no shard to run for this long exits and frees its CPUs/GPUs.
+    replica_idle_timeout_s: float = 600.0
+    #: how long a shard task waits for a free replica before it fails (None: as long as the
+    #: task may run); a task's own ``lease_timeout`` wins over it.
+    lease_timeout_s: float | None = None
+    #: how long a process keeps trying to connect to Ray before its task fails.
+    connect_timeout_s: float = 120.0
+    #: how long a deferrable task waits, after submitting, for the replica to take its call up.
+    start_timeout_s: float = 60.0
+    #: how long a cancelled call may take to stop between batches before its replica is killed.
+    cancel_grace_s: float = 10.0
+    #: how long after ``execution_timeout`` Airflow itself fails a deferred shard task whose
+    #: trigger (which cancels the Ray call at ``execution_timeout``) has not answered.
+    deferred_timeout_grace_s: float = 60.0
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> Tunables:
+        """From option values (strings, as a config file holds them; empty: the default)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        parsed: dict[str, Any] = {}
+        for name, raw in values.items():
+            if raw is None or (isinstance(raw, str) and not raw.strip()):
+                continue
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                raise ValueError(f"setting {name} must be a number of seconds, got {raw!r}") from None
+            if value < 0:
+                raise ValueError(f"setting {name} must be >= 0 seconds, got {raw!r}")
+            parsed[name] = value
+        return cls(**parsed)
+
+
+DEFAULTS = Tunables()
+
 # -- Ray: replicas, leases, calls (core/ray) ------------------------------------------------
+#: longest one ``reserve`` call waits on a busy replica before the client looks at the others.
+LEASE_WAIT_S = 2.0
+#: how long one ``wait`` call on a replica blocks before the client asks again.
+WAIT_CALL_S = 30.0
+#: how long a lease round waits for replicas to answer (one still loading its model, or
+#: waiting for a node, answers later; the next round asks again).
+LEASE_ROUND_S = 5.0
+#: a control call (status, wait, cancel) not answered this long after its own wait: the replica is lost.
+REPLY_S = 30.0
+#: the longest one wait for a running call blocks its process (signals are handled between waits).
+RESULT_POLL_S = 1.0
+#: how often a caller waiting for a replica says so in its log.
+WAITING_REPORT_S = 60.0
+#: how long ``find_running`` waits for replicas to say what they run (one still loading runs nothing).
+FIND_RUNNING_S = 2.0
+#: how often ``ShardCall.wait_started`` asks whether the replica has taken the call up.
+STARTED_POLL_S = 0.1
+#: a lease whose call never came is given up after this long.
+LEASE_TIMEOUT_S = 120.0
+#: how often a waiting ``reserve`` looks whether the holder of the lease in its way is gone.
+HOLDER_CHECK_S = 1.0
+#: the outcomes of finished calls a replica remembers (a retry asks for its call's outcome).
+RESULTS_KEPT = 256
+#: first and longest pause between two attempts to connect to Ray.
+CONNECT_FIRST_PAUSE_S = 1.0
+CONNECT_MAX_PAUSE_S = 15.0
+#: longest one call to a Ray client child process (``RayDriver``) may take.
+DRIVER_CALL_S = 120.0
+#: longest one status question from a trigger may take, through the Ray client process.
+TRIGGER_STATUS_S = 60.0
 
 # -- object stores (core/stores) ------------------------------------------------------------
 
