@@ -28,11 +28,10 @@ from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.domain.results import ShardResult
 from airflow_batch_provider.core.errors import BatchError, CallLostError
 from airflow_batch_provider.core.ray.states import CallOutcome, Progress, WorkId
+from airflow_batch_provider.core.tunables import STARTED_POLL_S
 
 _log = logging.getLogger(__name__)
 
-#: how often ``wait_started`` asks the replica whether it has taken the call up.
-_STARTED_POLL_S = 0.1
 
 
 class Follower(Protocol):
@@ -163,7 +162,7 @@ class ShardCall:
             outcome = self.outcome(work)
             if outcome.started or time.monotonic() > deadline:
                 return outcome
-            time.sleep(_STARTED_POLL_S)
+            time.sleep(STARTED_POLL_S)
 
     def follow(
         self,

@@ -17,14 +17,11 @@ from typing import Any
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.errors import RayWorkError
+from airflow_batch_provider.core.tunables import CONNECT_FIRST_PAUSE_S, CONNECT_MAX_PAUSE_S, DEFAULTS
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "airflow_batch_provider"
-#: how long a process keeps trying to connect before the error reaches its caller.
-CONNECT_TIMEOUT_S = 120.0
-_FIRST_PAUSE_S = 1.0
-_MAX_PAUSE_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,7 @@ class RayTarget:
     token: str | None = field(default=None, repr=False)
 
 
-def connect(target: RayTarget | None = None, *, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+def connect(target: RayTarget | None = None, *, timeout_s: float = DEFAULTS.connect_timeout_s) -> None:
     """``ray.init`` once per process; later calls reuse the connection.
 
     A connection that fails with an error of Ray's (the cluster restarting, a node's raylet
@@ -53,7 +50,7 @@ def connect(target: RayTarget | None = None, *, timeout_s: float = CONNECT_TIMEO
     if target.address:
         kwargs["address"] = target.address
     deadline = time.monotonic() + timeout_s
-    pause = _FIRST_PAUSE_S
+    pause = CONNECT_FIRST_PAUSE_S
     try:
         for attempt in itertools.count(1):
             if target.token:
@@ -75,7 +72,7 @@ def connect(target: RayTarget | None = None, *, timeout_s: float = CONNECT_TIMEO
                 log.warning("Could not connect to Ray at %s (attempt %s: %s: %s); trying again in %.0f s",
                             where, attempt, type(err).__name__, err, pause)
                 time.sleep(pause)
-                pause = min(pause * 2, _MAX_PAUSE_S)
+                pause = min(pause * 2, CONNECT_MAX_PAUSE_S)
     finally:
         if target.token:
             # Ray's client keeps the token it read; it must not stay in this process's

@@ -30,13 +30,12 @@ from typing import Any
 
 from airflow_batch_provider.core.errors import RayWorkError
 from airflow_batch_provider.core.ray.connection import RayTarget
+from airflow_batch_provider.core.tunables import DRIVER_CALL_S
 
 log = logging.getLogger(__name__)
 
 #: the pool methods a driver serves (reading, and stopping a call): nothing that writes to the sink.
 METHODS = ("status", "cancel")
-#: longest a call to the child may take before the caller gives up on it.
-CALL_TIMEOUT_S = 120.0
 
 
 class RayDriver:
@@ -91,7 +90,7 @@ class RayDriver:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def call(self, method: str, spec: dict[str, Any], timeout: float = CALL_TIMEOUT_S, **args: Any) -> Any:
+    def call(self, method: str, spec: dict[str, Any], timeout: float = DRIVER_CALL_S, **args: Any) -> Any:
         """``ReplicaPool(spec).<method>(**args)`` in the child; raises :class:`RayWorkError` when
         it failed there or the child died."""
         if method not in METHODS:
@@ -143,7 +142,7 @@ class InProcessDriver:
 
     alive = True
 
-    def call(self, method: str, spec: dict[str, Any], timeout: float = CALL_TIMEOUT_S, **args: Any) -> Any:
+    def call(self, method: str, spec: dict[str, Any], timeout: float = DRIVER_CALL_S, **args: Any) -> Any:
         from airflow_batch_provider.core.ray.pool import ReplicaPool
         from airflow_batch_provider.core.spec import BatchSpec
 

@@ -20,44 +20,33 @@ another node, within the same task try.
 Every wait has an end: a replica that cannot be placed on any node fails at once
 (:class:`ResourcesUnavailableError`, naming the resources), one that does not answer (still
 loading, or waiting for a node) is passed over, and a lease gives up after its ``timeout_s``.
+
+How many replicas the cluster fits is ``sizing``'s; how a caller gets one idle replica is
+``leases``'s; following a call by its work id, in typed form, is :class:`~airflow_batch_provider.core.ray.call.ShardCall`'s.
+This module holds the replicas' lifecycle and the calls' wire form (plain dicts, as Ray carries them).
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
-import threading
 import time
 from typing import Any, Callable
 
 import ray
 
 from airflow_batch_provider.core.domain.planning import Shard
-from airflow_batch_provider.core.errors import BatchError, RayWorkError, ResourcesUnavailableError
+from airflow_batch_provider.core.errors import BatchError, RayWorkError
+from airflow_batch_provider.core.ray import sizing
 from airflow_batch_provider.core.ray.connection import NAMESPACE
-from airflow_batch_provider.core.ray.replica import DEFAULT_IDLE_TIMEOUT_S, Replica
+from airflow_batch_provider.core.ray.leases import LeaseNegotiator
+from airflow_batch_provider.core.ray.replica import Replica
 from airflow_batch_provider.core.ray.states import Progress, RunState
 from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.tunables import DEFAULTS, FIND_RUNNING_S, LEASE_WAIT_S, REPLY_S, RESULT_POLL_S, WAIT_CALL_S
 
 log = logging.getLogger(__name__)
-
-#: longest one ``reserve`` call waits on a busy replica before the client looks at the others.
-LEASE_WAIT_S = 2.0
-#: how long one ``wait`` call on a replica blocks before the client asks again.
-_WAIT_CALL_S = 30.0
-#: how long a lease round waits for replicas to answer (one still loading its model, or
-#: waiting for a node, answers later; the next round asks again).
-_ROUND_S = 5.0
-#: a control call (status, wait, cancel) not answered this long after its own wait: the replica is lost.
-_REPLY_S = 30.0
-#: the longest one wait for a running call blocks this process (signals are handled between waits).
-_POLL_S = 1.0
-#: how often a caller waiting for a replica says so in its log.
-_REPORT_S = 60.0
-#: how long ``cancel`` lets a call stop between batches before it kills the replica.
-CANCEL_GRACE_S = 10.0
 
 
 #: salt and rounds of the digest of secret values in a pool key (PBKDF2-HMAC-SHA256): the
@@ -95,17 +84,27 @@ class ReplicaPool:
     :param secrets: the values of ``spec.predictor_secrets``, needed to start a replica. They go
         to the replica through Ray's object store (``ray.put``), so Ray's task and actor
         metadata (state API, dashboard, GCS) only ever hold a reference to them.
+    :param idle_timeout_s: a replica this pool starts exits after this long without work.
+    :param cancel_grace_s: how long ``cancel`` lets a call stop between batches before it
+        kills the replica.
     """
 
-    def __init__(self, spec: BatchSpec, *, secrets: dict[str, str] | None = None, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
+    def __init__(
+        self,
+        spec: BatchSpec,
+        *,
+        secrets: dict[str, str] | None = None,
+        idle_timeout_s: float = DEFAULTS.replica_idle_timeout_s,
+        cancel_grace_s: float = DEFAULTS.cancel_grace_s,
+    ):
         self.spec = spec
         self._key: str | None = None
         self.idle_timeout_s = idle_timeout_s
+        self.cancel_grace_s = cancel_grace_s
         self._secrets = secrets
         self._secrets_ref: Any = None
         self._refs: dict[str, Any] = {}  # token -> ObjectRef of calls submitted by this process
-        self._asks = itertools.count()
-        self._ask_ids: dict[Any, str] = {}  # ObjectRef of a reserve call -> the id of that ask
+        self._leases = LeaseNegotiator(self)
 
     @property
     def key(self) -> str:
@@ -117,20 +116,16 @@ class ReplicaPool:
 
     # -- replicas -----------------------------------------------------------------------
     def size(self) -> int:
-        """Replicas at most: what the cluster's resources fit (or ``spec.num_workers``)."""
-        spec = self.spec
-        if spec.num_workers:
-            return spec.num_workers
-        total = ray.cluster_resources()
-        fits = []
-        if spec.num_gpus:
-            fits.append(int(total.get("GPU", 0) // spec.num_gpus))
-        if spec.num_cpus:
-            fits.append(int(total.get("CPU", 0) // spec.num_cpus))
-        return max(1, min(fits) if fits else 1)
+        """Replicas at most (:func:`~airflow_batch_provider.core.ray.sizing.replica_count`)."""
+        return sizing.replica_count(self.spec)
 
     def name(self, slot: int) -> str:
         return f"abp-{self.key}-{slot}"
+
+    @staticmethod
+    def find(name: str) -> Any:
+        """The handle of the replica named ``name``, or None when there is none."""
+        return find_replica(name)
 
     def slots(self) -> list[int]:
         """The slots to lease from: those the cluster fits now, and any whose replica still
@@ -146,19 +141,8 @@ class ReplicaPool:
         return sorted(existing | set(range(self.size())))
 
     def check_feasible(self) -> None:
-        """Fail at once when no live node of the cluster has the resources one replica asks
-        for (``num_gpus=1`` on a cluster without GPUs): Ray would keep the replica pending forever."""
-        spec = self.spec
-        wanted = {"CPU": float(spec.num_cpus or 0), "GPU": float(spec.num_gpus or 0)}
-        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        if any(all(res.get(kind, 0.0) >= amount for kind, amount in wanted.items() if amount) for res in nodes):
-            return
-        have = "; ".join(f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU" for res in nodes) or "no live node"
-        raise ResourcesUnavailableError(
-            f"no node of the Ray cluster can run a replica of {spec.predictor}: it asks for num_cpus={spec.num_cpus:g}, "
-            f"num_gpus={spec.num_gpus:g} on one node, and the live nodes have {have}. Lower num_cpus/num_gpus in the spec, "
-            "or add a node with these resources to the cluster."
-        )
+        """Fail at once when no node can hold a replica (:func:`~airflow_batch_provider.core.ray.sizing.check_feasible`)."""
+        sizing.check_feasible(self.spec)
 
     def replica(self, slot: int) -> tuple[str, Any]:
         """(name, handle) of the replica in ``slot``, created (not waited for) if missing."""
@@ -210,12 +194,12 @@ class ReplicaPool:
         many were stopped."""
         killed = 0
         for slot in self.slots():
-            handle = find_replica(self.name(slot))
+            handle = self.find(self.name(slot))
             if handle is None:
                 continue
             if not force:
                 try:
-                    if not ray.get(handle.retire.remote(), timeout=_REPLY_S):
+                    if not ray.get(handle.retire.remote(), timeout=REPLY_S):
                         log.info("Ray replica %s is serving a shard: left running (it exits when idle)", self.name(slot))
                         continue
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
@@ -226,109 +210,32 @@ class ReplicaPool:
 
     # -- leases ---------------------------------------------------------------------------
     def lease(self, token: str, *, wait_s: float = LEASE_WAIT_S, timeout_s: float | None = None) -> tuple[str, Any]:
-        """An idle replica reserved for ``token``; creates replicas up to :meth:`size`.
-
-        Each round asks every replica at once and takes the first that says yes (a replica
-        still loading its model answers when loaded; one that has not answered within the
-        round is asked again next round, and its late answer is a no). When all are busy, it
-        waits on one replica at a time (``wait_s`` each, taking turns from a slot that
-        depends on ``token``, so that waiting callers spread over the replicas); a replica
-        that frees up is taken at once. Past ``timeout_s`` (None: no deadline) it raises
-        :class:`RayWorkError`; when no node can hold a replica, it raises
-        :class:`ResourcesUnavailableError` at once.
-        """
-        started = time.monotonic()
-        deadline = None if timeout_s is None else started + timeout_s
-        holder = ray.get_runtime_context().get_job_id()
-        first = int(hashlib.sha256(token.encode()).hexdigest()[:8], 16)
-        reported = started
-        for turn in itertools.count():
-            self.check_feasible()  # every round: the only node that fits may be lost while we wait
-            slots = self.slots()
-            if time.monotonic() - reported >= _REPORT_S:
-                log.info("Still waiting for a free Ray replica of this model after %.0f s (%d replicas)", time.monotonic() - started, len(slots))
-                reported = time.monotonic()
-            round_s = _ROUND_S if deadline is None else max(0.5, min(_ROUND_S, deadline - time.monotonic()))
-            asks = {self._ask(slot, token, 0.0, holder, round_s): slot for slot in slots}
-            granted = self._first_granted(asks, token, round_s)
-            if granted is not None:
-                return granted
-            if deadline is not None and time.monotonic() >= deadline:
-                raise RayWorkError(f"no replica of {self.spec.predictor} was free within {timeout_s:.0f} s ({len(slots)} replicas, all busy)")
-            if turn == 0:
-                log.info("All %d Ray replicas of this model are busy; waiting for one", len(slots))
-            slot = slots[(first + turn) % len(slots)]
-            wait = wait_s if deadline is None else max(0.0, min(wait_s, deadline - time.monotonic()))
-            granted = self._first_granted({self._ask(slot, token, wait, holder, wait + _ROUND_S): slot}, token, wait + _ROUND_S)
-            if granted is not None:
-                return granted
-        raise AssertionError("unreachable")
-
-    def _ask(self, slot: int, token: str, wait_s: float, holder: str, answer_within_s: float) -> Any:
-        name, handle = self.replica(slot)
-        ask = f"{token}/{next(self._asks)}"
-        ref = handle.reserve.remote(token, wait_s, holder, time.time() + answer_within_s, ask)
-        self._ask_ids[ref] = ask
-        return ref
-
-    def _first_granted(self, asks: dict[Any, int], token: str, within_s: float) -> tuple[str, Any] | None:
-        """The first replica whose ``reserve`` said yes within ``within_s``. Answers still due
-        are followed in the background: a replica that says yes too late is released."""
-        pending = list(asks)
-        stop = time.monotonic() + within_s
-        granted = None
-        while pending and granted is None:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, stop - time.monotonic()))
-            if not ready:
-                break
-            try:
-                said_yes = ray.get(ready[0])
-            except ray.exceptions.RayError:  # dead, restarting, or never placed: not this one
-                continue
-            if said_yes:
-                name = self.name(asks[ready[0]])
-                granted = (name, find_replica(name))
-        late = {ref: (asks[ref], self._ask_ids.pop(ref, None)) for ref in pending}
-        for ref in asks:
-            self._ask_ids.pop(ref, None)
-        if late:
-            threading.Thread(target=self._release_late, args=(late, token), daemon=True).start()
-        return granted
-
-    def _release_late(self, late: dict[Any, tuple[int, str | None]], token: str) -> None:
-        """Give back what a too-late ``reserve`` granted (only that ask's lease: the same
-        token may hold the replica through a later ask)."""
-        for ref, (slot, ask) in late.items():
-            try:
-                if ray.get(ref, timeout=_REPLY_S):
-                    handle = find_replica(self.name(slot))
-                    if handle is not None:
-                        handle.release.remote(token, ask)
-            except ray.exceptions.RayError:
-                pass  # no answer in time: the replica refuses it (past ``not_after``)
+        """An idle replica reserved for ``token`` (:meth:`LeaseNegotiator.lease <airflow_batch_provider.core.ray.leases.LeaseNegotiator.lease>`)."""
+        return self._leases.lease(token, wait_s=wait_s, timeout_s=timeout_s)
 
     def release(self, work: dict[str, str]) -> None:
         """Give back a lease whose call was never started."""
-        handle = find_replica(work["worker"])
+        handle = self.find(work["worker"])
         if handle is not None:
             try:
-                ray.get(handle.release.remote(work["token"]), timeout=_REPLY_S)
+                ray.get(handle.release.remote(work["token"]), timeout=REPLY_S)
             except ray.exceptions.RayError:
                 pass  # gone or unreachable: its leases went with it, or expire
 
-    def cancel(self, work: dict[str, str], *, grace_s: float = CANCEL_GRACE_S) -> str:
+    def cancel(self, work: dict[str, str], *, grace_s: float | None = None) -> str:
         """Stop the call ``work`` and free its replica: the replica stops it between two batches
         (a call not started yet never starts); one still running after ``grace_s`` (a hung
         predictor) is killed, and Ray starts a fresh replica in its place where
         ``max_retries`` allows. Nothing of a cancelled call is committed. Returns the state the
         call ended in (``KILLED`` when the replica had to be killed)."""
+        grace_s = self.cancel_grace_s if grace_s is None else grace_s
         token = work["token"]
         self._refs.pop(token, None)
-        handle = find_replica(work["worker"])
+        handle = self.find(work["worker"])
         if handle is None:
             return str(RunState.LOST)
         try:
-            state = ray.get(handle.cancel.remote(token), timeout=_REPLY_S)
+            state = ray.get(handle.cancel.remote(token), timeout=REPLY_S)
         except ray.exceptions.RayError:
             return str(RunState.LOST)
         if state != RunState.RUNNING:
@@ -338,7 +245,7 @@ class ReplicaPool:
             return str(outcome["state"])
         log.warning("Ray replica %s did not stop call %s within %.0f s: killing the replica", work["worker"], token, grace_s)
         ray.kill(handle, no_restart=False)
-        return "KILLED"
+        return str(RunState.KILLED)
 
     # -- work ----------------------------------------------------------------------------
     def submit(
@@ -354,21 +261,21 @@ class ReplicaPool:
     def status(self, work: dict[str, str], timeout: float | None = None) -> dict[str, Any]:
         """How the call is doing: ``Replica.status``'s answer (``state`` RUNNING, SUCCEEDED with
         ``results``, FAILED with ``error``, or UNKNOWN), LOST when the replica is gone."""
-        handle = find_replica(work["worker"])
+        handle = self.find(work["worker"])
         if handle is None:
             return {"state": RunState.LOST}
         try:
-            return ray.get(handle.status.remote(work["token"]), timeout=_REPLY_S if timeout is None else timeout)
+            return ray.get(handle.status.remote(work["token"]), timeout=REPLY_S if timeout is None else timeout)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):  # dead, or its node does not answer
             return {"state": RunState.LOST}
 
     def wait(self, work: dict[str, str], timeout_s: float) -> dict[str, Any]:
         """:meth:`status` once the call has ended, or after ``timeout_s`` while it runs."""
-        handle = find_replica(work["worker"])
+        handle = self.find(work["worker"])
         if handle is None:
             return {"state": RunState.LOST}
         try:
-            return ray.get(handle.wait.remote(work["token"], timeout_s), timeout=timeout_s + _REPLY_S)
+            return ray.get(handle.wait.remote(work["token"], timeout_s), timeout=timeout_s + REPLY_S)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return {"state": RunState.LOST}
 
@@ -380,29 +287,44 @@ class ReplicaPool:
         shards again). When it failed, raises the core error the replica raised (its type and
         message, say ``InputDataError`` naming the line) where Ray hands it back, else
         :class:`RayWorkError` carrying the message and whether a retry can help.
-        While it runs, ``on_progress`` hears how far it is every ``every_s`` seconds."""
+        While it runs, ``on_progress`` hears how far it is every ``every_s`` seconds.
+
+        A call this process submitted is followed by its Ray reference, which hands back the
+        replica's own exception and sees the replica die at once; a call found again (a retry
+        reconnecting to an earlier try's call) has no reference here and is followed by asking
+        its replica (``wait``)."""
         ref = self._refs.pop(work["token"], None)
         if ref is not None:
-            # Short waits: a signal (the task's execution_timeout, SIGTERM) is acted on between
-            # them, not when the call ends.
-            report_at = time.monotonic() + every_s
-            while not ray.wait([ref], timeout=_POLL_S)[0]:
-                if on_progress and time.monotonic() >= report_at:
-                    report_at = time.monotonic() + every_s
-                    if progress := Progress.of(self.status(work)):
-                        on_progress(progress)
-            try:
-                return ray.get(ref)
-            except ray.exceptions.RayActorError as err:  # ActorDiedError, ActorUnavailableError: the call is lost
-                log.warning("Ray work %s on %s is lost: %s", work["token"], work["worker"], _failure_message(err))
-                return None
-            except Exception as err:
-                cause = getattr(err, "cause", None)
-                if isinstance(cause, BatchError):
-                    raise cause from None  # the core's own error, type and message, as raised on the replica
-                raise RayWorkError(_failure_message(err)) from None
+            return self._result_of_submitted(ref, work, on_progress, every_s)
+        return self._result_by_asking(work, on_progress, every_s)
+
+    def _result_of_submitted(
+        self, ref: Any, work: dict[str, str], on_progress: Callable[[Progress], None] | None, every_s: float
+    ) -> list[dict[str, Any]] | None:
+        # Short waits: a signal (the task's execution_timeout, SIGTERM) is acted on between
+        # them, not when the call ends.
+        report_at = time.monotonic() + every_s
+        while not ray.wait([ref], timeout=RESULT_POLL_S)[0]:
+            if on_progress and time.monotonic() >= report_at:
+                report_at = time.monotonic() + every_s
+                if progress := Progress.of(self.status(work)):
+                    on_progress(progress)
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as err:  # ActorDiedError, ActorUnavailableError: the call is lost
+            log.warning("Ray work %s on %s is lost: %s", work["token"], work["worker"], _failure_message(err))
+            return None
+        except Exception as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, BatchError):
+                raise cause from None  # the core's own error, type and message, as raised on the replica
+            raise RayWorkError(_failure_message(err)) from None
+
+    def _result_by_asking(
+        self, work: dict[str, str], on_progress: Callable[[Progress], None] | None, every_s: float
+    ) -> list[dict[str, Any]] | None:
         while True:
-            outcome = self.wait(work, every_s if on_progress else _WAIT_CALL_S)
+            outcome = self.wait(work, every_s if on_progress else WAIT_CALL_S)
             state = outcome["state"]
             if state == RunState.RUNNING:
                 if on_progress and (progress := Progress.of(outcome)):
@@ -414,7 +336,7 @@ class ReplicaPool:
                 raise RayWorkError(f"failed on Ray: {outcome['error']}", retryable=outcome.get("retryable", True))
             return None
 
-    def find_running(self, key: str, timeout_s: float = 2.0) -> dict[str, str] | None:
+    def find_running(self, key: str, timeout_s: float = FIND_RUNNING_S) -> dict[str, str] | None:
         """The work id of a call running now for attempt ``key``, or None.
 
         A retry normally knows its earlier try's call; this covers a try that died after
@@ -423,7 +345,7 @@ class ReplicaPool:
         """
         asked = {}
         for slot in self.slots():
-            handle = find_replica(self.name(slot))
+            handle = self.find(self.name(slot))
             if handle is not None:
                 asked[handle.running_for.remote(key)] = self.name(slot)
         if not asked:

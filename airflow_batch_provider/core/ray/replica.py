@@ -32,15 +32,10 @@ from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import ShardCancelledError, is_retryable
 from airflow_batch_provider.core.ray.states import RunState
 from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.tunables import HOLDER_CHECK_S, LEASE_TIMEOUT_S, RESULTS_KEPT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IDLE_TIMEOUT_S = 600.0
-#: a lease whose call never came is given up after this long.
-LEASE_TIMEOUT_S = 120.0
-#: how often a waiting ``reserve`` looks whether the holder of the lease in its way is gone.
-_HOLDER_CHECK_S = 1.0
-_RESULTS_KEPT = 256
 
 
 def _job_alive(job_id: str) -> bool:
@@ -143,7 +138,7 @@ class Replica:
         with self._lock:
             self._cancelled.discard(token)
             self._results[token] = outcome
-            while len(self._results) > _RESULTS_KEPT:
+            while len(self._results) > RESULTS_KEPT:
                 self._results.popitem(last=False)
             self._running, self._running_attempt = None, {}
             self._last_active = time.monotonic()
@@ -179,7 +174,7 @@ class Replica:
                 if wake <= 0:
                     return False
                 if self._running is None and self._lease is not None:  # held by a lease: it may expire, or its holder die, first
-                    wake = min(wake, self._lease[1] + LEASE_TIMEOUT_S - now + 0.01, _HOLDER_CHECK_S)
+                    wake = min(wake, self._lease[1] + LEASE_TIMEOUT_S - now + 0.01, HOLDER_CHECK_S)
                 self._done.wait(timeout=wake)
 
     def _lease_free_for(self, token: str, now: float) -> bool:

@@ -1,0 +1,127 @@
+"""Lease negotiation: how a caller gets one idle replica of a model, and only one.
+
+A caller asks every replica at once (``Replica.reserve``) and takes the first that says yes.
+A replica that is still loading its model answers late; an answer that comes after the
+caller stopped waiting is given back in the background, so a replica is never leased to a
+caller that does not know it holds it. When every replica is busy, the caller waits *on* one
+replica at a time (a blocking ``reserve``), so it gets the replica the moment its running
+shard ends: with more shard tasks than replicas, the next shard starts on a warm replica
+without waiting for Airflow to schedule its task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from airflow_batch_provider.core.errors import RayWorkError
+from airflow_batch_provider.core.tunables import LEASE_ROUND_S, LEASE_WAIT_S, REPLY_S, WAITING_REPORT_S
+
+if TYPE_CHECKING:
+    from airflow_batch_provider.core.ray.pool import ReplicaPool
+
+log = logging.getLogger(__name__)
+
+
+class LeaseNegotiator:
+    """Leases replicas of ``pool`` to callers of this process; each ask has an id of its own,
+    so that giving back a too-late yes frees exactly the lease that ask got."""
+
+    def __init__(self, pool: ReplicaPool) -> None:
+        self.pool = pool
+        self._asks = itertools.count()
+
+    def lease(self, token: str, *, wait_s: float = LEASE_WAIT_S, timeout_s: float | None = None) -> tuple[str, Any]:
+        """An idle replica reserved for ``token``, as (name, handle); creates replicas up to
+        the pool's size.
+
+        Each round asks every replica at once and takes the first that says yes (a replica
+        still loading its model answers when loaded; one that has not answered within the
+        round is asked again next round, and its late answer is a no). When all are busy, it
+        waits on one replica at a time (``wait_s`` each, taking turns from a slot that
+        depends on ``token``, so that waiting callers spread over the replicas); a replica
+        that frees up is taken at once. Past ``timeout_s`` (None: no deadline) it raises
+        :class:`RayWorkError`; when no node can hold a replica, it raises
+        :class:`~airflow_batch_provider.core.errors.ResourcesUnavailableError` at once.
+        """
+        pool = self.pool
+        started = time.monotonic()
+        deadline = None if timeout_s is None else started + timeout_s
+        holder = ray.get_runtime_context().get_job_id()
+        first = int(hashlib.sha256(token.encode()).hexdigest()[:8], 16)
+        reported = started
+        for turn in itertools.count():
+            pool.check_feasible()  # every round: the only node that fits may be lost while we wait
+            slots = pool.slots()
+            if time.monotonic() - reported >= WAITING_REPORT_S:
+                log.info("Still waiting for a free Ray replica of this model after %.0f s (%d replicas)", time.monotonic() - started, len(slots))
+                reported = time.monotonic()
+            round_s = LEASE_ROUND_S if deadline is None else max(0.5, min(LEASE_ROUND_S, deadline - time.monotonic()))
+            granted = self._first_granted([self._ask(slot, token, 0.0, holder, round_s) for slot in slots], token, round_s)
+            if granted is not None:
+                return granted
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RayWorkError(f"no replica of {pool.spec.predictor} was free within {timeout_s:.0f} s ({len(slots)} replicas, all busy)")
+            if turn == 0:
+                log.info("All %d Ray replicas of this model are busy; waiting for one", len(slots))
+            slot = slots[(first + turn) % len(slots)]
+            wait = wait_s if deadline is None else max(0.0, min(wait_s, deadline - time.monotonic()))
+            granted = self._first_granted([self._ask(slot, token, wait, holder, wait + LEASE_ROUND_S)], token, wait + LEASE_ROUND_S)
+            if granted is not None:
+                return granted
+        raise AssertionError("unreachable")
+
+    def _ask(self, slot: int, token: str, wait_s: float, holder: str, answer_within_s: float) -> _Ask:
+        _, handle = self.pool.replica(slot)
+        ask_id = f"{token}/{next(self._asks)}"
+        return _Ask(slot, ask_id, handle.reserve.remote(token, wait_s, holder, time.time() + answer_within_s, ask_id))
+
+    def _first_granted(self, asks: list[_Ask], token: str, within_s: float) -> tuple[str, Any] | None:
+        """The first replica whose ``reserve`` said yes within ``within_s``. Answers still due
+        are followed in the background: a replica that says yes too late is released."""
+        by_ref = {ask.ref: ask for ask in asks}
+        pending = list(by_ref)
+        stop = time.monotonic() + within_s
+        granted = None
+        while pending and granted is None:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, stop - time.monotonic()))
+            if not ready:
+                break
+            try:
+                said_yes = ray.get(ready[0])
+            except ray.exceptions.RayError:  # dead, restarting, or never placed: not this one
+                continue
+            if said_yes:
+                name = self.pool.name(by_ref[ready[0]].slot)
+                granted = (name, self.pool.find(name))
+        if pending:
+            late = [by_ref[ref] for ref in pending]
+            threading.Thread(target=self._release_late, args=(late, token), daemon=True).start()
+        return granted
+
+    def _release_late(self, late: list[_Ask], token: str) -> None:
+        """Give back what a too-late ``reserve`` granted (only that ask's lease: the same
+        token may hold the replica through a later ask)."""
+        for ask in late:
+            try:
+                if ray.get(ask.ref, timeout=REPLY_S):
+                    handle = self.pool.find(self.pool.name(ask.slot))
+                    if handle is not None:
+                        handle.release.remote(token, ask.ask_id)
+            except ray.exceptions.RayError:
+                pass  # no answer in time: the replica refuses it (past ``not_after``)
+
+
+class _Ask:
+    """One ``reserve`` request in flight: which slot, its id, and the reference to its answer."""
+
+    __slots__ = ("ask_id", "ref", "slot")
+
+    def __init__(self, slot: int, ask_id: str, ref: Any) -> None:
+        self.slot, self.ask_id, self.ref = slot, ask_id, ref
