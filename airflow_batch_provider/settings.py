@@ -17,11 +17,17 @@ SECTION = "batch_inference"
 
 def tunables() -> api.Tunables:
     """The settings as this process's Airflow configuration has them (read when called)."""
-    values = {name: conf.get(SECTION, name, fallback=None) for name in api.Tunables.names()}
     try:
-        return api.Tunables.from_values(values)
+        return api.Tunables.from_values(configured())
     except ValueError as err:
         raise api.BatchSpecError(f"[{SECTION}] in Airflow's configuration: {err}") from None
+
+
+def configured() -> dict[str, str]:
+    """Only the options the deployment set (a process that hands them on to another, such as
+    the trigger to its Ray client process, leaves the others at the core's defaults)."""
+    values = {name: conf.get(SECTION, name, fallback=None) for name in api.Tunables.names()}
+    return {name: value for name, value in values.items() if value not in (None, "")}
 
 
 def provider_config() -> dict:

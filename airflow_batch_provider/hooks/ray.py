@@ -8,6 +8,7 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from airflow_batch_provider.core.api import RayTarget, connect
+from airflow_batch_provider.settings import tunables
 
 
 class RayHook(BaseHook):
@@ -62,5 +63,5 @@ class RayHook(BaseHook):
 
     def get_conn(self) -> RayTarget:
         target = self.get_target()
-        connect(target)
+        connect(target, timeout_s=tunables().connect_timeout_s)
         return target

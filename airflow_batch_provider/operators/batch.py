@@ -24,15 +24,12 @@ from airflow_batch_provider.hooks.predictor_secrets import resolve_predictor_sec
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.hooks.storage import storage_options_for
 from airflow_batch_provider.links.sink_status import SinkStatusLink
+from airflow_batch_provider.settings import tunables
 from airflow_batch_provider.spec import BatchSpec
 from airflow_batch_provider.triggers.shard import RayShardTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-#: how long after ``execution_timeout`` Airflow itself fails a deferred shard task whose trigger
-#: (which cancels the Ray call at ``execution_timeout``) has not answered.
-DEFERRED_TIMEOUT_GRACE_S = 60.0
 
 __all__ = ["BatchInferenceException", "BatchInferenceFailure", "BatchShardOperator", "FinalizeBatchOperator", "PlanBatchOperator", "work_units"]
 
@@ -107,6 +104,19 @@ class _SpecOperator(BaseOperator):
     @cached_property
     def storage_options(self) -> dict[str, Any] | None:
         return storage_options_for(self.batch_spec)
+
+    @cached_property
+    def settings(self) -> api.Tunables:
+        """The deployment's ``[batch_inference]`` settings, read in the task process."""
+        return tunables()
+
+    @cached_property
+    def replicas(self) -> api.ReplicaPool:
+        """The model's replicas on the Ray cluster this process is connected to."""
+        return api.ReplicaPool(
+            self.core_spec, secrets=resolve_predictor_secrets(self.core_spec.predictor_secrets),
+            idle_timeout_s=self.settings.replica_idle_timeout_s, cancel_grace_s=self.settings.cancel_grace_s,
+        )
 
 
 class PlanBatchOperator(_SpecOperator):
@@ -188,7 +198,7 @@ class PlanBatchOperator(_SpecOperator):
     def _start_workers(self, spec: api.BatchSpec, wanted: int) -> None:
         try:
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
-            names = api.ReplicaPool(spec, secrets=resolve_predictor_secrets(spec.predictor_secrets)).start(wanted)
+            names = self.replicas.start(wanted)
         except api.ResourcesUnavailableError as err:  # no shard could run either: fail now, naming the resources
             raise task_error(str(err), retryable=api.is_retryable(err)) from err
         except Exception as err:  # an optimisation only: the shard tasks connect and report
@@ -218,8 +228,9 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     :param progress_interval: seconds between the progress lines (rows done, rows/s, time
         left) the task (or, deferred, its trigger) writes to the task log while Ray computes.
     :param lease_timeout: seconds a shard task waits for a free model replica before it
-        fails (None: as long as the task may run). With more shard tasks than replicas, tasks
-        queue on the replicas, so keep it above the time a few shards take.
+        fails (None: ``[batch_inference] lease_timeout_s``, by default as long as the task may
+        run). With more shard tasks than replicas, tasks queue on the replicas, so keep it
+        above the time a few shards take.
 
     Deadlines: ``execution_timeout`` and stopping the task (``on_kill``) cancel the Ray call
     and free its replica (deferred, the trigger cancels it at ``execution_timeout``). A
@@ -231,8 +242,6 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
     template_fields: Sequence[str] = ("spec", "work_unit", "ray_conn_id")
     external_id_key = "ray_shard_call"
     ui_color = "#fdf1e8"
-    #: seconds to wait, after submitting, for the Ray replica to report the call as started.
-    start_timeout_s: float = 60.0
 
     def __init__(
         self,
@@ -254,10 +263,6 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         self.progress_interval = progress_interval
         self._call: api.ShardCall | None = None  # built on first use in a try (it needs the task instance)
 
-    @cached_property
-    def replicas(self) -> api.ReplicaPool:
-        return api.ReplicaPool(self.core_spec, secrets=resolve_predictor_secrets(self.core_spec.predictor_secrets))
-
     @property
     def label(self) -> str:
         return self.work_unit["label"]
@@ -270,7 +275,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             self._call = api.ShardCall(
                 self.replicas, self.work_unit["shards"], unit=unit, label=self.label, key=attempt_key(ti, unit), try_number=ti.try_number,
                 max_retries=self.core_spec.max_retries, plan_id=self.work_unit.get("plan_id"),
-                storage_options=self.storage_options, lease_timeout_s=self.lease_timeout, log=self.log,
+                storage_options=self.storage_options, lease_timeout_s=self.lease_timeout if self.lease_timeout is not None else self.settings.lease_timeout_s, log=self.log,
             )
         return self._call
 
@@ -356,7 +361,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         raise if it failed, else defer to the trigger while Ray computes. Deferring ends this
         process, so the replica must have taken the call up first (``ShardCall.wait_started``).
         ``resubmits``: how often this try already submitted the work again after losing it."""
-        outcome = self.call(context).wait_started(work, self.start_timeout_s)
+        outcome = self.call(context).wait_started(work, self.settings.start_timeout_s)
         if outcome.state == api.RunState.SUCCEEDED:
             return
         if outcome.state == api.RunState.FAILED:
@@ -377,7 +382,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             ),
             method_name="execute_complete",
             # Airflow's own deadline only fails the task; the trigger cancels the Ray call first.
-            timeout=self.execution_timeout + timedelta(seconds=DEFERRED_TIMEOUT_GRACE_S) if self.execution_timeout else None,
+            timeout=self.execution_timeout + timedelta(seconds=self.settings.deferred_timeout_grace_s) if self.execution_timeout else None,
         )
 
     def _cancel_at(self, context: Context) -> float | None:
@@ -467,6 +472,6 @@ class FinalizeBatchOperator(_SpecOperator):
             context["outlet_events"][outlet].extra = {k: v for k, v in result.items() if v is not None}
         if self.release_workers and summary.get("pending"):
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
-            released = api.ReplicaPool(self.core_spec, secrets=resolve_predictor_secrets(self.core_spec.predictor_secrets)).shutdown()
+            released = self.replicas.shutdown()
             self.log.info("Released %s idle Ray worker(s) of this model (any serving a shard of another run keeps running)", released)
         return result

@@ -39,10 +39,8 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_batch_provider.core import api
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.hooks.storage import storage_options_for
+from airflow_batch_provider.settings import configured
 from airflow_batch_provider.spec import BatchSpec
-
-#: longest one status question to the replica may take, through the Ray client process.
-STATUS_TIMEOUT_S = 60.0
 
 
 class RayShardTrigger(BaseTrigger):
@@ -148,7 +146,7 @@ class RayShardTrigger(BaseTrigger):
     async def _connect(self) -> api.ShardCall:
         target = await RayHook(ray_conn_id=self.ray_conn_id).aget_target()
         driver = await asyncio.to_thread(api.RayDriver.for_target, target)
-        follower = api.DriverFollower(driver, self._spec().core().to_dict(), timeout_s=STATUS_TIMEOUT_S)
+        follower = api.DriverFollower(driver, self._spec().core().to_dict(), cancel_grace_s=configured().get("cancel_grace_s"))
         return api.ShardCall(follower, [], unit="", label=self.label, log=self.log)
 
     async def on_kill(self) -> None:

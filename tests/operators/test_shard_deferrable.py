@@ -191,7 +191,7 @@ def test_a_deferrable_task_defers_only_once_the_replica_runs_its_call(local_ray,
         thread = threading.Thread(target=submit_later)
         started = time.monotonic()
         thread.start()
-        outcome = task.call(context(Store())).wait_started(api.WorkId(name, attempt["token"]), task.start_timeout_s)
+        outcome = task.call(context(Store())).wait_started(api.WorkId(name, attempt["token"]), task.settings.start_timeout_s)
         waited = time.monotonic() - started
         thread.join()
         status = outcome.state

@@ -28,7 +28,7 @@ from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.domain.results import ShardResult
 from airflow_batch_provider.core.errors import BatchError, CallLostError
 from airflow_batch_provider.core.ray.states import CallOutcome, Progress, WorkId
-from airflow_batch_provider.core.tunables import STARTED_POLL_S
+from airflow_batch_provider.core.tunables import STARTED_POLL_S, TRIGGER_STATUS_S
 
 _log = logging.getLogger(__name__)
 
@@ -234,13 +234,15 @@ class DriverFollower:
     """The pool's ``status`` and ``cancel`` through a :class:`~airflow_batch_provider.core.ray.driver.RayDriver`
     (a Ray client child process): how Airflow's triggerer follows a call without joining Ray."""
 
-    def __init__(self, driver: Any, spec: dict[str, Any], timeout_s: float) -> None:
+    def __init__(self, driver: Any, spec: dict[str, Any], *, cancel_grace_s: float | None = None) -> None:
         self.driver = driver
         self.spec = spec
-        self.timeout_s = timeout_s
+        self.cancel_grace_s = cancel_grace_s  # None: the pool's default
 
     def status(self, work: dict[str, str]) -> dict[str, Any]:
-        return self.driver.call("status", self.spec, work=work, timeout=self.timeout_s)
+        return self.driver.call("status", self.spec, work=work, timeout=TRIGGER_STATUS_S)
 
     def cancel(self, work: dict[str, str]) -> str:
-        return self.driver.call("cancel", self.spec, work=work)
+        if self.cancel_grace_s is None:
+            return self.driver.call("cancel", self.spec, work=work)
+        return self.driver.call("cancel", self.spec, work=work, grace_s=self.cancel_grace_s)
