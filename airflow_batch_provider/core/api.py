@@ -12,6 +12,8 @@ operate a sink (the status page, the ``airflow-batch`` CLI). :class:`ShardRunner
 in this process instead (tests, benchmarks, a host without Ray). :func:`committed_results` answers, reading only, whether some shards are committed (for a
 process that must not write to the sink, such as Airflow's triggerer). Storage credentials
 come in as ``storage_options`` (s3fs style); attempts carry an opaque key of the caller's.
+:func:`format_event` makes the log line of a structured event: progress and results as data
+for the programs that read the host's logs (``core/events.py``: the wire format, the parser).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from airflow_batch_provider.core.domain.jobs import JobPlan, finalize_job, plan_
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import BatchError, BatchSpecError, RayWorkError, ResourcesUnavailableError, ShardCancelledError, is_retryable
+from airflow_batch_provider.core.events import EventKind, format_event
 from airflow_batch_provider.core.execution.runner import ShardResult, ShardRunner
 from airflow_batch_provider.core.ray.connection import RayTarget, connect
 from airflow_batch_provider.core.ray.driver import RayDriver
@@ -90,6 +93,7 @@ __all__ = [
     "BatchError",
     "BatchSpec",
     "BatchSpecError",
+    "EventKind",
     "JobPlan",
     "NotASinkError",
     "Progress",
@@ -108,6 +112,7 @@ __all__ = [
     "committed_results",
     "connect",
     "finalize",
+    "format_event",
     "is_remote",
     "is_retryable",
     "needs_credentials",

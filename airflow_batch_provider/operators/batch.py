@@ -172,6 +172,10 @@ class PlanBatchOperator(_SpecOperator):
             len(units),
             "written" if job.plan_written else "reused",
         )
+        self.log.info("%s", api.format_event(
+            api.EventKind.PLAN, sink=spec.sink_root, shards=len(job.plan.shards), rows=job.plan.total_rows, committed=job.committed,
+            pending=len(job.pending), tasks=len(units), plan_written=job.plan_written,
+        ))
         context["ti"].xcom_push(
             key="summary",
             value={
@@ -403,6 +407,9 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
 
     def _log_progress(self, progress: api.Progress) -> None:
         self.log.info("Shard(s) %s: %s", self.label, progress.describe())
+        self.log.info("%s", api.format_event(
+            api.EventKind.PROGRESS, label=self.label, rows_done=progress.rows_done, rows_total=progress.rows_total, seconds=progress.seconds,
+        ))
 
     def get_job_result(self, external_id: Any, context: Context) -> list[dict[str, Any]]:
         if self._results is None:
@@ -472,6 +479,11 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
                 r["shard_id"], r["status"], r["rows_in"], r["rows_out"], r.get("rows_rejected", 0), r["bytes"], r["seconds"],
                 r["model_seconds"], rate,
             )
+            self.log.info("%s", api.format_event(
+                api.EventKind.SHARD_DONE, shard_id=r["shard_id"], status=r["status"], rows_in=r["rows_in"], rows_out=r["rows_out"],
+                rows_rejected=r.get("rows_rejected", 0), bytes=r["bytes"], seconds=r["seconds"], model_seconds=r["model_seconds"],
+                model_load_seconds=r.get("model_load_seconds") or 0.0,
+            ))
             if r.get("rows_rejected"):
                 self.log.warning(
                     "Shard %s rejected %s rows (bad_rows='skip'): see %s", r["shard_id"], r["rows_rejected"],
@@ -484,6 +496,9 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         model = sum(r["model_seconds"] for r in results)
         if task_seconds is not None:
             self.log.info("Shard task wall %.3f s, model %.3f s, overhead %.3f s", task_seconds, model, task_seconds - model)
+            self.log.info("%s", api.format_event(
+                api.EventKind.SHARD_TASK, task_seconds=task_seconds, model_seconds=model, overhead_seconds=task_seconds - model,
+            ))
         return {
             "task_seconds": task_seconds,
             "shards": [r["shard_id"] for r in results],
@@ -532,6 +547,7 @@ class FinalizeBatchOperator(_SpecOperator):
             result["shards"], result["rows_in"], result["rows_out"], result["rows_rejected"], result["bytes"],
             self.core_spec.sink_root, summary.get("pending"),
         )
+        self.log.info("%s", api.format_event(api.EventKind.RESULT, **result))
         if result["rows_rejected"]:
             self.log.warning("%s rows were rejected (bad_rows='skip'): they are in %s", result["rows_rejected"], manifest["rejected_dir"])
         for outlet in self.outlets:

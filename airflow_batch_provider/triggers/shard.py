@@ -123,6 +123,10 @@ class RayShardTrigger(BaseTrigger):
                     progress = api.Progress.of(outcome)
                     if progress and time.monotonic() - reported >= self.progress_interval:
                         self.log.info("Shard(s) %s: %s", self.label, progress.describe())  # reaches the task log
+                        self.log.info("%s", api.format_event(
+                            api.EventKind.PROGRESS, label=self.label, rows_done=progress.rows_done, rows_total=progress.rows_total,
+                            seconds=progress.seconds,
+                        ))
                         reported = time.monotonic()
                     await asyncio.sleep(self.poll_interval)
                     continue
