@@ -31,6 +31,9 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from airflow_batch_provider.core.events import EventKind, parse_events  # noqa: E402
+
 WORK = os.environ.get("BENCH_DIR", os.path.join(ROOT, ".bench"))
 ROWS = int(os.environ.get("BENCH_ROWS", "8000"))
 BATCH = int(os.environ.get("BENCH_BATCH_SIZE", "64"))
@@ -276,17 +279,18 @@ def provider(
 
 
 def replica_load_seconds(log_text: str) -> float:
-    found = re.findall(r"loaded the model in ([\d.]+) s", log_text)
-    return sum(float(x) for x in found)
+    """Seconds the replicas spent loading the model (the first shard of each reports it)."""
+    return sum(e["model_load_seconds"] for e in parse_events(log_text, EventKind.SHARD_DONE))
 
 
 def shard_model_seconds(log_text: str) -> float:
     """Seconds in the predictor's calls over the shards the run computed."""
-    return sum(float(x) for x in re.findall(r"computed: \d+ rows in, .*? \(model ([\d.]+) s", log_text))
+    return sum(e["model_seconds"] for e in parse_events(log_text, EventKind.SHARD_DONE) if e["status"] == "computed")
 
 
 def shard_overheads(log_text: str) -> list[float]:
-    return [float(x) for x in re.findall(r"Shard task wall [\d.]+ s, model [\d.]+ s, overhead ([\d.]+) s", log_text)]
+    """Each shard task's wall time not spent in the model."""
+    return [e["overhead_seconds"] for e in parse_events(log_text, EventKind.SHARD_TASK)]
 
 
 # -- memory, resume, plan ------------------------------------------------------------------------
@@ -325,7 +329,7 @@ def resume_cost(corpus: str, sink: str) -> tuple[float, int, int]:
     kept_ids = set(storage.committed_ids())
     before = {s.shard_id: os.stat(storage.part_path(s.shard_id)).st_mtime_ns for s in shards if s.shard_id in kept_ids}
     wall, text = dags_test(provider_env(corpus, sink), "resume.log")
-    computed = sum(int(x) for x in re.findall(r"Shard \S+ computed: (\d+) rows in", text))
+    computed = sum(e["rows_in"] for e in parse_events(text, EventKind.SHARD_DONE) if e["status"] == "computed")
     touched = [sid for sid, mtime in before.items() if os.stat(storage.part_path(sid)).st_mtime_ns != mtime]
     recomputed_committed = sum(s.rows for s in shards if s.shard_id in touched)
     return wall, computed, recomputed_committed

@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from airflow_batch_provider.core.events import EventKind, parse_events  # noqa: E402
 from benchmarks.run import RayHead, _find_token  # noqa: E402,F401  (the same Ray head set-up as `make bench`)
 
 WORK = os.environ.get("SCALE_DIR", os.path.join(ROOT, ".bench-scale"))
@@ -183,7 +184,8 @@ def dags_test(env: dict[str, str], log_name: str, kill_when: Callable[[], bool] 
 
 
 def computed_rows(log_text: str) -> int:
-    return sum(int(x) for x in re.findall(r"Shard \S+ computed: (\d+) rows in", log_text))
+    """Rows in of the shards the run computed (not those it found committed)."""
+    return sum(e["rows_in"] for e in parse_events(log_text, EventKind.SHARD_DONE) if e["status"] == "computed")
 
 
 # -- measuring a run -----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,8 @@ DEMO = os.path.join(ROOT, ".demo")
 ROWS = int(os.environ.get("DEMO_ROWS", "4000"))
 sys.path.insert(0, ROOT)
 
+from airflow_batch_provider.core.api import Progress  # noqa: E402
+from airflow_batch_provider.core.events import EventKind, parse_events  # noqa: E402
 from scripts.make_corpus import write_corpus  # noqa: E402
 
 
@@ -37,10 +38,6 @@ def airflow_env() -> dict[str, str]:
     return env
 
 
-_PROGRESS = re.compile(r"Shard\(s\) \S+ (\S+) lines (\S+): ([\d,]+ of [\d,]+ rows .*?)(?:\s+\[|$)")
-_DONE = re.compile(r"Shard \S+ (computed|skipped): (\d+) rows in")
-
-
 def run_dag(env: dict[str, str], log_name: str) -> tuple[float, str]:
     """``airflow dags test``, its log kept in .demo; the shard tasks' progress lines shown live."""
     log_path = os.path.join(DEMO, log_name)
@@ -54,11 +51,13 @@ def run_dag(env: dict[str, str], log_name: str) -> tuple[float, str]:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if found := _PROGRESS.search(line):
-                print(f"  {time.perf_counter() - started:6.1f} s  {found.group(1)} lines {found.group(2)}: {found.group(3)}", flush=True)
-            elif found := _DONE.search(line):
-                done += int(found.group(2))
-                print(f"  {time.perf_counter() - started:6.1f} s  shard {found.group(1)}; {done:,} of {ROWS:,} rows done", flush=True)
+            for event in parse_events(line):
+                if event["event"] == EventKind.PROGRESS:
+                    progress = Progress(event["rows_done"], event["rows_total"], event["seconds"])
+                    print(f"  {time.perf_counter() - started:6.1f} s  {event['label']}: {progress.describe()}", flush=True)
+                elif event["event"] == EventKind.SHARD_DONE and event["status"] in ("computed", "skipped"):
+                    done += event["rows_in"]
+                    print(f"  {time.perf_counter() - started:6.1f} s  shard {event['status']}; {done:,} of {ROWS:,} rows done", flush=True)
         code = proc.wait()
     elapsed = time.perf_counter() - started
     text = open(log_path).read()
@@ -93,10 +92,10 @@ def main() -> None:
 
     print("run 2: the same DAG again (resume: committed shards are not mapped) ...", flush=True)
     wall2, log2 = run_dag(env, "run2.log")
-    plan_line = re.search(r"Plan for \S+: (\d+) shards .*?, (\d+) already committed, (\d+) to compute", log2)
-    if not plan_line:
-        sys.exit("could not find the plan summary in the second run's log")
-    shards, committed, pending = map(int, plan_line.groups())
+    plans = parse_events(log2, EventKind.PLAN)
+    if not plans:
+        sys.exit("could not find the plan event in the second run's log")
+    shards, committed, pending = plans[0]["shards"], plans[0]["committed"], plans[0]["pending"]
     print(f"  {committed} of {shards} shards skipped (already committed), {pending} computed; whole command {wall2:.1f} s")
     import pyarrow.dataset as ds
 

@@ -12,6 +12,8 @@ operate a sink (the status page, the ``airflow-batch`` CLI). :class:`ShardRunner
 in this process instead (tests, benchmarks, a host without Ray). :func:`committed_results` answers, reading only, whether some shards are committed (for a
 process that must not write to the sink, such as Airflow's triggerer). Storage credentials
 come in as ``storage_options`` (s3fs style); attempts carry an opaque key of the caller's.
+:func:`format_event` makes the log line of a structured event: progress and results as data
+for the programs that read the host's logs (``core/events.py``: the wire format, the parser).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
         ShardCancelledError,
         is_retryable,
     )
+    from airflow_batch_provider.core.events import EventKind, format_event
     from airflow_batch_provider.core.execution.runner import ShardRunner
     from airflow_batch_provider.core.ray.call import DriverFollower, ShardCall
     from airflow_batch_provider.core.ray.connection import RayTarget, connect
@@ -56,6 +59,7 @@ _HOMES = {
     "ShardResult": "core.domain.results",
     **dict.fromkeys(("BatchError", "BatchSpecError", "CallLostError", "RayWorkError", "ResourcesUnavailableError",
                      "ShardCancelledError", "is_retryable"), "core.errors"),
+    **dict.fromkeys(("EventKind", "format_event"), "core.events"),
     "ShardRunner": "core.execution.runner",
     **dict.fromkeys(("DriverFollower", "ShardCall"), "core.ray.call"),
     **dict.fromkeys(("RayTarget", "connect"), "core.ray.connection"),
@@ -138,6 +142,7 @@ __all__ = [
     "CallLostError",
     "CallOutcome",
     "DriverFollower",
+    "EventKind",
     "JobPlan",
     "NotASinkError",
     "Progress",
@@ -160,6 +165,7 @@ __all__ = [
     "committed_results",
     "connect",
     "finalize",
+    "format_event",
     "is_remote",
     "is_retryable",
     "needs_credentials",

@@ -179,6 +179,10 @@ class PlanBatchOperator(_SpecOperator):
             len(units),
             "written" if job.plan_written else "reused",
         )
+        self.log.info("%s", api.format_event(
+            api.EventKind.PLAN, sink=spec.sink_root, shards=len(job.plan.shards), rows=job.plan.total_rows, committed=job.committed,
+            pending=len(job.pending), tasks=len(units), plan_written=job.plan_written,
+        ))
         context["ti"].xcom_push(
             key="summary",
             value={
@@ -354,6 +358,9 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
 
     def _log_progress(self, progress: api.Progress) -> None:
         self.log.info("Shard(s) %s: %s", self.label, progress.describe())
+        self.log.info("%s", api.format_event(
+            api.EventKind.PROGRESS, label=self.label, rows_done=progress.rows_done, rows_total=progress.rows_total, seconds=progress.seconds,
+        ))
 
     # -- deferrable path -------------------------------------------------------------------
     def _defer_unless_done(self, work: api.WorkId, context: Context, resubmits: int = 0) -> None:
@@ -400,6 +407,11 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
                 "Shard %s %s: %s rows in, %s rows out, %s rows rejected, %s bytes, %.2f s (model %.2f s, %.1f rows/s)",
                 r.shard_id, r.status, r.rows_in, r.rows_out, r.rows_rejected, r.bytes, r.seconds, r.model_seconds, r.rows_per_second,
             )
+            self.log.info("%s", api.format_event(
+                api.EventKind.SHARD_DONE, shard_id=r.shard_id, status=r.status, rows_in=r.rows_in, rows_out=r.rows_out,
+                rows_rejected=r.rows_rejected, bytes=r.bytes, seconds=r.seconds, model_seconds=r.model_seconds,
+                model_load_seconds=r.model_load_seconds,
+            ))
             if r.rows_rejected:
                 self.log.warning(
                     "Shard %s rejected %s rows (bad_rows='skip'): see %s", r.shard_id, r.rows_rejected,
@@ -412,6 +424,9 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
         model = sum(r.model_seconds for r in results)
         if task_seconds is not None:
             self.log.info("Shard task wall %.3f s, model %.3f s, overhead %.3f s", task_seconds, model, task_seconds - model)
+            self.log.info("%s", api.format_event(
+                api.EventKind.SHARD_TASK, task_seconds=task_seconds, model_seconds=model, overhead_seconds=task_seconds - model,
+            ))
         return {
             "task_seconds": task_seconds,
             "shards": [r.shard_id for r in results],
@@ -466,6 +481,7 @@ class FinalizeBatchOperator(_SpecOperator):
             result["shards"], result["rows_in"], result["rows_out"], result["rows_rejected"], result["bytes"],
             self.core_spec.sink_root, summary.get("pending"),
         )
+        self.log.info("%s", api.format_event(api.EventKind.RESULT, **result))
         if result["rows_rejected"]:
             self.log.warning("%s rows were rejected (bad_rows='skip'): they are in %s", result["rows_rejected"], manifest["rejected_dir"])
         for outlet in self.outlets:

@@ -12,8 +12,10 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from airflow_batch_provider import BatchSpec
+from airflow_batch_provider.core.events import EventKind, parse_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DAG_ID = "abp_integration"
@@ -49,11 +51,15 @@ class DagRun:
         found = re.findall(r"DagRun Finished: .*?state=(\w+)", self.output)
         return found[-1] if found else "unknown"
 
+    def events(self, kind: EventKind | str | None = None) -> list[dict[str, Any]]:
+        """The provider's structured events in the run's output (``core/events.py``)."""
+        return parse_events(self.output, kind)
+
     def plan_counts(self) -> tuple[int, int, int]:
-        """(shards, already committed, to compute) from the plan task's log line."""
-        match = re.search(r"Plan for \S+: (\d+) shards .*?, (\d+) already committed, (\d+) to compute", self.output)
-        assert match, self.output[-4000:]
-        return tuple(int(x) for x in match.groups())  # type: ignore[return-value]
+        """(shards, already committed, to compute) from the plan task's event."""
+        plans = self.events(EventKind.PLAN)
+        assert plans, self.output[-4000:]
+        return plans[0]["shards"], plans[0]["committed"], plans[0]["pending"]
 
 
 class DagTester:

@@ -41,6 +41,9 @@ def test_full_run_equals_direct_computation(dag_tester, jsonl_source, tmp_path):
     assert table.num_rows == 380
     manifest = json.load(open(os.path.join(spec.sink_root, "_SUCCESS")))
     assert manifest["rows_out"] == 380 and manifest["shards"] == 5
+    # the run's structured events add up to the manifest
+    assert sum(e["rows_in"] for e in run.events("shard_done") if e["status"] == "computed") == 380
+    assert [(e["shards"], e["rows_out"], e["computed_this_run"]) for e in run.events("result")] == [(5, 380, 5)]
     # mapped tasks are labelled with their shard id and input range
     assert "a.jsonl lines 0-100" in run.output
 
