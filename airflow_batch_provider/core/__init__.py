@@ -3,7 +3,7 @@
 * ``spec``, ``errors``, ``failpoints``, ``events``: the job description, what can go wrong,
   and the structured events a host logs;
 * ``stores/``: where files live (local disk, S3) and the write primitives commits need;
-* ``domain/``: shards and the plan, the job's file layout, the commit protocol, plan/finalize;
+* ``domain/``: shards and the plan, the job's schema, the job's file layout, the commit protocol, plan/finalize;
 * ``execution/``: the predictor contract, reading, writing and running one shard in-process;
 * ``ray/``: the model replicas on Ray and the pool that leases them (the only room that
   imports Ray);

@@ -18,9 +18,9 @@ import pytest
 
 from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
+from airflow_batch_provider.core.domain.schema.conform import RowOrigin, conform_table
 from airflow_batch_provider.core.errors import BatchSpecError, InputDataError
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.schemas import RowOrigin, conform_table
 from airflow_batch_provider.core.spec import BatchSpec
 from tests.corpus.readback import read_back
 
@@ -376,7 +376,7 @@ def test_jsonl_sink_null_only_shard_reads_back_with_the_schema_from_success(tmp_
     import pandas as pd
     import pyarrow.dataset as ds
 
-    from airflow_batch_provider.core.schemas import schema_from_json
+    from airflow_batch_provider.core.domain.schema.arrow_types import schema_from_json
 
     jsonl(tmp_path / "in/a.jsonl", [{"id": 0, "text": None}])
     jsonl(tmp_path / "in/b.jsonl", [{"id": 1, "text": "t"}])
@@ -468,8 +468,8 @@ def test_resume_false_forgets_the_recorded_output_schema(tmp_path):
 
 
 def test_a_new_spec_over_an_uncommitted_sink_does_not_inherit_the_output_schema(tmp_path):
-    from airflow_batch_provider.core.domain.job_schema import record_output_schema
     from airflow_batch_provider.core.domain.layout import JobStorage
+    from airflow_batch_provider.core.domain.schema.output import record_output_schema
 
     jsonl(tmp_path / "in/a.jsonl", [{"id": i} for i in range(100)])
     jsonl(tmp_path / "in/b.jsonl", [{"id": i} for i in range(100, 102)])

@@ -23,13 +23,13 @@ from airflow_batch_provider.core.domain.commit import (
     remove_stale_rejected,
     withdraw,
 )
-from airflow_batch_provider.core.domain.input_schema import file_schemas, job_input_schema
-from airflow_batch_provider.core.domain.job_schema import delete_output_schema, known_output_schema, write_input_schema
 from airflow_batch_provider.core.domain.layout import JobStorage, quarantine_dir
 from airflow_batch_provider.core.domain.planning import Plan, Shard, find_inputs, hidden_inputs_note, split_file
 from airflow_batch_provider.core.domain.retype import retype_parts
+from airflow_batch_provider.core.domain.schema.arrow_types import schema_from_json, schema_to_json
+from airflow_batch_provider.core.domain.schema.input import file_schemas, job_input_schema, write_input_schema
+from airflow_batch_provider.core.domain.schema.output import delete_output_schema, known_output_schema
 from airflow_batch_provider.core.errors import IncompleteJobError, StaleCheckpointError
-from airflow_batch_provider.core.schemas import schema_from_json, schema_to_json
 from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import InputFile
 

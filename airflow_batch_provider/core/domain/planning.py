@@ -26,16 +26,23 @@ from airflow_batch_provider.core.stores import InputFile, Store
 PLAN_SCHEMA_VERSION = 1
 _SCAN_BLOCK = 8 << 20
 
+#: What a shard's ``start``/``end`` count: the file's lines (JSONL, blank ones included), or
+#: its row groups (Parquet). Written into plan.json and hashed into shard ids: never renamed.
+LINES = "lines"
+ROW_GROUPS = "row_groups"
+
 
 @dataclass(frozen=True)
 class Shard:
-    """A contiguous range of one input file; ``start``/``end`` are lines or row groups."""
+    """A contiguous range of one input file: ``start``/``end`` count ``unit``, from 0 (lines
+    before the range and to its end, or row group indexes). Each of its rows has a position
+    in the file, named by :attr:`position_name`."""
 
     shard_id: str
     path: str
     relpath: str
     version: str
-    unit: str  # "lines" (JSONL) or "row_groups" (Parquet)
+    unit: str  # LINES (JSONL) or ROW_GROUPS (Parquet)
     start: int
     end: int
     rows: int  # planned rows (JSONL: physical lines, blank ones included)
@@ -49,8 +56,14 @@ class Shard:
     @property
     def description(self) -> str:
         """The shard in words, for messages: ``<id> <file> lines 0-2000``."""
-        unit = "lines" if self.unit == "lines" else "row groups"
+        unit = "lines" if self.unit == LINES else "row groups"
         return f"{self.shard_id} {self.relpath} {unit} {self.start}-{self.end}"
+
+    @property
+    def position_name(self) -> str:
+        """What a row's position in the file is called in messages: its ``line`` (1-based,
+        JSONL) or its ``row`` (0-based index in the file, Parquet)."""
+        return "line" if self.unit == LINES else "row"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +104,7 @@ class Plan:
     shards: list[Shard]
     schema_version: int = PLAN_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
-    #: the job's input schema (``schemas.schema_to_json``), settled at plan time
+    #: the job's input schema (``arrow_types.schema_to_json``), settled at plan time
     input_schema: dict[str, Any] | None = None
     #: each input file's own schema, by relative path: reused while the file is unchanged
     file_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -212,18 +225,18 @@ def _split_parquet(store: Store, spec: BatchSpec, file: InputFile, footers: dict
     for index in range(metadata.num_row_groups):
         group_rows = metadata.row_group(index).num_rows
         if rows and rows + group_rows > spec.rows_per_shard:
-            shards.append(make_shard(file, "row_groups", group_start, index, rows))
+            shards.append(make_shard(file, ROW_GROUPS, group_start, index, rows))
             group_start, rows = index, 0
         rows += group_rows
     if rows or not shards and metadata.num_row_groups:
-        shards.append(make_shard(file, "row_groups", group_start, metadata.num_row_groups, rows))
+        shards.append(make_shard(file, ROW_GROUPS, group_start, metadata.num_row_groups, rows))
     return shards
 
 
 def _split_jsonl(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
     """One pass over the bytes, noting the offset of every ``rows_per_shard``-th line."""
     every = spec.rows_per_shard
-    boundaries = [(0, 0)]  # (line number, byte offset) where each shard starts
+    boundaries = [(0, 0)]  # (lines before, byte offset) where each shard starts
     lines = offset = 0
     last_byte = b"\n"
     with store.open_read(file.path, size=file.size) as handle:
@@ -239,7 +252,7 @@ def _split_jsonl(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
         lines += 1  # a last line without a newline is still a row
     boundaries.append((lines, offset))
     return [
-        make_shard(file, "lines", line, end_line, end_line - line, byte_start=byte, byte_end=end_byte)
-        for (line, byte), (end_line, end_byte) in pairwise(boundaries)
-        if end_line > line
+        make_shard(file, LINES, start, end, end - start, byte_start=byte, byte_end=end_byte)
+        for (start, byte), (end, end_byte) in pairwise(boundaries)
+        if end > start
     ]

@@ -1,5 +1,5 @@
 """Finalize's re-typing of parts committed with an output column as type null that the job's
-output schema has since typed (a sparse column widened by a later shard; ``job_schema.py``).
+output schema has since typed (a sparse column widened by a later shard; ``schema/output.py``).
 
 Parquet files carry their schema, and pyarrow, pandas and DuckDB read a sink of parts with
 ``note: null`` and parts with ``note: string`` as one dataset only when every part agrees, so
@@ -32,11 +32,11 @@ import pyarrow.parquet as pq
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import quarantine
-from airflow_batch_provider.core.domain.job_schema import widened_columns
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.domain.schema.arrow_types import type_name
+from airflow_batch_provider.core.domain.schema.output import widened_columns
 from airflow_batch_provider.core.errors import IncompleteJobError
-from airflow_batch_provider.core.schemas import type_name
 from airflow_batch_provider.core.stores import StagedPart
 
 _THREADS = 8

@@ -21,14 +21,14 @@ import logging
 import os
 import platform
 
+from airflow_batch_provider.core.tunables import KEEP_MMAP_THRESHOLD_BYTES, KEEP_TRIM_THRESHOLD_BYTES
+
 log = logging.getLogger(__name__)
 
 OPT_OUT_ENV = "AIRFLOW_BATCH_PROVIDER_KEEP_FREED_MEMORY"
 # mallopt() parameters, from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 32 << 20
-TRIM_THRESHOLD_BYTES = 1 << 30
 
 
 def is_glibc() -> bool:
@@ -50,7 +50,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    applied = bool(mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD_BYTES))
     if not applied:
         log.warning("glibc rejected the malloc settings for reusing freed memory; keeping its defaults")
     return applied

@@ -17,14 +17,12 @@ import threading
 from typing import Any
 
 from airflow_batch_provider.core.domain.layout import JobStorage
-from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.domain.planning import LINES, Shard
 from airflow_batch_provider.core.errors import BadRowLimitError, BatchError
 from airflow_batch_provider.core.execution.writers import jsonable
 from airflow_batch_provider.core.redaction import Redactor
 from airflow_batch_provider.core.stores import StagedPart
-
-#: How many bad rows a failing shard's message lists.
-_SHOWN = 5
+from airflow_batch_provider.core.tunables import BAD_ROWS_SHOWN
 
 
 class BadRows:
@@ -45,8 +43,8 @@ class BadRows:
         self._lock = threading.Lock()
         #: whether bad rows are rejected (else the first one fails the shard)
         self.skipping = storage.spec.bad_rows == "skip"
-        #: JSONL positions are 1-based line numbers; Parquet ones 0-based row indexes in the file
-        self.position_key = "line" if shard.unit == "lines" else "row_index"
+        #: the rejected record's key for a row's position: its line (JSONL) or row index (Parquet)
+        self.position_key = "line" if shard.unit == LINES else "row_index"
 
     def reject(
         self, error: BatchError, position: int, *, raw: bytes | None = None, row: dict[str, Any] | None = None, stage: str = "read"
@@ -74,7 +72,7 @@ class BadRows:
             self.staged.stream.write(line.encode())
             self.count += 1
             self.count_unread += stage == "read"
-            if len(self._first) < _SHOWN:
+            if len(self._first) < BAD_ROWS_SHOWN:
                 self._first.append(f"{self.position_key.replace('_', ' ')} {position} ({message})")
             if self.limit is not None and self.count > self.limit:
                 raise BadRowLimitError(self._limit_message())

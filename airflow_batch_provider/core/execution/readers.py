@@ -26,14 +26,15 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.domain.planning import LINES, ROW_GROUPS, Shard
+from airflow_batch_provider.core.domain.schema.arrow_types import Incompatible, value_array
+from airflow_batch_provider.core.domain.schema.conform import INPUT_FIX, RowOrigin, conform_table
 from airflow_batch_provider.core.errors import BatchError, InputChangedError, InputDataError, InputEncodingError
 from airflow_batch_provider.core.execution.badrows import BadRows, FailOnBadRow
-from airflow_batch_provider.core.schemas import INPUT_FIX, Incompatible, RowOrigin, conform_table, value_array
 from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import Store
+from airflow_batch_provider.core.tunables import JSONL_BLOCK_BYTES
 
-JSONL_BLOCK_BYTES = 8 << 20
 _BOM = b"\xef\xbb\xbf"
 
 Policy = BadRows | FailOnBadRow
@@ -58,20 +59,20 @@ class Batch:
 
     def where(self, shard: Shard) -> str:
         """The batch's rows in words, for messages: ``lines 3-9`` or ``rows 0-63``."""
-        unit = "line" if shard.unit == "lines" else "row"
+        name = shard.position_name
         if not len(self.positions):
-            return f"no {unit}s"
+            return f"no {name}s"
         first, last = int(self.positions[0]), int(self.positions[-1])
-        return f"{unit} {first}" if first == last else f"{unit}s {first}-{last}"
+        return f"{name} {first}" if first == last else f"{name}s {first}-{last}"
 
     def origin(self, shard: Shard) -> RowOrigin:
-        """The batch's rows as ``schemas.RowOrigin`` (for the output schema's messages)."""
-        unit = "line" if shard.unit == "lines" else "row"
+        """The batch's rows as ``conform.RowOrigin`` (for the output schema's messages)."""
         first = int(self.positions[0]) if len(self.positions) else 0
-        return RowOrigin(shard.path, first, unit, shard.shard_id, _lines_if_gapped(self.positions) if unit == "line" else None)
+        gaps = _positions_if_gapped(self.positions) if shard.unit == LINES else None
+        return RowOrigin(shard.path, first, shard.position_name, shard.shard_id, gaps)
 
 
-def _lines_if_gapped(positions: np.ndarray) -> tuple[int, ...] | None:
+def _positions_if_gapped(positions: np.ndarray) -> tuple[int, ...] | None:
     """Each row's line for ``RowOrigin``, needed only where blank or rejected lines break the count."""
     if not len(positions) or int(positions[-1]) - int(positions[0]) + 1 == len(positions):
         return None
@@ -79,13 +80,13 @@ def _lines_if_gapped(positions: np.ndarray) -> tuple[int, ...] | None:
 
 
 def read_shard(
-    store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, schema: pa.Schema | None = None, bad: Policy | None = None
+    store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, schema: pa.Schema, bad: Policy | None = None
 ) -> Iterator[Batch]:
-    """The shard's rows in batches of at most ``batch_size``. With ``schema`` (the plan's
-    input schema) every batch has exactly that schema. Rows that cannot be read, or whose
-    values that schema cannot hold unchanged, go to ``bad`` (default: fail at the first)."""
+    """The shard's rows in batches of at most ``batch_size``, each with exactly ``schema`` (the
+    plan's input schema). Rows that cannot be read, or whose values that schema cannot hold
+    unchanged, go to ``bad`` (default: fail at the first)."""
     bad = bad or FailOnBadRow()
-    if shard.unit == "row_groups":
+    if shard.unit == ROW_GROUPS:
         batches = _read_parquet(store, spec, shard, schema, bad)
     else:
         batches = _read_jsonl(store, spec, shard, stats, schema, bad)
@@ -97,7 +98,7 @@ def read_shard(
 
 def _conformed(table: pa.Table, positions: np.ndarray, schema: pa.Schema, origin: RowOrigin, bad: Policy,
                *, declared: bool, raw: list[bytes] | None = None) -> Batch:
-    """``table`` in ``schema`` (``schemas.conform_table``); rows whose values it cannot hold
+    """``table`` in ``schema`` (``conform.conform_table``); rows whose values it cannot hold
     unchanged go to ``bad``, each with the line as it was (``raw``) or its values."""
     rejected: list[int] = []
 
@@ -126,13 +127,13 @@ def _row_values(table: pa.Table, index: int) -> dict[str, Any]:
 
 
 # -- Parquet ------------------------------------------------------------------------------
-def _read_parquet(store: Store, spec: BatchSpec, shard: Shard, schema: pa.Schema | None, bad: Policy) -> Iterator[Batch]:
+def _read_parquet(store: Store, spec: BatchSpec, shard: Shard, schema: pa.Schema, bad: Policy) -> Iterator[Batch]:
     with store.read_pinned(shard.path, shard.version) as handle:
         try:
             parquet = pq.ParquetFile(handle)
             row = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.start))
             present = set(parquet.schema_arrow.names)
-            wanted = spec.columns or (schema.names if schema is not None else None)
+            wanted = spec.columns or schema.names
             record_batches = parquet.iter_batches(
                 batch_size=spec.batch_size,
                 row_groups=list(range(shard.start, shard.end)),
@@ -142,8 +143,8 @@ def _read_parquet(store: Store, spec: BatchSpec, shard: Shard, schema: pa.Schema
                 table = pa.Table.from_batches([record_batch])
                 batch = _drop_invalid_utf8(Batch(table, np.arange(row, row + table.num_rows)), shard, bad)
                 row += table.num_rows
-                if schema is not None and batch.table.num_rows:
-                    origin = RowOrigin(shard.path, int(batch.positions[0]), "row", shard.shard_id)
+                if batch.table.num_rows:
+                    origin = RowOrigin(shard.path, int(batch.positions[0]), shard.position_name, shard.shard_id)
                     batch = _conformed(batch.table, batch.positions, schema, origin, bad, declared=spec.input_schema is not None)
                 yield batch
         except (pa.ArrowInvalid, OSError) as err:
@@ -190,12 +191,9 @@ def _drop_invalid_utf8(batch: Batch, shard: Shard, bad: Policy) -> Batch:
 
 
 # -- JSONL --------------------------------------------------------------------------------
-def _read_jsonl(
-    store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, job_schema: pa.Schema | None, bad: Policy
-) -> Iterator[Batch]:
+def _read_jsonl(store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, schema: pa.Schema, bad: Policy) -> Iterator[Batch]:
     assert shard.byte_start is not None and shard.byte_end is not None
-    schema: pa.Schema | None = None
-    line = shard.start
+    lines_before = shard.start
     declared = spec.input_schema is not None
     with store.read_pinned(shard.path, shard.version) as handle:
         handle.seek(shard.byte_start)
@@ -224,16 +222,9 @@ def _read_jsonl(
                 block = block[len(_BOM) :]  # a UTF-8 byte order mark says nothing about the rows
             at_file_start = False
             block_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-            if job_schema is not None:
-                batch = _parse_block_as(block, job_schema, shard, line, bad, declared=declared, selected=bool(spec.columns))
-            else:  # a plan written before schemas were settled: the shard's own types
-                batch = _parse_block(block, shard.path, line, bad)
-                if batch.table.num_rows:
-                    if spec.columns:
-                        batch.table = _select_columns(batch.table, spec.columns, shard.path, line)
-                    schema, batch.table = _conform(schema, batch.table, shard.path, line)
+            batch = _parse_block_as(block, schema, shard, lines_before, bad, declared=declared, selected=bool(spec.columns))
             stats.lines += block_lines
-            line += block_lines
+            lines_before += block_lines
             if batch.table.num_rows:
                 yield batch
     if stats.lines != shard.rows:
@@ -244,7 +235,7 @@ def _read_jsonl(
         )
 
 
-def _row_lines(block: bytes, first_line: int, rows: int) -> np.ndarray | None:
+def _row_lines(block: bytes, lines_before: int, rows: int) -> np.ndarray | None:
     """The line (1-based) of each of the block's ``rows`` rows, when each non-blank line holds
     exactly one JSON object; None otherwise (the block is then read line by line).
 
@@ -274,11 +265,11 @@ def _row_lines(block: bytes, first_line: int, rows: int) -> np.ndarray | None:
     lines = np.flatnonzero(one_object)
     if len(lines) != rows:
         return None
-    return lines.astype(np.int64) + (first_line + 1)
+    return lines.astype(np.int64) + (lines_before + 1)
 
 
 def _parse_block_as(
-    block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool, selected: bool = False
+    block: bytes, schema: pa.Schema, shard: Shard, lines_before: int, bad: Policy, *, declared: bool, selected: bool = False
 ) -> Batch:
     """Parse straight into the job's schema; when Arrow refuses the block, line by line.
 
@@ -292,11 +283,11 @@ def _parse_block_as(
         table.validate(full=True)  # Arrow's JSON reader does not check UTF-8 in strings
     except pa.ArrowException:
         table = None
-    positions = None if table is None else _row_lines(block, first_line, table.num_rows)
+    positions = None if table is None else _row_lines(block, lines_before, table.num_rows)
     if table is not None and positions is not None and not _may_be_rounded(table, schema):
-        origin = RowOrigin(shard.path, first_line + 1, "line", shard.shard_id, _lines_if_gapped(positions))
+        origin = RowOrigin(shard.path, lines_before + 1, "line", shard.shard_id, _positions_if_gapped(positions))
         return _conformed(table, positions, schema, origin, bad, declared=declared)
-    return _parse_lines_as(block, schema, shard, first_line, bad, declared=declared, only_schema=only_schema)
+    return _parse_lines_as(block, schema, shard, lines_before, bad, declared=declared, only_schema=only_schema)
 
 
 def _may_be_rounded(table: pa.Table, schema: pa.Schema) -> bool:
@@ -313,14 +304,14 @@ def _may_be_rounded(table: pa.Table, schema: pa.Schema) -> bool:
 
 
 def _parse_lines_as(
-    block: bytes, schema: pa.Schema, shard: Shard, first_line: int, bad: Policy, *, declared: bool, only_schema: bool
+    block: bytes, schema: pa.Schema, shard: Shard, lines_before: int, bad: Policy, *, declared: bool, only_schema: bool
 ) -> Batch:
     """The slow path: one row at a time, so that each bad line is named, and rejected with its text."""
     tables, numbers = [], []
     for offset, text in enumerate(block.split(b"\n")):
         if not text.strip():
             continue
-        number = first_line + offset + 1
+        number = lines_before + offset + 1
         raw = text.rstrip(b"\r")
         value, problem = _line_value(text, shard.path, number)
         here = RowOrigin(shard.path, number, "line", shard.shard_id)
@@ -359,39 +350,6 @@ def _row_table(value: dict, origin: RowOrigin) -> pa.Table:
                 f"type ({err}); {INPUT_FIX}"
             ) from None
     return pa.table(columns)
-
-
-def _parse_block(block: bytes, path: str, first_line: int, bad: Policy) -> Batch:
-    """The block's rows with the types Arrow infers (no job schema); bad lines go to ``bad``."""
-    try:
-        table = _arrow_json(block)
-        table.validate(full=True)  # Arrow's JSON reader does not check UTF-8 in strings
-    except pa.ArrowException:
-        table = None
-    if table is not None and (positions := _row_lines(block, first_line, table.num_rows)) is not None:
-        return Batch(table, positions)
-    good: list[bytes] = []
-    numbers: list[int] = []
-    for offset, text in enumerate(block.split(b"\n")):
-        if not text.strip():
-            continue
-        number = first_line + offset + 1
-        _value, problem = _line_value(text, path, number)
-        if problem is not None:
-            bad.reject(problem, number, raw=text.rstrip(b"\r"))
-            continue
-        good.append(text)
-        numbers.append(number)
-    if not good:
-        return Batch(pa.table({}), np.array([], dtype=np.int64))
-    try:
-        table = _arrow_json(b"\n".join(good))
-    except pa.ArrowException as err:
-        raise InputDataError(
-            f"{path}: lines {numbers[0]}-{numbers[-1]} cannot be read as one "
-            f"table ({err}); a field probably changes type between rows"
-        ) from None
-    return Batch(table, np.array(numbers, dtype=np.int64))
 
 
 def _arrow_json(data: bytes, parse_options: pj.ParseOptions | None = None) -> pa.Table:
@@ -437,27 +395,3 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
             raise _DuplicateKey(key)
         seen[key] = value
     return seen
-
-
-def _select_columns(table: pa.Table, columns: tuple[str, ...], path: str, first_line: int) -> pa.Table:
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise InputDataError(
-            f"{path}: no row in lines from {first_line + 1} has column(s) {missing} "
-            f"(present: {table.column_names}); fix BatchSpec.columns or the input"
-        )
-    return table.select(list(columns))
-
-
-def _conform(schema: pa.Schema | None, table: pa.Table, path: str, first_line: int) -> tuple[pa.Schema, pa.Table]:
-    """Keep one schema per shard: later blocks are cast to the first block's types."""
-    if schema is None or table.schema.equals(schema):
-        return table.schema, table
-    try:
-        unified = pa.unify_schemas([schema, table.schema], promote_options="permissive")
-        return unified, table.cast(pa.schema([unified.field(n) for n in table.column_names]))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
-        raise InputDataError(
-            f"{path}: rows from line {first_line + 1} have types that do not match earlier rows ({err})"
-        ) from None
-

@@ -15,16 +15,11 @@ import pyarrow as pa
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard
-from airflow_batch_provider.core.domain.job_schema import (
-    has_open_columns,
-    known_output_schema,
-    load_input_schema,
-    record_output_schema,
-    widen_output_schema,
-)
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.domain.results import ShardResult
+from airflow_batch_provider.core.domain.schema.input import load_input_schema
+from airflow_batch_provider.core.domain.schema.output import has_open_columns, known_output_schema, record_output_schema, widen_output_schema
 from airflow_batch_provider.core.errors import PredictorFailedError
 from airflow_batch_provider.core.execution.badrows import BadRows
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
@@ -105,7 +100,7 @@ class ShardRunner:
             note=check.note,
         )
 
-    def _write_part(self, shard: Shard, input_schema: pa.Schema | None, on_rows: Callable[[int], None] | None) -> tuple:
+    def _write_part(self, shard: Shard, input_schema: pa.Schema, on_rows: Callable[[int], None] | None) -> tuple:
         """Read, predict and write ``shard`` into a staged part: (staged, part writer, read
         stats, bad rows, staged rejected rows, model seconds). Nothing is committed yet."""
         spec, storage = self.spec, self.storage

@@ -10,6 +10,8 @@ import queue
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
+from airflow_batch_provider.core.tunables import PREFETCH_DEPTH, PREFETCH_JOIN_TIMEOUT_S, PREFETCH_STOP_POLL_S, WRITE_QUEUE_DEPTH
+
 _DONE = object()
 
 
@@ -18,7 +20,7 @@ class _Failure:
         self.error = error
 
 
-def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+def prefetch(items: Iterable[Any], depth: int = PREFETCH_DEPTH) -> Iterator[Any]:
     """Iterate ``items`` in a background thread, up to ``depth`` ahead of the consumer."""
     buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -28,7 +30,7 @@ def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
             for item in items:
                 while not stop.is_set():
                     try:
-                        buffer.put(item, timeout=0.1)
+                        buffer.put(item, timeout=PREFETCH_STOP_POLL_S)
                         break
                     except queue.Full:
                         continue
@@ -50,13 +52,13 @@ def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
-        thread.join(timeout=5)
+        thread.join(timeout=PREFETCH_JOIN_TIMEOUT_S)
 
 
 class BackgroundWriter:
     """Apply ``write`` to submitted items in one background thread, in order."""
 
-    def __init__(self, write: Callable[[Any], None], depth: int = 2):
+    def __init__(self, write: Callable[[Any], None], depth: int = WRITE_QUEUE_DEPTH):
         self._write = write
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None

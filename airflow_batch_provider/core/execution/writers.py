@@ -3,8 +3,8 @@
 Parquet parts are written in row groups of many predictor batches: pyarrow's writer closes a
 row group at every ``write_table``, so writing each batch as it comes would leave a part of
 250,000 rows and ``batch_size=64`` with about 3,900 row groups and a footer near 1 MB, which
-every reader of the sink then pays for. Batches are buffered until :data:`ROW_GROUP_ROWS`
-rows or :data:`ROW_GROUP_BYTES` bytes of Arrow memory are held (whichever comes first), so the
+every reader of the sink then pays for. Batches are buffered until ``tunables.ROW_GROUP_ROWS``
+rows or ``tunables.ROW_GROUP_BYTES`` bytes of Arrow memory are held (whichever comes first), so the
 buffer's memory stays bounded whatever the row width (an embedding of 1,024 floats is 4 KiB a
 row). Row groups are not made larger than that: a row group is written in the writer thread
 while the next batches are read, and one held until the shard ends would be written after
@@ -21,12 +21,9 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-#: rows buffered before they are written as one Parquet row group (fewer only at the part's end).
-ROW_GROUP_ROWS = 1 << 16
-#: bytes of Arrow memory buffered before they are written as one row group, if that comes first.
-ROW_GROUP_BYTES = 64 << 20
-
-from airflow_batch_provider.core.schemas import OUTPUT_FIX, Incompatible, RowOrigin, conform_table, unify_fields
+from airflow_batch_provider.core.domain.schema.arrow_types import Incompatible, unify_fields
+from airflow_batch_provider.core.domain.schema.conform import OUTPUT_FIX, RowOrigin, conform_table
+from airflow_batch_provider.core.tunables import ROW_GROUP_BYTES, ROW_GROUP_ROWS
 
 
 class OutputSchemaWidened(Exception):
@@ -46,7 +43,7 @@ class PartWriter:
     otherwise batches are held until a row group's worth (or the part's end) and
     ``settle(their_unified_schema)`` is asked for it (it records the schema create-only and
     returns the winner of any race). Every batch is conformed to
-    it losslessly (``schemas.conform_table``), so every part of a job has one schema.
+    it losslessly (``conform.conform_table``), so every part of a job has one schema.
 
     A column of type null in that schema is widened (``widen(table_schema)`` records the type
     and returns the job's schema) by the first batch holding a value in it. Before this part's

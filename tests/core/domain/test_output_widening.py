@@ -89,7 +89,7 @@ def test_a_jsonl_sink_records_the_widened_schema(tmp_path, jsonl_source):
     import pandas as pd
     import pyarrow.dataset as ds
 
-    from airflow_batch_provider.core.schemas import schema_from_json
+    from airflow_batch_provider.core.domain.schema.arrow_types import schema_from_json
 
     spec = note_spec(tmp_path, jsonl_source, sink_format="jsonl")
     manifest = run(spec)

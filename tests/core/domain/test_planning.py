@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
 import pytest
 
+from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import list_inputs, split_file
+from airflow_batch_provider.core.domain.schema.input import load_input_schema
 from airflow_batch_provider.core.errors import BatchSpecError, StaleCheckpointError
 from airflow_batch_provider.core.execution.readers import ReadStats, read_shard
+from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.spec import BatchSpec
 from tests.conftest import rows, write_jsonl
 
@@ -21,10 +25,12 @@ def spec_for(source, sink, **kw):
 
 
 def read_ids(spec, shards):
+    """The ids the shards' rows hold, read as a shard task reads them: in the plan's input schema."""
     storage = JobStorage.for_spec(spec)
+    schema = load_input_schema(storage)
     ids = []
     for shard in shards:
-        for batch in read_shard(storage.source, spec, shard, ReadStats()):
+        for batch in read_shard(storage.source, spec, shard, ReadStats(), schema):
             ids.extend(batch.table.column("id").to_pylist())
     return ids
 
@@ -50,6 +56,22 @@ def test_jsonl_shards_have_byte_ranges_and_blank_lines_are_not_rows(tmp_path):
     assert [(s.start, s.end) for s in shards] == [(0, 4), (4, 8), (8, 12), (12, 13)]
     assert shards[0].byte_start == 0 and shards[1].byte_start == shards[0].byte_end
     assert sorted(read_ids(spec, shards)) == list(range(11))
+
+
+def test_a_shard_of_a_plan_without_its_input_schema_asks_to_plan_again(tmp_path, jsonl_source):
+    """A plan written before input schemas were settled has none: its shards are read in the
+    plan's input schema only, so the shard asks for the plan task again (which writes it)."""
+    spec = spec_for(jsonl_source, str(tmp_path / "out"))
+    plan = plan_job(spec).plan
+    storage = JobStorage.for_spec(spec)
+    old = dataclasses.replace(plan, input_schema=None, file_schemas={})  # as such a plan was written
+    storage.checkpoint.write_atomic(storage.plan_path, old.to_json())
+    storage.checkpoint.delete(storage.input_schema_path)
+    shard = plan.shards[0]
+    with pytest.raises(StaleCheckpointError, match="Run the plan task again"):
+        ShardRunner(spec).run(shard, new_attempt())
+    plan_job(spec)
+    assert ShardRunner(spec).run(shard, new_attempt()).status == "computed"
 
 
 def test_shard_ids_stable_when_files_added_or_listed_in_another_order(tmp_path, jsonl_source):

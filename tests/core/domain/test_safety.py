@@ -14,9 +14,9 @@ from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain import commit as commit_mod
 from airflow_batch_provider.core.domain import jobs as jobs_mod
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard, new_attempt, quarantine
-from airflow_batch_provider.core.domain.job_schema import load_input_schema
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.domain.schema.input import load_input_schema
 from airflow_batch_provider.core.errors import BatchError, CommitError, IncompleteJobError, StaleCheckpointError, StorageError
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from tests.core.domain.test_commit import make_spec, run_all, run_killed_at, sink_ids

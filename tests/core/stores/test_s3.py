@@ -201,6 +201,7 @@ def test_version_changes_with_content(store, s3_server, s3_bucket):
 def test_parquet_shard_is_streamed_by_row_group_not_read_whole(s3_server, s3_bucket):
     import numpy as np
 
+    from airflow_batch_provider.core.domain.schema.input import load_input_schema
     from airflow_batch_provider.core.execution.readers import ReadStats, read_shard
 
     values = np.random.default_rng(1).random(16 * 131072)  # 16 row groups of 1 MiB, incompressible
@@ -211,8 +212,9 @@ def test_parquet_shard_is_streamed_by_row_group_not_read_whole(s3_server, s3_buc
     storage = JobStorage.for_spec(spec, s3_server.storage_options())
     shards = plan_job(spec, storage).pending
     assert len(shards) == 16
+    schema = load_input_schema(storage)  # as a shard task reads: in the plan's input schema
     with RequestCounter(*store_clients(storage.source)) as count:
-        rows = sum(b.table.num_rows for b in read_shard(storage.source, spec, shards[3], ReadStats()))
+        rows = sum(b.table.num_rows for b in read_shard(storage.source, spec, shards[3], ReadStats(), schema))
     assert rows == 131072
     size = len(buffer.getvalue())
     assert 0 < count.bytes_received < size / 2, (count.bytes_received, size)  # ranged GETs, not the object

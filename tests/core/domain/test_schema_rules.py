@@ -5,17 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from airflow_batch_provider.core.domain.schema.arrow_types import Incompatible, parse_type, schema_from_json, schema_to_json, type_name, unify_types
+from airflow_batch_provider.core.domain.schema.conform import RowOrigin, conform_table
 from airflow_batch_provider.core.errors import BatchSpecError, InputDataError
-from airflow_batch_provider.core.schemas import (
-    Incompatible,
-    RowOrigin,
-    conform_table,
-    parse_type,
-    schema_from_json,
-    schema_to_json,
-    type_name,
-    unify_types,
-)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -81,3 +73,17 @@ def test_conform_adds_missing_columns_as_nulls_and_orders_columns():
     schema = pa.schema([("a", pa.int64()), ("b", pa.string()), ("c", pa.float64())])
     out = conform_table(table, schema, RowOrigin("f", 1))
     assert out.schema == schema and out.to_pylist() == [{"a": 1, "b": "x", "c": None}]
+
+
+@pytest.mark.parametrize("name, home", [("schema_from_json", "arrow_types"), ("conform_table", "conform")])
+def test_the_old_schemas_module_still_answers_with_a_deprecation_warning(name, home):
+    """The README named ``core.schemas.schema_from_json`` for reading _SUCCESS's schemas."""
+    import importlib
+
+    from airflow_batch_provider.core import schemas
+
+    new = importlib.import_module(f"airflow_batch_provider.core.domain.schema.{home}")
+    with pytest.warns(DeprecationWarning, match=rf"core\.schemas\.{name} is deprecated; use airflow_batch_provider\.core\.domain\.schema\.{home}\.{name}"):
+        assert getattr(schemas, name) is getattr(new, name)
+    with pytest.raises(AttributeError):
+        schemas.is_wide_int  # noqa: B018 (dead, removed)

@@ -1,10 +1,7 @@
-"""The job's schemas in the checkpoint: the input schema the plan settled, and the output schema.
-
-The input schema is written beside the plan (a small file each shard reads, instead of the
-whole plan). The output schema is declared, or recorded create-only by the first shard that
+"""The job's output schema: declared, or recorded create-only by the first shard that
 produces rows.
 
-Every later shard conforms its output to it (losslessly, see ``schemas.conform_table``), so every
+Every later shard conforms its output to it (losslessly, see ``conform.conform_table``), so every
 part of the sink has the same schema whatever order the shards committed in. Recording is a
 create-only write: two shards racing to record get one winner, and the loser conforms to it.
 
@@ -23,17 +20,7 @@ import json
 import pyarrow as pa
 
 from airflow_batch_provider.core.domain.layout import JobStorage
-from airflow_batch_provider.core.schemas import declared_schema, schema_from_json, schema_to_json
-
-
-def write_input_schema(storage: JobStorage, schema_json: dict) -> None:
-    storage.checkpoint.write_atomic(storage.input_schema_path, json.dumps(schema_json).encode())
-
-
-def load_input_schema(storage: JobStorage) -> pa.Schema | None:
-    """The input schema of the current plan (None for a plan written before schemas were settled)."""
-    raw = storage.checkpoint.read_bytes(storage.input_schema_path)
-    return None if raw is None else schema_from_json(json.loads(raw))
+from airflow_batch_provider.core.domain.schema.arrow_types import declared_schema, schema_from_json, schema_to_json
 
 
 def known_output_schema(storage: JobStorage) -> pa.Schema | None:

@@ -1,4 +1,5 @@
-"""Settle the job's input schema at plan time, before any part is written.
+"""The job's input schema: settled at plan time, before any part is written, and kept
+beside the plan for the shards to read.
 
 Parquet files carry their schema in the footer; a JSONL shard's is inferred from a sample of
 its first lines (its byte range is in the plan, so that is one small read). The per-file
@@ -8,6 +9,9 @@ used as it is. Readers then hand every batch to the predictor with exactly this 
 
 A JSONL column null in every sampled row stays null-typed; a later value in it does not
 fit and fails its shard with a message that says to declare ``input_schema``.
+
+The settled schema is written beside the plan (``JobStorage.input_schema_path``): a small
+file each shard reads, instead of the whole plan.
 """
 
 from __future__ import annotations
@@ -19,16 +23,38 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
-from airflow_batch_provider.core.errors import BatchSpecError, InputDataError
-from airflow_batch_provider.core.schemas import INPUT_FIX, Incompatible, declared_schema, type_name, unify_schemas, unify_types, value_array
+from airflow_batch_provider.core.domain.schema.arrow_types import (
+    Incompatible,
+    declared_schema,
+    schema_from_json,
+    type_name,
+    unify_schemas,
+    unify_types,
+    value_array,
+)
+from airflow_batch_provider.core.domain.schema.conform import INPUT_FIX
+from airflow_batch_provider.core.errors import BatchSpecError, InputDataError, StaleCheckpointError
 from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import InputFile, Store
+from airflow_batch_provider.core.tunables import SCHEMA_SAMPLE_BYTES, SCHEMA_SAMPLE_LINES, SCHEMA_SAMPLE_THREADS
 
-#: Per JSONL shard, the sample read at plan time: the first lines, up to this many bytes.
-SAMPLE_BYTES = 64 << 10
-SAMPLE_LINES = 500
-_THREADS = 16
+
+def write_input_schema(storage: JobStorage, schema_json: dict) -> None:
+    storage.checkpoint.write_atomic(storage.input_schema_path, json.dumps(schema_json).encode())
+
+
+def load_input_schema(storage: JobStorage) -> pa.Schema:
+    """The input schema of the current plan. Every plan writes it before the plan itself; a
+    plan written before schemas were settled has none, and planning again writes it."""
+    raw = storage.checkpoint.read_bytes(storage.input_schema_path)
+    if raw is None:
+        raise StaleCheckpointError(
+            f"{storage.input_schema_path} is missing: the plan was written before the job's input schema was "
+            "settled at plan time. Run the plan task again (it keeps every committed shard), then this shard."
+        )
+    return schema_from_json(json.loads(raw))
 
 
 def file_schemas(
@@ -47,7 +73,7 @@ def file_schemas(
         samples = [(file.path, jsonl_sample_schema(store, s, file.size, spec.columns)) for s in by_file.get(file.relpath, [])]
         return unify_schemas(samples, INPUT_FIX)
 
-    with ThreadPoolExecutor(min(_THREADS, max(1, len(files)))) as pool:
+    with ThreadPoolExecutor(min(SCHEMA_SAMPLE_THREADS, max(1, len(files)))) as pool:
         return list(pool.map(one, files))
 
 
@@ -89,10 +115,10 @@ def jsonl_sample_schema(
     assert shard.byte_start is not None and shard.byte_end is not None
     with store.open_read(shard.path, file_size) as handle:
         handle.seek(shard.byte_start)
-        block = handle.read(min(SAMPLE_BYTES, shard.byte_end - shard.byte_start))
+        block = handle.read(min(SCHEMA_SAMPLE_BYTES, shard.byte_end - shard.byte_start))
     if shard.byte_start + len(block) < shard.byte_end and b"\n" in block:
         block = block[: block.rfind(b"\n")]  # whole lines only
-    texts = block.split(b"\n")[:SAMPLE_LINES]
+    texts = block.split(b"\n")[:SCHEMA_SAMPLE_LINES]
     fast = _sample_type_at_once(texts)
     if fast is not None:
         return _selected(fast, columns)
