@@ -60,3 +60,31 @@ def test_plugins_providers_links_and_dag_parsing_leave_ray_unloaded(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "RAY_MODULES []" in out.stdout, f"Ray was imported: {out.stdout[-2000:]}"
+
+
+# What the DAG processor does with a DAG file, and nothing more.
+PARSE_DAGS = textwrap.dedent(
+    """
+    import sys
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=sys.argv[1])
+    assert not bag.import_errors, bag.import_errors
+    assert bag.dags, "no DAG parsed"
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "pyarrow", "torch"))
+    print("HEAVY_MODULES", heavy[:10])
+    """
+)
+
+
+def test_parsing_dag_files_loads_neither_ray_nor_pyarrow(tmp_path):
+    """``batch_inference()`` builds the task group from the spec alone: the DAG processor
+    parses every DAG file often, and must not pay for (or fork with) Ray, pyarrow or a model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
+    env.update(AIRFLOW_HOME=str(tmp_path), PYTHONPATH=REPO, AIRFLOW__CORE__LOAD_EXAMPLES="False")
+    out = subprocess.run(
+        [sys.executable, "-c", PARSE_DAGS, os.path.join(REPO, "dags")], env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "HEAVY_MODULES []" in out.stdout, out.stdout[-2000:]
