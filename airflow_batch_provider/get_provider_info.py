@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow_batch_provider.core.tunables import Tunables
+
+#: the section of Airflow's configuration that ``airflow_batch_provider.settings`` reads.
+CONFIG_SECTION = "batch_inference"
+
 
 def get_provider_info() -> dict[str, Any]:
     return {
@@ -37,6 +42,7 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": ["airflow_batch_provider.links.sink_status.SinkStatusLink"],
+        "config": provider_config(),
         "connection-types": [
             {
                 "connection-type": "ray",
@@ -50,3 +56,15 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
     }
+
+
+def provider_config() -> dict[str, Any]:
+    """``[batch_inference]``, one option per field of the core's ``Tunables`` (docs, ``airflow config list``)."""
+    defaults = Tunables()
+    options = {
+        name: {"description": doc, "version_added": "0.2.0", "type": "float", "example": None,
+               "default": "" if getattr(defaults, name) is None else str(getattr(defaults, name))}
+        for name, doc in Tunables.docs().items()
+    }
+    return {CONFIG_SECTION: {"description": "Timeouts of batch inference on Ray: replicas, leases, connections, cancellation.",
+                             "options": options}}

@@ -9,8 +9,12 @@ the reason beside it, that no deployment should need to change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+
+def _setting(default: float | None, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass(frozen=True)
@@ -18,20 +22,22 @@ class Tunables:
     """What a deployment may set (Airflow: ``[batch_inference]``, one option per field, with
     the field's name). Seconds throughout; the defaults suit a cluster on a local network."""
 
-    #: a model replica with no shard to run for this long exits and frees its CPUs/GPUs.
-    replica_idle_timeout_s: float = 600.0
-    #: how long a shard task waits for a free replica before it fails (None: as long as the
-    #: task may run); a task's own ``lease_timeout`` wins over it.
-    lease_timeout_s: float | None = None
-    #: how long a process keeps trying to connect to Ray before its task fails.
-    connect_timeout_s: float = 120.0
-    #: how long a deferrable task waits, after submitting, for the replica to take its call up.
-    start_timeout_s: float = 60.0
-    #: how long a cancelled call may take to stop between batches before its replica is killed.
-    cancel_grace_s: float = 10.0
-    #: how long after ``execution_timeout`` Airflow itself fails a deferred shard task whose
-    #: trigger (which cancels the Ray call at ``execution_timeout``) has not answered.
-    deferred_timeout_grace_s: float = 60.0
+    replica_idle_timeout_s: float = _setting(600.0, "A model replica with no shard to run for this long exits and frees its CPUs/GPUs.")
+    lease_timeout_s: float | None = _setting(
+        None, "How long a shard task waits for a free model replica before it fails (empty: as long as the task may run). "
+              "A task's own lease_timeout wins over it.")
+    connect_timeout_s: float = _setting(120.0, "How long a task keeps trying to connect to Ray before it fails.")
+    start_timeout_s: float = _setting(
+        60.0, "How long a deferrable shard task waits, after submitting, for the replica to take its call up before it defers.")
+    cancel_grace_s: float = _setting(
+        10.0, "How long a cancelled Ray call may take to stop between batches before its replica is killed.")
+    deferred_timeout_grace_s: float = _setting(
+        60.0, "How long after execution_timeout Airflow itself fails a deferred shard task whose trigger has not answered "
+              "(the trigger cancels the Ray call at execution_timeout).")
+
+    @classmethod
+    def docs(cls) -> dict[str, str]:
+        return {f.name: f.metadata["doc"] for f in fields(cls)}
 
     @classmethod
     def names(cls) -> list[str]:
