@@ -4,8 +4,9 @@
     airflow-batch verify SINK                             re-read every part; non-zero exit on a mismatch
     airflow-batch gc SINK --older-than 6h [--yes]         leftovers of crashed attempts, old quarantine
 
-S3 credentials come from the Airflow connection named by ``--conn-id`` (as the tasks use it;
-one that does not exist is an error), or else from the usual AWS environment
+S3 credentials are resolved as the tasks resolve them (``hooks.storage.storage_options_at``):
+from the Airflow connection named by ``--conn-id`` (one that does not exist is an error), else
+from ``aws_default``, and where that does not exist either, from the usual AWS environment
 (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, profiles). Exit status: see ``EXIT_CODES``.
 """
 
@@ -22,6 +23,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from airflow_batch_provider.core import api
+from airflow_batch_provider.core.stores.urls import check_location
+from airflow_batch_provider.hooks.storage import storage_options_at
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -58,25 +61,35 @@ def _version() -> str:
 
 
 def storage_options(sink: str, checkpoint_dir: str | None, conn_id: str | None) -> dict[str, Any] | None:
-    """The options the tasks would use: the Airflow connection when one is named."""
-    if not api.is_remote(sink) and not (checkpoint_dir and api.is_remote(checkpoint_dir)):
-        return None
-    if conn_id is None:
-        return {}  # boto3's own credential chain: environment, profile, instance role
-    from airflow_batch_provider.hooks.storage import options_for_connection  # imports Airflow, which logs to stdout
+    """The options the tasks would use for this sink (``hooks.storage.storage_options_at``).
 
-    # stdout is this command's output (``status --json``): Airflow's and the amazon provider's
-    # logs ("credentials retrieved from login and password", ...) go to stderr instead.
+    The URLs are checked first, so that one no store serves is a one-line error before any
+    connection is looked for. Reading a connection imports Airflow, which logs to stdout:
+    stdout is this command's output (``status --json``), so Airflow's and the amazon
+    provider's logs ("credentials retrieved from login and password", ...) go to stderr."""
+    check_location(sink, "sink")
+    if checkpoint_dir:
+        check_location(checkpoint_dir, "checkpoint_dir")
+    _logs_to_stderr()
+    with contextlib.redirect_stdout(sys.stderr):  # structlog's own loggers write to sys.stdout
+        try:
+            return storage_options_at((sink, checkpoint_dir), conn_id)
+        except Exception as err:
+            from airflow.sdk.exceptions import AirflowNotFoundException, AirflowOptionalProviderFeatureException
+
+            # A connection that does not exist (named, so never the default chain instead), or
+            # the amazon provider missing: one line, exit status 2.
+            if isinstance(err, (AirflowNotFoundException, AirflowOptionalProviderFeatureException)):
+                raise api.BatchSpecError(str(err)) from None
+            raise
+        finally:
+            _logs_to_stderr()  # the handlers Airflow's import configured
+
+
+def _logs_to_stderr() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
             handler.setStream(sys.stderr)
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
-    with contextlib.redirect_stdout(sys.stderr):  # structlog's own loggers write to sys.stdout
-        try:
-            return options_for_connection(conn_id)
-        except AirflowNotFoundException as err:  # named, so never the default chain instead
-            raise api.BatchSpecError(str(err)) from None
 
 
 def _when(stamp: float | None) -> str:
@@ -141,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("sink", help="the sink: a local path or s3://bucket/prefix")
         command.add_argument("--checkpoint-dir", help="the job's checkpoint_dir, when it is not {sink}/_checkpoint")
         command.add_argument("--conn-id", help="Airflow connection for S3 credentials; it must exist "
-                                               "(default: the AWS environment)")
+                                               "(default: aws_default where it exists, else the AWS environment)")
         if name == "status":
             command.add_argument("--json", action="store_true", help="print the figures as JSON")
         if name == "gc":

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 from airflow_batch_provider.core.errors import BatchSpecError
 from airflow_batch_provider.core.spec import BatchSpec as CoreBatchSpec
-
-_S3_SCHEMES = ("s3", "s3a")
+from airflow_batch_provider.core.stores.urls import S3_SCHEMES
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def split_conn_id(url: str) -> tuple[str, str | None]:
     names cannot hold ``@``, so the split is unambiguous.
     """
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in _S3_SCHEMES:
+    if not sep or scheme.lower() not in S3_SCHEMES:
         return url, None
     authority, slash, path = rest.partition("/")
     if "@" not in authority:

@@ -315,13 +315,12 @@ def worker_peak_rss(corpus: str, rows_per_shard: int) -> tuple[float, int]:
 def resume_cost(corpus: str, sink: str) -> tuple[float, int, int]:
     """Uncommit half the shards, rerun the DAG: wall time, rows computed, committed rows recomputed."""
     from airflow_batch_provider import BatchSpec
-    from airflow_batch_provider.core.domain.jobs import load_plan
     from airflow_batch_provider.core.domain.layout import JobStorage
 
     spec = BatchSpec(source=f"{corpus}/*.jsonl", sink=sink, predictor=PREDICTOR, predictor_kwargs=KWARGS,
                      rows_per_shard=ROWS_PER_SHARD)
     storage = JobStorage.for_spec(spec)
-    shards = load_plan(storage).shards
+    shards = storage.read_plan().shards
     dropped = shards[::2]
     for shard in dropped:
         os.remove(storage.sentinel_path(shard.shard_id))

@@ -98,14 +98,19 @@ def test_durations():
         parse_duration("90 minutes")
 
 
-def test_status_and_verify_on_s3_with_the_tasks_connection(s3_server, s3_bucket, tmp_path, jsonl_source, monkeypatch, capsys):
+def s3_spec(s3_server, s3_bucket: str, jsonl_source: str, rows_per_shard: int) -> BatchSpec:
+    """A spec over ``jsonl_source`` copied to ``s3://{s3_bucket}/in/``, its sink beside it."""
     import s3fs
 
     fs = s3fs.S3FileSystem(**s3_server.storage_options())
     for name in os.listdir(jsonl_source):
         fs.put(os.path.join(jsonl_source, name), f"{s3_bucket}/in/{name}")
-    spec = BatchSpec(source=f"s3://{s3_bucket}/in/", source_format="jsonl", sink=f"s3://{s3_bucket}/out",
-                     predictor="tests.predictors:Doubler", rows_per_shard=100)
+    return BatchSpec(source=f"s3://{s3_bucket}/in/", source_format="jsonl", sink=f"s3://{s3_bucket}/out",
+                     predictor="tests.predictors:Doubler", rows_per_shard=rows_per_shard)
+
+
+def test_status_and_verify_on_s3_with_the_tasks_connection(s3_server, s3_bucket, tmp_path, jsonl_source, monkeypatch, capsys):
+    spec = s3_spec(s3_server, s3_bucket, jsonl_source, 100)
     run_some(spec, 5, s3_server.storage_options())
     monkeypatch.setenv("AIRFLOW_CONN_ABP_CLI_S3", s3_server.connection_json())
     assert main(["status", spec.sink, "--conn-id", "abp_cli_s3", "--json"]) == 0
@@ -116,28 +121,36 @@ def test_status_and_verify_on_s3_with_the_tasks_connection(s3_server, s3_bucket,
     assert s3_server.secret_key not in json.dumps(figures)
 
 
+def test_without_conn_id_the_cli_reads_aws_default_as_the_tasks_do(s3_server, s3_bucket, jsonl_source):
+    """The console script, so that stdout is what a pipeline reads: the figures alone, Airflow's
+    and the amazon provider's logs on stderr."""
+    spec = s3_spec(s3_server, s3_bucket, jsonl_source, 100)
+    run_some(spec, 2, s3_server.storage_options())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AIRFLOW_CONN_AWS_DEFAULT=s3_server.connection_json(), AWS_EC2_METADATA_DISABLED="true")
+    done = subprocess.run([sys.executable, "-m", "airflow_batch_provider", "status", spec.sink, "--json"],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, done
+    assert json.loads(done.stdout)["committed"] == 2
+    assert s3_server.secret_key not in done.stdout + done.stderr
+
+
 def test_status_reads_each_sentinel_once_and_a_finalized_sink_from_its_manifest(s3_server, s3_bucket, jsonl_source):
     """The status page refreshes every 15 s: sentinels never change, so only new ones are fetched;
     a finalized sink is read from ``_SUCCESS`` (one GET) instead of one GET per sentinel."""
-    import s3fs
-
     from airflow_batch_provider.core import api
     from airflow_batch_provider.core.domain.jobs import finalize_job
     from tests.s3_server import RequestCounter, store_clients
 
-    fs = s3fs.S3FileSystem(**s3_server.storage_options())
-    for name in os.listdir(jsonl_source):
-        fs.put(os.path.join(jsonl_source, name), f"{s3_bucket}/in/{name}")
-    spec = BatchSpec(source=f"s3://{s3_bucket}/in/", source_format="jsonl", sink=f"s3://{s3_bucket}/out",
-                     predictor="tests.predictors:Doubler", rows_per_shard=50)  # 8 shards
+    spec = s3_spec(s3_server, s3_bucket, jsonl_source, 50)  # 8 shards
     options = s3_server.storage_options()
     storage = run_some(spec, 5, options)
 
     def gets_during_status():
-        from airflow_batch_provider.core.domain.inspection import SinkFiles
+        from airflow_batch_provider.core.domain.layout import SinkLayout
 
-        probe = SinkFiles(spec.sink, None, options)
-        with RequestCounter(*store_clients(probe.sink_store, probe.checkpoint_store)) as count:
+        probe = SinkLayout.at(spec.sink, None, options)
+        with RequestCounter(*store_clients(probe.sink, probe.checkpoint)) as count:
             status = api.sink_status(spec.sink, None, options)
         return status, count.by_operation.get("GetObject", 0)
 

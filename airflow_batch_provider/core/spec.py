@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core.errors import BatchSpecError
-from airflow_batch_provider.core.stores.urls import is_remote, local_path_of
+from airflow_batch_provider.core.stores.urls import is_remote, local_path_of, protocol_of
 
 #: File formats and the extensions that name them; the first one is what a sink part is
 #: written with. Format inference, directory scans and part names all read this table.
@@ -276,8 +276,7 @@ def _source_root(source: str) -> str:
 
 def _normalised(url: str) -> str:
     if is_remote(url):
-        scheme, rest = url.split("://", 1)
-        return f"{'s3' if scheme.lower() in ('s3', 's3a') else scheme.lower()}://{rest.rstrip('/')}"
+        return f"{protocol_of(url)}://{url.split('://', 1)[1].rstrip('/')}"
     return os.path.abspath(url)
 
 

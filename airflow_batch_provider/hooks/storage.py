@@ -8,18 +8,22 @@ user of ``aws_default``: access key and secret, ``aws_session_token``, ``role_ar
 options and to the Ray workers as call arguments; they are never logged, pushed to XCom or
 put into templated fields (the spec only names the connection).
 
-Needs the ``s3`` extra: ``pip install 'airflow-batch-provider[s3]'``.
+:func:`storage_options_at` is the one rule every reader of a sink resolves credentials by:
+the tasks and the status page (through :func:`storage_options_for`, from the spec) and the
+``airflow-batch`` CLI (from ``SINK``, ``--checkpoint-dir`` and ``--conn-id``), so the same
+locations and connection give the same options wherever they are read.
+
+Needs the ``s3`` extra: ``pip install 'airflow-batch-provider[s3]'``. Airflow itself is
+imported only when a connection is read: the CLI on a local sink never loads it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
-from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowNotFoundException, AirflowOptionalProviderFeatureException
-
-from airflow_batch_provider.core.api import needs_credentials
+from airflow_batch_provider.core.api import is_remote
 from airflow_batch_provider.spec import BatchSpec
 
 DEFAULT_AWS_CONN_ID = "aws_default"
@@ -28,10 +32,22 @@ log = logging.getLogger(__name__)
 
 
 def storage_options_for(spec: BatchSpec) -> dict[str, Any] | None:
-    """Storage options for the spec's URLs: None when everything is on local disk."""
-    if not needs_credentials(spec):
+    """Storage options for the spec's URLs (source, sink, checkpoint) and its ``storage_conn_id``."""
+    return storage_options_at((spec.source, spec.sink_root, spec.checkpoint_root), spec.storage_conn_id)
+
+
+def storage_options_at(locations: Iterable[str | None], conn_id: str | None = None) -> dict[str, Any] | None:
+    """Storage options for reading and writing ``locations`` (URLs or paths; None entries are
+    skipped) with the ``aws`` connection ``conn_id``.
+
+    None when every location is on local disk. Otherwise the options of ``conn_id``, which
+    must exist (``aws_default`` excepted); or, when no connection is named, those of
+    ``aws_default``. Where ``aws_default`` does not exist, ``{}``: boto3's default credential
+    chain (environment, profile, instance role), as every AWS hook treats ``aws_default``.
+    """
+    if not any(location and is_remote(location) for location in locations):
         return None
-    conn_id = spec.storage_conn_id or DEFAULT_AWS_CONN_ID
+    conn_id = conn_id or DEFAULT_AWS_CONN_ID
     return options_for_connection(conn_id, missing_ok=conn_id == DEFAULT_AWS_CONN_ID)
 
 
@@ -44,6 +60,9 @@ def options_for_connection(conn_id: str, *, missing_ok: bool = False) -> dict[st
     hook treats it) does a missing one mean ``{}``: boto3's default credential chain
     (environment, profile, instance role) applies where the data is read and written.
     """
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException, AirflowOptionalProviderFeatureException
+
     try:
         from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
     except ImportError as err:

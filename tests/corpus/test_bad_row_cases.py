@@ -555,7 +555,8 @@ def test_s3_object_rewritten_after_plan_fails_before_commit(s3_server, s3_bucket
 
 def test_s3_object_rewritten_while_it_is_read_answers_412_not_new_bytes(s3_server, s3_bucket):
     """Each ranged GET is conditional: the read after the overwrite fails, it never mixes versions."""
-    from airflow_batch_provider.core.stores.s3 import READ_BLOCK, S3Store
+    from airflow_batch_provider.core.stores.s3 import S3Store
+    from airflow_batch_provider.core.tunables import S3_READ_BLOCK as READ_BLOCK
 
     client = s3_server.client()
     body = b"".join(b'{"id": %d, "text": "%s"}\n' % (i, b"x" * 1000) for i in range((2 * READ_BLOCK) // 1000))

@@ -129,6 +129,42 @@ def test_local_paths_need_no_connection():
     assert storage_options_for(spec) is None
 
 
+DEFAULT_CONN = {"conn_type": "aws", "login": "AKDEFAULT", "password": "SKDEFAULT", "extra": {"region_name": "us-east-2"}}
+
+
+@pytest.mark.parametrize("sink, checkpoint_dir, conn_id, aws_default, expected", [
+    ("/data/out", None, None, True, None),  # local disk: no options, no connection read
+    ("s3://bucket/out", None, "abp_s3", True, {"key": "AKIDEXAMPLE", "secret": "wJalrXUtnFEMI-secret",
+                                               "endpoint_url": "http://127.0.0.1:9000",
+                                               "client_kwargs": {"region_name": "eu-west-1"}}),
+    ("s3://bucket/out", None, None, True, {"key": "AKDEFAULT", "secret": "SKDEFAULT", "client_kwargs": {"region_name": "us-east-2"}}),
+    ("s3://bucket/out", None, None, False, {}),  # no aws_default either: boto3's default chain
+    ("/data/out", "s3a://bucket/checkpoint", None, True, {"key": "AKDEFAULT", "secret": "SKDEFAULT",
+                                                          "client_kwargs": {"region_name": "us-east-2"}}),
+])
+def test_the_tasks_the_status_page_and_the_cli_resolve_the_same_options(monkeypatch, no_ambient_aws, sink, checkpoint_dir,
+                                                                         conn_id, aws_default, expected):
+    """One rule for the three readers of a sink: the named connection, else aws_default, else
+    boto3's chain (the CLI once used the AWS environment without --conn-id, ignoring aws_default)."""
+    from airflow_batch_provider import cli
+    from airflow_batch_provider.plugins import sink_status as page
+
+    monkeypatch.setenv("AIRFLOW_CONN_ABP_S3", json.dumps(CONN))
+    if aws_default:
+        monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(DEFAULT_CONN))
+    else:
+        monkeypatch.delenv("AIRFLOW_CONN_AWS_DEFAULT", raising=False)
+    spec = BatchSpec(source="/data/in.jsonl", sink=sink, checkpoint_dir=checkpoint_dir, storage_conn_id=conn_id, predictor="m:C")
+    page_read = {}
+    monkeypatch.setattr(page.api, "sink_status", lambda sink, checkpoint_dir, options: page_read.setdefault("options", options))
+    page._status(spec)
+
+    tasks = storage_options_for(spec)
+    assert tasks == expected
+    assert page_read["options"] == tasks
+    assert cli.storage_options(sink, checkpoint_dir, conn_id) == tasks
+
+
 def test_linear_model_scores_and_names_missing_columns():
     model = LinearModel(weights={"a": 2.0, "b": -1.0}, intercept=0.5, keep_columns=["id"])
     out = model({"id": np.array([1, 2]), "a": np.array([1.0, 2.0]), "b": np.array([3, 0])})

@@ -41,15 +41,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_batch_provider.core import failpoints
-from airflow_batch_provider.core.domain.layout import JobStorage
-from airflow_batch_provider.core.domain.planning import Plan, Shard
+from airflow_batch_provider.core.domain.layout import SENTINEL_SCHEMA_VERSION, InvalidSentinel, JobStorage, parse_sentinel
+from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import CommitError, StaleCheckpointError, StorageError
 from airflow_batch_provider.core.spec import BatchSpec, describe_fingerprint_change
 from airflow_batch_provider.core.stores import StagedPart
 
 log = logging.getLogger(__name__)
-
-SENTINEL_SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -59,10 +57,6 @@ class ShardCheck:
     committed: bool
     sentinel: dict[str, Any] | None = None
     note: str = ""
-
-
-class InvalidSentinel(Exception):
-    """A sentinel that cannot be trusted (corrupt, unknown schema, wrong shard)."""
 
 
 def new_attempt(key: str = "", **details: Any) -> dict[str, Any]:
@@ -81,30 +75,6 @@ def different_spec_error(spec: BatchSpec, recorded: dict[str, Any], what: str) -
         f"{what} a different spec ({changed}). Refusing to mix outputs of two specs in {spec.sink_root}: "
         "write to a new sink, or set resume=False to delete this job's earlier output and start fresh."
     )
-
-
-def parse_sentinel(raw: bytes, where: str, shard_id: str) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except ValueError as err:
-        raise InvalidSentinel(f"{where}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise InvalidSentinel(f"{where}: not a JSON object")
-    version = data.get("schema_version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > SENTINEL_SCHEMA_VERSION:
-        raise StaleCheckpointError(
-            f"{where} has sentinel schema_version {version}, newer than this provider knows "
-            f"({SENTINEL_SCHEMA_VERSION}): a newer version of airflow-batch-provider committed it. "
-            "Upgrade the provider on every worker; nothing was changed."
-        )
-    if version != SENTINEL_SCHEMA_VERSION:
-        raise InvalidSentinel(f"{where}: unknown schema_version {data.get('schema_version')!r}")
-    missing = [k for k in ("shard_id", "bytes", "rows_out", "spec_fingerprint", "input_fingerprint") if k not in data]
-    if missing:
-        raise InvalidSentinel(f"{where}: missing field(s) {missing}")
-    if data["shard_id"] != shard_id:
-        raise InvalidSentinel(f"{where}: records shard {data['shard_id']!r}, not {shard_id!r}")
-    return data
 
 
 def check_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
@@ -163,15 +133,10 @@ def _read_sentinel(storage: JobStorage, shard: Shard) -> tuple[dict[str, Any] | 
     """(sentinel, "") for a valid one of this job, (None, why) for one that cannot be
     trusted, (None, "") for none. Raises StaleCheckpointError for another spec or input,
     or a schema newer than this code."""
-    path = storage.sentinel_path(shard.shard_id)
-    raw = storage.checkpoint.read_bytes(path)
-    if raw is None:
-        return None, ""
-    try:
-        sentinel = parse_sentinel(raw, path, shard.shard_id)
-    except InvalidSentinel as err:
-        return None, str(err)
-    spec = storage.spec
+    read = storage.read_sentinel(shard.shard_id)
+    if read.record is None:
+        return None, read.invalid
+    sentinel, path, spec = read.record, storage.sentinel_path(shard.shard_id), storage.spec
     if sentinel["spec_fingerprint"] != spec.fingerprint:
         raise different_spec_error(spec, sentinel.get("fingerprint_inputs", {}), f"{path} was committed by")
     if sentinel["input_fingerprint"] != shard.input_fingerprint:
@@ -369,8 +334,7 @@ def plan_still_has(storage: JobStorage, shard: Shard, attempt: dict[str, Any]) -
     current = storage.checkpoint.read_bytes(storage.plan_id_path)
     if current is not None and current.decode().strip() == plan_id:
         return True
-    raw = storage.checkpoint.read_bytes(storage.plan_path)
-    if raw is None:
+    plan = storage.read_plan()
+    if plan is None:
         return False  # reset (resume=False) since: this work belongs to no plan
-    plan = Plan.from_json(raw, storage.plan_path)
     return plan.spec_fingerprint == storage.spec.fingerprint and any(s.shard_id == shard.shard_id for s in plan.shards)

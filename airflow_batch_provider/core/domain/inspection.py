@@ -23,18 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from airflow_batch_provider.core.domain import layout
+from airflow_batch_provider.core.domain.layout import SENTINEL_SUFFIX, SinkLayout
 from airflow_batch_provider.core.domain.planning import Plan
-from airflow_batch_provider.core.errors import BatchError, BatchSpecError
-from airflow_batch_provider.core.spec import default_checkpoint_root
-from airflow_batch_provider.core.stores import Store, store_for
-from airflow_batch_provider.core.stores.urls import protocol_of, split_s3_url
+from airflow_batch_provider.core.errors import BatchError
+from airflow_batch_provider.core.stores import FileInfo
+from airflow_batch_provider.core.tunables import HASH_BLOCK, LAST_COMMITS_SHOWN, SENTINEL_READ_THREADS, SENTINELS_KEPT, VERIFY_THREADS
 
-_READ_THREADS = 32
-_HASH_BLOCK = 8 << 20
 #: sentinels are created once and never change: a long-lived reader (the status page in the
-#: api-server) keeps the ones it has read, keyed by path and version, and fetches only new ones.
-_SENTINELS_KEPT = 500_000
+#: api-server) keeps the ones it has read (``SENTINELS_KEPT`` at most), keyed by path and
+#: version, and fetches only new ones.
 _sentinel_cache: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
 _cache_lock = threading.Lock()
 
@@ -105,48 +102,39 @@ class SinkStatus:
         return data
 
 
-class SinkFiles:
-    """The stores and paths of a sink, known from its URL alone."""
+class SinkReading:
+    """What one status, verify or gc call reads of a sink, through its :class:`SinkLayout`
+    (``files``, the one owner of where the files are and how they parse): ``_SUCCESS`` read
+    once, the sentinels listed, and those that did not parse."""
 
     def __init__(self, sink: str, checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None):
-        self.sink = check_location(sink, "sink").rstrip("/")
-        self.checkpoint_dir = check_location(checkpoint_dir or default_checkpoint_root(self.sink), "checkpoint_dir").rstrip("/")
-        self.sink_store: Store = store_for(self.sink, storage_options)
-        self.checkpoint_store: Store = store_for(self.checkpoint_dir, storage_options)
+        self.files = SinkLayout.at(sink, checkpoint_dir, storage_options)
+        #: the sentinel files the last ``sentinels()`` listed, by name
+        self.listed_sentinels: dict[str, FileInfo] = {}
         #: sentinel files that do not parse as a commit record, found by the last ``sentinels()``
         self.unreadable: list[str] = []
 
-    def plan(self) -> Plan | None:
-        path = layout.plan_path(self.checkpoint_dir)
-        raw = self.checkpoint_store.read_bytes(path)
-        return None if raw is None else Plan.from_json(raw, path)
-
-    def require_sink(self, plan: Plan | None, sentinel_names: Any) -> None:
-        """Raise :class:`NotASinkError` when nothing of a job is there."""
-        if plan is None and not sentinel_names and self.manifest_raw() is None:
+    def require_sink(self, plan: Plan | None) -> None:
+        """Raise :class:`NotASinkError` when nothing of a job is there (after ``sentinels()``)."""
+        files = self.files
+        if plan is None and not self.listed_sentinels and self.manifest_raw() is None:
             raise NotASinkError(
-                f"{self.sink} is not the sink of a batch job: there is no {layout.plan_path(self.checkpoint_dir)}, no "
-                f"sentinel in {layout.sentinel_dir(self.checkpoint_dir)} and no {layout.manifest_path(self.sink)}. "
+                f"{files.sink_root} is not the sink of a batch job: there is no {files.plan_path}, no "
+                f"sentinel in {files.sentinel_dir} and no {files.manifest_path}. "
                 "Check the path; if the job sets checkpoint_dir, pass it (--checkpoint-dir)."
             )
 
-    def outputs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def outputs(self) -> tuple[dict[str, FileInfo], dict[str, FileInfo]]:
         """The part files and rejected-row files in the sink, by name: two listings."""
-        parts = {n: i for n, i in self.sink_store.list_files(self.sink).items() if layout.is_part_name(n)}
-        rejected = {n: i for n, i in self.sink_store.list_files(layout.rejected_dir(self.sink)).items()
-                    if n.endswith(layout.REJECTED_SUFFIX)}
-        return parts, rejected
-
-    def sentinel_names(self) -> dict[str, Any]:
-        directory = layout.sentinel_dir(self.checkpoint_dir)
-        return {n: info for n, info in self.checkpoint_store.list_files(directory).items() if n.endswith(layout.SENTINEL_SUFFIX)}
+        return self.files.part_files(), self.files.rejected_files()
 
     def sentinels(self, *, use_manifest: bool = True) -> list[dict[str, Any]]:
-        """Every sentinel that parses: one LIST, then a GET for each one not read before (or, with
-        ``use_manifest``, the ``_SUCCESS`` manifest's copy of them when it covers every one)."""
-        directory = layout.sentinel_dir(self.checkpoint_dir)
-        listed = self.sentinel_names()
-        self.listed_sentinels = listed
+        """Every sentinel that names its shard (read leniently: see ``layout.parse_sentinel``):
+        one LIST, then a GET for each one not read before (or, with ``use_manifest``, the
+        ``_SUCCESS`` manifest's copy of them when it covers every one)."""
+        files = self.files
+        directory = files.sentinel_dir
+        listed = self.listed_sentinels = files.sentinel_files()
         self.unreadable = []
         from_manifest = self._from_manifest(listed) if use_manifest else None
         if from_manifest is not None:
@@ -162,14 +150,9 @@ class SinkFiles:
                     found[name] = cached
 
         def read(name: str) -> tuple[str, dict[str, Any] | None]:
-            try:
-                data = json.loads(self.checkpoint_store.read_bytes(f"{directory}/{name}") or b"")
-            except ValueError:
-                return name, None
-            shard_id = name[: -len(layout.SENTINEL_SUFFIX)]
-            return name, data if isinstance(data, dict) and data.get("shard_id") == shard_id else None
+            return name, files.read_sentinel(name[: -len(SENTINEL_SUFFIX)], strict=False).record
 
-        with ThreadPoolExecutor(_READ_THREADS) as pool:
+        with ThreadPoolExecutor(SENTINEL_READ_THREADS) as pool:
             read_now = list(pool.map(read, missing))
         fetched = [(n, d) for n, d in read_now if d is not None]
         self.unreadable = sorted(f"{directory}/{n}" for n, d in read_now if d is None)
@@ -177,14 +160,14 @@ class SinkFiles:
             for name, data in fetched:
                 found[name] = data
                 _sentinel_cache[(f"{directory}/{name}", listed[name].version)] = data
-            while len(_sentinel_cache) > _SENTINELS_KEPT:
+            while len(_sentinel_cache) > SENTINELS_KEPT:
                 _sentinel_cache.popitem(last=False)
         return [found[n] for n in sorted(found)]
 
     def manifest_raw(self) -> bytes | None:
-        """``_SUCCESS``'s bytes, read once per ``SinkFiles``."""
+        """``_SUCCESS``'s bytes, read once per ``SinkReading``."""
         if not hasattr(self, "_manifest_raw"):
-            self._manifest_raw = self.sink_store.read_bytes(layout.manifest_path(self.sink))
+            self._manifest_raw = self.files.sink.read_bytes(self.files.manifest_path)
         return self._manifest_raw
 
     def manifest(self) -> dict[str, Any] | None:
@@ -201,25 +184,12 @@ class SinkFiles:
         of one per sentinel, when it names exactly the sentinels listed."""
         manifest = self.manifest()
         parts = (manifest or {}).get("parts")
-        if not parts or {f"{p.get('shard_id')}{layout.SENTINEL_SUFFIX}" for p in parts} != set(listed):
+        if not parts or {f"{p.get('shard_id')}{SENTINEL_SUFFIX}" for p in parts} != set(listed):
             return None
         return sorted(parts, key=lambda p: p["shard_id"])
 
 
-def check_location(url: str, what: str) -> str:
-    """``url`` when a store serves it; else a one-line error (``gs://``, an ``s3://`` without bucket)."""
-    protocol = protocol_of(url)
-    if protocol == "s3":
-        try:
-            split_s3_url(url)
-        except ValueError:
-            raise BatchSpecError(f"{what} {url!r} names no bucket: write s3://bucket/prefix") from None
-    elif protocol != "file":
-        raise BatchSpecError(f"{what} {url!r}: {protocol}:// is not supported; use a local path or s3://bucket/prefix")
-    return url
-
-
-def layout_problems(files: SinkFiles, plan: Plan | None, sentinels: list[dict[str, Any]],
+def layout_problems(reading: SinkReading, plan: Plan | None, sentinels: list[dict[str, Any]],
                     before: tuple[dict[str, Any], dict[str, Any]], *, check_parts: bool) -> list[str]:
     """What the listings show wrong, one line each: sentinels that do not parse, part and
     rejected-row files that no sentinel names, and (``check_parts``) committed files gone or of
@@ -229,11 +199,12 @@ def layout_problems(files: SinkFiles, plan: Plan | None, sentinels: list[dict[st
     ``before`` is the sink listed before the sentinels were: a shard creates its sentinel
     before it publishes its part, so a part listed then and named by no sentinel listed after
     is not a commit in flight. Committed files are looked for in a listing made after."""
-    sink, problems = files.sink, []
+    files, problems = reading.files, []
+    sink = files.sink_root
     problems += [f"{path}: the sentinel does not parse as the commit record of its shard; its shard counts as not "
-                 "committed (its task quarantines it and computes the shard again)" for path in files.unreadable]
-    rejected_dir = layout.rejected_dir(sink)
-    parts, rejected = files.outputs() if check_parts else before
+                 "committed (its task quarantines it and computes the shard again)" for path in reading.unreadable]
+    rejected_dir = files.rejected_dir
+    parts, rejected = reading.outputs() if check_parts else before
     named_parts, named_rejected = set(), set()
     for sentinel in sentinels:
         shard_id, part, record = sentinel["shard_id"], sentinel.get("part"), sentinel.get("rejected")
@@ -253,15 +224,15 @@ def layout_problems(files: SinkFiles, plan: Plan | None, sentinels: list[dict[st
                  "if it is not this job's" for name in sorted(set(before[0]) - named_parts)]
     problems += [f"{rejected_dir}/{name}: no sentinel names these rejected rows" for name in sorted(set(before[1]) - named_rejected)]
     committed = {s["shard_id"]: s for s in sentinels}
-    plan_path = layout.plan_path(files.checkpoint_dir)
+    plan_path = files.plan_path
     if plan is None and committed:
         problems.append(f"{plan_path}: missing, but {len(committed)} shard(s) are committed")
     planned = {s.shard_id for s in plan.shards} if plan is not None else set(committed)
     problems += [f"shard {shard_id} is committed but not in {plan_path} (committed under a superseded plan: planning "
                  "again withdraws it)" for shard_id in sorted(set(committed) - planned)]
-    manifest_path = layout.manifest_path(sink)
-    manifest = files.manifest()
-    if files.manifest_raw() is not None and manifest is None:
+    manifest_path = files.manifest_path
+    manifest = reading.manifest()
+    if reading.manifest_raw() is not None and manifest is None:
         problems.append(f"{manifest_path}: does not parse as JSON; readers cannot trust this sink. Run the finalize task again")
     if manifest is not None:
         listed_parts = {p.get("shard_id"): p for p in manifest.get("parts") or [] if isinstance(p, dict)}
@@ -284,23 +255,24 @@ def layout_problems(files: SinkFiles, plan: Plan | None, sentinels: list[dict[st
 
 
 def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None,
-                *, last: int = 10) -> SinkStatus:
+                *, last: int = LAST_COMMITS_SHOWN) -> SinkStatus:
     """Shards committed / pending / quarantined, rows, bytes, throughput per minute, last commits."""
     started = time.perf_counter()
-    files = SinkFiles(sink, checkpoint_dir, storage_options)
-    status = SinkStatus(sink=files.sink, checkpoint_dir=files.checkpoint_dir)
-    plan = files.plan()
-    before = files.outputs()
-    sentinels = files.sentinels()
-    files.require_sink(plan, files.listed_sentinels)
+    reading = SinkReading(sink, checkpoint_dir, storage_options)
+    files = reading.files
+    status = SinkStatus(sink=files.sink_root, checkpoint_dir=files.checkpoint_root)
+    plan = files.read_plan()
+    before = reading.outputs()
+    sentinels = reading.sentinels()
+    reading.require_sink(plan)
     if plan is not None:
-        status.planned_at = files.checkpoint_store.modified_at(layout.plan_path(files.checkpoint_dir))
+        status.planned_at = files.checkpoint.modified_at(files.plan_path)
     committed_ids = {s["shard_id"] for s in sentinels}
     if plan is not None:
         status.planned_shards, status.planned_rows = len(plan.shards), plan.total_rows
         status.pending = sum(1 for s in plan.shards if s.shard_id not in committed_ids)
     status.committed = len(sentinels)
-    status.quarantined = len(files.checkpoint_store.list_files(layout.quarantine_dir(files.checkpoint_dir)))
+    status.quarantined = len(files.checkpoint.list_files(files.quarantine_dir))
     commits = [
         Commit(s["shard_id"], str(s.get("part") or ""), int(s.get("rows_in", 0)), int(s.get("rows_out", 0)),
                int(s.get("rows_rejected", 0)), int(s.get("bytes", 0)), s.get("committed_at"))
@@ -319,8 +291,8 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
             per_minute[minute] = per_minute.get(minute, 0) + commit.rows_in
         status.throughput = sorted(per_minute.items())
         status.last_commits = stamped[-last:][::-1]
-    status.finalized_at = (files.manifest() or {}).get("finalized_at")
-    status.problems = layout_problems(files, plan, sentinels, before, check_parts=True)
+    status.finalized_at = (reading.manifest() or {}).get("finalized_at")
+    status.problems = layout_problems(reading, plan, sentinels, before, check_parts=True)
     status.seconds = time.perf_counter() - started
     return status
 
@@ -335,17 +307,18 @@ def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: d
     """Re-read every committed part and compare its size and sha256 with its sentinel; and
     everything ``layout_problems`` finds (unreadable sentinels, unknown or missing parts, a plan
     or ``_SUCCESS`` that disagrees with the sentinels)."""
-    files = SinkFiles(sink, checkpoint_dir, storage_options)
-    plan = files.plan()
-    before = files.outputs()
-    sentinels = files.sentinels(use_manifest=False)
-    files.require_sink(plan, files.listed_sentinels)
+    reading = SinkReading(sink, checkpoint_dir, storage_options)
+    files = reading.files
+    plan = files.read_plan()
+    before = reading.outputs()
+    sentinels = reading.sentinels(use_manifest=False)
+    reading.require_sink(plan)
 
     def check_file(path: str, recorded: dict[str, Any], shard_id: str) -> str:
         digest, size = hashlib.sha256(), 0
         try:
-            with files.sink_store.open_read(path) as handle:
-                while block := handle.read(_HASH_BLOCK):
+            with files.sink.open_read(path) as handle:
+                while block := handle.read(HASH_BLOCK):
                     digest.update(block)
                     size += len(block)
         except FileNotFoundError:
@@ -359,16 +332,16 @@ def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: d
     def check(sentinel: dict[str, Any]) -> str:
         problem = ""
         if not ("part" in sentinel and sentinel["part"] is None):  # a shard with no rows out has no part
-            problem = check_file(f"{files.sink}/{sentinel.get('part', '')}", sentinel, sentinel["shard_id"])
+            problem = check_file(f"{files.sink_root}/{sentinel.get('part', '')}", sentinel, sentinel["shard_id"])
         rejected = sentinel.get("rejected")
         if not problem and rejected:
-            problem = check_file(layout.rejected_path(files.sink, sentinel["shard_id"]), rejected, sentinel["shard_id"])
+            problem = check_file(files.rejected_path(sentinel["shard_id"]), rejected, sentinel["shard_id"])
         return problem
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
         problems = [p for p in pool.map(check, sentinels) if p]
     found = set(problems)  # a part gone is named once, by its re-read
-    problems += [p for p in layout_problems(files, plan, sentinels, before, check_parts=False) if p not in found]
+    problems += [p for p in layout_problems(reading, plan, sentinels, before, check_parts=False) if p not in found]
     return Verification(checked=len(sentinels), problems=sorted(problems))
 
 
@@ -378,24 +351,25 @@ def collect_garbage(sink: str, checkpoint_dir: str | None = None, storage_option
     and staged rejected rows (hidden files, uncompleted multipart uploads) that no sentinel
     references, and quarantine
     entries. Returns a line per item; removes them only with ``apply``."""
-    files = SinkFiles(sink, checkpoint_dir, storage_options)
+    reading = SinkReading(sink, checkpoint_dir, storage_options)
+    files = reading.files
     cutoff = time.time() - older_than_s
-    if files.plan() is None:
+    if files.read_plan() is None:
         # Without the job's sentinels every staged part looks unreferenced, committed ones too.
         raise NotASinkError(
-            f"no plan at {layout.plan_path(files.checkpoint_dir)}: gc needs the job's checkpoint to know which "
+            f"no plan at {files.plan_path}: gc needs the job's checkpoint to know which "
             "staged data is committed. If the job sets checkpoint_dir, pass it (--checkpoint-dir)."
         )
-    sentinels = files.sentinels(use_manifest=False)
-    if files.unreadable:
+    sentinels = reading.sentinels(use_manifest=False)
+    if reading.unreadable:
         raise NotASinkError(
-            f"{len(files.unreadable)} sentinel(s) cannot be read (e.g. {files.unreadable[0]}): gc cannot tell what "
+            f"{len(reading.unreadable)} sentinel(s) cannot be read (e.g. {reading.unreadable[0]}): gc cannot tell what "
             "they commit, so it removes nothing. Run verify, and move the broken ones away first."
         )
     referenced = {json.dumps(s["staged"], sort_keys=True) for s in sentinels if s.get("staged")}
     referenced |= {json.dumps(s["rejected"]["staged"], sort_keys=True) for s in sentinels if (s.get("rejected") or {}).get("staged")}
     found = []
-    staged_files = files.sink_store.list_staged(files.sink) + files.sink_store.list_staged(layout.rejected_dir(files.sink))
+    staged_files = files.sink.list_staged(files.sink_root) + files.sink.list_staged(files.rejected_dir)
     for staged in staged_files:
         if staged.started_at is None or staged.started_at > cutoff:
             continue
@@ -405,12 +379,12 @@ def collect_garbage(sink: str, checkpoint_dir: str | None = None, storage_option
         if any(_same_staged(staged.handle, json.loads(ref)) for ref in referenced):
             continue  # committed, not yet published: the next check of its shard publishes it
         found.append((f"staged part for {staged.final_path} (started {_ago(staged.started_at)})", staged.abort))
-    quarantine = layout.quarantine_dir(files.checkpoint_dir)
-    for name in files.checkpoint_store.list_files(quarantine):
-        modified = files.checkpoint_store.modified_at(f"{quarantine}/{name}")
+    quarantine = files.quarantine_dir
+    for name in files.checkpoint.list_files(quarantine):
+        modified = files.checkpoint.modified_at(f"{quarantine}/{name}")
         if modified is not None and modified <= cutoff:
             path = f"{quarantine}/{name}"
-            found.append((f"quarantine entry {path} ({_ago(modified)})", lambda path=path: files.checkpoint_store.delete(path)))
+            found.append((f"quarantine entry {path} ({_ago(modified)})", lambda path=path: files.checkpoint.delete(path)))
     lines = []
     for what, remove in found:
         if apply:

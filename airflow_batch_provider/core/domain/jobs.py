@@ -15,15 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core import failpoints
-from airflow_batch_provider.core.domain.commit import (
-    InvalidSentinel,
-    check_shard,
-    different_spec_error,
-    parse_sentinel,
-    remove_stale_rejected,
-    withdraw,
-)
-from airflow_batch_provider.core.domain.layout import JobStorage, quarantine_dir
+from airflow_batch_provider.core.domain.commit import check_shard, different_spec_error, remove_stale_rejected, withdraw
+from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Plan, Shard, find_inputs, hidden_inputs_note, split_file
 from airflow_batch_provider.core.domain.retype import retype_parts
 from airflow_batch_provider.core.domain.schema.arrow_types import schema_from_json, schema_to_json
@@ -32,12 +25,7 @@ from airflow_batch_provider.core.domain.schema.output import delete_output_schem
 from airflow_batch_provider.core.errors import IncompleteJobError, StaleCheckpointError
 from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import InputFile
-
-_CHECK_THREADS = 16
-_SPLIT_THREADS = 16
-#: Staged data idle this long is an orphan (its attempt crashed or lost): a live attempt
-#: writes its part in parts of at most 8 MiB, far more often than this.
-ORPHAN_GRACE_S = 3600.0
+from airflow_batch_provider.core.tunables import FINALIZE_CHECK_THREADS, ORPHAN_GRACE_S, PLAN_SPLIT_THREADS
 
 
 @dataclass
@@ -47,11 +35,6 @@ class JobPlan:
     committed: int
     notes: list[str] = field(default_factory=list)
     plan_written: bool = False
-
-
-def load_plan(storage: JobStorage) -> Plan | None:
-    raw = storage.checkpoint.read_bytes(storage.plan_path)
-    return None if raw is None else Plan.from_json(raw, storage.plan_path)
 
 
 def plan_job(spec: BatchSpec, storage: JobStorage | None = None, *, reset_key: str | None = None) -> JobPlan:
@@ -83,7 +66,7 @@ def _plan_once(storage: JobStorage, files: list, notes: list[str]) -> JobPlan | 
     """One planning pass; None when another planner created the plan first (plan again)."""
     spec = storage.spec
     committed = storage.committed_ids()
-    existing = load_plan(storage)
+    existing = storage.read_plan()
     if existing is None and committed:
         _check_sample_sentinel(storage, sorted(committed)[0])
     if existing is not None and committed:
@@ -121,7 +104,7 @@ def _plan_once(storage: JobStorage, files: list, notes: list[str]) -> JobPlan | 
         return split_file(storage.source, spec, file, footers)
 
     # Files are split side by side: on object stores each is a round trip or more.
-    with ThreadPoolExecutor(min(_SPLIT_THREADS, max(1, len(files)))) as pool:
+    with ThreadPoolExecutor(min(PLAN_SPLIT_THREADS, max(1, len(files)))) as pool:
         shards: list[Shard] = [shard for found in pool.map(shards_of, files) for shard in found]
     schemas = _file_schemas(storage, files, shards, existing, footers)
     input_schema = job_input_schema(spec, [(f.path, schema_from_json(schemas[f.relpath])) for f in files if f.relpath in schemas])
@@ -139,7 +122,7 @@ def _plan_once(storage: JobStorage, files: list, notes: list[str]) -> JobPlan | 
     plan_written = existing is None or existing != plan
     if plan_written:
         write_input_schema(storage, plan.input_schema or {})  # before the plan: a shard of this plan finds it
-    if existing is None and load_plan(storage) is None:
+    if existing is None and storage.read_plan() is None:
         # The first plan of a sink is created create-only: of two runs planning an empty
         # sink at once, one writes it and the other plans again against it.
         if not storage.checkpoint.create_exclusive(storage.plan_path, plan.to_json()):
@@ -201,15 +184,12 @@ def _read_own(storage: JobStorage, shard_id: str) -> tuple[bytes, dict[str, Any]
     """A sentinel and its bytes when it is this job's (it names this sink; older sentinels,
     without ``sink``, when the checkpoint lives in the sink); else (raw, None). A sentinel of
     a newer schema raises (fails closed)."""
-    path = storage.sentinel_path(shard_id)
-    raw = storage.checkpoint.read_bytes(path) or b""
-    try:
-        sentinel = parse_sentinel(raw, path, shard_id)
-    except InvalidSentinel:
-        return raw, None
+    raw, sentinel, _ = storage.read_sentinel(shard_id)
+    if sentinel is None:
+        return raw or b"", None
     sink = sentinel.get("sink")
     own = sink == storage.spec.sink_root if sink is not None else storage.spec.checkpoint_dir is None
-    return raw, sentinel if own else None
+    return raw or b"", sentinel if own else None
 
 
 def _check_same_spec(storage: JobStorage, existing: Plan) -> None:
@@ -226,10 +206,8 @@ def _check_same_spec(storage: JobStorage, existing: Plan) -> None:
 
 def _check_sample_sentinel(storage: JobStorage, shard_id: str) -> None:
     """No plan but sentinels: make sure they belong to this spec before trusting any."""
-    path = storage.sentinel_path(shard_id)
-    try:
-        sentinel = parse_sentinel(storage.checkpoint.read_bytes(path) or b"", path, shard_id)
-    except InvalidSentinel:
+    sentinel = storage.read_sentinel(shard_id).record
+    if sentinel is None:
         return  # the shard task quarantines it when it gets there
     spec = storage.spec
     if sentinel["spec_fingerprint"] != spec.fingerprint:
@@ -312,7 +290,7 @@ def reset_job(storage: JobStorage) -> str:
 def _remove_quarantined_parts(storage: JobStorage) -> int:
     """Parts (and rejected-row files) named by this job's quarantined sentinels, where no
     sentinel names them now."""
-    quarantine = quarantine_dir(storage.spec.checkpoint_root)
+    quarantine = storage.quarantine_dir
     committed = storage.committed_ids()
     parts = set(storage.part_files())
     removed = 0
@@ -352,14 +330,14 @@ def finalize_job(
     reset = read_reset_state(storage)
     if reset["resetting"]:
         raise IncompleteJobError(_resetting_message(spec))
-    plan = load_plan(storage)
+    plan = storage.read_plan()
     if plan is None:
         raise IncompleteJobError(f"{storage.plan_path} is missing: run the plan step first")
     committed = storage.committed_ids()
     missing = [s for s in plan.shards if s.shard_id not in committed]
     if missing:
         raise IncompleteJobError(_incomplete_message(spec, missing, "have no sentinel"))
-    with ThreadPoolExecutor(_CHECK_THREADS) as pool:
+    with ThreadPoolExecutor(FINALIZE_CHECK_THREADS) as pool:
         checks = list(pool.map(lambda s: check_shard(storage, s), plan.shards))
     broken = [s for s, c in zip(plan.shards, checks, strict=True) if not c.committed]
     if broken:

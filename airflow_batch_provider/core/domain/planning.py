@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 from airflow_batch_provider.core.errors import BatchSpecError, InputDataError
 from airflow_batch_provider.core.spec import FORMAT_EXTENSIONS, BatchSpec
 from airflow_batch_provider.core.stores import InputFile, Store
+from airflow_batch_provider.core.tunables import PLAN_SCAN_BLOCK
 
 PLAN_SCHEMA_VERSION = 1
-_SCAN_BLOCK = 8 << 20
 
 #: What a shard's ``start``/``end`` count: the file's lines (JSONL, blank ones included), or
 #: its row groups (Parquet). Written into plan.json and hashed into shard ids: never renamed.
@@ -240,7 +240,7 @@ def _split_jsonl(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
     lines = offset = 0
     last_byte = b"\n"
     with store.open_read(file.path, size=file.size) as handle:
-        while block := handle.read(_SCAN_BLOCK):
+        while block := handle.read(PLAN_SCAN_BLOCK):
             newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 0x0A)
             # after newline k of this block, lines + k + 1 lines are complete
             for k in range((-lines - 1) % every, len(newlines), every):

@@ -38,9 +38,8 @@ from airflow_batch_provider.core.domain.schema.arrow_types import type_name
 from airflow_batch_provider.core.domain.schema.output import widened_columns
 from airflow_batch_provider.core.errors import IncompleteJobError
 from airflow_batch_provider.core.stores import StagedPart
+from airflow_batch_provider.core.tunables import HASH_BLOCK, RETYPE_THREADS
 
-_THREADS = 8
-_HASH_BLOCK = 8 << 20
 #: the footer note added when a re-typed part would have its old part's size
 RETYPED_KEY = b"airflow_batch_provider.retyped"
 
@@ -66,7 +65,7 @@ def retype_parts(storage: JobStorage, shards: list[Shard], sentinels: list[dict[
         to_type = {name: widened[name] for name in nulls if name in widened}
         return retype_part(storage, shard, sentinel, to_type, nulls) if to_type else sentinel
 
-    with ThreadPoolExecutor(_THREADS) as pool:
+    with ThreadPoolExecutor(RETYPE_THREADS) as pool:
         return list(pool.map(one, zip(shards, sentinels, strict=True)))
 
 
@@ -139,7 +138,7 @@ def _write_retyped(storage: JobStorage, path: str, to_type: dict[str, pa.DataTyp
 def _sha256(storage: JobStorage, path: str) -> str:
     digest = hashlib.sha256()
     with storage.sink.open_read(path) as handle:
-        while block := handle.read(_HASH_BLOCK):
+        while block := handle.read(HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
 

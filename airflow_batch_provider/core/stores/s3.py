@@ -34,14 +34,7 @@ from typing import IO, Any, Iterator
 from airflow_batch_provider.core.errors import StorageError
 from airflow_batch_provider.core.stores.base import FileInfo, HashingWriter, StagedPart, Store, input_changed
 from airflow_batch_provider.core.stores.urls import split_s3_url
-
-#: Multipart part size. S3 needs >= 5 MiB for every part but the last; 8 MiB keeps memory
-#: per writing shard small while a 10 GiB part still needs only 1,280 of the 10,000 parts.
-PART_SIZE = 8 << 20
-#: s3fs read block (readahead): a JSONL block or a Parquet column chunk per ranged GET.
-READ_BLOCK = 8 << 20
-_CONFLICT_RETRIES = 4
-_MAX_POOL = 32
+from airflow_batch_provider.core.tunables import S3_CONFLICT_BACKOFF_S, S3_CONFLICT_TRIES, S3_MAX_POOL_CONNECTIONS, S3_PART_SIZE, S3_READ_BLOCK
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
@@ -67,7 +60,7 @@ def _build_client(options: dict[str, Any]) -> Any:
     from botocore import UNSIGNED
     from botocore.config import Config
 
-    config_kwargs = {"max_pool_connections": _MAX_POOL, **(options.get("config_kwargs") or {})}
+    config_kwargs = {"max_pool_connections": S3_MAX_POOL_CONNECTIONS, **(options.get("config_kwargs") or {})}
     if options.get("anon"):
         config_kwargs["signature_version"] = UNSIGNED
     client_kwargs = dict(options.get("client_kwargs") or {})
@@ -260,7 +253,7 @@ class S3Store(Store):
     :param part_size: multipart part size in bytes (>= 5 MiB on AWS; tests use less).
     """
 
-    def __init__(self, storage_options: dict[str, Any], *, part_size: int = PART_SIZE):
+    def __init__(self, storage_options: dict[str, Any], *, part_size: int = S3_PART_SIZE):
         import s3fs
 
         options = dict(storage_options)
@@ -273,7 +266,7 @@ class S3Store(Store):
     def open_read(self, path: str, size: int | None = None) -> IO[bytes]:
         # With the size known s3fs sends no HEAD; a file changed since it was listed is then
         # refused when a shard reads it (``read_pinned``), as one changed after planning is.
-        return self._fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead", size=size)
+        return self._fs.open(path, "rb", block_size=S3_READ_BLOCK, cache_type="readahead", size=size)
 
     @contextlib.contextmanager
     def read_pinned(self, path: str, version: str) -> Iterator[IO[bytes]]:
@@ -284,7 +277,7 @@ class S3Store(Store):
         bytes."""
         etag = etag_of(version)
         try:
-            handle = self._fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
+            handle = self._fs.open(path, "rb", block_size=S3_READ_BLOCK, cache_type="readahead")
         except FileNotFoundError:
             raise input_changed(path, "is gone") from None
         with handle:
@@ -378,7 +371,7 @@ class S3Store(Store):
         the caller recognises its own content (the attempt token) after a False.
         """
         bucket, key = split_s3_url(path)
-        for attempt in range(_CONFLICT_RETRIES):
+        for attempt in range(S3_CONFLICT_TRIES):
             try:
                 self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
                 return True
@@ -387,12 +380,12 @@ class S3Store(Store):
                 if code == "PreconditionFailed" or status == 412:
                     return False
                 if code == "ConditionalRequestConflict" or status == 409:
-                    time.sleep(0.2 * (attempt + 1))
+                    time.sleep(S3_CONFLICT_BACKOFF_S * (attempt + 1))
                     continue
                 raise _failure(err, "conditional PUT", path) from None
         raise StorageError(
             f"S3 conditional PUT of {path} still answered 409 ConditionalRequestConflict after "
-            f"{_CONFLICT_RETRIES} tries (another writer keeps racing for it); retry the task: it "
+            f"{S3_CONFLICT_TRIES} tries (another writer keeps racing for it); retry the task: it "
             "finds the shard committed by the other writer, or commits it"
         )
 

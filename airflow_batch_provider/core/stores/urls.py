@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from airflow_batch_provider.core.errors import BatchSpecError
+
+#: the URL schemes the S3 store serves (``s3a://`` is Hadoop's name for the same objects)
 S3_SCHEMES = ("s3", "s3a")
 
 
@@ -16,6 +19,19 @@ def protocol_of(url: str) -> str:
 def is_remote(url: str) -> bool:
     """Whether ``url`` lives on an object store (credentials needed), not on local disk."""
     return protocol_of(url) != "file"
+
+
+def check_location(url: str, what: str) -> str:
+    """``url`` when a store serves it; else a one-line error (``gs://``, an ``s3://`` without bucket)."""
+    protocol = protocol_of(url)
+    if protocol == "s3":
+        try:
+            split_s3_url(url)
+        except ValueError:
+            raise BatchSpecError(f"{what} {url!r} names no bucket: write s3://bucket/prefix") from None
+    elif protocol != "file":
+        raise BatchSpecError(f"{what} {url!r}: {protocol}:// is not supported; use a local path or s3://bucket/prefix")
+    return url
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
