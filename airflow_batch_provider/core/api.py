@@ -3,8 +3,10 @@
 A job is three steps around a pool of model replicas on Ray:
 
 * :func:`plan`: list the input, persist the plan, return the shards still to compute;
-* :class:`ReplicaPool`: lease a replica, run shards on it (each checked, computed and
-  committed by the replica), follow the call by its work id, and shut the replicas down;
+* :class:`ShardCall`: the life of one work unit's call on the model's replicas (submit, wait
+  until started, follow or poll, resubmit a lost call, cancel), on a :class:`ReplicaPool`
+  (which starts, leases and shuts down the replicas: each shard is checked, computed and
+  committed by its replica) or, from a process that must not join Ray, a :class:`DriverFollower`;
 * :func:`finalize`: prove that every shard of the plan is committed; write ``_SUCCESS``.
 
 :func:`sink_status`, :func:`verify_sink` and :func:`collect_garbage` serve the people who
@@ -126,13 +128,6 @@ def rejected_path(spec: BatchSpec, shard_id: str) -> str:
     return layout.rejected_path(spec.sink_root, shard_id)
 
 
-def needs_credentials(spec: BatchSpec) -> bool:
-    """Whether any of the job's locations is on an object store."""
-    from airflow_batch_provider.core.stores import is_remote
-
-    return any(is_remote(url) for url in (spec.source, spec.sink_root, spec.checkpoint_root))
-
-
 __all__ = [
     "BatchError",
     "BatchSpec",
@@ -168,7 +163,6 @@ __all__ = [
     "format_event",
     "is_remote",
     "is_retryable",
-    "needs_credentials",
     "new_attempt",
     "plan",
     "rejected_path",
