@@ -24,19 +24,19 @@ SCENARIO_DAGS: dict[str, dict[str, Any]] = {
     # 8 shards of 3 batches (4, 4, 2 rows) x 1 s; two at a time (max_active_tis_per_dagrun)
     "deploy_scheduler_kill": {"rows": 80, "sleep_s": 1.0, "batch_size": 4, "max_active_shards": 2},
     # 3 shards of 2 batches x 3 s
-    "deploy_task_kill": {"rows": 30, "sleep_s": 3.0, "max_active_shards": 3, "num_workers": 3},
+    "deploy_task_kill": {"rows": 30, "sleep_s": 3.0, "max_active_shards": 3, "num_replicas": 3},
     # 6 shards; the batches holding id 0 and 35 fail while the marker file exists; no retries
-    "deploy_clear_failed": {"rows": 60, "sleep_s": 0.2, "retries": 0, "fail_mod": 35, "max_active_shards": 3, "num_workers": 3},
+    "deploy_clear_failed": {"rows": 60, "sleep_s": 0.2, "retries": 0, "fail_mod": 35, "max_active_shards": 3, "num_replicas": 3},
     # the same, with resume=False (one retry, so that only the injected failure fails a shard):
     # the cleared run keeps its own work, a new run starts fresh
     "deploy_resume_false": {"rows": 60, "sleep_s": 0.2, "retries": 1, "fail_mod": 35, "max_active_shards": 3,
-                            "num_workers": 3, "resume": False},
+                            "num_replicas": 3, "resume": False},
     # 5 deferrable shards of 2 batches x 4 s, five model replicas, no cap
-    "deploy_deferrable": {"rows": 50, "sleep_s": 4.0, "deferrable": True, "num_workers": 5},
+    "deploy_deferrable": {"rows": 50, "sleep_s": 4.0, "deferrable": True, "num_replicas": 5},
     # 1 deferrable shard of 5 batches x 6 s, marked failed by a user while it computes
     "deploy_deferred_mark_failed": {"rows": 10, "sleep_s": 6.0, "batch_size": 2, "deferrable": True, "retries": 0},
     # 4 shards in a 1-slot pool ("one GPU")
-    "deploy_pool_cap": {"rows": 40, "sleep_s": 1.0, "pool": "gpu_slots", "num_workers": 2},
+    "deploy_pool_cap": {"rows": 40, "sleep_s": 1.0, "pool": "gpu_slots", "num_replicas": 2},
     # 8 shards of 3 batches x 1 s, two at a time: only the scheduler process is killed
     "deploy_scheduler_only_kill": {"rows": 80, "sleep_s": 1.0, "batch_size": 4, "max_active_shards": 2},
 }

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 DAG_ID = "deploy_many_starts"
 ROWS = 240  # 24 shards of 10 rows
 RUNS = 3
-DAGS = {DAG_ID: {"rows": ROWS, "sleep_s": 0.0, "retries": 0, "num_workers": 4}}
+DAGS = {DAG_ID: {"rows": ROWS, "sleep_s": 0.0, "retries": 0, "num_replicas": 4}}
 
 
 @pytest.fixture(scope="module")

@@ -35,17 +35,17 @@ def context(store: Store | None = None):
 
 def test_a_stale_checkpoint_fails_the_plan_without_retries(jsonl_source, tmp_path):
     spec = {"source": jsonl_source, "source_format": "jsonl", "sink": str(tmp_path / "out"), "predictor": "tests.predictors:Doubler"}
-    PlanBatchOperator(task_id="plan", spec=spec, start_workers=0).execute(context())
+    PlanBatchOperator(task_id="plan", spec=spec, start_replicas=0).execute(context())
     changed = {**spec, "predictor_kwargs": {"factor": 3}}  # another model output, same sink, resume=True
     with pytest.raises(BatchInferenceFailure) as raised:
-        PlanBatchOperator(task_id="plan", spec=changed, start_workers=0).execute(context())
+        PlanBatchOperator(task_id="plan", spec=changed, start_replicas=0).execute(context())
     assert isinstance(raised.value, AirflowFailException)
     assert isinstance(raised.value.__cause__, StaleCheckpointError)
     assert str(raised.value) == str(raised.value.__cause__)
 
 
 def test_a_bad_spec_fails_without_retries():
-    task = PlanBatchOperator(task_id="plan", spec={"source": "/in", "sink": "/out", "predictor": "no-colon"}, start_workers=0)
+    task = PlanBatchOperator(task_id="plan", spec={"source": "/in", "sink": "/out", "predictor": "no-colon"}, start_replicas=0)
     with pytest.raises(BatchInferenceFailure) as raised:
         task.execute(context())
     assert type(raised.value.__cause__).__name__ == "BatchSpecError"
@@ -62,7 +62,7 @@ def shard_task(local_ray, tmp_path, monkeypatch):
         source.parent.mkdir(exist_ok=True)
         source.write_text("\n".join(lines) + "\n")
         spec = BatchSpec(source=str(source), source_format="jsonl", sink=str(tmp_path / "out"), batch_size=5, num_cpus=1,
-                         num_workers=1, **{"predictor": "tests.predictors:Doubler", **spec_kwargs})
+                         num_replicas=1, **{"predictor": "tests.predictors:Doubler", **spec_kwargs})
         specs.append(spec)
         unit = {"label": "the shard", "shards": [s.to_dict() for s in plan(spec).pending]}
         return BatchShardOperator(task_id="batch.shard", spec=spec.to_dict(), work_unit=unit, deferrable=False)

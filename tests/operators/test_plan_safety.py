@@ -28,23 +28,23 @@ def make_spec(source, sink, **kw):
 
 def test_plan_task_resets_once_per_dag_run(jsonl_source, tmp_path):
     spec = make_spec(jsonl_source, str(tmp_path / "out"), resume=False)
-    plan = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_workers=0)
+    plan = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_replicas=0)
     units = plan.execute(plan_context("run-1"))
     assert len(units) == 5 and {u["plan_id"] for u in units} == {units[0]["plan_id"]}
     reset = open(os.path.join(spec.checkpoint_root, "reset.json")).read()
     assert "d/run-1/batch.plan" in reset
-    retried = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_workers=0)
+    retried = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_replicas=0)
     assert len(retried.execute(plan_context("run-1", try_number=2))) == 5
     assert open(os.path.join(spec.checkpoint_root, "reset.json")).read() == reset  # not reset again
 
 
 def test_a_shard_task_of_a_replaced_plan_fails_and_commits_nothing(local_ray, jsonl_source, tmp_path, monkeypatch):
     monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
-    spec = make_spec(jsonl_source, str(tmp_path / "out"), num_workers=1)
-    unit = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_workers=0).execute(plan_context("r"))[0]
+    spec = make_spec(jsonl_source, str(tmp_path / "out"), num_replicas=1)
+    unit = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_replicas=0).execute(plan_context("r"))[0]
     # the DAG is edited (rows_per_shard) and a new run plans before this shard task runs
-    newer = make_spec(jsonl_source, str(tmp_path / "out"), rows_per_shard=50, num_workers=1)
-    PlanBatchOperator(task_id="batch.plan", spec=newer.to_dict(), start_workers=0).execute(plan_context("r2"))
+    newer = make_spec(jsonl_source, str(tmp_path / "out"), rows_per_shard=50, num_replicas=1)
+    PlanBatchOperator(task_id="batch.plan", spec=newer.to_dict(), start_replicas=0).execute(plan_context("r2"))
     task = BatchShardOperator(task_id="batch.shard", spec=spec.to_dict(), work_unit=unit, deferrable=False)
     try:
         with pytest.raises(BatchInferenceException, match="replaced by a plan without this shard"):
@@ -59,14 +59,14 @@ def test_a_map_index_mapped_anew_by_a_rerun_plan_computes_its_own_shards(local_r
     """A cleared DAG run re-runs the plan, which maps only the pending shards: map index 0's
     stored Ray call (of another shard, succeeded) must not stand in for the new unit."""
     monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
-    spec = make_spec(jsonl_source, str(tmp_path / "out"), num_workers=1)
-    units = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_workers=0).execute(plan_context("r"))
+    spec = make_spec(jsonl_source, str(tmp_path / "out"), num_replicas=1)
+    units = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_replicas=0).execute(plan_context("r"))
     store = Store()
     try:
         first = BatchShardOperator(task_id="batch.shard", spec=spec.to_dict(), work_unit=units[0], deferrable=False)
         assert first.execute(context(1, store))["computed"] == 1
         # the run is cleared: the plan maps the 4 pending shards, units[1] now at map index 0
-        again = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_workers=0).execute(plan_context("r", 2))
+        again = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_replicas=0).execute(plan_context("r", 2))
         assert again[0]["shards"] == units[1]["shards"]
         second = BatchShardOperator(task_id="batch.shard", spec=spec.to_dict(), work_unit=again[0], deferrable=False)
         summary = second.execute(context(2, store))

@@ -173,7 +173,7 @@ def test_a_deferrable_task_defers_only_once_the_replica_runs_its_call(local_ray,
     from airflow_batch_provider.core.domain.jobs import plan_job
 
     spec = {"source": jsonl_source, "source_format": "jsonl", "sink": str(tmp_path / "out"),
-            "predictor": "tests.predictors:Doubler", "num_cpus": 1, "num_workers": 1}
+            "predictor": "tests.predictors:Doubler", "num_cpus": 1, "num_replicas": 1}
     task = op(deferrable=True)
     task.spec = spec
     pool = task.replicas

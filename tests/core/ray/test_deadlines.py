@@ -21,7 +21,7 @@ from tests.conftest import ROOT
 
 def sleepy_spec(source: str, tmp_path, *, sleep_s: float, **kwargs) -> BatchSpec:
     """Shards of 10 rows in batches of 5, each batch ``sleep_s`` long."""
-    options = {"num_cpus": 1, "num_workers": 1, **kwargs}
+    options = {"num_cpus": 1, "num_replicas": 1, **kwargs}
     return BatchSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
                      predictor_kwargs={"sleep_s": sleep_s}, batch_size=5, rows_per_shard=10, **options)
 
@@ -56,7 +56,7 @@ def test_gpus_on_a_cpu_only_cluster_fail_at_once_naming_the_resources(local_ray,
     message = str(err.value)
     assert "num_gpus=1" in message and "num_cpus=1" in message and "2 CPU, 0 GPU" in message
     with pytest.raises(ResourcesUnavailableError):
-        pool.start(wanted=1)  # the plan step's start_workers too
+        pool.start(wanted=1)  # the plan step's start_replicas too
     assert find_replica(pool.name(0)) is None  # no replica left pending forever
 
 
@@ -143,7 +143,7 @@ def test_the_lease_of_a_dead_shard_task_is_freed_promptly(local_ray, jsonl_sourc
 
 def test_cleanup_spares_a_replica_serving_a_shard(local_ray, jsonl_source, tmp_path):
     """Replicas are shared by every run of a model: one run's finalize stops only idle ones."""
-    spec = sleepy_spec(jsonl_source, tmp_path, sleep_s=0.5, num_workers=2)
+    spec = sleepy_spec(jsonl_source, tmp_path, sleep_s=0.5, num_replicas=2)
     pending = plan_job(spec).pending
     pool = ReplicaPool(spec)
     try:
