@@ -16,7 +16,7 @@ from airflow_batch_provider.core.domain.jobs import plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.spec import BatchSpec
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def run_some(spec: BatchSpec, how_many: int, options=None) -> JobStorage:

@@ -31,7 +31,7 @@ from airflow_batch_provider.core.errors import (
 )
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.spec import BatchSpec
-from tests.conftest import ROOT, write_jsonl, write_parquet
+from tests.helpers import ROOT, write_jsonl, write_parquet
 from tests.corpus.readback import read_back
 
 

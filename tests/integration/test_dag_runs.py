@@ -9,7 +9,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from airflow_batch_provider import BatchSpec
-from tests.conftest import rows
+from tests.helpers import rows
 
 pytestmark = pytest.mark.slow
 

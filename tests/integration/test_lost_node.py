@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from airflow_batch_provider import BatchSpec
-from tests.conftest import rows, write_jsonl
+from tests.helpers import rows, write_jsonl
 from tests.integration.dagtest import DagTester
 from tests.ray_cluster import RayCluster
 

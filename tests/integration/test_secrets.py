@@ -22,7 +22,7 @@ import sys
 import pytest
 
 from airflow_batch_provider import BatchSpec
-from tests.conftest import ROOT, rows, write_jsonl
+from tests.helpers import ROOT, rows, write_jsonl
 from tests.integration.dagtest import DagTester
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from airflow_batch_provider.core.api import BatchSpec, ReplicaPool, RunState, pl
 from airflow_batch_provider.core.errors import InputDataError, PredictorFailedError, StaleCheckpointError
 from airflow_batch_provider.operators import batch as batch_mod
 from airflow_batch_provider.operators.batch import BatchInferenceException, BatchInferenceFailure, BatchShardOperator, PlanBatchOperator
-from tests.conftest import rows
+from tests.helpers import rows
 
 
 class Store(dict):

@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 
 from airflow_batch_provider import BatchSpec
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 from tests.integration.dagtest import DagTester
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

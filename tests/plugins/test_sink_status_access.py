@@ -23,7 +23,7 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.plugins.sink_status import CANNOT_READ
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 from tests.integration.dagtest import ROOT, DagTester
 from tests.plugins.test_sink_status import _free_port, _request, _wait_healthy
 

@@ -16,7 +16,7 @@ from airflow_batch_provider.core.domain.jobs import plan_job
 from airflow_batch_provider.core.errors import ResourcesUnavailableError
 from airflow_batch_provider.core.ray.pool import ReplicaPool, find_replica
 from airflow_batch_provider.core.spec import BatchSpec
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def sleepy_spec(source: str, tmp_path, *, sleep_s: float, **kwargs) -> BatchSpec:
