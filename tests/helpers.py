@@ -225,11 +225,11 @@ class FakeTI(SimpleNamespace):
         self.xcom[key] = value
 
 
-def task_context(try_number: int = 1, store: StateStore | None = None, *, run_id: str = "r", task_id: str = "batch.shard",
-                 map_index: int = 0) -> dict[str, Any]:
-    """The context an operator's ``execute`` gets: ``ti`` (a :class:`FakeTI` of DAG ``d``) and
+def task_context(store: StateStore | None = None, *, try_number: int = 1, **ti_fields: Any) -> dict[str, Any]:
+    """The context an operator's ``execute`` gets: ``ti``, a :class:`FakeTI` of map index 0 of
+    task ``batch.shard`` in run ``r`` of DAG ``d`` unless ``ti_fields`` say otherwise, and
     ``task_state_store`` (``store``, or a new empty one)."""
-    ti = FakeTI(dag_id="d", run_id=run_id, task_id=task_id, map_index=map_index, try_number=try_number)
+    ti = FakeTI(**{"dag_id": "d", "run_id": "r", "task_id": "batch.shard", "map_index": 0, "try_number": try_number, **ti_fields})
     return {"ti": ti, "task_state_store": store if store is not None else StateStore()}
 
 

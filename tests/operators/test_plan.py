@@ -9,14 +9,7 @@ import pytest
 from airflow_batch_provider.operators import batch as batch_mod
 from airflow_batch_provider.operators.batch import PlanBatchOperator, work_units
 from airflow_batch_provider.task_group import batch_inference
-
-
-class FakeTI:
-    def __init__(self):
-        self.xcom: dict[str, Any] = {}
-
-    def xcom_push(self, key, value):
-        self.xcom[key] = value
+from tests.helpers import FakeTI
 
 
 @pytest.fixture

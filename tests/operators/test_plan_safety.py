@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import pytest
 
-from airflow_batch_provider.core.api import BatchSpec, ReplicaPool
+from airflow_batch_provider.core.api import ReplicaPool
 from airflow_batch_provider.exceptions import BatchInferenceException
 from airflow_batch_provider.operators import batch as batch_mod
 from airflow_batch_provider.operators.batch import BatchShardOperator, PlanBatchOperator
-from tests.operators.test_shard_resume import Store, context
+from tests.helpers import StateStore, make_spec, task_context
 
 
 def plan_context(run_id: str, try_number: int = 1):
-    pushed = {}
-    ti = SimpleNamespace(dag_id="d", run_id=run_id, task_id="batch.plan", map_index=-1, try_number=try_number,
-                         xcom_push=lambda key, value: pushed.__setitem__(key, value))
-    return {"ti": ti}
-
-
-def make_spec(source, sink, **kw):
-    kw.setdefault("rows_per_shard", 100)
-    return BatchSpec(source=source, source_format="jsonl", sink=sink, predictor="tests.predictors:Doubler", num_cpus=1, **kw)
+    return task_context(try_number=try_number, run_id=run_id, task_id="batch.plan", map_index=-1)
 
 
 def test_plan_task_resets_once_per_dag_run(jsonl_source, tmp_path):
@@ -48,7 +39,7 @@ def test_a_shard_task_of_a_replaced_plan_fails_and_commits_nothing(local_ray, js
     task = BatchShardOperator(task_id="batch.shard", spec=spec.to_dict(), work_unit=unit, deferrable=False)
     try:
         with pytest.raises(BatchInferenceException, match="replaced by a plan without this shard"):
-            task.execute(context(1, Store()))
+            task.execute(task_context(StateStore(), try_number=1))
     finally:
         ReplicaPool(spec).shutdown()
     assert not [n for n in os.listdir(spec.sink_root) if n.startswith("part-")]
@@ -61,15 +52,15 @@ def test_a_map_index_mapped_anew_by_a_rerun_plan_computes_its_own_shards(local_r
     monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
     spec = make_spec(jsonl_source, str(tmp_path / "out"), num_replicas=1)
     units = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_replicas=0).execute(plan_context("r"))
-    store = Store()
+    store = StateStore()
     try:
         first = BatchShardOperator(task_id="batch.shard", spec=spec.to_dict(), work_unit=units[0], deferrable=False)
-        assert first.execute(context(1, store))["computed"] == 1
+        assert first.execute(task_context(store, try_number=1))["computed"] == 1
         # the run is cleared: the plan maps the 4 pending shards, units[1] now at map index 0
         again = PlanBatchOperator(task_id="batch.plan", spec=spec.to_dict(), start_replicas=0).execute(plan_context("r", 2))
         assert again[0]["shards"] == units[1]["shards"]
         second = BatchShardOperator(task_id="batch.shard", spec=spec.to_dict(), work_unit=again[0], deferrable=False)
-        summary = second.execute(context(2, store))
+        summary = second.execute(task_context(store, try_number=2))
     finally:
         ReplicaPool(spec).shutdown()
     assert summary["shards"] == [s["shard_id"] for s in units[1]["shards"]] and summary["computed"] == 1
