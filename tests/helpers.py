@@ -96,6 +96,14 @@ def source_format_of(source: str) -> str | None:
     return found.pop() if len(found) == 1 and None not in found else None
 
 
+def slow_doubler_spec(source: str, tmp_path, *, sleep_s: float, **fields: Any) -> BatchSpec:
+    """``tests.predictors:SlowDoubler`` into ``tmp_path/out``, on one replica unless ``fields``
+    say more: shards of 10 rows in batches of 5, each batch ``sleep_s`` long."""
+    return make_spec(source, str(tmp_path / "out"), **{
+        "predictor": "tests.predictors:SlowDoubler", "predictor_kwargs": {"sleep_s": sleep_s}, "batch_size": 5,
+        "rows_per_shard": 10, "num_replicas": 1, **fields})
+
+
 def spec_on(bucket: str, **fields: Any) -> BatchSpec:
     """A job reading the Parquet files under ``s3://{bucket}/in/`` into ``s3://{bucket}/out``."""
     return make_spec(f"s3://{bucket}/in/", f"s3://{bucket}/out", **{"source_format": "parquet", **fields})

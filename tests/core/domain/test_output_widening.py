@@ -25,7 +25,7 @@ from airflow_batch_provider.core.errors import InputDataError
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.spec import BatchSpec
 from tests.corpus.readback import read_back
-from tests.helpers import parquet_bytes, put, run_killed_at, write_parquet
+from tests.helpers import make_spec, parquet_bytes, put, run_killed_at, write_parquet
 
 ROWS = 380  # jsonl_source: ids 0..379 in a.jsonl (250) and b.jsonl (130); 5 shards of <= 100 rows
 TEXT = (250, 350)  # the 4th shard (b.jsonl's first) is the only one with a note
@@ -33,8 +33,7 @@ TEXT = (250, 350)  # the 4th shard (b.jsonl's first) is the only one with a note
 
 def note_spec(tmp_path, source, sink_format="parquet", **predictor_kwargs) -> BatchSpec:
     kwargs = {"text_from": TEXT[0], "text_to": TEXT[1], "calls_log": str(tmp_path / "calls"), **predictor_kwargs}
-    return BatchSpec(source=source, sink=str(tmp_path / "out"), predictor="tests.predictors:NoteInRange",
-                     source_format="jsonl", sink_format=sink_format, rows_per_shard=100, predictor_kwargs=kwargs)
+    return make_spec(source, str(tmp_path / "out"), predictor="tests.predictors:NoteInRange", sink_format=sink_format, predictor_kwargs=kwargs)
 
 
 def run(spec: BatchSpec, order: str = "forward") -> dict:

@@ -19,19 +19,12 @@ from airflow_batch_provider.core.errors import PredictorFailedError, RayWorkErro
 from airflow_batch_provider.core.execution import allocator
 from airflow_batch_provider.core.ray.pool import ReplicaPool, find_replica, pool_key
 from airflow_batch_provider.core.spec import BatchSpec
+from tests.helpers import make_spec, slow_doubler_spec
 
 
-def slow_spec(source: str, sink: str, loads_log: str, **kwargs) -> BatchSpec:
-    return BatchSpec(
-        source=source, source_format="jsonl", sink=sink, predictor="tests.predictors:SlowLoad",
-        predictor_kwargs={"load_s": 3.0, "loads_log": loads_log}, num_cpus=1, rows_per_shard=100, **kwargs,
-    )
-
-
-def slow_doubler_spec(source: str, tmp_path, *, sleep_s: float, num_replicas: int) -> BatchSpec:
-    """Shards of 10 rows in batches of 5, each batch ``sleep_s`` long: two batches a shard."""
-    return BatchSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
-                     predictor_kwargs={"sleep_s": sleep_s}, batch_size=5, rows_per_shard=10, num_cpus=1, num_replicas=num_replicas)
+def slow_spec(source: str, sink: str, loads_log: str, **fields) -> BatchSpec:
+    """A model that takes 3 s to load, and logs each load to ``loads_log``."""
+    return make_spec(source, sink, predictor="tests.predictors:SlowLoad", predictor_kwargs={"load_s": 3.0, "loads_log": loads_log}, **fields)
 
 
 def test_started_replica_loads_in_background_and_serves_the_shards(local_ray, jsonl_source, tmp_path):
