@@ -186,7 +186,8 @@ def logged_ids(path: str | os.PathLike) -> list[int]:
     """The ids a predictor's ``calls_log`` recorded, one call a line ([] when it never ran)."""
     if not os.path.exists(path):
         return []
-    return [i for line in open(path) for i in json.loads(line)]
+    with open(path) as handle:
+        return [i for line in handle for i in json.loads(line)]
 
 
 # -- S3 (the ``s3_server`` fixture's server) --------------------------------------------------

@@ -3,21 +3,13 @@ deployment scenarios, the DAGs they run, and a timing report printed at the end.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.deployment.harness import AirflowClient, Deployment
-
-HERE = Path(__file__).parent
-TIMINGS: dict[str, Any] = {}
-_REPORT: list[Path] = []
+from tests.deployment.harness import TIMING_FILES, TIMINGS, AirflowClient, running_deployment
 
 #: The DAGs of the scenarios: rows, shard size, seconds per batch (SlowDoubler), options.
 SCENARIO_DAGS: dict[str, dict[str, Any]] = {
@@ -48,48 +40,6 @@ CELERY_DAGS: dict[str, dict[str, Any]] = {
     # 8 shards of 3 batches (4, 4, 2 rows) x 1 s, two at a time
     "celery_scheduler_kill": {"rows": 80, "sleep_s": 1.0, "batch_size": 4, "max_active_shards": 2},
 }
-
-
-def _write_input(path: Path, rows: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        for i in range(rows):
-            handle.write(json.dumps({"id": i, "value": i}) + "\n")
-
-
-@contextlib.contextmanager
-def running_deployment(prefix: str, dags: dict[str, dict[str, Any]], **options: Any):
-    """A started :class:`Deployment` (``options``: executor, Celery workers...) running ``dags``."""
-    root = Path(tempfile.mkdtemp(prefix=prefix))
-    dep = Deployment(root, **options)
-    data = root / "data"
-    configs = []
-    for dag_id, opts in dags.items():
-        base = data / dag_id
-        _write_input(base / "in" / "rows.jsonl", opts["rows"])
-        kwargs: dict[str, Any] = {"sleep_s": opts["sleep_s"], "calls_log": str(base / "calls.log")}
-        if opts.get("fail_mod"):
-            kwargs.update(fail_marker=str(base / "FAIL"), fail_mod=opts["fail_mod"])
-        configs.append(
-            {
-                "dag_id": dag_id,
-                "source": str(base / "in" / "*.jsonl"),
-                "sink": str(base / "out"),
-                "predictor_kwargs": kwargs,
-                **{k: v for k, v in opts.items() if k not in ("rows", "sleep_s", "fail_mod")},
-            }
-        )
-    dep.dags.mkdir(parents=True, exist_ok=True)
-    (dep.dags / "deploy_dags.json").write_text(json.dumps(configs, indent=1))
-    shutil.copy(HERE / "dag_template.py", dep.dags / "deploy_dags.py")
-    _REPORT.append(root / "timings.json")
-    try:
-        dep.start()
-        TIMINGS[f"startup ({dep.executor})"] = {k: round(v, 1) for k, v in dep.timings.items()}
-        yield dep
-    finally:
-        dep.stop()
-        (root / "timings.json").write_text(json.dumps(TIMINGS, indent=1))  # the root (logs, data) is kept for inspection
 
 
 # Module scope: each deployment (scheduler, API server, triggerer, dag processor, workers) is
@@ -150,5 +100,5 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("=", "deployment timings (seconds)")
     for name, values in TIMINGS.items():
         terminalreporter.write_line(f"{name}: {json.dumps(values)}")
-    if _REPORT:
-        terminalreporter.write_line(f"(also in {_REPORT[0]})")
+    if TIMING_FILES:
+        terminalreporter.write_line(f"(also in {TIMING_FILES[0]})")

@@ -18,9 +18,7 @@ import time
 
 import pytest
 
-from tests.deployment.conftest import running_deployment
-from tests.deployment.harness import AirflowClient, ray_loaded, wait_for
-from tests.deployment.test_scenarios import SHARD, assert_each_row_once, start_run
+from tests.deployment.harness import SHARD, AirflowClient, assert_each_row_once, ray_loaded, running_deployment, start_run, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
