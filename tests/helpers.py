@@ -105,7 +105,7 @@ def slow_doubler_spec(source: str, tmp_path, *, sleep_s: float, **fields: Any) -
 
 
 def spec_on(bucket: str, **fields: Any) -> BatchSpec:
-    """A job reading the Parquet files under ``s3://{bucket}/in/`` into ``s3://{bucket}/out``."""
+    """A job reading ``s3://{bucket}/in/`` (Parquet, unless ``fields`` say otherwise) into ``s3://{bucket}/out``."""
     return make_spec(f"s3://{bucket}/in/", f"s3://{bucket}/out", **{"source_format": "parquet", **fields})
 
 
@@ -225,13 +225,17 @@ class StateStore(dict):
 
 
 class FakeTI(SimpleNamespace):
-    """A task instance: its ids, try number and the XComs it pushed (``xcom``)."""
+    """A task instance: its ids, try number and its XComs by key (``xcom``: ``pushed``, then
+    what it pushes; ``xcom_pull`` reads them whichever task is named)."""
 
-    def __init__(self, **ids: Any) -> None:
-        super().__init__(xcom={}, stats_tags={}, **ids)
+    def __init__(self, pushed: dict[str, Any] | None = None, **ids: Any) -> None:
+        super().__init__(xcom=dict(pushed or {}), stats_tags={}, **ids)
 
     def xcom_push(self, key, value):
         self.xcom[key] = value
+
+    def xcom_pull(self, task_ids=None, key="return_value"):
+        return self.xcom.get(key)
 
 
 def task_context(store: StateStore | None = None, *, try_number: int = 1, **ti_fields: Any) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def test_jsonl_shards_have_byte_ranges_and_blank_lines_are_not_rows(tmp_path):
 def test_a_shard_of_a_plan_without_its_input_schema_asks_to_plan_again(tmp_path, jsonl_source):
     """A plan written before input schemas were settled has none: its shards are read in the
     plan's input schema only, so the shard asks for the plan task again (which writes it)."""
-    spec = spec_for(jsonl_source, str(tmp_path / "out"))
+    spec = make_spec(jsonl_source, str(tmp_path / "out"))
     plan = plan_job(spec).plan
     storage = JobStorage.for_spec(spec)
     old = dataclasses.replace(plan, input_schema=None, file_schemas={})  # as such a plan was written
