@@ -94,7 +94,8 @@ def test_num_workers_is_the_deprecated_name_of_num_replicas():
 
 
 @pytest.mark.parametrize("build", [lambda: make(num_workers=2, num_replicas=2),
-                                   lambda: BatchSpec.from_dict({**BASE, "num_workers": 2, "num_replicas": 2})])
+                                   lambda: BatchSpec.from_dict({**BASE, "num_workers": 2, "num_replicas": 2})],
+                         ids=["keywords", "dict"])
 def test_num_workers_and_num_replicas_together_are_refused(build):
     with pytest.raises(BatchSpecError, match="'num_workers' is the deprecated name of 'num_replicas'; give only 'num_replicas'"):
         build()
