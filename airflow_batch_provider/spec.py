@@ -33,9 +33,9 @@ class BatchSpec(CoreBatchSpec):
 
     storage_conn_id: str | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, num_workers: int | None = None) -> None:
         self._take_conn_id_from_urls()
-        super().__post_init__()
+        super().__post_init__(num_workers)
         for kwarg, reference in self.predictor_secrets.items():
             check_secret_reference(kwarg, reference)
         if self.storage_conn_id is not None and (not isinstance(self.storage_conn_id, str) or not self.storage_conn_id.strip()):

@@ -6,6 +6,7 @@ from typing import Any
 
 from airflow.sdk import Asset, TaskGroup
 
+from airflow_batch_provider.core.renames import renamed_keywords
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.operators.batch import BatchShardOperator, FinalizeBatchOperator, PlanBatchOperator
 from airflow_batch_provider.spec import BatchSpec
@@ -17,6 +18,7 @@ def sink_asset(spec: BatchSpec) -> Asset:
     return Asset(name=f"batch_inference:{spec.sink_root}", uri=uri)
 
 
+@renamed_keywords(release_workers="release_replicas")
 def batch_inference(
     spec: BatchSpec,
     *,
@@ -27,7 +29,7 @@ def batch_inference(
     max_active_shards: int | None = None,
     shards_per_task: int = 1,
     progress_interval: float = 30.0,
-    release_workers: bool = True,
+    release_replicas: bool = True,
     deferrable: bool | None = None,
     shard_kwargs: dict[str, Any] | None = None,
 ) -> TaskGroup:
@@ -45,7 +47,8 @@ def batch_inference(
     :param shards_per_task: shards per mapped task. ``rows_per_shard`` sets what a crash can
         lose (each shard commits on its own); this sets how many tasks Airflow schedules.
     :param progress_interval: seconds between a running shard's progress lines in its task log.
-    :param release_workers: finalize stops the model's Ray workers (else they idle out).
+    :param release_replicas: finalize stops the model's idle replicas (else they idle out).
+        (Formerly ``release_workers``, still accepted with a DeprecationWarning.)
     :param deferrable: shard tasks defer while Ray computes and hold no worker slot (needs a
         running ``airflow triggerer``); default ``[operators] default_deferrable``.
     :param shard_kwargs: more BaseOperator arguments for the shard tasks.
@@ -54,7 +57,7 @@ def batch_inference(
         # Replicas started ahead by the plan: no more than the shards that can run at once
         # (a pool's size is not known here, so with a pool only the first replica).
         ahead = max_active_shards if max_active_shards else (1 if pool else None)
-        plan = PlanBatchOperator(task_id="plan", spec=spec, ray_conn_id=ray_conn_id, start_workers=ahead, shards_per_task=shards_per_task)
+        plan = PlanBatchOperator(task_id="plan", spec=spec, ray_conn_id=ray_conn_id, start_replicas=ahead, shards_per_task=shards_per_task)
         extra = dict(shard_kwargs or {})
         if pool:
             extra["pool"] = pool
@@ -77,7 +80,7 @@ def batch_inference(
             spec=spec,
             plan_task_id=plan.task_id,
             ray_conn_id=ray_conn_id,
-            release_workers=release_workers,
+            release_replicas=release_replicas,
             trigger_rule="none_failed",
             outlets=[sink_asset(spec)],
         )

@@ -11,7 +11,7 @@ One invocation:
    - this provider end to end: `airflow dags test batch_inference_example` on that Ray;
    all but Ray Data run BENCH_REPEATS times each (default 2), interleaved (see ``schedule``)
    so that the machine's drift in speed cancels;
-3. measures per-shard overhead, Ray worker peak RSS at two shard sizes 10x apart, the cost
+3. measures per-shard overhead, replica peak RSS at two shard sizes 10x apart, the cost
    of a resume after half the shards were committed, and plan time over 10,000 committed
    shards; prints a table with ratios against the bare loop.
 """
@@ -294,7 +294,7 @@ def shard_overheads(log_text: str) -> list[float]:
 
 
 # -- memory, resume, plan ------------------------------------------------------------------------
-def worker_peak_rss(corpus: str, rows_per_shard: int) -> tuple[float, int]:
+def replica_peak_rss(corpus: str, rows_per_shard: int) -> tuple[float, int]:
     """Peak RSS (MiB) of a fresh model replica after running one shard of ``rows_per_shard``."""
     from airflow_batch_provider.core import api
 
@@ -440,10 +440,10 @@ def main() -> None:
                 log(f"provider {seconds:.1f} s (whole command {wall:.1f} s)")
         log("resume after half the shards committed ...")
         resume_wall, resume_rows, recomputed = resume_cost(corpus, f"{WORK}/provider")
-        log("worker RSS at two shard sizes ...")
+        log("replica RSS at two shard sizes ...")
         small = max(1, ROWS_PER_SHARD // 5)
-        rss_small, rows_small = worker_peak_rss(corpus, small)
-        rss_large, rows_large = worker_peak_rss(corpus, small * 10)
+        rss_small, rows_small = replica_peak_rss(corpus, small)
+        rss_large, rows_large = replica_peak_rss(corpus, small * 10)
     finally:
         _disconnect()
         head.stop()
@@ -472,13 +472,13 @@ def main() -> None:
     print(f"seconds beside them: bare loop {base - mean(model['bare loop']):.1f} (model load and I/O), "
           f"core {mean(c['seconds'] for c in core) - mean(model['core']):.1f}, provider {mean(prov) - mean(prov_model):.1f}")
     print(f"model load: bare loop {mean(b['load_seconds'] for b in bare):.1f} s in process; provider {mean(prov_loads):.1f} s "
-          "on the Ray worker, started by the plan step")
+          "on the replica, started by the plan step")
     print(f"CPU used beside the model per provider run ({CPUS} cores): Ray's own processes "
           f"{prov_cpu['ray']:.1f} s, the airflow dags-test process {prov_cpu['airflow']:.1f} s (its start-up included)")
     median = statistics.median(overheads) if overheads else float("nan")
     print(f"per-shard overhead (task wall - model), median of {len(overheads)}: {median:.3f} s "
           f"(shard of {ROWS_PER_SHARD} rows ~ {ROWS_PER_SHARD / rate(mean(prov)):.1f} s)")
-    print(f"Ray worker peak RSS: {rss_small:.0f} MiB at {rows_small} rows/shard, {rss_large:.0f} MiB at "
+    print(f"replica peak RSS: {rss_small:.0f} MiB at {rows_small} rows/shard, {rss_large:.0f} MiB at "
           f"{rows_large} rows/shard -> {rss_large / rss_small:.3f}x")
     print(f"resume after half the shards committed: {resume_wall:.1f} s, {resume_rows} rows computed "
           f"({ROWS - resume_rows} skipped), committed rows computed again: {recomputed}")

@@ -552,7 +552,7 @@ from airflow.sdk import dag
 from airflow_batch_provider import BatchSpec, batch_inference
 
 spec = BatchSpec(source={source!r}, sink={sink!r}, predictor="benchmarks.identity:Identity", batch_format="pyarrow",
-                 rows_per_shard={rows_per_shard}, num_cpus=1, num_workers=2)
+                 rows_per_shard={rows_per_shard}, num_cpus=1, num_replicas=2)
 
 
 @dag(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False)
@@ -627,7 +627,7 @@ import json, sys, time
 sys.path.insert(0, {ROOT!r})
 from airflow_batch_provider.core import api
 spec = api.BatchSpec(source={source!r}, sink={sink!r}, predictor="benchmarks.identity:Identity", batch_format="pyarrow",
-                     rows_per_shard={rows_per_shard}, num_cpus=1, num_workers=2)
+                     rows_per_shard={rows_per_shard}, num_cpus=1, num_replicas=2)
 api.connect(api.RayTarget(address={deployment.ray_address!r}, token={deployment.ray_token!r}))
 started = time.perf_counter()
 pool = api.ReplicaPool(spec)

@@ -1,6 +1,6 @@
 """Score a Parquet feature table on S3 with a logistic model, into Parquet on S3.
 
-Reads ``s3://…/features/*.parquet`` row group by row group on Ray workers, writes one part
+Reads ``s3://…/features/*.parquet`` row group by row group on the model's replicas, writes one part
 per shard next to nothing else, and commits each shard with a conditional PUT of its
 sentinel: no rename or copy on S3, and a rerun computes only what is not committed.
 

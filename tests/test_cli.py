@@ -16,7 +16,7 @@ from airflow_batch_provider.core.domain.jobs import plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.spec import BatchSpec
-from tests.conftest import ROOT
+from tests.helpers import ROOT, spec_on
 
 
 def run_some(spec: BatchSpec, how_many: int, options=None) -> JobStorage:
@@ -105,8 +105,7 @@ def s3_spec(s3_server, s3_bucket: str, jsonl_source: str, rows_per_shard: int) -
     fs = s3fs.S3FileSystem(**s3_server.storage_options())
     for name in os.listdir(jsonl_source):
         fs.put(os.path.join(jsonl_source, name), f"{s3_bucket}/in/{name}")
-    return BatchSpec(source=f"s3://{s3_bucket}/in/", source_format="jsonl", sink=f"s3://{s3_bucket}/out",
-                     predictor="tests.predictors:Doubler", rows_per_shard=rows_per_shard)
+    return spec_on(s3_bucket, source_format="jsonl", rows_per_shard=rows_per_shard)
 
 
 def test_status_and_verify_on_s3_with_the_tasks_connection(s3_server, s3_bucket, tmp_path, jsonl_source, monkeypatch, capsys):

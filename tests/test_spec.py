@@ -45,3 +45,14 @@ def test_a_literal_secret_in_predictor_secrets_is_refused_without_echoing_it():
     with pytest.raises(BatchSpecError, match=r"predictor_secrets\['api_key'\] is not a reference.*'conn:<conn_id>'") as caught:
         BatchSpec(source="/in.jsonl", sink="/out", predictor="m:P", predictor_secrets={"api_key": literal})
     assert literal not in str(caught.value) and "sk-live" not in str(caught.value)
+
+
+def test_the_deprecated_num_workers_reaches_the_core_as_num_replicas():
+    with pytest.warns(DeprecationWarning, match="'num_workers' is deprecated, use 'num_replicas'") as warned:
+        spec = BatchSpec(source="/in.jsonl", sink="/out", predictor="m:C", num_workers=2)
+    assert warned[0].filename == __file__
+    assert spec.num_replicas == 2 and spec.core().num_replicas == 2
+    with pytest.warns(DeprecationWarning, match="use 'num_replicas'"):
+        assert BatchSpec.from_dict({"source": "/in.jsonl", "sink": "/out", "predictor": "m:C", "num_workers": 2}) == spec
+    with pytest.raises(BatchSpecError, match="give only 'num_replicas'"):
+        BatchSpec(source="/in.jsonl", sink="/out", predictor="m:C", num_workers=2, num_replicas=3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from airflow.sdk import DAG
 
 from airflow_batch_provider import BatchSpec, batch_inference
@@ -31,3 +32,14 @@ def test_shard_retries_overrides_the_dags_retries_for_shard_tasks_only():
         group = batch_inference(SPEC, shard_retries=3)
     assert shard_task(group).partial_kwargs["retries"] == 3
     assert group.children["batch_inference.plan"].retries == 0
+
+
+def test_release_workers_is_the_deprecated_name_of_release_replicas():
+    with DAG("d", schedule=None):
+        assert batch_inference(SPEC).children["batch_inference.finalize"].release_replicas is True
+        with pytest.warns(DeprecationWarning, match="batch_inference: 'release_workers' is deprecated, use 'release_replicas'") as warned:
+            group = batch_inference(SPEC, group_id="old", release_workers=False)
+        assert warned[0].filename == __file__
+        assert group.children["old.finalize"].release_replicas is False
+        with pytest.raises(TypeError, match="give only 'release_replicas'"):
+            batch_inference(SPEC, group_id="both", release_workers=False, release_replicas=False)

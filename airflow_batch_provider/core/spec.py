@@ -15,10 +15,11 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core.errors import BatchSpecError
+from airflow_batch_provider.core.renames import both_given, take_renamed, warn_renamed
 from airflow_batch_provider.core.stores.urls import is_remote, local_path_of, protocol_of
 
 #: File formats and the extensions that name them; the first one is what a sink part is
@@ -31,6 +32,9 @@ BAD_ROW_POLICIES = ("fail", "skip")
 
 #: Fields whose values change the rows a job writes; everything else only changes speed.
 FINGERPRINT_FIELDS = ("predictor", "predictor_kwargs", "source_format", "sink_format", "batch_format", "columns")
+
+#: Fields renamed, old name -> new name: the old one is still accepted, with a DeprecationWarning.
+RENAMED_FIELDS = {"num_workers": "num_replicas"}
 
 #: Default shard size. At ~110 rows/s (MiniLM on 2 CPU cores) a 10,000-row shard takes ~90 s,
 #: so the ~2 s a real deployment spends between two shard tasks stays near 2% (0.05 s of our
@@ -74,15 +78,23 @@ class BatchSpec:
     :param batch_format: ``numpy`` (dict of arrays), ``pandas`` or ``pyarrow``, as in Ray Data.
     :param columns: input columns to read (None: all). Part of the fingerprint.
     :param rows_per_shard: target rows per shard (one part file each).
-    :param num_gpus: GPUs each Ray worker requests.
-    :param num_cpus: CPUs each Ray worker requests.
-    :param num_workers: model replicas (Ray actors) at most; default: as many as the Ray
+    :param num_gpus: GPUs each model replica requests.
+    :param num_cpus: CPUs each model replica requests.
+    :param num_replicas: model replicas (Ray actors) at most; default: as many as the Ray
         cluster's resources fit. Each loads the model once and serves shard after shard.
+        (Formerly ``num_workers``, still accepted with a DeprecationWarning.)
     :param checkpoint_dir: where the plan and the sentinels live; default ``{sink}/_checkpoint``.
     :param resume: reuse committed shards (default). False starts over once per run of the
         host (the plan's ``reset_key``): it deletes ``_SUCCESS``, then the parts and sentinels
         this job's sentinels name (never a file it did not write), then the plan.
-    :param max_retries: Ray retries of a shard whose worker process died.
+    :param max_retries: how many times, within one task try, a shard call lost with its
+        replica or its node is run again on another replica. A call that fails by itself (the
+        predictor raised, say) is not run again here: that is the shard task's ``retries``.
+        A replica that dies is restarted by Ray as often (its actor's ``max_restarts``, over
+        its life): a lost call takes its replica with it, and the restart gives the pool that
+        replica back, so a job that runs its calls again keeps its replicas too. Ray itself
+        never runs the call again (``max_task_retries=0``): it would wait for that one
+        replica's restart, where another replica can run the call at once.
     :param input_schema: the input's columns and Arrow types, ``{column: type}`` (e.g.
         ``{"id": "int64", "text": "string"}``); default: settled at plan time from every
         Parquet footer or a sample of every JSONL shard. Part of the fingerprint when set.
@@ -117,7 +129,7 @@ class BatchSpec:
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
     num_gpus: float = 0
     num_cpus: float = 1
-    num_workers: int | None = None
+    num_replicas: int | None = None
     checkpoint_dir: str | None = None
     resume: bool = True
     max_retries: int = 3
@@ -126,8 +138,15 @@ class BatchSpec:
     max_bad_rows: int | float | None = None
     input_schema: dict[str, str] | None = None
     output_schema: dict[str, str] | None = None
+    #: deprecated name of ``num_replicas``, accepted when building (read ``num_replicas``)
+    num_workers: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, num_workers: int | None = None) -> None:
+        if num_workers is not None:
+            if self.num_replicas is not None:
+                raise BatchSpecError(both_given("num_workers", "num_replicas", "BatchSpec"))
+            warn_renamed("num_workers", "num_replicas", "BatchSpec")
+            object.__setattr__(self, "num_replicas", num_workers)
         _require_str(self, "source")
         _require_str(self, "sink")
         for name in ("source", "sink", "checkpoint_dir"):
@@ -174,9 +193,9 @@ class BatchSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise BatchSpecError(f"{name} must be a number >= 0, got {value!r}")
         if self.num_gpus == 0 and self.num_cpus == 0:
-            raise BatchSpecError("num_cpus and num_gpus are both 0: a Ray worker must request some resource")
-        if self.num_workers is not None:
-            _require_int(self, "num_workers", minimum=1)
+            raise BatchSpecError("num_cpus and num_gpus are both 0: a model replica must request some resource")
+        if self.num_replicas is not None:
+            _require_int(self, "num_replicas", minimum=1)
         if not isinstance(self.resume, bool):
             raise BatchSpecError(f"resume must be true or false, got {self.resume!r}")
         if self.checkpoint_dir is not None:
@@ -244,6 +263,8 @@ class BatchSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BatchSpec:
+        """The spec a dict describes (old field names of ``RENAMED_FIELDS`` taken, with a warning)."""
+        data = take_renamed(data, RENAMED_FIELDS, "BatchSpec", error=BatchSpecError)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -5,7 +5,7 @@ is read by the amazon provider's ``AwsBaseHook``, so it means what it means to e
 user of ``aws_default``: access key and secret, ``aws_session_token``, ``role_arn``
 (assume-role), ``profile_name``, ``endpoint_url`` (or ``service_config.s3.endpoint_url``) and
 ``region_name``. The resolved credentials are handed to fsspec/boto3 as s3fs-style storage
-options and to the Ray workers as call arguments; they are never logged, pushed to XCom or
+options and to the model replicas as call arguments; they are never logged, pushed to XCom or
 put into templated fields (the spec only names the connection).
 
 :func:`storage_options_at` is the one rule every reader of a sink resolves credentials by:

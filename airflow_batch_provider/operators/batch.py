@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, ResumableJobMixin, conf
 
 from airflow_batch_provider.core import api
+from airflow_batch_provider.core.renames import renamed_keywords
 from airflow_batch_provider.exceptions import BatchInferenceException, BatchInferenceFailure, task_error
 from airflow_batch_provider.hooks.predictor_secrets import resolve_predictor_secrets
 from airflow_batch_provider.hooks.ray import RayHook
@@ -129,24 +130,26 @@ class PlanBatchOperator(_SpecOperator):
     :param ray_conn_id: ``ray`` connection, for starting the model replicas ahead.
     :param shards_per_task: pending shards per mapped task (at least; more where the tasks
         would exceed ``max_map_length``). Each shard still commits on its own.
-    :param start_workers: when shards are pending, start up to this many of the model's Ray
+    :param start_replicas: when shards are pending, start up to this many of the model's
         replicas now, without waiting, so the model loads while Airflow schedules the shard
         tasks. ``None``: as many as the pending tasks and the cluster allow (what shard tasks
         running all at once would create); ``0``: none. Keep it at the shard tasks'
         concurrency cap, or replicas beyond it hold their CPUs/GPUs unused until ``finalize``
         releases them. Best effort: if Ray cannot be reached, a warning is logged and the
         shard tasks start the replicas instead; if no node of the cluster has the resources a
-        replica asks for, the plan fails at once, naming them.
+        replica asks for, the plan fails at once, naming them. (Formerly ``start_workers``,
+        still accepted with a DeprecationWarning.)
     """
 
     template_fields: Sequence[str] = ("spec", "ray_conn_id")
     ui_color = "#e8f4fd"
 
+    @renamed_keywords(start_workers="start_replicas")
     def __init__(
         self,
         *,
         ray_conn_id: str = RayHook.default_conn_name,
-        start_workers: int | None = None,
+        start_replicas: int | None = None,
         shards_per_task: int = 1,
         **kwargs: Any,
     ) -> None:
@@ -154,7 +157,7 @@ class PlanBatchOperator(_SpecOperator):
         if isinstance(shards_per_task, bool) or not isinstance(shards_per_task, int) or shards_per_task < 1:
             raise ValueError(f"shards_per_task must be an integer >= 1, got {shards_per_task!r}")
         self.ray_conn_id = ray_conn_id
-        self.start_workers = start_workers
+        self.start_replicas = start_replicas
         self.shards_per_task = shards_per_task
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
@@ -194,21 +197,21 @@ class PlanBatchOperator(_SpecOperator):
                 "pending_rows": sum(s.rows for s in job.pending),
             },
         )
-        wanted = len(units) if self.start_workers is None else min(len(units), self.start_workers)
+        wanted = len(units) if self.start_replicas is None else min(len(units), self.start_replicas)
         if wanted > 0:
-            self._start_workers(spec, wanted)
+            self._start_replicas(spec, wanted)
         return units
 
-    def _start_workers(self, spec: api.BatchSpec, wanted: int) -> None:
+    def _start_replicas(self, spec: api.BatchSpec, wanted: int) -> None:
         try:
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
             names = self.replicas.start(wanted)
         except api.ResourcesUnavailableError as err:  # no shard could run either: fail now, naming the resources
             raise task_error(str(err), retryable=api.is_retryable(err)) from err
         except Exception as err:  # an optimisation only: the shard tasks connect and report
-            self.log.warning("Could not start Ray workers ahead (%s: %s); the shard tasks will start them", type(err).__name__, err)
+            self.log.warning("Could not start replicas ahead (%s: %s); the shard tasks will start them", type(err).__name__, err)
             return
-        self.log.info("Started %s Ray worker(s) ahead, loading the model: %s", len(names), ", ".join(names))
+        self.log.info("Started %s replica(s) ahead, loading the model: %s", len(names), ", ".join(names))
 
 
 class BatchShardOperator(ResumableJobMixin, _SpecOperator):
@@ -449,18 +452,21 @@ class FinalizeBatchOperator(_SpecOperator):
     """Check every planned shard is committed, write ``_SUCCESS``, emit the sink's asset event.
 
     :param plan_task_id: task id of the plan step (for the job's start time).
-    :param release_workers: stop the model's Ray workers now rather than at their idle timeout.
+    :param ray_conn_id: ``ray`` connection, for stopping the model's replicas.
+    :param release_replicas: stop the model's idle replicas now rather than at their idle
+        timeout. (Formerly ``release_workers``, still accepted with a DeprecationWarning.)
     """
 
     ui_color = "#e9f7ec"
 
+    @renamed_keywords(release_workers="release_replicas")
     def __init__(
-        self, *, plan_task_id: str | None = None, ray_conn_id: str = RayHook.default_conn_name, release_workers: bool = True, **kwargs: Any
+        self, *, plan_task_id: str | None = None, ray_conn_id: str = RayHook.default_conn_name, release_replicas: bool = True, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
         self.plan_task_id = plan_task_id
         self.ray_conn_id = ray_conn_id
-        self.release_workers = release_workers
+        self.release_replicas = release_replicas
 
     def execute(self, context: Context) -> dict[str, Any]:
         summary = {}
@@ -486,8 +492,8 @@ class FinalizeBatchOperator(_SpecOperator):
             self.log.warning("%s rows were rejected (bad_rows='skip'): they are in %s", result["rows_rejected"], manifest["rejected_dir"])
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = {k: v for k, v in result.items() if v is not None}
-        if self.release_workers and summary.get("pending"):
+        if self.release_replicas and summary.get("pending"):
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
             released = self.replicas.shutdown()
-            self.log.info("Released %s idle Ray worker(s) of this model (any serving a shard of another run keeps running)", released)
+            self.log.info("Released %s idle replica(s) of this model (any serving a shard of another run keeps running)", released)
         return result

@@ -40,7 +40,7 @@ def test_defaults_and_inferred_format():
         ({"predictor_kwargs": {"f": object()}}, "predictor_kwargs"),
         ({"columns": "text"}, "columns"),
         ({"sink": ""}, "sink"),
-        ({"num_workers": 0}, "num_workers"),
+        ({"num_replicas": 0}, "num_replicas"),
     ],
 )
 def test_validation_names_the_field(overrides, field):
@@ -82,3 +82,20 @@ def test_one_format_table_for_inference_scans_and_part_names():
     assert BatchSpec(source="/in/x.pq", sink="/o", predictor="m:C").source_format == "parquet"
     assert part_name("abc", "parquet") == "part-abc.parquet" and part_name("abc", "jsonl") == "part-abc.jsonl"
     assert is_part_name("part-abc.jsonl") and not is_part_name("part-abc.json") and not is_part_name("_SUCCESS")
+
+
+def test_num_workers_is_the_deprecated_name_of_num_replicas():
+    with pytest.warns(DeprecationWarning, match="'num_workers' is deprecated, use 'num_replicas'") as warned:
+        assert make(num_workers=2).num_replicas == 2
+    assert warned[0].filename == __file__  # it points at the author's line
+    with pytest.warns(DeprecationWarning, match="use 'num_replicas'"):
+        assert BatchSpec.from_dict({**BASE, "num_workers": 3}) == make(num_replicas=3)
+    assert "num_workers" not in make(num_replicas=2).to_dict()
+
+
+@pytest.mark.parametrize("build", [lambda: make(num_workers=2, num_replicas=2),
+                                   lambda: BatchSpec.from_dict({**BASE, "num_workers": 2, "num_replicas": 2})],
+                         ids=["keywords", "dict"])
+def test_num_workers_and_num_replicas_together_are_refused(build):
+    with pytest.raises(BatchSpecError, match="'num_workers' is the deprecated name of 'num_replicas'; give only 'num_replicas'"):
+        build()

@@ -8,6 +8,7 @@ pandas and DuckDB agree), the exact rows in ``{sink}/_rejected/``, or the exact 
 from __future__ import annotations
 
 import base64
+import functools
 import glob
 import json
 import os
@@ -31,16 +32,12 @@ from airflow_batch_provider.core.errors import (
 )
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.spec import BatchSpec
-from tests.conftest import ROOT, write_jsonl, write_parquet
 from tests.corpus.readback import read_back
-
+from tests.helpers import ROOT, make_spec, write_jsonl, write_parquet
 
 # -- helpers ------------------------------------------------------------------------------
-def spec_for(source: str, sink: str, **kw) -> BatchSpec:
-    kw.setdefault("predictor", "tests.predictors:Doubler")
-    kw.setdefault("rows_per_shard", 1000)
-    kw.setdefault("batch_size", 16)
-    return BatchSpec(source=source, sink=sink, **kw)
+#: The spec of this module's cases: ``make_spec``'s, in shards of 1,000 rows and batches of 16.
+spec_for = functools.partial(make_spec, rows_per_shard=1000, batch_size=16)
 
 
 def run_job(spec: BatchSpec, storage_options: dict | None = None) -> dict:

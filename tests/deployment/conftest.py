@@ -3,40 +3,32 @@ deployment scenarios, the DAGs they run, and a timing report printed at the end.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.deployment.harness import AirflowClient, Deployment
-
-HERE = Path(__file__).parent
-TIMINGS: dict[str, Any] = {}
-_REPORT: list[Path] = []
+from tests.deployment.harness import TIMING_FILES, TIMINGS, AirflowClient, running_deployment
 
 #: The DAGs of the scenarios: rows, shard size, seconds per batch (SlowDoubler), options.
 SCENARIO_DAGS: dict[str, dict[str, Any]] = {
     # 8 shards of 3 batches (4, 4, 2 rows) x 1 s; two at a time (max_active_tis_per_dagrun)
     "deploy_scheduler_kill": {"rows": 80, "sleep_s": 1.0, "batch_size": 4, "max_active_shards": 2},
     # 3 shards of 2 batches x 3 s
-    "deploy_task_kill": {"rows": 30, "sleep_s": 3.0, "max_active_shards": 3, "num_workers": 3},
+    "deploy_task_kill": {"rows": 30, "sleep_s": 3.0, "max_active_shards": 3, "num_replicas": 3},
     # 6 shards; the batches holding id 0 and 35 fail while the marker file exists; no retries
-    "deploy_clear_failed": {"rows": 60, "sleep_s": 0.2, "retries": 0, "fail_mod": 35, "max_active_shards": 3, "num_workers": 3},
+    "deploy_clear_failed": {"rows": 60, "sleep_s": 0.2, "retries": 0, "fail_mod": 35, "max_active_shards": 3, "num_replicas": 3},
     # the same, with resume=False (one retry, so that only the injected failure fails a shard):
     # the cleared run keeps its own work, a new run starts fresh
     "deploy_resume_false": {"rows": 60, "sleep_s": 0.2, "retries": 1, "fail_mod": 35, "max_active_shards": 3,
-                            "num_workers": 3, "resume": False},
+                            "num_replicas": 3, "resume": False},
     # 5 deferrable shards of 2 batches x 4 s, five model replicas, no cap
-    "deploy_deferrable": {"rows": 50, "sleep_s": 4.0, "deferrable": True, "num_workers": 5},
+    "deploy_deferrable": {"rows": 50, "sleep_s": 4.0, "deferrable": True, "num_replicas": 5},
     # 1 deferrable shard of 5 batches x 6 s, marked failed by a user while it computes
     "deploy_deferred_mark_failed": {"rows": 10, "sleep_s": 6.0, "batch_size": 2, "deferrable": True, "retries": 0},
     # 4 shards in a 1-slot pool ("one GPU")
-    "deploy_pool_cap": {"rows": 40, "sleep_s": 1.0, "pool": "gpu_slots", "num_workers": 2},
+    "deploy_pool_cap": {"rows": 40, "sleep_s": 1.0, "pool": "gpu_slots", "num_replicas": 2},
     # 8 shards of 3 batches x 1 s, two at a time: only the scheduler process is killed
     "deploy_scheduler_only_kill": {"rows": 80, "sleep_s": 1.0, "batch_size": 4, "max_active_shards": 2},
 }
@@ -48,48 +40,6 @@ CELERY_DAGS: dict[str, dict[str, Any]] = {
     # 8 shards of 3 batches (4, 4, 2 rows) x 1 s, two at a time
     "celery_scheduler_kill": {"rows": 80, "sleep_s": 1.0, "batch_size": 4, "max_active_shards": 2},
 }
-
-
-def _write_input(path: Path, rows: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        for i in range(rows):
-            handle.write(json.dumps({"id": i, "value": i}) + "\n")
-
-
-@contextlib.contextmanager
-def running_deployment(prefix: str, dags: dict[str, dict[str, Any]], **options: Any):
-    """A started :class:`Deployment` (``options``: executor, Celery workers...) running ``dags``."""
-    root = Path(tempfile.mkdtemp(prefix=prefix))
-    dep = Deployment(root, **options)
-    data = root / "data"
-    configs = []
-    for dag_id, opts in dags.items():
-        base = data / dag_id
-        _write_input(base / "in" / "rows.jsonl", opts["rows"])
-        kwargs: dict[str, Any] = {"sleep_s": opts["sleep_s"], "calls_log": str(base / "calls.log")}
-        if opts.get("fail_mod"):
-            kwargs.update(fail_marker=str(base / "FAIL"), fail_mod=opts["fail_mod"])
-        configs.append(
-            {
-                "dag_id": dag_id,
-                "source": str(base / "in" / "*.jsonl"),
-                "sink": str(base / "out"),
-                "predictor_kwargs": kwargs,
-                **{k: v for k, v in opts.items() if k not in ("rows", "sleep_s", "fail_mod")},
-            }
-        )
-    dep.dags.mkdir(parents=True, exist_ok=True)
-    (dep.dags / "deploy_dags.json").write_text(json.dumps(configs, indent=1))
-    shutil.copy(HERE / "dag_template.py", dep.dags / "deploy_dags.py")
-    _REPORT.append(root / "timings.json")
-    try:
-        dep.start()
-        TIMINGS[f"startup ({dep.executor})"] = {k: round(v, 1) for k, v in dep.timings.items()}
-        yield dep
-    finally:
-        dep.stop()
-        (root / "timings.json").write_text(json.dumps(TIMINGS, indent=1))  # the root (logs, data) is kept for inspection
 
 
 # Module scope: each deployment (scheduler, API server, triggerer, dag processor, workers) is
@@ -150,5 +100,5 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("=", "deployment timings (seconds)")
     for name, values in TIMINGS.items():
         terminalreporter.write_line(f"{name}: {json.dumps(values)}")
-    if _REPORT:
-        terminalreporter.write_line(f"(also in {_REPORT[0]})")
+    if TIMING_FILES:
+        terminalreporter.write_line(f"(also in {TIMING_FILES[0]})")

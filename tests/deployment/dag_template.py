@@ -29,7 +29,7 @@ for cfg in CONFIGS:
         batch_size=cfg.get("batch_size", 5),
         rows_per_shard=cfg.get("rows_per_shard", 10),
         num_cpus=1,
-        num_workers=cfg.get("num_workers", 2),
+        num_replicas=cfg.get("num_replicas", 2),
         resume=cfg.get("resume", True),
     )
     with DAG(

@@ -15,18 +15,24 @@ Everything runs from this repository (``PYTHONPATH``) with the Python that runs 
 
 each started in its own session so that it, and whatever it forks, is stopped by process
 group at the end. Tests talk to Airflow only through the REST API v2 (:class:`AirflowClient`).
+
+The scenarios share, from here too: ``running_deployment`` (a deployment running their DAGs,
+its timings kept for the report) and what they read of a run (its units, the predictor's
+calls, the committed shards) and do to one (``kill_only_the_scheduler``).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,19 +41,13 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from tests.helpers import BIN, ROOT, free_port, logged_ids, sink_ids, write_jsonl
+
 PG_DSN = os.environ.get("ABP_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 ADMIN_PASSWORD = "admin-pw"
 TERMINAL = {"success", "failed"}
 #: Postgres ends a session idle inside a transaction this long (0: never, Postgres' default).
 IDLE_IN_TRANSACTION_TIMEOUT = os.environ.get("ABP_TEST_IDLE_IN_TRANSACTION_TIMEOUT", "60s")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
@@ -178,7 +178,7 @@ class Deployment:
         env = self.base_env()
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.ray_token)
         cmd = [
-            str(BIN / "ray"), "start", "--head", "--block",
+            os.path.join(BIN, "ray"), "start", "--head", "--block",
             "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={temp_dir}",
             f"--num-cpus={self.ray_cpus}", "--num-gpus=0", "--include-dashboard=false",
             f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
@@ -204,7 +204,7 @@ class Deployment:
 
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RAY_"))}
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
         env["OMP_NUM_THREADS"] = "1"
         return env
@@ -250,7 +250,7 @@ class Deployment:
         """``airflow celery worker`` named ``w{index}``, on this deployment's queue, in a session
         of its own (it, its pool processes and their task processes die together when killed)."""
         name = f"celery-w{index}"
-        cmd = [str(BIN / "airflow"), "celery", "worker", "--queues", self.queue, "--concurrency", str(self.celery_concurrency),
+        cmd = [os.path.join(BIN, "airflow"), "celery", "worker", "--queues", self.queue, "--concurrency", str(self.celery_concurrency),
                "--celery-hostname", f"w{index}-{self.queue}@%h", "--skip-serve-logs"]
         return self._spawn(name, cmd, self.airflow_env())
 
@@ -266,7 +266,7 @@ class Deployment:
 
     def airflow(self, *args: str, timeout: float = 120) -> str:
         out = subprocess.run(
-            [str(BIN / "airflow"), *args], env=self.airflow_env(), capture_output=True, text=True, timeout=timeout, cwd=self.root
+            [os.path.join(BIN, "airflow"), *args], env=self.airflow_env(), capture_output=True, text=True, timeout=timeout, cwd=self.root
         )
         if out.returncode:
             raise RuntimeError(f"airflow {' '.join(args)} failed ({out.returncode}): {out.stderr[-3000:]}")
@@ -279,7 +279,7 @@ class Deployment:
         args = [component]
         if component == "api-server":
             args += ["--host", "127.0.0.1", "--port", str(self.api_port), "--workers", "1"]
-        return self._spawn(component, [str(BIN / "airflow"), *args], self.airflow_env())
+        return self._spawn(component, [os.path.join(BIN, "airflow"), *args], self.airflow_env())
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> Proc:
         old = self.procs.get(name)
@@ -573,3 +573,149 @@ class AirflowClient:
             "task_ids": task_ids,
         }
         return self.post(f"/api/v2/dags/{dag_id}/clearTaskInstances", body)
+
+
+# -- the scenarios' deployments ---------------------------------------------------------------
+HERE = Path(__file__).parent
+#: figures of each deployment and scenario, for the report at the end of the session
+TIMINGS: dict[str, Any] = {}
+#: where the report is written too (one file per deployment)
+TIMING_FILES: list[Path] = []
+
+
+@contextlib.contextmanager
+def running_deployment(prefix: str, dags: dict[str, dict[str, Any]], **options: Any):
+    """A started :class:`Deployment` (``options``: executor, Celery workers...) running ``dags``."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    dep = Deployment(root, **options)
+    data = root / "data"
+    configs = []
+    for dag_id, opts in dags.items():
+        base = data / dag_id
+        write_jsonl(str(base / "in" / "rows.jsonl"), [{"id": i, "value": i} for i in range(opts["rows"])])
+        kwargs: dict[str, Any] = {"sleep_s": opts["sleep_s"], "calls_log": str(base / "calls.log")}
+        if opts.get("fail_mod"):
+            kwargs.update(fail_marker=str(base / "FAIL"), fail_mod=opts["fail_mod"])
+        configs.append(
+            {
+                "dag_id": dag_id,
+                "source": str(base / "in" / "*.jsonl"),
+                "sink": str(base / "out"),
+                "predictor_kwargs": kwargs,
+                **{k: v for k, v in opts.items() if k not in ("rows", "sleep_s", "fail_mod")},
+            }
+        )
+    dep.dags.mkdir(parents=True, exist_ok=True)
+    (dep.dags / "deploy_dags.json").write_text(json.dumps(configs, indent=1))
+    shutil.copy(HERE / "dag_template.py", dep.dags / "deploy_dags.py")
+    TIMING_FILES.append(root / "timings.json")
+    try:
+        dep.start()
+        TIMINGS[f"startup ({dep.executor})"] = {k: round(v, 1) for k, v in dep.timings.items()}
+        yield dep
+    finally:
+        dep.stop()
+        (root / "timings.json").write_text(json.dumps(TIMINGS, indent=1))  # the root (logs, data) is kept for inspection
+
+
+# -- a scenario's run, and the evidence it leaves -------------------------------------------
+SHARD = "batch.shard"
+PLAN = "batch.plan"
+FINALIZE = "batch.finalize"
+
+
+def calls(calls_log: Path) -> collections.Counter:
+    """How often the predictor computed each id (its ``calls_log``)."""
+    return collections.Counter(logged_ids(calls_log))
+
+
+def committed(sink: Path) -> set[str]:
+    return {p.stem for p in (sink / "_checkpoint" / "shards").glob("*.json")}
+
+
+def unit_ids(client: AirflowClient, dag_id: str, run_id: str) -> dict[int, dict[str, Any]]:
+    """map index -> {"shard_ids", "ids"} from the plan task's output (the mapped list)."""
+    units = client.xcom(dag_id, run_id, PLAN)
+    out = {}
+    for index, unit in enumerate(units):
+        ids = [i for s in unit["shards"] for i in range(s["start"], s["end"])]
+        out[index] = {"shard_ids": [s["shard_id"] for s in unit["shards"]], "ids": ids}
+    return out
+
+
+def max_overlap(tis: list[dict[str, Any]]) -> int:
+    from datetime import datetime
+
+    events = []
+    for ti in tis:
+        if ti.get("start_date") and ti.get("end_date"):
+            events.append((datetime.fromisoformat(ti["start_date"]), 1))
+            events.append((datetime.fromisoformat(ti["end_date"]), -1))
+    level = peak = 0
+    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def assert_each_row_once(sink: Path, rows: int) -> None:
+    ids = sink_ids(sink)
+    dupes = [i for i, n in collections.Counter(ids).items() if n > 1]
+    assert not dupes, f"rows written more than once: {dupes[:10]}"
+    assert sorted(ids) == list(range(rows))
+    assert (sink / "_SUCCESS").exists()
+
+
+def start_run(client: AirflowClient, dag_id: str) -> str:
+    client.unpause(dag_id)
+    return client.trigger(dag_id)
+
+
+def retry_outcome(log: str) -> str:
+    """What a retried shard task did, from its log (ResumableJobMixin / deferrable path messages)."""
+    if "Reconnecting to existing job" in log or "Reconnected to running Ray work" in log or "Reconnecting to running Ray work" in log:
+        return "reconnected"
+    if "already completed successfully" in log or "already finished; not submitting again" in log:
+        return "already finished"
+    return "recomputed"
+
+
+def kill_only_the_scheduler(deployment: Deployment, client: AirflowClient, scenario) -> None:
+    """Run the scenario's DAG, SIGKILL the scheduler process alone once a shard is committed and
+    another runs, start a new one 2 s later; the run must succeed with every row once and no
+    committed shard computed again. Records the figures and any stale DB transactions."""
+    started = time.monotonic()
+    run_id = start_run(client, scenario.dag_id)
+
+    def one_committed_one_running():
+        tis = client.shard_tis(scenario.dag_id, run_id, SHARD)
+        return committed(scenario.sink) and any(t["state"] == "running" for t in tis)
+
+    wait_for(one_committed_one_running, 240, interval=0.2, what="a committed shard and a running one")
+    done_before, calls_before = committed(scenario.sink), calls(scenario.calls_log)
+    def celery_workers_alive() -> list[str]:
+        return [name for name, proc in deployment.procs.items() if name.startswith("celery-") and proc.popen.poll() is None]
+
+    workers_before = celery_workers_alive()
+    killed_at = time.monotonic()
+    deployment.kill_component("scheduler", signal.SIGKILL, whole_group=False)
+    assert celery_workers_alive() == workers_before  # only the scheduler died
+    scenario.timings["celery_workers_alive"] = workers_before
+    time.sleep(2)
+    scenario.timings["stale_transactions_after_kill"] = deployment.stale_transactions()
+    restarted_at = time.time()
+    deployment.start_component("scheduler")
+    deployment.wait_new_scheduler(restarted_at)
+    assert client.wait_run(scenario.dag_id, run_id, timeout=400) == "success"
+    scenario.timings["kill_to_success_s"] = round(time.monotonic() - killed_at, 1)
+    scenario.timings["run_s"] = round(time.monotonic() - started, 1)
+
+    after = calls(scenario.calls_log)
+    plan = unit_ids(client, scenario.dag_id, run_id)
+    for unit in plan.values():
+        if set(unit["shard_ids"]) <= done_before:
+            assert all(after[i] == calls_before[i] for i in unit["ids"]), f"committed shard {unit['shard_ids']} computed again"
+    assert_each_row_once(scenario.sink, scenario.opts["rows"])
+    ids = sink_ids(scenario.sink)
+    scenario.timings.update(rows_lost=scenario.opts["rows"] - len(set(ids)), rows_duplicated=len(ids) - len(set(ids)),
+                            rows_recomputed=sum(n - 1 for n in after.values() if n > 1))

@@ -16,19 +16,20 @@ import time
 
 import pytest
 
-from tests.deployment.harness import ray_loaded, wait_for
-from tests.deployment.test_scenarios import (
+from tests.deployment.harness import (
     FINALIZE,
     SHARD,
     assert_each_row_once,
     calls,
     committed,
     kill_only_the_scheduler,
+    ray_loaded,
     retry_outcome,
-    sink_ids,
     start_run,
     unit_ids,
+    wait_for,
 )
+from tests.helpers import sink_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

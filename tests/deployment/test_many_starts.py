@@ -18,16 +18,14 @@ import time
 
 import pytest
 
-from tests.deployment.conftest import running_deployment
-from tests.deployment.harness import AirflowClient, ray_loaded, wait_for
-from tests.deployment.test_scenarios import SHARD, assert_each_row_once, start_run
+from tests.deployment.harness import SHARD, AirflowClient, assert_each_row_once, ray_loaded, running_deployment, start_run, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 DAG_ID = "deploy_many_starts"
 ROWS = 240  # 24 shards of 10 rows
 RUNS = 3
-DAGS = {DAG_ID: {"rows": ROWS, "sleep_s": 0.0, "retries": 0, "num_workers": 4}}
+DAGS = {DAG_ID: {"rows": ROWS, "sleep_s": 0.0, "retries": 0, "num_replicas": 4}}
 
 
 @pytest.fixture(scope="module")

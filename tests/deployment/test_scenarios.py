@@ -10,90 +10,31 @@ computed how often. Timings are printed at the end of the session.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import signal
 import time
-from pathlib import Path
-from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 
-from tests.deployment.harness import AirflowClient, Deployment, task_pid, wait_for
+from tests.deployment.harness import (
+    FINALIZE,
+    PLAN,
+    SHARD,
+    AirflowClient,
+    Deployment,
+    assert_each_row_once,
+    calls,
+    committed,
+    kill_only_the_scheduler,
+    max_overlap,
+    retry_outcome,
+    start_run,
+    task_pid,
+    unit_ids,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-SHARD = "batch.shard"
-PLAN = "batch.plan"
-FINALIZE = "batch.finalize"
-
-
-# -- evidence ---------------------------------------------------------------------------------
-def sink_ids(sink: Path) -> list[int]:
-    ids: list[int] = []
-    for part in sorted(sink.glob("part-*.parquet")):
-        ids += pq.read_table(part).column("id").to_pylist()
-    return ids
-
-
-def calls(calls_log: Path) -> collections.Counter:
-    counter: collections.Counter = collections.Counter()
-    if calls_log.exists():
-        for line in calls_log.read_text().splitlines():
-            counter.update(json.loads(line))
-    return counter
-
-
-def committed(sink: Path) -> set[str]:
-    return {p.stem for p in (sink / "_checkpoint" / "shards").glob("*.json")}
-
-
-def unit_ids(client: AirflowClient, dag_id: str, run_id: str) -> dict[int, dict[str, Any]]:
-    """map index -> {"shard_ids", "ids"} from the plan task's output (the mapped list)."""
-    units = client.xcom(dag_id, run_id, PLAN)
-    out = {}
-    for index, unit in enumerate(units):
-        ids = [i for s in unit["shards"] for i in range(s["start"], s["end"])]
-        out[index] = {"shard_ids": [s["shard_id"] for s in unit["shards"]], "ids": ids}
-    return out
-
-
-def max_overlap(tis: list[dict[str, Any]]) -> int:
-    from datetime import datetime
-
-    events = []
-    for ti in tis:
-        if ti.get("start_date") and ti.get("end_date"):
-            events.append((datetime.fromisoformat(ti["start_date"]), 1))
-            events.append((datetime.fromisoformat(ti["end_date"]), -1))
-    level = peak = 0
-    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
-        level += delta
-        peak = max(peak, level)
-    return peak
-
-
-def assert_each_row_once(sink: Path, rows: int) -> None:
-    ids = sink_ids(sink)
-    dupes = [i for i, n in collections.Counter(ids).items() if n > 1]
-    assert not dupes, f"rows written more than once: {dupes[:10]}"
-    assert sorted(ids) == list(range(rows))
-    assert (sink / "_SUCCESS").exists()
-
-
-def start_run(client: AirflowClient, dag_id: str) -> str:
-    client.unpause(dag_id)
-    return client.trigger(dag_id)
-
-
-def retry_outcome(log: str) -> str:
-    """What a retried shard task did, from its log (ResumableJobMixin / deferrable path messages)."""
-    if "Reconnecting to existing job" in log or "Reconnected to running Ray work" in log or "Reconnecting to running Ray work" in log:
-        return "reconnected"
-    if "already completed successfully" in log or "already finished; not submitting again" in log:
-        return "already finished"
-    return "recomputed"
 
 
 # -- scenario 1 -------------------------------------------------------------------------------
@@ -187,47 +128,6 @@ def test_1b_only_the_scheduler_process_killed(deployment: Deployment, client: Ai
     session cannot hold the run for longer (``ABP_TEST_IDLE_IN_TRANSACTION_TIMEOUT=0`` turns it off).
     """
     kill_only_the_scheduler(deployment, client, scenario)
-
-
-def kill_only_the_scheduler(deployment: Deployment, client: AirflowClient, scenario) -> None:
-    """Run the scenario's DAG, SIGKILL the scheduler process alone once a shard is committed and
-    another runs, start a new one 2 s later; the run must succeed with every row once and no
-    committed shard computed again. Records the figures and any stale DB transactions."""
-    started = time.monotonic()
-    run_id = start_run(client, scenario.dag_id)
-
-    def one_committed_one_running():
-        tis = client.shard_tis(scenario.dag_id, run_id, SHARD)
-        return committed(scenario.sink) and any(t["state"] == "running" for t in tis)
-
-    wait_for(one_committed_one_running, 240, interval=0.2, what="a committed shard and a running one")
-    done_before, calls_before = committed(scenario.sink), calls(scenario.calls_log)
-    def celery_workers_alive() -> list[str]:
-        return [name for name, proc in deployment.procs.items() if name.startswith("celery-") and proc.popen.poll() is None]
-
-    workers_before = celery_workers_alive()
-    killed_at = time.monotonic()
-    deployment.kill_component("scheduler", signal.SIGKILL, whole_group=False)
-    assert celery_workers_alive() == workers_before  # only the scheduler died
-    scenario.timings["celery_workers_alive"] = workers_before
-    time.sleep(2)
-    scenario.timings["stale_transactions_after_kill"] = deployment.stale_transactions()
-    restarted_at = time.time()
-    deployment.start_component("scheduler")
-    deployment.wait_new_scheduler(restarted_at)
-    assert client.wait_run(scenario.dag_id, run_id, timeout=400) == "success"
-    scenario.timings["kill_to_success_s"] = round(time.monotonic() - killed_at, 1)
-    scenario.timings["run_s"] = round(time.monotonic() - started, 1)
-
-    after = calls(scenario.calls_log)
-    plan = unit_ids(client, scenario.dag_id, run_id)
-    for unit in plan.values():
-        if set(unit["shard_ids"]) <= done_before:
-            assert all(after[i] == calls_before[i] for i in unit["ids"]), f"committed shard {unit['shard_ids']} computed again"
-    assert_each_row_once(scenario.sink, scenario.opts["rows"])
-    ids = sink_ids(scenario.sink)
-    scenario.timings.update(rows_lost=scenario.opts["rows"] - len(set(ids)), rows_duplicated=len(ids) - len(set(ids)),
-                            rows_recomputed=sum(n - 1 for n in after.values() if n > 1))
 
 
 # -- scenario 2 -------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from typing import Any
 
 from airflow_batch_provider import BatchSpec
 from airflow_batch_provider.core.events import EventKind, parse_events
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DAG_ID = "abp_integration"
 
 # An empty spec file (a run of another DAG in the same folder) still parses, with a dummy spec.
@@ -108,7 +108,7 @@ class DagTester:
         run id comes from the date), as a cleared run is."""
         spec_path = os.path.join(self.home, "spec.json")
         with open(spec_path, "w") as handle:
-            json.dump(spec.to_dict() if isinstance(spec, BatchSpec) else spec or {}, handle)
+            json.dump(spec.to_dict() if hasattr(spec, "to_dict") else spec or {}, handle)  # either spec: the DAG builds the Airflow one
         env = {**self.env, "ABP_TEST_SPEC": spec_path, "ABP_TEST_SHARD_RETRIES": str(shard_retries), **(extra_env or {})}
         proc = subprocess.run(
             [self._airflow, "dags", "test", dag_id or self.dag_id, *([logical_date] if logical_date else [])],

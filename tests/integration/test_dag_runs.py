@@ -5,29 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-import pyarrow.dataset as ds
 import pytest
 
-from airflow_batch_provider import BatchSpec
-from tests.conftest import rows
+from tests.helpers import logged_ids, make_spec, rows, sink_table
 
 pytestmark = pytest.mark.slow
-
-
-def make_spec(source, sink, **kw):
-    kw.setdefault("rows_per_shard", 100)
-    kw.setdefault("predictor", "tests.predictors:Doubler")
-    return BatchSpec(source=source, sink=sink, source_format="jsonl", num_cpus=1, **kw)
-
-
-def sink_table(sink):
-    return ds.dataset(sink, format="parquet").to_table().sort_by("id")
-
-
-def logged_ids(path):
-    if not os.path.exists(path):
-        return []
-    return [i for line in open(path) for i in json.loads(line)]
 
 
 def test_full_run_equals_direct_computation(dag_tester, jsonl_source, tmp_path):

@@ -16,8 +16,8 @@ import os
 
 import pytest
 
+from tests.helpers import logged_ids, make_spec, sink_table
 from tests.integration.dagtest import DagTester
-from tests.integration.test_dag_runs import logged_ids, make_spec, sink_table
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """A Ray worker node is lost mid-shard, on a real cluster: a head (no CPUs) and three 1-CPU
-worker nodes on loopback, token auth, two replicas (``num_workers=2``) and ``airflow dags
+worker nodes on loopback, token auth, two replicas (``num_replicas=2``) and ``airflow dags
 test`` with shard retries 0.
 
 The node running a shard is killed (its raylet and every worker process on it) while the
@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from airflow_batch_provider import BatchSpec
-from tests.conftest import rows, write_jsonl
+from tests.helpers import rows, write_jsonl
 from tests.integration.dagtest import DagTester
 from tests.ray_cluster import RayCluster
 
@@ -60,12 +60,12 @@ def test_a_lost_node_mid_shard_is_recomputed_on_the_other_node_in_the_same_try(c
     trace, loads = str(tmp_path / "trace.log"), str(tmp_path / "loads.log")
     spec = BatchSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:NodeTracedDoubler",
                      predictor_kwargs={"trace_log": trace, "load_log": loads, "sleep_s": 1.0}, rows_per_shard=20, batch_size=5,
-                     num_cpus=1, max_retries=2, num_workers=2)
-    # The replicas outlive the run (release_workers=False): finalize would otherwise stop the lost
+                     num_cpus=1, max_retries=2, num_replicas=2)
+    # The replicas outlive the run (release_replicas=False): finalize would otherwise stop the lost
     # replica while Ray still waits to declare its node dead (about 14 s), whenever the shards
     # after the kill end sooner than that, and Ray would then never start it again.
     tester = DagTester(str(tmp_path / "airflow"), connections={"ray_default": cluster.conn_uri()},
-                       group_kwargs=", release_workers=False")
+                       group_kwargs=", release_replicas=False")
     killed: dict = {}
 
     def kill_the_node_of_the_first_shard():

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from tests.integration.dagtest import ROOT, DagTester
+from tests.helpers import ROOT
+from tests.integration.dagtest import DagTester
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -15,26 +15,18 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from airflow_batch_provider import BatchSpec
-from tests.conftest import ROOT, rows, write_jsonl
+from tests.helpers import BIN, ROOT, free_ports, rows, write_jsonl
 from tests.integration.dagtest import DagTester
 
 pytestmark = pytest.mark.slow
 
 API_KEY = "sk-live-abp-0123456789-model-api-key"
-BIN = os.path.dirname(sys.executable)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +39,7 @@ def ray_head(tmp_path_factory):
            "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([f"{BIN}/ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True, check=True)
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_ports(2)
     out = subprocess.run([f"{BIN}/ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                           f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                           f"--dashboard-port={dashboard}", "--disable-usage-stats"],

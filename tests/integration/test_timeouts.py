@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from airflow_batch_provider import BatchSpec
-from tests.conftest import rows, write_jsonl
+from tests.helpers import rows, write_jsonl
 from tests.integration.dagtest import DagTester
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,6 @@ first) fails the task without retries (``AirflowFailException``); a failure a re
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
@@ -15,39 +14,24 @@ from airflow_batch_provider.core.api import BatchSpec, ReplicaPool, RunState, pl
 from airflow_batch_provider.core.errors import InputDataError, PredictorFailedError, StaleCheckpointError
 from airflow_batch_provider.operators import batch as batch_mod
 from airflow_batch_provider.operators.batch import BatchInferenceException, BatchInferenceFailure, BatchShardOperator, PlanBatchOperator
-from tests.conftest import rows
-
-
-class Store(dict):
-    def set(self, key, value):
-        self[key] = value
-
-
-class TI(SimpleNamespace):
-    def xcom_push(self, key, value):
-        pass
-
-
-def context(store: Store | None = None):
-    ti = TI(dag_id="d", run_id="r", task_id="batch.shard", map_index=0, try_number=1, stats_tags={})
-    return {"ti": ti, "task_state_store": store if store is not None else Store()}
+from tests.helpers import StateStore, rows, task_context
 
 
 def test_a_stale_checkpoint_fails_the_plan_without_retries(jsonl_source, tmp_path):
     spec = {"source": jsonl_source, "source_format": "jsonl", "sink": str(tmp_path / "out"), "predictor": "tests.predictors:Doubler"}
-    PlanBatchOperator(task_id="plan", spec=spec, start_workers=0).execute(context())
+    PlanBatchOperator(task_id="plan", spec=spec, start_replicas=0).execute(task_context())
     changed = {**spec, "predictor_kwargs": {"factor": 3}}  # another model output, same sink, resume=True
     with pytest.raises(BatchInferenceFailure) as raised:
-        PlanBatchOperator(task_id="plan", spec=changed, start_workers=0).execute(context())
+        PlanBatchOperator(task_id="plan", spec=changed, start_replicas=0).execute(task_context())
     assert isinstance(raised.value, AirflowFailException)
     assert isinstance(raised.value.__cause__, StaleCheckpointError)
     assert str(raised.value) == str(raised.value.__cause__)
 
 
 def test_a_bad_spec_fails_without_retries():
-    task = PlanBatchOperator(task_id="plan", spec={"source": "/in", "sink": "/out", "predictor": "no-colon"}, start_workers=0)
+    task = PlanBatchOperator(task_id="plan", spec={"source": "/in", "sink": "/out", "predictor": "no-colon"}, start_replicas=0)
     with pytest.raises(BatchInferenceFailure) as raised:
-        task.execute(context())
+        task.execute(task_context())
     assert type(raised.value.__cause__).__name__ == "BatchSpecError"
 
 
@@ -62,7 +46,7 @@ def shard_task(local_ray, tmp_path, monkeypatch):
         source.parent.mkdir(exist_ok=True)
         source.write_text("\n".join(lines) + "\n")
         spec = BatchSpec(source=str(source), source_format="jsonl", sink=str(tmp_path / "out"), batch_size=5, num_cpus=1,
-                         num_workers=1, **{"predictor": "tests.predictors:Doubler", **spec_kwargs})
+                         num_replicas=1, **{"predictor": "tests.predictors:Doubler", **spec_kwargs})
         specs.append(spec)
         unit = {"label": "the shard", "shards": [s.to_dict() for s in plan(spec).pending]}
         return BatchShardOperator(task_id="batch.shard", spec=spec.to_dict(), work_unit=unit, deferrable=False)
@@ -77,9 +61,9 @@ def test_a_bad_row_on_the_replica_fails_the_task_without_retries_naming_the_line
     lines = [json.dumps(r) for r in rows(6)]
     lines[3] = '{"id": 3, "value": 1.5, "text": "cut'  # malformed JSON on line 4
     task = shard_task(lines)
-    store = Store()
+    store = StateStore()
     with pytest.raises(BatchInferenceFailure) as raised:
-        task.execute(context(store))
+        task.execute(task_context(store))
     cause = raised.value.__cause__
     assert isinstance(cause, InputDataError), repr(cause)  # the core's own error crossed Ray with its type
     assert "line 4" in str(cause) and "line 4" in str(raised.value) and "rows.jsonl" in str(raised.value)
@@ -94,7 +78,7 @@ def test_a_predictor_exception_is_retried_as_before(shard_task, tmp_path):
     marker.write_text("")
     task = shard_task([json.dumps(r) for r in rows(6)], predictor_kwargs={"fail_marker": str(marker), "fail_mod": 5})
     with pytest.raises(BatchInferenceException) as raised:
-        task.execute(context())
+        task.execute(task_context())
     assert not isinstance(raised.value, AirflowFailException)
     assert isinstance(raised.value.__cause__, PredictorFailedError)
     assert "injected failure" in str(raised.value)

@@ -14,23 +14,13 @@ from airflow_batch_provider.core.events import EventKind, parse_events
 from airflow_batch_provider.operators import batch as batch_mod
 from airflow_batch_provider.operators.batch import BatchShardOperator, FinalizeBatchOperator, PlanBatchOperator
 from airflow_batch_provider.triggers.shard import RayShardTrigger
+from tests.helpers import FakeTI
 
 RESULTS = [
     {"shard_id": "s0", "status": "computed", "rows_in": 4, "rows_out": 3, "rows_rejected": 1, "bytes": 10, "seconds": 1.0,
      "model_seconds": 0.5, "model_load_seconds": 2.5, "worker_pid": 7},
     {"shard_id": "s1", "status": "skipped", "rows_in": 6, "rows_out": 6, "bytes": 12, "seconds": 0.1, "model_seconds": 0.0},
 ]
-
-
-class FakeTI:
-    def __init__(self, pushed: dict[str, Any] | None = None):
-        self.xcom: dict[str, Any] = dict(pushed or {})
-
-    def xcom_push(self, key, value):
-        self.xcom[key] = value
-
-    def xcom_pull(self, task_ids, key):
-        return self.xcom.get(key)
 
 
 @pytest.fixture
@@ -48,7 +38,7 @@ def spec_dict(source: str, sink: str) -> dict[str, Any]:
 def test_plan_and_finalize_log_their_summaries(monkeypatch, jsonl_source, tmp_path, logged):
     spec = spec_dict(jsonl_source, str(tmp_path / "out"))
     ti = FakeTI()
-    units = PlanBatchOperator(task_id="plan", spec=spec, start_workers=0).execute({"ti": ti})
+    units = PlanBatchOperator(task_id="plan", spec=spec, start_replicas=0).execute({"ti": ti})
     (plan,) = parse_events(logged(), EventKind.PLAN)
     assert plan == {"event": "plan", "sink": str(tmp_path / "out"), "shards": 5, "rows": 380, "committed": 0, "pending": 5,
                     "tasks": len(units), "plan_written": True}
@@ -57,7 +47,7 @@ def test_plan_and_finalize_log_their_summaries(monkeypatch, jsonl_source, tmp_pa
     runner = api.ShardRunner(core)
     for shard in api.plan(core).pending:
         runner.run(shard, api.new_attempt())
-    result = FinalizeBatchOperator(task_id="finalize", spec=spec, plan_task_id="plan", release_workers=False).execute(
+    result = FinalizeBatchOperator(task_id="finalize", spec=spec, plan_task_id="plan", release_replicas=False).execute(
         {"ti": ti, "outlet_events": {}}
     )
     (event,) = parse_events(logged(), EventKind.RESULT)

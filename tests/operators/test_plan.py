@@ -9,14 +9,7 @@ import pytest
 from airflow_batch_provider.operators import batch as batch_mod
 from airflow_batch_provider.operators.batch import PlanBatchOperator, work_units
 from airflow_batch_provider.task_group import batch_inference
-
-
-class FakeTI:
-    def __init__(self):
-        self.xcom: dict[str, Any] = {}
-
-    def xcom_push(self, key, value):
-        self.xcom[key] = value
+from tests.helpers import FakeTI
 
 
 @pytest.fixture
@@ -41,12 +34,12 @@ def test_plan_starts_replicas_for_the_pending_units(started, jsonl_source, tmp_p
 
 
 def test_plan_can_leave_replicas_to_the_shard_tasks(started, jsonl_source, tmp_path):
-    plan(jsonl_source, str(tmp_path / "out"), start_workers=0)
+    plan(jsonl_source, str(tmp_path / "out"), start_replicas=0)
     assert started == []
 
 
 def test_plan_starts_no_more_replicas_than_asked(started, jsonl_source, tmp_path):
-    plan(jsonl_source, str(tmp_path / "out"), start_workers=2)
+    plan(jsonl_source, str(tmp_path / "out"), start_replicas=2)
     assert started == [("connect", 0), ("start", 2)]
 
 
@@ -65,7 +58,7 @@ def test_unreachable_ray_is_a_warning_not_a_failed_plan(monkeypatch, jsonl_sourc
     units, _ = plan(jsonl_source, str(tmp_path / "out"))
     assert len(units) == 5
     logged = capsys.readouterr().out  # the task logger (structlog) writes to stdout here
-    assert "Could not start Ray workers ahead (ConnectionError: Could not reach Ray at 10.0.0.9:6379)" in logged
+    assert "Could not start replicas ahead (ConnectionError: Could not reach Ray at 10.0.0.9:6379)" in logged
 
 
 def test_resources_no_node_has_fail_the_plan(monkeypatch, jsonl_source, tmp_path):
@@ -93,7 +86,7 @@ def test_batch_inference_starts_no_more_replicas_than_shards_can_run(caps, ahead
         spec = BatchSpec(source="/in/*.jsonl", sink="/out", predictor="tests.predictors:Doubler")
         group = batch_inference(spec, ray_conn_id="ray_gpu", **caps)
     plan_task = group.children["batch_inference.plan"]
-    assert plan_task.ray_conn_id == "ray_gpu" and plan_task.start_workers == ahead
+    assert plan_task.ray_conn_id == "ray_gpu" and plan_task.start_replicas == ahead
 
 
 def test_more_shards_than_max_map_length_share_tasks(tmp_path, jsonl_source):
@@ -132,3 +125,23 @@ def test_batch_inference_passes_shards_per_task_to_the_plan():
     with DAG("d", schedule=None):
         group = batch_inference(BatchSpec(source="/in/*.jsonl", sink="/out", predictor="m:C"), shards_per_task=4)
     assert group.children["batch_inference.plan"].shards_per_task == 4
+
+
+def test_start_workers_is_the_deprecated_name_of_start_replicas(started, jsonl_source, tmp_path):
+    with pytest.warns(DeprecationWarning, match="PlanBatchOperator: 'start_workers' is deprecated, use 'start_replicas'") as warned:
+        plan(jsonl_source, str(tmp_path / "out"), start_workers=2)
+    assert started == [("connect", 0), ("start", 2)]
+    assert any(w.filename == __file__ for w in warned)
+    with pytest.raises(TypeError, match="give only 'start_replicas'"):
+        PlanBatchOperator(task_id="plan", spec={}, start_workers=2, start_replicas=2)
+
+
+def test_release_workers_is_the_deprecated_name_of_release_replicas():
+    from airflow_batch_provider.operators.batch import FinalizeBatchOperator
+
+    spec = {"source": "/in/*.jsonl", "sink": "/out", "predictor": "tests.predictors:Doubler"}
+    assert FinalizeBatchOperator(task_id="finalize", spec=spec).release_replicas is True
+    with pytest.warns(DeprecationWarning, match="FinalizeBatchOperator: 'release_workers' is deprecated, use 'release_replicas'"):
+        assert FinalizeBatchOperator(task_id="finalize", spec=spec, release_workers=False).release_replicas is False
+    with pytest.raises(TypeError, match="give only 'release_replicas'"):
+        FinalizeBatchOperator(task_id="finalize", spec=spec, release_workers=False, release_replicas=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import functools
 from typing import Any
 
 import pytest
@@ -12,6 +12,7 @@ from airflow_batch_provider.core import api
 from airflow_batch_provider.operators import batch as batch_mod
 from airflow_batch_provider.operators.batch import BatchInferenceException, BatchShardOperator
 from airflow_batch_provider.triggers.shard import RayShardTrigger
+from tests.helpers import StateStore, task_context
 
 SPEC = {"source": "/in/*.jsonl", "sink": "/out", "predictor": "tests.predictors:Doubler"}
 UNIT = {"label": "s0", "shards": [{"shard_id": "s0"}]}
@@ -20,11 +21,6 @@ RESULT = {"shard_id": "s0", "status": "computed", "rows_in": 4, "rows_out": 4, "
 
 def op(**kwargs: Any) -> BatchShardOperator:
     return BatchShardOperator(task_id="shard", spec=SPEC, work_unit=UNIT, ray_conn_id="ray_x", **kwargs)
-
-
-class Store(dict):
-    def set(self, key, value):
-        self[key] = value
 
 
 class Pool:
@@ -39,9 +35,8 @@ class Pool:
         return {"state": state, "results": self.results} if state == "SUCCEEDED" else {"state": state}
 
 
-def context(store: Store) -> dict[str, Any]:
-    ti = SimpleNamespace(dag_id="d", run_id="r", task_id="shard", map_index=0, try_number=1, start_date=None, stats_tags={})
-    return {"ti": ti, "task_state_store": store}
+#: this module's task (``shard``, not started yet), around a ``task_state_store``
+context = functools.partial(task_context, task_id="shard", start_date=None)
 
 
 def with_pool(task: BatchShardOperator, *states: str, results: list | None = None) -> BatchShardOperator:
@@ -80,7 +75,7 @@ def test_execute_complete_raises_on_bad_or_failed_event(event, needle):
 
 def test_execute_submits_then_defers_with_conn_id_not_token(monkeypatch):
     task = with_pool(op(deferrable=True, poll_interval=2), "RUNNING")
-    store = Store()
+    store = StateStore()
     monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w", "token": "t1"})
     with pytest.raises(TaskDeferred) as deferred:
         task.execute(context(store))
@@ -94,7 +89,7 @@ def test_execute_submits_then_defers_with_conn_id_not_token(monkeypatch):
 
 def test_execute_reconnects_to_running_work_without_submitting(monkeypatch):
     task = with_pool(op(deferrable=True), "RUNNING")
-    store = Store({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
+    store = StateStore({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
     monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: pytest.fail("submitted again"))
     with pytest.raises(TaskDeferred) as deferred:
         task.execute(context(store))
@@ -104,12 +99,12 @@ def test_execute_reconnects_to_running_work_without_submitting(monkeypatch):
 def test_execute_returns_early_when_already_finished(monkeypatch):
     task = with_pool(op(deferrable=True), "SUCCEEDED", results=[RESULT])
     monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w", "token": "t"})
-    assert task.execute(context(Store()))["computed"] == 1
+    assert task.execute(context(StateStore()))["computed"] == 1
 
 
 def test_execute_resubmits_when_earlier_work_is_lost(monkeypatch):
     task = with_pool(op(deferrable=True), "LOST", "RUNNING")
-    store = Store({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
+    store = StateStore({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
     monkeypatch.setattr(BatchShardOperator, "submit_job", lambda self, ctx: {"worker": "w", "token": "new"})
     with pytest.raises(TaskDeferred) as deferred:
         task.execute(context(store))
@@ -122,7 +117,7 @@ LOST = {"status": "lost", "worker": "w", "token": "old", "resubmits": 0, "messag
 
 def test_execute_complete_resubmits_a_lost_call_and_defers_again(monkeypatch):
     task = with_pool(op(deferrable=True), "RUNNING")
-    store = Store({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
+    store = StateStore({BatchShardOperator.external_id_key: {"worker": "w", "token": "old"}})
     monkeypatch.setattr(api.ShardCall, "submit", lambda self: api.WorkId("w2", "new", self.unit))
     with pytest.raises(TaskDeferred) as deferred:
         task.execute_complete(context(store), LOST)
@@ -134,7 +129,7 @@ def test_execute_complete_resubmits_a_lost_call_and_defers_again(monkeypatch):
 def test_execute_complete_returns_when_the_resubmitted_call_already_finished(monkeypatch):
     task = with_pool(op(deferrable=True), "SUCCEEDED", results=[RESULT])
     monkeypatch.setattr(api.ShardCall, "submit", lambda self: api.WorkId("w2", "new", self.unit))
-    assert task.execute_complete(context(Store()), LOST)["computed"] == 1
+    assert task.execute_complete(context(StateStore()), LOST)["computed"] == 1
 
 
 def test_execute_complete_stops_resubmitting_past_max_retries(monkeypatch):
@@ -142,7 +137,7 @@ def test_execute_complete_stops_resubmitting_past_max_retries(monkeypatch):
     monkeypatch.setattr(api.ShardCall, "submit", lambda self: pytest.fail("submitted past max_retries"))
     event = {**LOST, "resubmits": task.core_spec.max_retries}
     with pytest.raises(BatchInferenceException, match="lost .* times"):
-        task.execute_complete(context(Store()), event)
+        task.execute_complete(context(StateStore()), event)
 
 
 def test_batch_inference_plumbs_deferrable():
@@ -173,7 +168,7 @@ def test_a_deferrable_task_defers_only_once_the_replica_runs_its_call(local_ray,
     from airflow_batch_provider.core.domain.jobs import plan_job
 
     spec = {"source": jsonl_source, "source_format": "jsonl", "sink": str(tmp_path / "out"),
-            "predictor": "tests.predictors:Doubler", "num_cpus": 1, "num_workers": 1}
+            "predictor": "tests.predictors:Doubler", "num_cpus": 1, "num_replicas": 1}
     task = op(deferrable=True)
     task.spec = spec
     pool = task.replicas
@@ -191,7 +186,7 @@ def test_a_deferrable_task_defers_only_once_the_replica_runs_its_call(local_ray,
         thread = threading.Thread(target=submit_later)
         started = time.monotonic()
         thread.start()
-        outcome = task.call(context(Store())).wait_started(api.WorkId(name, attempt["token"]), task.settings.start_timeout_s)
+        outcome = task.call(context(StateStore())).wait_started(api.WorkId(name, attempt["token"]), task.settings.start_timeout_s)
         waited = time.monotonic() - started
         thread.join()
         status = outcome.state

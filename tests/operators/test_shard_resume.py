@@ -11,11 +11,7 @@ import pytest
 from airflow_batch_provider.core.api import BatchSpec, ReplicaPool, Shard, new_attempt, plan
 from airflow_batch_provider.operators import batch as batch_mod
 from airflow_batch_provider.operators.batch import BatchInferenceException, BatchShardOperator, attempt_key, unit_id
-
-
-class Store(dict):
-    def set(self, key, value):
-        self[key] = value
+from tests.helpers import StateStore, task_context
 
 
 @pytest.fixture
@@ -23,15 +19,10 @@ def job(local_ray, jsonl_source, tmp_path, monkeypatch):
     monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)  # the module's local Ray is connected
     calls = tmp_path / "calls.log"
     spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
-                     predictor_kwargs={"sleep_s": 1.0, "calls_log": str(calls)}, batch_size=5, rows_per_shard=10, num_cpus=1, num_workers=2)
+                     predictor_kwargs={"sleep_s": 1.0, "calls_log": str(calls)}, batch_size=5, rows_per_shard=10, num_cpus=1, num_replicas=2)
     unit = {"label": "first shard", "shards": [plan(spec).pending[0].to_dict()]}
     yield SimpleNamespace(spec=spec, unit=unit, calls=calls)
     ReplicaPool(spec).shutdown()
-
-
-def context(try_number: int, store: Store):
-    ti = SimpleNamespace(dag_id="d", run_id="r", task_id="batch.shard", map_index=0, try_number=try_number, stats_tags={})
-    return {"ti": ti, "task_state_store": store}
 
 
 def row_calls(calls_log) -> collections.Counter:
@@ -43,15 +34,15 @@ def row_calls(calls_log) -> collections.Counter:
 
 def test_retry_reconnects_to_work_whose_id_was_never_stored(job, capsys):
     # Try 1 submitted its shard to Ray and died before task_state_store.set.
-    first = new_attempt(attempt_key(context(1, Store())["ti"], unit_id(job.unit)), try_number=1)
+    first = new_attempt(attempt_key(task_context(StateStore(), try_number=1)["ti"], unit_id(job.unit)), try_number=1)
     pool = ReplicaPool(job.spec)
     work = pool.submit([Shard.from_dict(job.unit["shards"][0])], first)
     while pool.status(work).get("queued"):
         pass
 
-    store = Store()
+    store = StateStore()
     task = BatchShardOperator(task_id="batch.shard", spec=job.spec.to_dict(), work_unit=job.unit, deferrable=False)
-    summary = task.execute(context(2, store))
+    summary = task.execute(task_context(store, try_number=2))
 
     assert "Reconnecting to running Ray work" in capsys.readouterr().out
     assert store[BatchShardOperator.external_id_key] == {"worker": work["worker"], "token": first["token"], "unit": unit_id(job.unit)}
@@ -60,13 +51,13 @@ def test_retry_reconnects_to_work_whose_id_was_never_stored(job, capsys):
 
 
 def test_retry_with_nothing_running_submits_and_a_first_try_asks_nobody(job, monkeypatch):
-    store = Store()
+    store = StateStore()
     task = BatchShardOperator(task_id="batch.shard", spec=job.spec.to_dict(), work_unit=job.unit, deferrable=False)
-    assert task.execute(context(2, store))["computed"] == 1  # nothing of an earlier try on Ray: computed now
+    assert task.execute(task_context(store, try_number=2))["computed"] == 1  # nothing of an earlier try on Ray: computed now
 
     monkeypatch.setattr(ReplicaPool, "find_running", lambda *a, **k: pytest.fail("a first try asked the replicas"))
     again = BatchShardOperator(task_id="batch.shard", spec=job.spec.to_dict(), work_unit=job.unit, deferrable=False)
-    assert again.execute(context(1, Store()))["computed"] == 0  # committed by the run above
+    assert again.execute(task_context(StateStore(), try_number=1))["computed"] == 0  # committed by the run above
     assert sorted(row_calls(job.calls).items()) == [(i, 1) for i in range(10)]
 
 
@@ -95,8 +86,8 @@ def test_work_lost_while_waiting_is_resubmitted_and_the_new_call_recorded(monkey
 
     monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
     task.__dict__["replicas"] = Pool()
-    store = Store({BatchShardOperator.external_id_key: {"worker": "w1", "token": "old"}})
-    summary = task.execute(context(2, store))
+    store = StateStore({BatchShardOperator.external_id_key: {"worker": "w1", "token": "old"}})
+    summary = task.execute(task_context(store, try_number=2))
     assert waited == ["old", "new"]
     assert store[BatchShardOperator.external_id_key] == {"worker": "w2", "token": "new", "unit": unit_id(unit)}
     assert summary["computed"] == 1
@@ -134,7 +125,7 @@ def test_work_lost_more_often_than_max_retries_fails_the_try(monkeypatch):
     monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
     pool = task.__dict__["replicas"] = LosingPool()
     with pytest.raises(BatchInferenceException, match=r"lost 3 times .* max_retries=2"):
-        task.execute(context(1, Store()))
+        task.execute(task_context(StateStore(), try_number=1))
     assert len(pool.submitted) == 3  # the first call and two resubmissions
 
 
@@ -150,7 +141,7 @@ def test_on_kill_cancels_the_ray_call_it_follows(monkeypatch):
 
     pool.result = killed_while_waiting
     with pytest.raises(KeyboardInterrupt):
-        task.execute(context(1, Store()))
+        task.execute(task_context(StateStore(), try_number=1))
     assert pool.cancelled == [{"worker": "w1", "token": pool.submitted[0], "unit": unit_id(task.work_unit)}]
     task.on_kill()  # nothing left to cancel: no second call
     assert len(pool.cancelled) == 1

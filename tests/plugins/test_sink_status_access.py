@@ -23,9 +23,8 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.plugins.sink_status import CANNOT_READ
-from tests.conftest import write_jsonl
-from tests.integration.dagtest import ROOT, DagTester
-from tests.plugins.test_sink_status import _free_port, _request, _wait_healthy
+from tests.helpers import ROOT, api_server, http_request, write_jsonl
+from tests.integration.dagtest import DagTester
 
 pytestmark = pytest.mark.slow
 
@@ -73,34 +72,20 @@ def served(tmp_path_factory):
         runner.run(shard, new_attempt())
     finalize_job(core, storage)
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
     with open(os.path.join(home, "simple_auth_manager_passwords.json.generated"), "w") as handle:
         json.dump(USERS, handle)
     env.update({
-        "AIRFLOW__API__BASE_URL": base,
         "AIRFLOW__CORE__AUTH_MANAGER": "tests.plugins.auth_manager.OneDagAuthManager",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "reader:viewer,outsider:viewer",
     })
     log_path = os.path.join(home, "api-server.log")
-    log = open(log_path, "w")
-    server = subprocess.Popen([airflow, "api-server", "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True, cwd=ROOT)
-    try:
-        _wait_healthy(server, base, log_path, timeout=180)
+    with api_server(env, log_path, timeout=180, cwd=ROOT) as base:
         tokens = {}
         for user, password in USERS.items():
-            status, body = _request(f"{base}/auth/token", data={"username": user, "password": password})
+            status, body = http_request(f"{base}/auth/token", data={"username": user, "password": password})
             assert status in (200, 201), body
             tokens[user] = json.loads(body)["access_token"]
         yield base, tokens, spec, log_path
-    finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-        log.close()
 
 
 PAGE = "/batch-sink-status"
@@ -109,24 +94,24 @@ TASK = f"dag_id={DAG_ID}&task_id=batch_inference.plan"
 
 def test_a_user_who_may_read_the_dag_sees_its_sinks_status(served):
     base, tokens, spec, _ = served
-    status, body = _request(f"{base}{PAGE}/status.json?{TASK}", token=tokens["reader"])
+    status, body = http_request(f"{base}{PAGE}/status.json?{TASK}", token=tokens["reader"])
     assert status == 200, body
     figures = json.loads(body)
     assert (figures["sink"], figures["committed"], figures["pending"], figures["rows_in"]) == (spec.sink, 3, 0, 250)
     assert figures["healthy"] and figures["finalized_at"]
-    status, body = _request(f"{base}{PAGE}/?{TASK}", token=tokens["reader"])
+    status, body = http_request(f"{base}{PAGE}/?{TASK}", token=tokens["reader"])
     assert status == 200 and b"3 of 3" in body
-    status, body = _request(f"{base}{PAGE}/", token=tokens["reader"])  # the index: the sinks of the DAGs they may read
+    status, body = http_request(f"{base}{PAGE}/", token=tokens["reader"])  # the index: the sinks of the DAGs they may read
     assert status == 200 and spec.sink.encode() in body and b"s3://abp-bucket/out" in body
 
 
 def test_a_viewer_without_access_to_the_dag_gets_403_and_no_sink(served):
     base, tokens, spec, _ = served
     for path in (f"/status.json?{TASK}", f"/?{TASK}", "/status.json?dag_id=abp_no_such_dag&task_id=x"):
-        status, body = _request(f"{base}{PAGE}{path}", token=tokens["outsider"])
+        status, body = http_request(f"{base}{PAGE}{path}", token=tokens["outsider"])
         assert status == 403, (path, body)
         assert spec.sink.encode() not in body
-    status, body = _request(f"{base}{PAGE}/", token=tokens["outsider"])
+    status, body = http_request(f"{base}{PAGE}/", token=tokens["outsider"])
     assert status == 200 and spec.sink.encode() not in body and b"No batch inference task" in body
 
 
@@ -134,21 +119,21 @@ def test_a_viewer_without_access_to_the_dag_gets_403_and_no_sink(served):
 def test_a_path_checkpoint_or_connection_in_the_query_is_refused(served, query):
     base, tokens, _, _ = served
     for path in (f"/status.json?{TASK}&{query}", f"/?{query}"):
-        status, body = _request(f"{base}{PAGE}{path}", token=tokens["reader"])
+        status, body = http_request(f"{base}{PAGE}{path}", token=tokens["reader"])
         assert status == 400, (path, body)
         assert b"dag_id and task_id only" in body and b"passwd\"" not in body
 
 
 def test_a_task_that_is_not_a_batch_task_is_404(served):
     base, tokens, _, _ = served
-    status, _ = _request(f"{base}{PAGE}/status.json?dag_id={DAG_ID}&task_id=no_such_task", token=tokens["reader"])
+    status, _ = http_request(f"{base}{PAGE}/status.json?dag_id={DAG_ID}&task_id=no_such_task", token=tokens["reader"])
     assert status == 404
 
 
 def test_an_unreadable_sink_gives_one_fixed_sentence_and_the_log_the_cause(served):
     base, tokens, _, log_path = served
-    status, body = _request(f"{base}{PAGE}/status.json?dag_id=abp_page_missing_conn&task_id=batch_inference.plan",
-                            token=tokens["reader"])
+    status, body = http_request(f"{base}{PAGE}/status.json?dag_id=abp_page_missing_conn&task_id=batch_inference.plan",
+                                token=tokens["reader"])
     assert status == 503 and json.loads(body) == {"error": CANNOT_READ}
     time.sleep(0.5)
     assert "abp_no_such_conn" in open(log_path).read()  # the cause, for the operator

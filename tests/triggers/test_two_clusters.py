@@ -16,7 +16,7 @@ from airflow_batch_provider.core import api
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.spec import BatchSpec
 from airflow_batch_provider.triggers.shard import RayShardTrigger
-from tests.conftest import ROOT, rows, write_jsonl
+from tests.helpers import ROOT, rows, write_jsonl
 from tests.ray_cluster import RayCluster
 
 pytestmark = pytest.mark.slow

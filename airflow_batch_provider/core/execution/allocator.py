@@ -10,7 +10,7 @@ faults and 4-8% more time than with this module's settings.
 A replica serves shard after shard, so it keeps that memory mapped: allocations up to 32 MiB
 (glibc's ceiling for the threshold) come from the heap, and up to 1 GiB of free heap stays
 mapped for the next batch. The peak is unchanged, since the same buffers are reused rather
-than faulted in again. Set ``AIRFLOW_BATCH_PROVIDER_KEEP_FREED_MEMORY=0`` in the Ray workers'
+than faulted in again. Set ``AIRFLOW_BATCH_PROVIDER_KEEP_FREED_MEMORY=0`` in the replicas'
 environment to keep glibc's defaults. Other C libraries (musl, macOS) are left alone.
 """
 

@@ -9,9 +9,9 @@ from airflow_batch_provider.core.spec import BatchSpec
 
 
 def replica_count(spec: BatchSpec) -> int:
-    """Replicas at most: ``spec.num_workers`` when set, else what the cluster's resources fit."""
-    if spec.num_workers:
-        return spec.num_workers
+    """Replicas at most: ``spec.num_replicas`` when set, else what the cluster's resources fit."""
+    if spec.num_replicas:
+        return spec.num_replicas
     total = ray.cluster_resources()
     fits = []
     if spec.num_gpus:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pyarrow.dataset as ds
 import pytest
@@ -15,24 +13,7 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.errors import IncompleteJobError, StaleCheckpointError
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec
-from tests.conftest import ROOT
-
-
-def make_spec(source, sink, **kw):
-    kw.setdefault("rows_per_shard", 100)
-    return BatchSpec(source=source, sink=sink, predictor="tests.predictors:Doubler", source_format="jsonl", **kw)
-
-
-def run_all(spec):
-    runner = ShardRunner(spec)
-    return [runner.run(s, new_attempt()) for s in plan_job(spec).pending]
-
-
-def sink_ids(sink):
-    if not os.path.isdir(sink) or not any(n.startswith("part-") for n in os.listdir(sink)):
-        return []
-    return sorted(ds.dataset(sink, format="parquet").to_table(columns=["id"]).column("id").to_pylist())
+from tests.helpers import make_spec, run_all, run_killed_at, sink_ids
 
 
 @pytest.fixture
@@ -169,31 +150,6 @@ def test_crash_between_sentinel_and_publish_rolls_forward(spec):
     assert not os.path.exists(storage.part_path(shard.shard_id))
     assert check_shard(storage, shard).committed
     assert open(storage.part_path(shard.shard_id), "rb").read() == b"payload"
-
-
-CRASH_SCRIPT = """
-import sys
-sys.path.insert(0, {root!r})
-from airflow_batch_provider.core.spec import BatchSpec
-from airflow_batch_provider.core.domain.commit import new_attempt
-from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
-from airflow_batch_provider.core.domain.layout import JobStorage
-from airflow_batch_provider.core.execution.runner import ShardRunner
-spec = BatchSpec.from_dict({spec!r})
-storage = JobStorage.for_spec(spec, {options!r})
-runner = ShardRunner(spec, {options!r})
-for shard in plan_job(spec, storage).pending:
-    runner.run(shard, new_attempt())
-finalize_job(spec, storage)
-"""
-
-
-def run_killed_at(spec, point: str, marker, options=None) -> subprocess.CompletedProcess:
-    """A whole job (plan, every shard, finalize) in a child process that SIGKILLs itself at
-    ``point``, once (``marker`` records that it fired)."""
-    env = {**os.environ, "ABP_FAILPOINTS": f"{point}=kill@{marker}"}
-    script = CRASH_SCRIPT.format(root=ROOT, spec=spec.to_dict(), options=options)
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
 
 
 @pytest.mark.parametrize("point", ["mid_part", "before_sentinel", "before_publish", "after_publish"])

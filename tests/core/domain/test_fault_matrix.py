@@ -26,8 +26,7 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.spec import BatchSpec
-from tests.core.domain.test_commit import run_killed_at
-from tests.core.stores.test_s3 import parquet_bytes, put
+from tests.helpers import parquet_bytes, put, run_killed_at
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -24,8 +24,8 @@ from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.errors import InputDataError
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.spec import BatchSpec
-from tests.core.domain.test_commit import run_killed_at
 from tests.corpus.readback import read_back
+from tests.helpers import make_spec, parquet_bytes, put, run_killed_at, write_parquet
 
 ROWS = 380  # jsonl_source: ids 0..379 in a.jsonl (250) and b.jsonl (130); 5 shards of <= 100 rows
 TEXT = (250, 350)  # the 4th shard (b.jsonl's first) is the only one with a note
@@ -33,8 +33,7 @@ TEXT = (250, 350)  # the 4th shard (b.jsonl's first) is the only one with a note
 
 def note_spec(tmp_path, source, sink_format="parquet", **predictor_kwargs) -> BatchSpec:
     kwargs = {"text_from": TEXT[0], "text_to": TEXT[1], "calls_log": str(tmp_path / "calls"), **predictor_kwargs}
-    return BatchSpec(source=source, sink=str(tmp_path / "out"), predictor="tests.predictors:NoteInRange",
-                     source_format="jsonl", sink_format=sink_format, rows_per_shard=100, predictor_kwargs=kwargs)
+    return make_spec(source, str(tmp_path / "out"), predictor="tests.predictors:NoteInRange", sink_format=sink_format, predictor_kwargs=kwargs)
 
 
 def run(spec: BatchSpec, order: str = "forward") -> dict:
@@ -108,8 +107,6 @@ def test_a_jsonl_sink_records_the_widened_schema(tmp_path, jsonl_source):
 def test_a_column_null_in_the_first_row_group_of_a_shard_is_written_again_with_its_type(tmp_path):
     """One shard: note null in its first row group's worth (65,536 rows), text after. The part
     had written note as null: the uncommitted shard is written again, note typed string."""
-    from tests.conftest import write_parquet
-
     rows = 66_000
     write_parquet(str(tmp_path / "in/a.parquet"), [{"id": i} for i in range(rows)], row_group_size=10_000)
     spec = BatchSpec(source=str(tmp_path / "in"), sink=str(tmp_path / "out"), predictor="tests.predictors:NoteInRange",
@@ -149,7 +146,6 @@ def test_parts_on_s3_are_retyped_too(s3_server, tmp_path):
     import io
 
     from airflow_batch_provider.core.api import finalize, plan
-    from tests.core.stores.test_s3 import parquet_bytes, put
 
     bucket = s3_server.new_bucket()
     put(s3_server, bucket, "in/a.parquet", parquet_bytes(range(300)))

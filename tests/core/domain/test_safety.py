@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import pytest
 
@@ -19,7 +18,7 @@ from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.schema.input import load_input_schema
 from airflow_batch_provider.core.errors import BatchError, CommitError, IncompleteJobError, StaleCheckpointError, StorageError
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from tests.core.domain.test_commit import make_spec, run_all, run_killed_at, sink_ids
+from tests.helpers import make_spec, run_all, run_killed_at, sink_ids, two_runs_at_once
 
 
 @pytest.fixture
@@ -210,33 +209,6 @@ def test_an_older_runs_retried_plan_never_resets_again(spec):
 
 
 # -- 2. runs sharing a sink ------------------------------------------------------------------
-def two_runs_at_once(spec, options=None) -> list[tuple[list[str], int]]:
-    """Two runs of one spec, each planning, computing its pending shards and finalizing, in
-    lock step (both plan before either computes); (shard statuses, rows_out) per run."""
-    barrier, results, errors = threading.Barrier(2), [], []
-
-    def one_run():
-        try:
-            storage = JobStorage.for_spec(spec, options)
-            job = plan_job(spec, storage)
-            barrier.wait()
-            runner = ShardRunner(spec, options)
-            statuses = [runner.run(s, new_attempt()).status for s in job.pending]
-            barrier.wait()
-            results.append((statuses, finalize_job(spec, storage)["rows_out"]))
-        except Exception as err:  # pragma: no cover - reported below
-            errors.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=one_run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    return results
-
-
 def test_two_runs_of_one_spec_at_once_both_finish_with_every_row_once(spec):
     results = two_runs_at_once(spec)
     assert [rows for _, rows in results] == [380, 380]

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from airflow_batch_provider.core.execution import allocator
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 glibc_only = pytest.mark.skipif(not allocator.is_glibc(), reason="the malloc settings are glibc's; other C libraries are left alone")
 

@@ -15,20 +15,13 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.errors import BatchSpecError, InputChangedError, InputDataError, PredictorError
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec
-from tests.conftest import rows, write_jsonl
+from tests.helpers import make_spec, rows, write_jsonl
 
 
 def run(spec):
     runner = ShardRunner(spec)
     results = [runner.run(s, new_attempt()) for s in plan_job(spec).pending]
     return results, finalize_job(spec)
-
-
-def spec_for(source, sink, predictor="tests.predictors:Doubler", **kw):
-    kw.setdefault("rows_per_shard", 100)
-    kw.setdefault("source_format", "parquet" if "pin" in source else "jsonl")
-    return BatchSpec(source=source, sink=sink, predictor=predictor, **kw)
 
 
 @pytest.mark.parametrize("fmt", ["numpy", "pandas", "pyarrow"])
@@ -69,7 +62,7 @@ def test_unloadable_predictor_is_named():
 
 
 def test_filtering_predictor_counts_rows_in_and_out(tmp_path, jsonl_source):
-    spec = spec_for(jsonl_source, str(tmp_path / "out"), predictor="tests.predictors:EvenFilter")
+    spec = make_spec(jsonl_source, str(tmp_path / "out"), predictor="tests.predictors:EvenFilter")
     results, manifest = run(spec)
     assert manifest["rows_in"] == 380 and manifest["rows_out"] == 190
     assert sum(r.rows_out for r in results) == 190
@@ -81,7 +74,7 @@ def test_filtering_predictor_counts_rows_in_and_out(tmp_path, jsonl_source):
     "predictor, fmt", [("tests.predictors:PandasUpper", "pandas"), ("tests.predictors:ArrowPassthrough", "pyarrow")]
 )
 def test_pandas_and_arrow_predictors_and_jsonl_sink(tmp_path, jsonl_source, predictor, fmt):
-    spec = spec_for(jsonl_source, str(tmp_path / "out"), predictor=predictor, batch_format=fmt, sink_format="jsonl")
+    spec = make_spec(jsonl_source, str(tmp_path / "out"), predictor=predictor, batch_format=fmt, sink_format="jsonl")
     _, manifest = run(spec)
     assert manifest["rows_out"] == 380
     table = ds.dataset(spec.sink_root, format="json").to_table()
@@ -89,7 +82,7 @@ def test_pandas_and_arrow_predictors_and_jsonl_sink(tmp_path, jsonl_source, pred
 
 
 def test_embedding_output_and_parquet_source(tmp_path, parquet_source):
-    spec = spec_for(parquet_source, str(tmp_path / "out"), predictor="tests.predictors:Embedder", columns=["id"])
+    spec = make_spec(parquet_source, str(tmp_path / "out"), predictor="tests.predictors:Embedder", columns=["id"])
     _, manifest = run(spec)
     table = ds.dataset(spec.sink_root, format="parquet").to_table()
     assert manifest["rows_out"] == 370
@@ -100,7 +93,7 @@ def test_invalid_json_line_is_named(tmp_path):
     path = write_jsonl(str(tmp_path / "in" / "bad.jsonl"), rows(5))
     with open(path, "a") as handle:
         handle.write('{"id": 5, "value": \n')
-    spec = spec_for(str(tmp_path / "in"), str(tmp_path / "out"))
+    spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"))
     with pytest.raises(InputDataError, match=r"bad.jsonl: line 6 is not valid JSON"):
         run(spec)
     assert not [n for n in os.listdir(spec.sink_root) if n.startswith("part-")]
@@ -111,18 +104,18 @@ def test_non_object_json_line_is_named(tmp_path):
     with open(path, "a") as handle:
         handle.write("[1, 2]\n")
     with pytest.raises(InputDataError, match="line 3 is a JSON list, not an object"):
-        run(spec_for(str(tmp_path / "in"), str(tmp_path / "out")))
+        run(make_spec(str(tmp_path / "in"), str(tmp_path / "out")))
 
 
 def test_missing_column_is_named(tmp_path, jsonl_source):
-    spec = spec_for(jsonl_source, str(tmp_path / "out"), columns=["id", "nope"])
+    spec = make_spec(jsonl_source, str(tmp_path / "out"), columns=["id", "nope"])
     with pytest.raises(BatchSpecError, match=r"columns \['nope'\] are not in any input file"):
         run(spec)  # refused at plan time, before any shard runs
 
 
 def test_file_changed_after_planning_is_detected(tmp_path):
     path = write_jsonl(str(tmp_path / "in" / "a.jsonl"), rows(50))
-    spec = spec_for(str(tmp_path / "in"), str(tmp_path / "out"))
+    spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"))
     job = plan_job(spec)
     write_jsonl(path, rows(20))
     with pytest.raises(InputChangedError, match=r"a.jsonl changed \(version .* when planned, .* now\) since the plan recorded it"):
@@ -130,7 +123,7 @@ def test_file_changed_after_planning_is_detected(tmp_path):
 
 
 def test_predictor_is_loaded_once_per_runner(tmp_path, jsonl_source):
-    spec = spec_for(jsonl_source, str(tmp_path / "out"))
+    spec = make_spec(jsonl_source, str(tmp_path / "out"))
     runner = ShardRunner(spec)
     predictor = runner.predictor
     for shard in plan_job(spec).pending:

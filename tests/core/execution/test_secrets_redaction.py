@@ -14,14 +14,14 @@ from airflow_batch_provider.core.errors import BadRowLimitError, PredictorFailed
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.redaction import Redactor, redact
 from airflow_batch_provider.core.spec import BatchSpec
+from tests.helpers import make_spec
 
 SECRET = "sk-live-7f3a9c0e1b2d4f6a8c"
 
 
-def leaky_spec(source, sink, **kwargs) -> BatchSpec:
-    kwargs.setdefault("predictor_kwargs", {})
-    return BatchSpec(source=source, sink=sink, source_format="jsonl", predictor="tests.predictors:LeakyKeyed",
-                     predictor_secrets={"api_key": "var:model_api_key"}, rows_per_shard=100, **kwargs)
+def leaky_spec(source, sink, **fields) -> BatchSpec:
+    """A predictor whose errors quote its secret ``api_key``, as HTTP clients quote the URL they called."""
+    return make_spec(source, sink, predictor="tests.predictors:LeakyKeyed", predictor_secrets={"api_key": "var:model_api_key"}, **fields)
 
 
 def sink_text(root: str) -> str:

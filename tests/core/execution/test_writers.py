@@ -15,7 +15,7 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.execution.writers import PartWriter
 from airflow_batch_provider.core.spec import BatchSpec
-from tests.conftest import rows, write_jsonl
+from tests.helpers import rows, write_jsonl
 
 
 def run_job(spec: BatchSpec) -> None:

@@ -16,14 +16,7 @@ from airflow_batch_provider.core.domain.jobs import plan_job
 from airflow_batch_provider.core.errors import ResourcesUnavailableError
 from airflow_batch_provider.core.ray.pool import ReplicaPool, find_replica
 from airflow_batch_provider.core.spec import BatchSpec
-from tests.conftest import ROOT
-
-
-def sleepy_spec(source: str, tmp_path, *, sleep_s: float, **kwargs) -> BatchSpec:
-    """Shards of 10 rows in batches of 5, each batch ``sleep_s`` long."""
-    options = {"num_cpus": 1, "num_workers": 1, **kwargs}
-    return BatchSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
-                     predictor_kwargs={"sleep_s": sleep_s}, batch_size=5, rows_per_shard=10, **options)
+from tests.helpers import ROOT, slow_doubler_spec
 
 
 def running(pool: ReplicaPool, work: dict[str, str], timeout: float = 60) -> None:
@@ -56,12 +49,12 @@ def test_gpus_on_a_cpu_only_cluster_fail_at_once_naming_the_resources(local_ray,
     message = str(err.value)
     assert "num_gpus=1" in message and "num_cpus=1" in message and "2 CPU, 0 GPU" in message
     with pytest.raises(ResourcesUnavailableError):
-        pool.start(wanted=1)  # the plan step's start_workers too
+        pool.start(wanted=1)  # the plan step's start_replicas too
     assert find_replica(pool.name(0)) is None  # no replica left pending forever
 
 
 def test_cancel_stops_a_running_call_between_batches_and_frees_the_replica(local_ray, jsonl_source, tmp_path):
-    spec = sleepy_spec(jsonl_source, tmp_path, sleep_s=1.0)
+    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=1.0)
     pending = plan_job(spec).pending
     pool = ReplicaPool(spec)
     try:
@@ -79,7 +72,7 @@ def test_cancel_stops_a_running_call_between_batches_and_frees_the_replica(local
 
 
 def test_cancel_kills_a_replica_whose_predictor_hangs(local_ray, jsonl_source, tmp_path):
-    spec = sleepy_spec(jsonl_source, tmp_path, sleep_s=1000.0, max_retries=1)
+    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=1000.0, max_retries=1)
     pending = plan_job(spec).pending
     pool = ReplicaPool(spec)
     try:
@@ -95,7 +88,7 @@ def test_cancel_kills_a_replica_whose_predictor_hangs(local_ray, jsonl_source, t
 
 
 def test_a_cancelled_call_that_has_not_started_never_starts(local_ray, jsonl_source, tmp_path):
-    spec = sleepy_spec(jsonl_source, tmp_path, sleep_s=0.1)
+    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=0.1)
     pending = plan_job(spec).pending
     pool = ReplicaPool(spec)
     try:
@@ -114,7 +107,7 @@ def test_a_cancelled_call_that_has_not_started_never_starts(local_ray, jsonl_sou
 def test_the_lease_of_a_dead_shard_task_is_freed_promptly(local_ray, jsonl_source, tmp_path):
     """A shard task (a Ray driver of its own) that dies between leasing a replica and starting
     its call: the replica is free again within seconds, not after the 120 s lease timeout."""
-    spec = sleepy_spec(jsonl_source, tmp_path, sleep_s=0.1)
+    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=0.1)
     pool = ReplicaPool(spec)
     pool.replica(0)
     address = ray.get_runtime_context().gcs_address
@@ -143,7 +136,7 @@ def test_the_lease_of_a_dead_shard_task_is_freed_promptly(local_ray, jsonl_sourc
 
 def test_cleanup_spares_a_replica_serving_a_shard(local_ray, jsonl_source, tmp_path):
     """Replicas are shared by every run of a model: one run's finalize stops only idle ones."""
-    spec = sleepy_spec(jsonl_source, tmp_path, sleep_s=0.5, num_workers=2)
+    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=0.5, num_replicas=2)
     pending = plan_job(spec).pending
     pool = ReplicaPool(spec)
     try:

@@ -19,32 +19,25 @@ from airflow_batch_provider.core.errors import PredictorFailedError, RayWorkErro
 from airflow_batch_provider.core.execution import allocator
 from airflow_batch_provider.core.ray.pool import ReplicaPool, find_replica, pool_key
 from airflow_batch_provider.core.spec import BatchSpec
+from tests.helpers import make_spec, slow_doubler_spec
 
 
-def slow_spec(source: str, sink: str, loads_log: str, **kwargs) -> BatchSpec:
-    return BatchSpec(
-        source=source, source_format="jsonl", sink=sink, predictor="tests.predictors:SlowLoad",
-        predictor_kwargs={"load_s": 3.0, "loads_log": loads_log}, num_cpus=1, rows_per_shard=100, **kwargs,
-    )
-
-
-def slow_doubler_spec(source: str, tmp_path, *, sleep_s: float, num_workers: int) -> BatchSpec:
-    """Shards of 10 rows in batches of 5, each batch ``sleep_s`` long: two batches a shard."""
-    return BatchSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
-                     predictor_kwargs={"sleep_s": sleep_s}, batch_size=5, rows_per_shard=10, num_cpus=1, num_workers=num_workers)
+def slow_spec(source: str, sink: str, loads_log: str, **fields) -> BatchSpec:
+    """A model that takes 3 s to load, and logs each load to ``loads_log``."""
+    return make_spec(source, sink, predictor="tests.predictors:SlowLoad", predictor_kwargs={"load_s": 3.0, "loads_log": loads_log}, **fields)
 
 
 def test_started_replica_loads_in_background_and_serves_the_shards(local_ray, jsonl_source, tmp_path):
     loads = str(tmp_path / "loads.log")
-    spec = slow_spec(jsonl_source, str(tmp_path / "out"), loads, num_workers=1)
+    spec = slow_spec(jsonl_source, str(tmp_path / "out"), loads, num_replicas=1)
     pending = plan_job(spec).pending
     pool = ReplicaPool(spec)
     try:
         names = pool.start(wanted=len(pending))
-        assert names == [f"abp-{pool_key(spec)}-0"]  # capped by num_workers
+        assert names == [f"abp-{pool_key(spec)}-0"]  # capped by num_replicas
         handle = find_replica(names[0])
         assert handle is not None
-        # start_workers did not wait for the model: it is still loading.
+        # start_replicas did not wait for the model: it is still loading.
         with pytest.raises(ray.exceptions.GetTimeoutError):
             ray.get(handle.info.remote(), timeout=0.5)
         assert pool.start(wanted=len(pending)) == names  # existing replica kept
@@ -62,7 +55,7 @@ def test_started_replica_loads_in_background_and_serves_the_shards(local_ray, js
         pool.shutdown(force=True)
 
 
-def test_start_workers_creates_no_more_than_wanted_or_the_pool(local_ray, jsonl_source, tmp_path):
+def test_start_replicas_creates_no_more_than_wanted_or_the_pool(local_ray, jsonl_source, tmp_path):
     pool = ReplicaPool(slow_spec(jsonl_source, str(tmp_path / "out"), str(tmp_path / "loads.log")))
     try:
         assert pool.size() == 2  # 2 CPUs, 1 per replica
@@ -92,7 +85,7 @@ def test_a_leased_call_not_yet_started_reports_running(local_ray, jsonl_source, 
     """Between the lease and the start of ``run_shards``, ``status`` answers RUNNING (queued):
     a shard task (or its trigger) asking in that moment must not take the work for lost."""
     spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"),
-                     predictor="tests.predictors:Doubler", num_cpus=1, num_workers=1)
+                     predictor="tests.predictors:Doubler", num_cpus=1, num_replicas=1)
     pending = plan_job(spec).pending
     attempt = new_attempt()
     pool = ReplicaPool(spec)
@@ -113,7 +106,7 @@ def test_a_leased_call_not_yet_started_reports_running(local_ray, jsonl_source, 
 
 def test_running_work_is_found_by_its_task_whatever_the_try(local_ray, jsonl_source, tmp_path):
     """A retry whose earlier try died before recording its Ray call can still find that call."""
-    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=1.0, num_workers=2)
+    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=1.0, num_replicas=2)
     pending = plan_job(spec).pending
     key = "d/r/batch.shard/3"
     first_try = new_attempt(key, try_number=1)
@@ -135,7 +128,7 @@ def test_running_work_is_found_by_its_task_whatever_the_try(local_ray, jsonl_sou
 def test_a_waiting_lease_gets_the_replica_when_its_shard_ends(local_ray, jsonl_source, tmp_path):
     """A shard task that finds the replica busy waits on it and gets it as the running shard
     ends, not at some later poll; while it waits, status calls are still answered."""
-    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=1.0, num_workers=1)
+    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=1.0, num_replicas=1)
     pending = plan_job(spec).pending
     first = new_attempt()
     pool = ReplicaPool(spec)
@@ -162,7 +155,7 @@ def test_a_waiting_lease_gets_the_replica_when_its_shard_ends(local_ray, jsonl_s
 def test_lease_waits_for_a_busy_replica(local_ray, jsonl_source, tmp_path):
     """With every replica busy, ``lease`` waits (turn after turn) and gets the replica once its
     shard ends."""
-    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=0.5, num_workers=1)
+    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=0.5, num_replicas=1)
     pending = plan_job(spec).pending
     pool = ReplicaPool(spec)
     try:
@@ -178,7 +171,7 @@ def test_lease_waits_for_a_busy_replica(local_ray, jsonl_source, tmp_path):
 
 def test_lease_with_a_deadline_gives_up_on_a_busy_pool(local_ray, jsonl_source, tmp_path):
     """A lease past its deadline fails with a message instead of waiting on."""
-    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=1.0, num_workers=1)
+    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=1.0, num_replicas=1)
     pending = plan_job(spec).pending
     pool = ReplicaPool(spec)
     try:
@@ -193,7 +186,7 @@ def test_lease_with_a_deadline_gives_up_on_a_busy_pool(local_ray, jsonl_source, 
 
 def test_a_running_call_reports_its_progress(local_ray, jsonl_source, tmp_path):
     """While a shard computes, the caller hears rows done of rows planned, rows/s and time left."""
-    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=0.6, num_workers=1)
+    spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=0.6, num_replicas=1)
     pending = plan_job(spec).pending
     pool = ReplicaPool(spec)
     heard = []
@@ -228,7 +221,7 @@ def test_a_replicas_error_naming_its_secret_reaches_the_caller_without_it(local_
     error the caller raises nor the status a trigger reads holds the value."""
     secret = "sk-live-5a6b7c8d9e0f1a2b"
     spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:LeakyKeyed",
-                     predictor_secrets={"api_key": "var:model_api_key"}, num_cpus=1, num_workers=1, rows_per_shard=100)
+                     predictor_secrets={"api_key": "var:model_api_key"}, num_cpus=1, num_replicas=1, rows_per_shard=100)
     pool = ReplicaPool(spec, secrets={"api_key": secret})
     try:
         work = pool.submit(plan_job(spec).pending[:1], new_attempt())

@@ -12,20 +12,18 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard, new_attempt
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.errors import StaleCheckpointError, StorageError
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec
 from airflow_batch_provider.core.stores import store_for
 from airflow_batch_provider.core.stores.s3 import S3Store
 from airflow_batch_provider.core.stores.urls import split_s3_url
+from tests.helpers import parquet_bytes, put, read_sink, spec_on, staged, uploads
 from tests.s3_server import RequestCounter, store_clients
 
 pytestmark = pytest.mark.timeout(300)
@@ -36,32 +34,10 @@ def store(s3_server):
     return S3Store(s3_server.storage_options())
 
 
-def put(s3_server, bucket: str, key: str, body: bytes) -> None:
-    s3_server.client().put_object(Bucket=bucket, Key=key, Body=body)
-
-
-def parquet_bytes(ids: range, row_group_size: int = 50) -> bytes:
-    table = pa.table({"id": list(ids), "value": [i * 0.5 for i in ids]})
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, row_group_size=row_group_size)
-    return buffer.getvalue()
-
-
-def uploads(s3_server, bucket: str) -> list[dict]:
-    return s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-
-
 def multipart_etag(parts: list[dict]) -> str:
     """The ETag S3 gives a completed multipart object: md5 of the part md5s, ``-N``."""
     digest = hashlib.md5(b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts), usedforsecurity=False)
     return f"{digest.hexdigest()}-{len(parts)}"
-
-
-def staged(store: S3Store, url: str, data: bytes):
-    part = store.open_staged(url)
-    part.stream.write(data)
-    part.finish()
-    return part
 
 
 # -- urls ------------------------------------------------------------------------------------
@@ -104,14 +80,6 @@ def test_multipart_part_of_several_parts(s3_server, s3_bucket):
     assert len(part.handle["parts"]) == 2
     part.publish()
     assert store.read_bytes(f"s3://{s3_bucket}/out/part-c.parquet") == data
-
-
-def spec_on(bucket: str, **kwargs) -> BatchSpec:
-    kwargs.setdefault("rows_per_shard", 100)
-    return BatchSpec(
-        source=f"s3://{bucket}/in/", sink=f"s3://{bucket}/out", predictor="tests.predictors:Doubler",
-        source_format="parquet", **kwargs,
-    )
 
 
 def test_racing_attempts_one_wins_the_loser_aborts_only_its_own_upload(s3_server, s3_bucket):
@@ -221,11 +189,6 @@ def test_parquet_shard_is_streamed_by_row_group_not_read_whole(s3_server, s3_buc
 
 
 # -- a whole job, in process --------------------------------------------------------------------
-def read_sink(s3_server, sink: str) -> pa.Table:
-    fs = s3fs.S3FileSystem(**s3_server.storage_options())
-    return ds.dataset(split_s3_url(sink)[0] + "/" + split_s3_url(sink)[1], filesystem=fs, format="parquet").to_table()
-
-
 def test_job_on_s3_plans_with_two_lists_and_writes_every_row_once(s3_server, s3_bucket):
     put(s3_server, s3_bucket, "in/a.parquet", parquet_bytes(range(300)))
     put(s3_server, s3_bucket, "in/b.parquet", parquet_bytes(range(300, 420)))

@@ -17,8 +17,7 @@ from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.errors import StorageError
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.stores.s3 import S3Store
-from tests.core.domain.test_safety import two_runs_at_once
-from tests.core.stores.test_s3 import parquet_bytes, put, read_sink, spec_on, staged, uploads
+from tests.helpers import parquet_bytes, put, read_sink, run_all, spec_on, staged, two_runs_at_once, uploads
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,11 +27,6 @@ def job(s3_server, s3_bucket):
     put(s3_server, s3_bucket, "in/a.parquet", parquet_bytes(range(300)))
     spec = spec_on(s3_bucket)
     return spec, JobStorage.for_spec(spec, s3_server.storage_options()), s3_server.storage_options()
-
-
-def run_all(spec, options):
-    runner = ShardRunner(spec, options)
-    return [runner.run(s, new_attempt()) for s in plan_job(spec, JobStorage.for_spec(spec, options)).pending]
 
 
 def ids(s3_server, spec):
