@@ -16,13 +16,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from airflow_batch_provider.core.errors import BatchSpecError
-from airflow_batch_provider.core.spec import BatchSpec as CoreBatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from airflow_batch_provider.core.stores.urls import S3_SCHEMES
 
 
 @dataclass(frozen=True)
-class BatchSpec(CoreBatchSpec):
-    """:class:`airflow_batch_provider.core.spec.BatchSpec` (every field documented there) and:
+class BatchSpec(JobSpec):
+    """:class:`airflow_batch_provider.core.spec.JobSpec` (every field documented there) and:
 
     :param storage_conn_id: Airflow ``aws`` connection for S3 credentials (default
         ``aws_default``). URLs may name it instead, as ``s3://conn_id@bucket/prefix``.
@@ -41,9 +41,9 @@ class BatchSpec(CoreBatchSpec):
         if self.storage_conn_id is not None and (not isinstance(self.storage_conn_id, str) or not self.storage_conn_id.strip()):
             raise BatchSpecError(f"storage_conn_id must be a non-empty string, got {self.storage_conn_id!r}")
 
-    def core(self) -> CoreBatchSpec:
+    def core(self) -> JobSpec:
         """The same job without the connection id: what the core runs."""
-        return CoreBatchSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CoreBatchSpec)})
+        return JobSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(JobSpec)})
 
     def _take_conn_id_from_urls(self) -> None:
         found: dict[str, str] = {}

@@ -306,7 +306,7 @@ import sys, time
 sys.path.insert(0, %r)
 from airflow_batch_provider.core import api
 from airflow_batch_provider.core.execution.runner import ShardRunner
-spec = api.BatchSpec(source=sys.argv[1], sink=sys.argv[2], predictor="benchmarks.identity:Identity", source_format=sys.argv[3],
+spec = api.JobSpec(source=sys.argv[1], sink=sys.argv[2], predictor="benchmarks.identity:Identity", source_format=sys.argv[3],
                      batch_format="pyarrow", batch_size=%d, rows_per_shard=%d)
 started = time.perf_counter()
 job = api.plan(spec)
@@ -478,7 +478,7 @@ PLAN_CHILD = """
 import json, sys, time
 sys.path.insert(0, %r)
 from airflow_batch_provider.core import api
-spec = api.BatchSpec(source=sys.argv[1], sink=sys.argv[2], predictor="benchmarks.identity:Identity", source_format="jsonl",
+spec = api.JobSpec(source=sys.argv[1], sink=sys.argv[2], predictor="benchmarks.identity:Identity", source_format="jsonl",
                      rows_per_shard=%d)
 options = json.loads(sys.argv[3]) or None
 started = time.perf_counter()
@@ -626,7 +626,7 @@ def _core_many(deployment: Any, source: str, sink: str, rows_per_shard: int) -> 
 import json, sys, time
 sys.path.insert(0, {ROOT!r})
 from airflow_batch_provider.core import api
-spec = api.BatchSpec(source={source!r}, sink={sink!r}, predictor="benchmarks.identity:Identity", batch_format="pyarrow",
+spec = api.JobSpec(source={source!r}, sink={sink!r}, predictor="benchmarks.identity:Identity", batch_format="pyarrow",
                      rows_per_shard={rows_per_shard}, num_cpus=1, num_replicas=2)
 api.connect(api.RayTarget(address={deployment.ray_address!r}, token={deployment.ray_token!r}))
 started = time.perf_counter()

@@ -29,7 +29,7 @@ from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec, infer_format
+from airflow_batch_provider.core.spec import JobSpec, infer_format
 from airflow_batch_provider.core.stores.urls import is_remote, local_path_of, split_s3_url
 
 #: The repository's root (what ``PYTHONPATH`` needs for ``tests.predictors`` on Ray workers).
@@ -70,10 +70,10 @@ def parquet_bytes(ids: range, row_group_size: int = 50) -> bytes:
 HIDDEN = ("_", ".")
 
 
-def make_spec(source: str, sink: str, *, spec_type: type[BatchSpec] = BatchSpec, **fields: Any) -> BatchSpec:
+def make_spec(source: str, sink: str, *, spec_type: type[JobSpec] = JobSpec, **fields: Any) -> JobSpec:
     """The tests' one spec factory: ``tests.predictors:Doubler`` over shards of 100 rows, the
     source's format read from its files (:func:`source_format_of`) unless ``fields`` say it.
-    ``spec_type``: the core's ``BatchSpec`` or the Airflow layer's."""
+    ``spec_type``: the core's ``JobSpec`` or the Airflow layer's."""
     fields.setdefault("predictor", "tests.predictors:Doubler")
     fields.setdefault("rows_per_shard", 100)
     if fields.get("source_format") is None:
@@ -96,7 +96,7 @@ def source_format_of(source: str) -> str | None:
     return found.pop() if len(found) == 1 and None not in found else None
 
 
-def slow_doubler_spec(source: str, tmp_path, *, sleep_s: float, **fields: Any) -> BatchSpec:
+def slow_doubler_spec(source: str, tmp_path, *, sleep_s: float, **fields: Any) -> JobSpec:
     """``tests.predictors:SlowDoubler`` into ``tmp_path/out``, on one replica unless ``fields``
     say more: shards of 10 rows in batches of 5, each batch ``sleep_s`` long."""
     return make_spec(source, str(tmp_path / "out"), **{
@@ -104,13 +104,13 @@ def slow_doubler_spec(source: str, tmp_path, *, sleep_s: float, **fields: Any) -
         "rows_per_shard": 10, "num_replicas": 1, **fields})
 
 
-def spec_on(bucket: str, **fields: Any) -> BatchSpec:
+def spec_on(bucket: str, **fields: Any) -> JobSpec:
     """A job reading ``s3://{bucket}/in/`` (Parquet, unless ``fields`` say otherwise) into ``s3://{bucket}/out``."""
     return make_spec(f"s3://{bucket}/in/", f"s3://{bucket}/out", **{"source_format": "parquet", **fields})
 
 
 # -- running a job ----------------------------------------------------------------------------
-def run_all(spec: BatchSpec, options: dict[str, Any] | None = None) -> list:
+def run_all(spec: JobSpec, options: dict[str, Any] | None = None) -> list:
     """Plan, then run every pending shard in this process (no finalize); the shards' results."""
     runner = ShardRunner(spec, options)
     return [runner.run(s, new_attempt()) for s in plan_job(spec, JobStorage.for_spec(spec, options)).pending]
@@ -119,12 +119,12 @@ def run_all(spec: BatchSpec, options: dict[str, Any] | None = None) -> list:
 CRASH_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.execution.runner import ShardRunner
-spec = BatchSpec.from_dict({spec!r})
+spec = JobSpec.from_dict({spec!r})
 storage = JobStorage.for_spec(spec, {options!r})
 runner = ShardRunner(spec, {options!r})
 for shard in plan_job(spec, storage).pending:
@@ -133,7 +133,7 @@ finalize_job(spec, storage)
 """
 
 
-def run_killed_at(spec: BatchSpec, point: str, marker, options=None) -> subprocess.CompletedProcess:
+def run_killed_at(spec: JobSpec, point: str, marker, options=None) -> subprocess.CompletedProcess:
     """A whole job (plan, every shard, finalize) in a child process that SIGKILLs itself at
     ``point``, once (``marker`` records that it fired)."""
     env = {**os.environ, "ABP_FAILPOINTS": f"{point}=kill@{marker}"}
@@ -141,7 +141,7 @@ def run_killed_at(spec: BatchSpec, point: str, marker, options=None) -> subproce
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
 
 
-def two_runs_at_once(spec: BatchSpec, options=None) -> list[tuple[list[str], int]]:
+def two_runs_at_once(spec: JobSpec, options=None) -> list[tuple[list[str], int]]:
     """Two runs of one spec, each planning, computing its pending shards and finalizing, in
     lock step (both plan before either computes); (shard statuses, rows_out) per run."""
     barrier, results, errors = threading.Barrier(2), [], []

@@ -15,11 +15,11 @@ from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from tests.helpers import ROOT, spec_on
 
 
-def run_some(spec: BatchSpec, how_many: int, options=None) -> JobStorage:
+def run_some(spec: JobSpec, how_many: int, options=None) -> JobStorage:
     storage = JobStorage.for_spec(spec, options)
     runner = ShardRunner(spec, options)
     for shard in plan_job(spec, storage).pending[:how_many]:
@@ -29,7 +29,7 @@ def run_some(spec: BatchSpec, how_many: int, options=None) -> JobStorage:
 
 @pytest.fixture
 def sink(tmp_path, jsonl_source):
-    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+    spec = JobSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
                      rows_per_shard=100)  # 3 + 2 shards
     return spec, run_some(spec, 4)
 
@@ -98,7 +98,7 @@ def test_durations():
         parse_duration("90 minutes")
 
 
-def s3_spec(s3_server, s3_bucket: str, jsonl_source: str, rows_per_shard: int) -> BatchSpec:
+def s3_spec(s3_server, s3_bucket: str, jsonl_source: str, rows_per_shard: int) -> JobSpec:
     """A spec over ``jsonl_source`` copied to ``s3://{s3_bucket}/in/``, its sink beside it."""
     import s3fs
 
@@ -221,7 +221,7 @@ def test_status_reports_a_deleted_part(sink, capsys):
 def test_a_manifest_or_plan_that_disagrees_with_the_sentinels_fails_verify(tmp_path, jsonl_source, capsys):
     from airflow_batch_provider.core.domain.jobs import finalize_job
 
-    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+    spec = JobSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
                      rows_per_shard=100)
     storage = run_some(spec, 5)
     finalize_job(spec, storage)
@@ -258,7 +258,7 @@ def test_speed_is_measured_from_the_plan_not_the_first_commit(sink, capsys):
 
 
 def test_gc_refuses_zero_and_a_sink_whose_checkpoint_it_cannot_see(tmp_path, jsonl_source, capsys):
-    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+    spec = JobSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
                      rows_per_shard=100, checkpoint_dir=str(tmp_path / "elsewhere"))
     storage = run_some(spec, 4)
     pending = plan_job(spec, storage).pending[0]

@@ -6,7 +6,7 @@ import pytest
 
 from airflow_batch_provider import BatchSpec
 from airflow_batch_provider.core.api import BatchSpecError
-from airflow_batch_provider.core.spec import BatchSpec as CoreBatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from airflow_batch_provider.spec import split_conn_id
 
 
@@ -23,7 +23,7 @@ def test_conn_id_in_url_is_stripped_and_becomes_storage_conn_id():
 def test_the_core_gets_the_same_job_without_the_connection():
     spec = BatchSpec(source="s3://lake@b/in/*.jsonl", sink="s3://b/out", predictor="tests.predictors:Doubler", rows_per_shard=7)
     core = spec.core()
-    assert type(core) is CoreBatchSpec and not hasattr(core, "storage_conn_id")
+    assert type(core) is JobSpec and not hasattr(core, "storage_conn_id")
     assert core.fingerprint == spec.fingerprint and core.rows_per_shard == 7 and core.source == "s3://b/in/*.jsonl"
     assert BatchSpec.from_dict(spec.to_dict()) == spec  # what travels through XCom and templates
     with pytest.raises(BatchSpecError, match="storage_conn_id"):

@@ -23,6 +23,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from airflow_batch_provider.core.renames import warn_renamed
+
 if TYPE_CHECKING:
     from airflow_batch_provider.core.domain.commit import new_attempt
     from airflow_batch_provider.core.domain.inspection import NotASinkError, SinkStatus, Verification, collect_garbage, sink_status, verify_sink
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
     from airflow_batch_provider.core.ray.driver import RayDriver
     from airflow_batch_provider.core.ray.pool import ReplicaPool
     from airflow_batch_provider.core.ray.states import CallEnd, CallEvent, CallOutcome, Progress, RunState, WorkId
-    from airflow_batch_provider.core.spec import BatchSpec
+    from airflow_batch_provider.core.spec import JobSpec
     from airflow_batch_provider.core.stores import is_remote
     from airflow_batch_provider.core.tunables import Tunables
 
@@ -68,13 +70,20 @@ _HOMES = {
     "RayDriver": "core.ray.driver",
     "ReplicaPool": "core.ray.pool",
     **dict.fromkeys(("CallEnd", "CallEvent", "CallOutcome", "Progress", "RunState", "WorkId"), "core.ray.states"),
-    "BatchSpec": "core.spec",
+    "JobSpec": "core.spec",
     "is_remote": "core.stores",
     "Tunables": "core.tunables",
 }
 
 
+#: old names of this API -> their new names (each still works, with a DeprecationWarning).
+_RENAMED = {"BatchSpec": "JobSpec"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        warn_renamed(name, _RENAMED[name], "airflow_batch_provider.core.api")
+        return __getattr__(_RENAMED[name])
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -83,7 +92,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def plan(spec: BatchSpec, storage_options: dict[str, Any] | None = None, *, reset_key: str | None = None) -> JobPlan:
+def plan(spec: JobSpec, storage_options: dict[str, Any] | None = None, *, reset_key: str | None = None) -> JobPlan:
     """Plan the job (reusing the persisted plan and every committed shard).
 
     ``reset_key`` names the host's run (opaque): with ``resume=False`` the earlier output is
@@ -94,7 +103,7 @@ def plan(spec: BatchSpec, storage_options: dict[str, Any] | None = None, *, rese
     return plan_job(spec, JobStorage.for_spec(spec, storage_options), reset_key=reset_key)
 
 
-def finalize(spec: BatchSpec, storage_options: dict[str, Any] | None = None, *, elapsed_seconds: float | None = None) -> dict[str, Any]:
+def finalize(spec: JobSpec, storage_options: dict[str, Any] | None = None, *, elapsed_seconds: float | None = None) -> dict[str, Any]:
     """Check that every planned shard is committed with its part in place; write ``_SUCCESS``."""
     from airflow_batch_provider.core.domain.jobs import finalize_job
     from airflow_batch_provider.core.domain.layout import JobStorage
@@ -102,7 +111,7 @@ def finalize(spec: BatchSpec, storage_options: dict[str, Any] | None = None, *, 
     return finalize_job(spec, JobStorage.for_spec(spec, storage_options), elapsed_seconds=elapsed_seconds)
 
 
-def committed_results(spec: BatchSpec, storage_options: dict[str, Any] | None, shards: list[Shard]) -> list[dict[str, Any]] | None:
+def committed_results(spec: JobSpec, storage_options: dict[str, Any] | None, shards: list[Shard]) -> list[dict[str, Any]] | None:
     """Each shard's result rebuilt from its sentinel when every one is committed, else None.
 
     Reads only: a commit whose part is not yet published counts as not committed here (the
@@ -121,7 +130,7 @@ def committed_results(spec: BatchSpec, storage_options: dict[str, Any] | None, s
     return results
 
 
-def rejected_path(spec: BatchSpec, shard_id: str) -> str:
+def rejected_path(spec: JobSpec, shard_id: str) -> str:
     """Where the rows a shard rejected (``bad_rows="skip"``) are, once it is committed."""
     from airflow_batch_provider.core.domain import layout
 
@@ -130,7 +139,7 @@ def rejected_path(spec: BatchSpec, shard_id: str) -> str:
 
 __all__ = [
     "BatchError",
-    "BatchSpec",
+    "JobSpec",
     "BatchSpecError",
     "CallEnd",
     "CallEvent",

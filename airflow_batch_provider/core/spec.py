@@ -1,8 +1,8 @@
 """The job description a DAG author writes, and the fingerprint that guards resume.
 
-`BatchSpec` knows nothing of Airflow or Ray: it is validated when it is built (at DAG
+`JobSpec` knows nothing of Airflow or Ray: it is validated when it is built (at DAG
 parse time), travels as a plain dict through XCom and template rendering, and is rebuilt
-on the other side with `BatchSpec.from_dict`.
+on the other side with `JobSpec.from_dict`.
 
 The *spec fingerprint* hashes exactly what changes the output rows (predictor, its kwargs,
 formats, the input columns read). Batch size, shard size and resources are left out: they
@@ -63,8 +63,12 @@ def file_extension(file_format: str) -> str:
 
 
 @dataclass(frozen=True)
-class BatchSpec:
-    """What to run, over which input, into which sink.
+class JobSpec:
+    """What to run, over which input, into which sink: the core's job description.
+
+    A DAG author writes :class:`airflow_batch_provider.BatchSpec`, which is this plus the
+    Airflow connection for S3 (``.core()`` gives this back); any other host of the core (a
+    script, a benchmark) builds this one directly.
 
     :param source: a file, a directory or a glob; a local path or a URL (``s3://bucket/prefix``).
     :param sink: directory (local or URL) that receives ``part-{shard_id}.{ext}`` files.
@@ -114,7 +118,7 @@ class BatchSpec:
         anyway: an int (a count) or a float below 1 (a fraction of the shard's rows); None: no limit.
 
     Credentials are not part of the spec: the core takes storage options (s3fs style) next
-    to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from.
+    to it, and the Airflow layer's ``JobSpec`` adds the connection they come from.
     """
 
     source: str
@@ -144,8 +148,8 @@ class BatchSpec:
     def __post_init__(self, num_workers: int | None = None) -> None:
         if num_workers is not None:
             if self.num_replicas is not None:
-                raise BatchSpecError(both_given("num_workers", "num_replicas", "BatchSpec"))
-            warn_renamed("num_workers", "num_replicas", "BatchSpec")
+                raise BatchSpecError(both_given("num_workers", "num_replicas", "JobSpec"))
+            warn_renamed("num_workers", "num_replicas", "JobSpec")
             object.__setattr__(self, "num_replicas", num_workers)
         _require_str(self, "source")
         _require_str(self, "sink")
@@ -262,13 +266,13 @@ class BatchSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BatchSpec:
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         """The spec a dict describes (old field names of ``RENAMED_FIELDS`` taken, with a warning)."""
-        data = take_renamed(data, RENAMED_FIELDS, "BatchSpec", error=BatchSpecError)
+        data = take_renamed(data, RENAMED_FIELDS, "JobSpec", error=BatchSpecError)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise BatchSpecError(f"unknown BatchSpec field(s) {unknown}; allowed: {sorted(known)}")
+            raise BatchSpecError(f"unknown JobSpec field(s) {unknown}; allowed: {sorted(known)}")
         return cls(**data)
 
 
@@ -301,7 +305,7 @@ def _normalised(url: str) -> str:
     return os.path.abspath(url)
 
 
-def _refuse_output_inside_source(spec: BatchSpec) -> None:
+def _refuse_output_inside_source(spec: JobSpec) -> None:
     """A sink or checkpoint dir under the source would be read back as input by the next run."""
     root = _normalised(_source_root(spec.source))
     for name, location in (("sink", spec.sink_root), ("checkpoint_dir", spec.checkpoint_root)):
@@ -313,7 +317,7 @@ def _refuse_output_inside_source(spec: BatchSpec) -> None:
             )
 
 
-def _require_schema_shape(spec: BatchSpec, name: str) -> None:
+def _require_schema_shape(spec: JobSpec, name: str) -> None:
     value = getattr(spec, name)
     if value is None:
         return
@@ -322,19 +326,30 @@ def _require_schema_shape(spec: BatchSpec, name: str) -> None:
     object.__setattr__(spec, name, dict(value))
 
 
-def _require_str(spec: BatchSpec, name: str) -> None:
+def _require_str(spec: JobSpec, name: str) -> None:
     value = getattr(spec, name)
     if not isinstance(value, str) or not value.strip():
         raise BatchSpecError(f"{name} must be a non-empty string, got {value!r}")
 
 
-def _require_choice(spec: BatchSpec, name: str, allowed: tuple[str, ...]) -> None:
+def _require_choice(spec: JobSpec, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(spec, name)
     if value not in allowed:
         raise BatchSpecError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
 
 
-def _require_int(spec: BatchSpec, name: str, *, minimum: int) -> None:
+def _require_int(spec: JobSpec, name: str, *, minimum: int) -> None:
     value = getattr(spec, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise BatchSpecError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def __getattr__(name: str) -> Any:
+    """``BatchSpec`` was this class's name; the DAG author's ``airflow_batch_provider.BatchSpec``
+    (this spec plus the Airflow connection) keeps it."""
+    if name == "BatchSpec":
+        from airflow_batch_provider.core.renames import warn_renamed
+
+        warn_renamed("BatchSpec", "JobSpec", __name__)
+        return JobSpec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -99,7 +99,7 @@ class _SpecOperator(BaseOperator):
             raise task_error(str(err), retryable=api.is_retryable(err)) from err
 
     @cached_property
-    def core_spec(self) -> api.BatchSpec:
+    def core_spec(self) -> api.JobSpec:
         return self.batch_spec.core()
 
     @cached_property
@@ -202,7 +202,7 @@ class PlanBatchOperator(_SpecOperator):
             self._start_replicas(spec, wanted)
         return units
 
-    def _start_replicas(self, spec: api.BatchSpec, wanted: int) -> None:
+    def _start_replicas(self, spec: api.JobSpec, wanted: int) -> None:
         try:
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
             names = self.replicas.start(wanted)

@@ -3,13 +3,13 @@ from __future__ import annotations
 import pytest
 
 from airflow_batch_provider.core.errors import BatchSpecError
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 
 BASE = {"source": "/data/in/*.jsonl", "sink": "/data/out", "predictor": "pkg.mod:Model"}
 
 
 def make(**overrides):
-    return BatchSpec(**{**BASE, **overrides})
+    return JobSpec(**{**BASE, **overrides})
 
 
 def test_defaults_and_inferred_format():
@@ -66,20 +66,20 @@ def test_fingerprint_covers_output_not_speed():
 
 def test_round_trip_through_dict():
     spec = make(columns=["a", "b"], predictor_kwargs={"x": [1, 2]})
-    assert BatchSpec.from_dict(spec.to_dict()) == spec
+    assert JobSpec.from_dict(spec.to_dict()) == spec
 
 
 def test_unknown_field_in_dict():
-    with pytest.raises(BatchSpecError, match="unknown BatchSpec field"):
-        BatchSpec.from_dict({**BASE, "shard_size": 5})
+    with pytest.raises(BatchSpecError, match="unknown JobSpec field"):
+        JobSpec.from_dict({**BASE, "shard_size": 5})
 
 
 def test_one_format_table_for_inference_scans_and_part_names():
     from airflow_batch_provider.core.domain.layout import is_part_name, part_name
 
-    assert BatchSpec(source="/in/x.json", sink="/o", predictor="m:C").source_format == "jsonl"
-    assert BatchSpec(source="/in/*.ndjson", sink="/o", predictor="m:C").source_format == "jsonl"
-    assert BatchSpec(source="/in/x.pq", sink="/o", predictor="m:C").source_format == "parquet"
+    assert JobSpec(source="/in/x.json", sink="/o", predictor="m:C").source_format == "jsonl"
+    assert JobSpec(source="/in/*.ndjson", sink="/o", predictor="m:C").source_format == "jsonl"
+    assert JobSpec(source="/in/x.pq", sink="/o", predictor="m:C").source_format == "parquet"
     assert part_name("abc", "parquet") == "part-abc.parquet" and part_name("abc", "jsonl") == "part-abc.jsonl"
     assert is_part_name("part-abc.jsonl") and not is_part_name("part-abc.json") and not is_part_name("_SUCCESS")
 
@@ -89,13 +89,25 @@ def test_num_workers_is_the_deprecated_name_of_num_replicas():
         assert make(num_workers=2).num_replicas == 2
     assert warned[0].filename == __file__  # it points at the author's line
     with pytest.warns(DeprecationWarning, match="use 'num_replicas'"):
-        assert BatchSpec.from_dict({**BASE, "num_workers": 3}) == make(num_replicas=3)
+        assert JobSpec.from_dict({**BASE, "num_workers": 3}) == make(num_replicas=3)
     assert "num_workers" not in make(num_replicas=2).to_dict()
 
 
 @pytest.mark.parametrize("build", [lambda: make(num_workers=2, num_replicas=2),
-                                   lambda: BatchSpec.from_dict({**BASE, "num_workers": 2, "num_replicas": 2})],
+                                   lambda: JobSpec.from_dict({**BASE, "num_workers": 2, "num_replicas": 2})],
                          ids=["keywords", "dict"])
 def test_num_workers_and_num_replicas_together_are_refused(build):
     with pytest.raises(BatchSpecError, match="'num_workers' is the deprecated name of 'num_replicas'; give only 'num_replicas'"):
         build()
+
+
+def test_the_cores_old_name_batchspec_still_works_with_a_warning():
+    import pytest
+
+    from airflow_batch_provider.core import api
+    from airflow_batch_provider.core import spec as spec_module
+
+    with pytest.warns(DeprecationWarning, match="'BatchSpec' is deprecated, use 'JobSpec'"):
+        assert spec_module.BatchSpec is JobSpec
+    with pytest.warns(DeprecationWarning, match="'BatchSpec' is deprecated, use 'JobSpec'"):
+        assert api.BatchSpec is JobSpec

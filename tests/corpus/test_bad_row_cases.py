@@ -31,7 +31,7 @@ from airflow_batch_provider.core.errors import (
     PredictorOutputError,
 )
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from tests.corpus.readback import read_back
 from tests.helpers import ROOT, make_spec, write_jsonl, write_parquet
 
@@ -40,7 +40,7 @@ from tests.helpers import ROOT, make_spec, write_jsonl, write_parquet
 spec_for = functools.partial(make_spec, rows_per_shard=1000, batch_size=16)
 
 
-def run_job(spec: BatchSpec, storage_options: dict | None = None) -> dict:
+def run_job(spec: JobSpec, storage_options: dict | None = None) -> dict:
     """Plan, run every pending shard in this process, finalize; returns ``_SUCCESS``."""
     storage = JobStorage.for_spec(spec, storage_options)
     runner = ShardRunner(spec, storage_options)
@@ -453,8 +453,8 @@ import sys
 from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import plan_job
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec
-spec = BatchSpec(source=sys.argv[1], sink=sys.argv[2], predictor="tests.predictors:Doubler", bad_rows="skip",
+from airflow_batch_provider.core.spec import JobSpec
+spec = JobSpec(source=sys.argv[1], sink=sys.argv[2], predictor="tests.predictors:Doubler", bad_rows="skip",
                  rows_per_shard=10, batch_size=4)
 runner = ShardRunner(spec)
 for shard in plan_job(spec).pending:
@@ -608,10 +608,10 @@ def dag_tester(tmp_path_factory):
 def test_dag_run_reports_rejected_rows_in_log_manifest_and_asset_event(dag_tester, tmp_path):
     import sqlite3
 
-    from airflow_batch_provider import BatchSpec as AirflowBatchSpec
+    from airflow_batch_provider import BatchSpec
 
     src = _mostly_bad(str(tmp_path / "in" / "a.jsonl"))
-    spec = AirflowBatchSpec(source=src, sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+    spec = BatchSpec(source=src, sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
                             rows_per_shard=10, num_cpus=1, bad_rows="skip", max_bad_rows=0.5)
     run = dag_tester.run(spec)
     assert run.state == "success", run.output[-4000:]

@@ -21,7 +21,7 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.schema.conform import RowOrigin, conform_table
 from airflow_batch_provider.core.errors import BatchSpecError, InputDataError
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from tests.corpus.readback import read_back
 
 ORDERS = ["forward", "reverse"]
@@ -41,7 +41,7 @@ def jsonl(path, records: list[dict]) -> str:
 def run_job(source, sink, predictor="tests.predictors:Identity", order="forward", storage_options=None, **kw) -> dict:
     kw.setdefault("rows_per_shard", 1000)
     kw.setdefault("source_format", "parquet" if any(n.endswith(".parquet") for n in _names(str(source))) else "jsonl")
-    spec = BatchSpec(source=str(source), sink=str(sink), predictor=predictor, **kw)
+    spec = JobSpec(source=str(source), sink=str(sink), predictor=predictor, **kw)
     job = plan_job(spec) if storage_options is None else _plan_s3(spec, storage_options)
     shards = job.pending if order == "forward" else job.pending[::-1]
     runner = ShardRunner(spec, storage_options)
@@ -109,7 +109,7 @@ def test_jsonl_types_that_cannot_be_unified_are_refused_at_plan_time(tmp_path):
         run_job(tmp_path / "in", tmp_path / "out")
     assert str(err.value) == (
         f"column 'code' is int64 in {tmp_path}/in/a.jsonl but string in {tmp_path}/in/b.jsonl; no type holds both "
-        "without changing values. Declare input_schema on the BatchSpec with a type that holds every value, or fix the input."
+        "without changing values. Declare input_schema on the JobSpec with a type that holds every value, or fix the input."
     )
     assert not os.path.exists(tmp_path / "out" / "_SUCCESS")
 
@@ -131,7 +131,7 @@ def test_value_after_the_sample_that_does_not_fit_names_line_and_column(tmp_path
     assert message.startswith(f"{tmp_path}/in/a.jsonl: line 651 (shard ")
     assert message.endswith(
         "): column 'n' holds string value 'six hundred fifty', which int64 in the job's schema cannot hold unchanged. "
-        "Declare input_schema on the BatchSpec with a type that holds every value, or fix the input."
+        "Declare input_schema on the JobSpec with a type that holds every value, or fix the input."
     )
 
 
@@ -202,7 +202,7 @@ def test_integer_beyond_64_bits_is_refused_naming_file_line_and_column(tmp_path)
         run_job(tmp_path / "in", tmp_path / "out")
     assert str(err.value) == (
         f"{tmp_path}/in/a.jsonl: line 2: column 'big': the integer {2**70} needs more than 64 bits; "
-        "Declare input_schema on the BatchSpec with a type that holds every value, or fix the input."
+        "Declare input_schema on the JobSpec with a type that holds every value, or fix the input."
     )
 
 
@@ -288,7 +288,7 @@ def test_output_type_drift_across_shards_fails_naming_shard_file_line_column_and
     assert message.startswith(f"{tmp_path}/in/b.jsonl: line 1 (shard ")
     assert message.endswith(
         "): column 'out' holds float64 value 100.5, which int64 in the job's output schema cannot hold unchanged. "
-        "Declare output_schema on the BatchSpec, or make the predictor return the same type in every batch."
+        "Declare output_schema on the JobSpec, or make the predictor return the same type in every batch."
     )
 
 
@@ -332,7 +332,7 @@ def test_sink_or_checkpoint_inside_source_is_refused(tmp_path, where):
     jsonl(tmp_path / "in/a.jsonl", [{"id": 0}])
     paths = {"sink": str(tmp_path / "out"), "checkpoint_dir": None, where: str(tmp_path / "in/results")}
     with pytest.raises(BatchSpecError) as err:
-        BatchSpec(source=f"file://{tmp_path}/in/", predictor="tests.predictors:Identity", source_format="jsonl", **paths)
+        JobSpec(source=f"file://{tmp_path}/in/", predictor="tests.predictors:Identity", source_format="jsonl", **paths)
     assert str(err.value) == (
         f"{where}='{tmp_path}/in/results' is inside source='{tmp_path}/in/': the next plan would read the job's own "
         f"output as input. Put the {where} outside the source directory."
@@ -401,7 +401,7 @@ def test_key_first_seen_after_the_sample_fails_naming_its_line_blank_lines_count
     assert str(err.value).startswith(f"{tmp_path}/in/a.jsonl: line 603 (shard ")
     assert str(err.value).endswith(
         "): column 'surprise' (value 'x') is not in the job's schema (columns ['id']). "
-        "Declare input_schema on the BatchSpec with a type that holds every value, or fix the input."
+        "Declare input_schema on the JobSpec with a type that holds every value, or fix the input."
     )
 
 
@@ -473,7 +473,7 @@ def test_a_new_spec_over_an_uncommitted_sink_does_not_inherit_the_output_schema(
 
     jsonl(tmp_path / "in/a.jsonl", [{"id": i} for i in range(100)])
     jsonl(tmp_path / "in/b.jsonl", [{"id": i} for i in range(100, 102)])
-    first = BatchSpec(source=str(tmp_path / "in"), sink=str(tmp_path / "out"), predictor="tests.predictors:DriftingOutput",
+    first = JobSpec(source=str(tmp_path / "in"), sink=str(tmp_path / "out"), predictor="tests.predictors:DriftingOutput",
                       source_format="jsonl")
     plan_job(first)
     # what a shard of the first spec leaves when it dies after its first batch, before its commit

@@ -15,7 +15,7 @@ from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.errors import BatchSpecError
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from tests.corpus.readback import read_back
 
 
@@ -28,7 +28,7 @@ def write(path, ids) -> str:
 
 def run(source, sink) -> tuple[list[str], list[int]]:
     """(the plan's notes, the ids the sink reads back)."""
-    spec = BatchSpec(source=str(source), sink=str(sink), predictor="tests.predictors:Identity", source_format="jsonl")
+    spec = JobSpec(source=str(source), sink=str(sink), predictor="tests.predictors:Identity", source_format="jsonl")
     job = plan_job(spec)
     runner = ShardRunner(spec)
     for shard in job.pending:

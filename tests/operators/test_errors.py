@@ -10,7 +10,7 @@ import json
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_batch_provider.core.api import BatchSpec, ReplicaPool, RunState, plan
+from airflow_batch_provider.core.api import JobSpec, ReplicaPool, RunState, plan
 from airflow_batch_provider.core.errors import InputDataError, PredictorFailedError, StaleCheckpointError
 from airflow_batch_provider.operators import batch as batch_mod
 from airflow_batch_provider.operators.batch import BatchInferenceException, BatchInferenceFailure, BatchShardOperator, PlanBatchOperator
@@ -45,7 +45,7 @@ def shard_task(local_ray, tmp_path, monkeypatch):
         source = tmp_path / "in" / "rows.jsonl"
         source.parent.mkdir(exist_ok=True)
         source.write_text("\n".join(lines) + "\n")
-        spec = BatchSpec(source=str(source), source_format="jsonl", sink=str(tmp_path / "out"), batch_size=5, num_cpus=1,
+        spec = JobSpec(source=str(source), source_format="jsonl", sink=str(tmp_path / "out"), batch_size=5, num_cpus=1,
                          num_replicas=1, **{"predictor": "tests.predictors:Doubler", **spec_kwargs})
         specs.append(spec)
         unit = {"label": "the shard", "shards": [s.to_dict() for s in plan(spec).pending]}

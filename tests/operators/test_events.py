@@ -43,7 +43,7 @@ def test_plan_and_finalize_log_their_summaries(monkeypatch, jsonl_source, tmp_pa
     assert plan == {"event": "plan", "sink": str(tmp_path / "out"), "shards": 5, "rows": 380, "committed": 0, "pending": 5,
                     "tasks": len(units), "plan_written": True}
 
-    core = api.BatchSpec.from_dict(spec)
+    core = api.JobSpec.from_dict(spec)
     runner = api.ShardRunner(core)
     for shard in api.plan(core).pending:
         runner.run(shard, api.new_attempt())

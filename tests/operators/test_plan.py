@@ -90,9 +90,9 @@ def test_batch_inference_starts_no_more_replicas_than_shards_can_run(caps, ahead
 
 
 def test_more_shards_than_max_map_length_share_tasks(tmp_path, jsonl_source):
-    from airflow_batch_provider.core.api import BatchSpec, plan
+    from airflow_batch_provider.core.api import JobSpec, plan
 
-    spec = BatchSpec(source=jsonl_source, sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+    spec = JobSpec(source=jsonl_source, sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
                      source_format="jsonl", rows_per_shard=3)  # 127 shards
     pending = plan(spec).pending
     units = work_units(pending, max_tasks=50)
@@ -103,9 +103,9 @@ def test_more_shards_than_max_map_length_share_tasks(tmp_path, jsonl_source):
 
 
 def test_shards_per_task_groups_shards_apart_from_max_map_length(tmp_path, jsonl_source):
-    from airflow_batch_provider.core.api import BatchSpec, plan
+    from airflow_batch_provider.core.api import JobSpec, plan
 
-    spec = BatchSpec(source=jsonl_source, sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+    spec = JobSpec(source=jsonl_source, sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
                      source_format="jsonl", rows_per_shard=10)  # 25 + 13 shards
     pending = plan(spec).pending
     assert len(pending) == 38

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from airflow_batch_provider.core.api import BatchSpec, ReplicaPool, Shard, new_attempt, plan
+from airflow_batch_provider.core.api import JobSpec, ReplicaPool, Shard, new_attempt, plan
 from airflow_batch_provider.operators import batch as batch_mod
 from airflow_batch_provider.operators.batch import BatchInferenceException, BatchShardOperator, attempt_key, unit_id
 from tests.helpers import StateStore, task_context
@@ -18,7 +18,7 @@ from tests.helpers import StateStore, task_context
 def job(local_ray, jsonl_source, tmp_path, monkeypatch):
     monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)  # the module's local Ray is connected
     calls = tmp_path / "calls.log"
-    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
+    spec = JobSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
                      predictor_kwargs={"sleep_s": 1.0, "calls_log": str(calls)}, batch_size=5, rows_per_shard=10, num_cpus=1, num_replicas=2)
     unit = {"label": "first shard", "shards": [plan(spec).pending[0].to_dict()]}
     yield SimpleNamespace(spec=spec, unit=unit, calls=calls)

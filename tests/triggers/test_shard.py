@@ -127,12 +127,12 @@ def test_committed_results_reads_real_sentinels(tmp_path):
     from airflow_batch_provider.core.domain.jobs import plan_job
     from airflow_batch_provider.core.domain.layout import JobStorage
     from airflow_batch_provider.core.execution.runner import ShardRunner
-    from airflow_batch_provider.core.spec import BatchSpec
+    from airflow_batch_provider.core.spec import JobSpec
 
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.jsonl").write_text("".join(json.dumps({"id": i, "value": i}) + "\n" for i in range(6)))
-    spec = BatchSpec(source=str(src / "*.jsonl"), sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler", rows_per_shard=3)
+    spec = JobSpec(source=str(src / "*.jsonl"), sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler", rows_per_shard=3)
     job = plan_job(spec, JobStorage.for_spec(spec))
     shards = [s.to_dict() for s in job.plan.shards]
     trigger = make(spec=spec.to_dict(), shards=shards)
@@ -160,12 +160,12 @@ def test_committed_results_only_reads_the_sink(tmp_path):
     from airflow_batch_provider.core.domain.commit import check_shard, commit_shard, new_attempt
     from airflow_batch_provider.core.domain.jobs import plan_job
     from airflow_batch_provider.core.domain.layout import JobStorage
-    from airflow_batch_provider.core.spec import BatchSpec
+    from airflow_batch_provider.core.spec import JobSpec
 
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in range(3)))
-    spec = BatchSpec(source=str(src / "*.jsonl"), sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler")
+    spec = JobSpec(source=str(src / "*.jsonl"), sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler")
     storage = JobStorage.for_spec(spec)
     shard = plan_job(spec, storage).pending[0]
     staged = storage.sink.open_staged(storage.part_path(shard.shard_id))

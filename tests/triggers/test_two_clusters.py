@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 SUBMIT = """
 import json, sys
 from airflow_batch_provider.core import api
-spec = api.BatchSpec.from_dict(json.loads(sys.argv[1]))
+spec = api.JobSpec.from_dict(json.loads(sys.argv[1]))
 api.connect(api.RayTarget(address=sys.argv[2], token=sys.stdin.readline().strip()))
 job = api.plan(spec)
 work = api.ReplicaPool(spec).submit(job.pending, api.new_attempt("two-clusters"))

@@ -44,7 +44,7 @@ from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.layout import SENTINEL_SCHEMA_VERSION, InvalidSentinel, JobStorage, parse_sentinel
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import CommitError, StaleCheckpointError, StorageError
-from airflow_batch_provider.core.spec import BatchSpec, describe_fingerprint_change
+from airflow_batch_provider.core.spec import JobSpec, describe_fingerprint_change
 from airflow_batch_provider.core.stores import StagedPart
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def new_attempt(key: str = "", **details: Any) -> dict[str, Any]:
     return {"token": uuid.uuid4().hex, "key": key, **details}
 
 
-def different_spec_error(spec: BatchSpec, recorded: dict[str, Any], what: str) -> StaleCheckpointError:
+def different_spec_error(spec: JobSpec, recorded: dict[str, Any], what: str) -> StaleCheckpointError:
     """The one message for work of another spec found in the sink (never reused silently).
 
     ``what`` says where it was found, e.g. ``"<sentinel> was committed by"``."""

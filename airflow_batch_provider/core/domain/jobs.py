@@ -23,7 +23,7 @@ from airflow_batch_provider.core.domain.schema.arrow_types import schema_from_js
 from airflow_batch_provider.core.domain.schema.input import file_schemas, job_input_schema, write_input_schema
 from airflow_batch_provider.core.domain.schema.output import delete_output_schema, known_output_schema
 from airflow_batch_provider.core.errors import IncompleteJobError, StaleCheckpointError
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from airflow_batch_provider.core.stores import InputFile
 from airflow_batch_provider.core.tunables import FINALIZE_CHECK_THREADS, ORPHAN_GRACE_S, PLAN_SPLIT_THREADS
 
@@ -37,7 +37,7 @@ class JobPlan:
     plan_written: bool = False
 
 
-def plan_job(spec: BatchSpec, storage: JobStorage | None = None, *, reset_key: str | None = None) -> JobPlan:
+def plan_job(spec: JobSpec, storage: JobStorage | None = None, *, reset_key: str | None = None) -> JobPlan:
     """List the input, reuse or write the plan, and find the shards still to compute.
 
     With ``resume=False`` the job's earlier output is removed first, once per ``reset_key``
@@ -315,7 +315,7 @@ def _remove_quarantined_parts(storage: JobStorage) -> int:
 
 
 def finalize_job(
-    spec: BatchSpec,
+    spec: JobSpec,
     storage: JobStorage | None = None,
     *,
     elapsed_seconds: float | None = None,
@@ -412,7 +412,7 @@ def finalize_job(
     return manifest
 
 
-def _resetting_message(spec: BatchSpec) -> str:
+def _resetting_message(spec: JobSpec) -> str:
     return (
         f"{spec.sink_root} is being reset (resume=False): a newer run started fresh and is deleting this job's "
         "parts, or such a reset was cut short. No _SUCCESS is written over it. Let that run finish (a reset cut "
@@ -449,7 +449,7 @@ def _abort_idle_staged(storage: JobStorage, part_names: set[str], grace_s: float
     return aborted
 
 
-def _incomplete_message(spec: BatchSpec, shards: list[Shard], what: str) -> str:
+def _incomplete_message(spec: JobSpec, shards: list[Shard], what: str) -> str:
     shown = ", ".join(s.description for s in shards[:5])
     more = f" and {len(shards) - 5} more" if len(shards) > 5 else ""
     return (

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 from airflow_batch_provider.core.domain.planning import Plan
 from airflow_batch_provider.core.errors import StaleCheckpointError
-from airflow_batch_provider.core.spec import FORMAT_EXTENSIONS, BatchSpec, default_checkpoint_root, file_extension
+from airflow_batch_provider.core.spec import FORMAT_EXTENSIONS, JobSpec, default_checkpoint_root, file_extension
 from airflow_batch_provider.core.stores import FileInfo, StagedPart, Store, store_for
 from airflow_batch_provider.core.stores.urls import check_location
 
@@ -230,13 +230,13 @@ class SinkLayout:
 class JobStorage(SinkLayout):
     """The stores and paths of one job: its source, its sink and its checkpoint directory."""
 
-    def __init__(self, spec: BatchSpec, source: Store, sink: Store, checkpoint: Store):
+    def __init__(self, spec: JobSpec, source: Store, sink: Store, checkpoint: Store):
         super().__init__(spec.sink_root, spec.checkpoint_root, sink, checkpoint)
         self.spec = spec
         self.source = source
 
     @classmethod
-    def for_spec(cls, spec: BatchSpec, storage_options: dict[str, Any] | None = None) -> JobStorage:
+    def for_spec(cls, spec: JobSpec, storage_options: dict[str, Any] | None = None) -> JobStorage:
         return cls(
             spec,
             store_for(spec.source, storage_options),

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from airflow_batch_provider.core.errors import BatchSpecError, InputDataError
-from airflow_batch_provider.core.spec import FORMAT_EXTENSIONS, BatchSpec
+from airflow_batch_provider.core.spec import FORMAT_EXTENSIONS, JobSpec
 from airflow_batch_provider.core.stores import InputFile, Store
 from airflow_batch_provider.core.tunables import PLAN_SCAN_BLOCK
 
@@ -141,12 +141,12 @@ class Plan:
 
 
 # -- listing ------------------------------------------------------------------------------
-def list_inputs(store: Store, spec: BatchSpec) -> list[InputFile]:
+def list_inputs(store: Store, spec: JobSpec) -> list[InputFile]:
     """The source's input files, sorted by relative path (see :func:`find_inputs`)."""
     return find_inputs(store, spec)[0]
 
 
-def find_inputs(store: Store, spec: BatchSpec) -> tuple[list[InputFile], list[InputFile]]:
+def find_inputs(store: Store, spec: JobSpec) -> tuple[list[InputFile], list[InputFile]]:
     """(the source's input files sorted by relative path, the files skipped as hidden).
     Fails loudly when there are none.
 
@@ -204,7 +204,7 @@ def _asked_for(part: str, named: list[str]) -> bool:
 
 
 # -- splitting ----------------------------------------------------------------------------
-def split_file(store: Store, spec: BatchSpec, file: InputFile, footers: dict[str, Any] | None = None) -> list[Shard]:
+def split_file(store: Store, spec: JobSpec, file: InputFile, footers: dict[str, Any] | None = None) -> list[Shard]:
     """The file's shards; a Parquet file's Arrow schema goes into ``footers`` (by relative
     path) when given, so that settling the job's schema does not read the footer again."""
     if spec.source_format == "parquet":
@@ -212,7 +212,7 @@ def split_file(store: Store, spec: BatchSpec, file: InputFile, footers: dict[str
     return _split_jsonl(store, spec, file)
 
 
-def _split_parquet(store: Store, spec: BatchSpec, file: InputFile, footers: dict[str, Any] | None = None) -> list[Shard]:
+def _split_parquet(store: Store, spec: JobSpec, file: InputFile, footers: dict[str, Any] | None = None) -> list[Shard]:
     try:
         with store.open_read(file.path, size=file.size) as handle:
             metadata = pq.ParquetFile(handle).metadata
@@ -233,7 +233,7 @@ def _split_parquet(store: Store, spec: BatchSpec, file: InputFile, footers: dict
     return shards
 
 
-def _split_jsonl(store: Store, spec: BatchSpec, file: InputFile) -> list[Shard]:
+def _split_jsonl(store: Store, spec: JobSpec, file: InputFile) -> list[Shard]:
     """One pass over the bytes, noting the offset of every ``rows_per_shard``-th line."""
     every = spec.rows_per_shard
     boundaries = [(0, 0)]  # (lines before, byte offset) where each shard starts

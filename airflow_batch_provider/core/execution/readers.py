@@ -31,7 +31,7 @@ from airflow_batch_provider.core.domain.schema.arrow_types import Incompatible, 
 from airflow_batch_provider.core.domain.schema.conform import INPUT_FIX, RowOrigin, conform_table
 from airflow_batch_provider.core.errors import BatchError, InputChangedError, InputDataError, InputEncodingError
 from airflow_batch_provider.core.execution.badrows import BadRows, FailOnBadRow
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from airflow_batch_provider.core.stores import Store
 from airflow_batch_provider.core.tunables import JSONL_BLOCK_BYTES
 
@@ -80,7 +80,7 @@ def _positions_if_gapped(positions: np.ndarray) -> tuple[int, ...] | None:
 
 
 def read_shard(
-    store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, schema: pa.Schema, bad: Policy | None = None
+    store: Store, spec: JobSpec, shard: Shard, stats: ReadStats, schema: pa.Schema, bad: Policy | None = None
 ) -> Iterator[Batch]:
     """The shard's rows in batches of at most ``batch_size``, each with exactly ``schema`` (the
     plan's input schema). Rows that cannot be read, or whose values that schema cannot hold
@@ -127,7 +127,7 @@ def _row_values(table: pa.Table, index: int) -> dict[str, Any]:
 
 
 # -- Parquet ------------------------------------------------------------------------------
-def _read_parquet(store: Store, spec: BatchSpec, shard: Shard, schema: pa.Schema, bad: Policy) -> Iterator[Batch]:
+def _read_parquet(store: Store, spec: JobSpec, shard: Shard, schema: pa.Schema, bad: Policy) -> Iterator[Batch]:
     with store.read_pinned(shard.path, shard.version) as handle:
         try:
             parquet = pq.ParquetFile(handle)
@@ -191,7 +191,7 @@ def _drop_invalid_utf8(batch: Batch, shard: Shard, bad: Policy) -> Batch:
 
 
 # -- JSONL --------------------------------------------------------------------------------
-def _read_jsonl(store: Store, spec: BatchSpec, shard: Shard, stats: ReadStats, schema: pa.Schema, bad: Policy) -> Iterator[Batch]:
+def _read_jsonl(store: Store, spec: JobSpec, shard: Shard, stats: ReadStats, schema: pa.Schema, bad: Policy) -> Iterator[Batch]:
     assert shard.byte_start is not None and shard.byte_end is not None
     lines_before = shard.start
     declared = spec.input_schema is not None

@@ -27,7 +27,7 @@ from airflow_batch_provider.core.execution.readers import Batch, ReadStats, read
 from airflow_batch_provider.core.execution.threads import BackgroundWriter, prefetch
 from airflow_batch_provider.core.execution.writers import OutputSchemaWidened, PartWriter
 from airflow_batch_provider.core.redaction import Redactor
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class ShardRunner:
 
     def __init__(
         self,
-        spec: BatchSpec,
+        spec: JobSpec,
         storage_options: dict[str, Any] | None = None,
         predictor: Callable[[Any], Any] | None = None,
         secrets: dict[str, str] | None = None,

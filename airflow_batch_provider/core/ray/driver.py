@@ -144,12 +144,12 @@ class InProcessDriver:
 
     def call(self, method: str, spec: dict[str, Any], timeout: float = DRIVER_CALL_S, **args: Any) -> Any:
         from airflow_batch_provider.core.ray.pool import ReplicaPool
-        from airflow_batch_provider.core.spec import BatchSpec
+        from airflow_batch_provider.core.spec import JobSpec
 
         if method not in METHODS:
             raise ValueError(f"a Ray driver serves {METHODS}, not {method!r}")
         try:
-            return getattr(ReplicaPool(BatchSpec.from_dict(spec)), method)(**args)
+            return getattr(ReplicaPool(JobSpec.from_dict(spec)), method)(**args)
         except Exception as err:
             raise RayWorkError(f"{type(err).__name__}: {err}") from None
 
@@ -173,7 +173,7 @@ def _serve() -> None:
     """The child: connect, then answer each request line in a thread of its own."""
     from airflow_batch_provider.core.ray.connection import connect
     from airflow_batch_provider.core.ray.pool import ReplicaPool
-    from airflow_batch_provider.core.spec import BatchSpec
+    from airflow_batch_provider.core.spec import JobSpec
 
     out = sys.stdout
     sys.stdout = sys.stderr  # Ray and predictors print: only replies go to the parent
@@ -197,7 +197,7 @@ def _serve() -> None:
                 raise RayWorkError(failure)
             if request["method"] not in METHODS:
                 raise ValueError(f"unknown method {request['method']!r}")
-            pool = ReplicaPool(BatchSpec.from_dict(request["spec"]))
+            pool = ReplicaPool(JobSpec.from_dict(request["spec"]))
             reply({"id": request["id"], "result": getattr(pool, request["method"])(**request["args"])})
         except Exception as err:
             reply({"id": request["id"], "error": f"{type(err).__name__}: {err}"})

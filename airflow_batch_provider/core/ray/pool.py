@@ -43,7 +43,7 @@ from airflow_batch_provider.core.ray.connection import NAMESPACE
 from airflow_batch_provider.core.ray.leases import LeaseNegotiator
 from airflow_batch_provider.core.ray.replica import Replica
 from airflow_batch_provider.core.ray.states import Progress, RunState
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from airflow_batch_provider.core.tunables import DEFAULTS, FIND_RUNNING_S, LEASE_WAIT_S, REPLY_S, RESULT_POLL_S, WAIT_CALL_S
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ _SECRETS_SALT = b"airflow-batch-provider/replica-key/v1"
 _SECRETS_ROUNDS = 200_000
 
 
-def pool_key(spec: BatchSpec, secrets: dict[str, str] | None = None) -> str:
+def pool_key(spec: JobSpec, secrets: dict[str, str] | None = None) -> str:
     """Replicas are shared by every job that loads the same model with the same resources and
     the same secret *values* (a rotated key gets new replicas; two deployments naming their
     key alike on one Ray cluster do not share theirs). The values enter only through a salted,
@@ -91,7 +91,7 @@ class ReplicaPool:
 
     def __init__(
         self,
-        spec: BatchSpec,
+        spec: JobSpec,
         *,
         secrets: dict[str, str] | None = None,
         idle_timeout_s: float = DEFAULTS.replica_idle_timeout_s,

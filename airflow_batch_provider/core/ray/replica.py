@@ -31,7 +31,7 @@ import ray
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import ShardCancelledError, is_retryable
 from airflow_batch_provider.core.ray.states import RunState
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from airflow_batch_provider.core.tunables import HOLDER_CHECK_S, LEASE_TIMEOUT_S, RESULTS_KEPT
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Replica:
             self._stop_if_cancelled(token)
 
         try:
-            runner = ShardRunner(BatchSpec.from_dict(spec), storage_options, predictor=self.predictor, secrets=self._secrets)
+            runner = ShardRunner(JobSpec.from_dict(spec), storage_options, predictor=self.predictor, secrets=self._secrets)
             results = []
             done_before = 0
             for shard in planned:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ray
 
 from airflow_batch_provider.core.errors import ResourcesUnavailableError
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 
 
-def replica_count(spec: BatchSpec) -> int:
+def replica_count(spec: JobSpec) -> int:
     """Replicas at most: ``spec.num_replicas`` when set, else what the cluster's resources fit."""
     if spec.num_replicas:
         return spec.num_replicas
@@ -21,7 +21,7 @@ def replica_count(spec: BatchSpec) -> int:
     return max(1, min(fits) if fits else 1)
 
 
-def check_feasible(spec: BatchSpec) -> None:
+def check_feasible(spec: JobSpec) -> None:
     """Fail at once when no live node of the cluster has the resources one replica asks for
     (``num_gpus=1`` on a cluster without GPUs): Ray would keep the replica pending forever."""
     wanted = {"CPU": float(spec.num_cpus or 0), "GPU": float(spec.num_gpus or 0)}

@@ -25,7 +25,7 @@ from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from tests.helpers import parquet_bytes, put, run_killed_at
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -36,7 +36,7 @@ def job(request, tmp_path, jsonl_source):
     """(where, spec, storage options, rows in the input, ids a reader of the sink sees)."""
     calls = {"calls_log": str(tmp_path / "calls")}
     if request.param == "local":
-        spec = BatchSpec(source=jsonl_source, sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+        spec = JobSpec(source=jsonl_source, sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
                          source_format="jsonl", rows_per_shard=100, predictor_kwargs=calls)
 
         def read_ids():
@@ -53,7 +53,7 @@ def job(request, tmp_path, jsonl_source):
     bucket = s3_server.new_bucket()
     put(s3_server, bucket, "in/a.parquet", parquet_bytes(range(300)))
     put(s3_server, bucket, "in/b.parquet", parquet_bytes(range(300, 420)))
-    spec = BatchSpec(source=f"s3://{bucket}/in/", sink=f"s3://{bucket}/out", predictor="tests.predictors:Doubler",
+    spec = JobSpec(source=f"s3://{bucket}/in/", sink=f"s3://{bucket}/out", predictor="tests.predictors:Doubler",
                      source_format="parquet", rows_per_shard=100, predictor_kwargs=calls)
 
     def read_s3_ids():
@@ -74,7 +74,7 @@ def job(request, tmp_path, jsonl_source):
     return "s3", spec, s3_server.storage_options(), 420, read_s3_ids, read_s3_rejected
 
 
-def rejecting_spec(spec: BatchSpec, tmp_path) -> BatchSpec:
+def rejecting_spec(spec: JobSpec, tmp_path) -> JobSpec:
     """``spec`` under bad_rows="skip", with a predictor that rejects every id divisible by 97."""
     always = tmp_path / "reject-while-this-exists"
     always.touch()
@@ -82,7 +82,7 @@ def rejecting_spec(spec: BatchSpec, tmp_path) -> BatchSpec:
     return dataclasses.replace(spec, bad_rows="skip", predictor_kwargs=kwargs)
 
 
-def calls_of_an_uninterrupted_run(spec: BatchSpec, options, tmp_path) -> int:
+def calls_of_an_uninterrupted_run(spec: JobSpec, options, tmp_path) -> int:
     """Rows the predictor computes in a run without a crash (isolating rejected rows calls
     it more than once per row): the baseline for rows recomputed."""
     clean = dataclasses.replace(spec, sink=spec.sink_root + "-baseline",
@@ -94,7 +94,7 @@ def calls_of_an_uninterrupted_run(spec: BatchSpec, options, tmp_path) -> int:
     return computed_rows(clean)
 
 
-def computed_rows(spec: BatchSpec) -> int:
+def computed_rows(spec: JobSpec) -> int:
     path = spec.predictor_kwargs["calls_log"]
     return sum(len(json.loads(line)) for line in open(path)) if os.path.exists(path) else 0
 

@@ -23,7 +23,7 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.errors import InputDataError
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from tests.corpus.readback import read_back
 from tests.helpers import make_spec, parquet_bytes, put, run_killed_at, write_parquet
 
@@ -31,12 +31,12 @@ ROWS = 380  # jsonl_source: ids 0..379 in a.jsonl (250) and b.jsonl (130); 5 sha
 TEXT = (250, 350)  # the 4th shard (b.jsonl's first) is the only one with a note
 
 
-def note_spec(tmp_path, source, sink_format="parquet", **predictor_kwargs) -> BatchSpec:
+def note_spec(tmp_path, source, sink_format="parquet", **predictor_kwargs) -> JobSpec:
     kwargs = {"text_from": TEXT[0], "text_to": TEXT[1], "calls_log": str(tmp_path / "calls"), **predictor_kwargs}
     return make_spec(source, str(tmp_path / "out"), predictor="tests.predictors:NoteInRange", sink_format=sink_format, predictor_kwargs=kwargs)
 
 
-def run(spec: BatchSpec, order: str = "forward") -> dict:
+def run(spec: JobSpec, order: str = "forward") -> dict:
     job = plan_job(spec)
     shards = job.pending if order == "forward" else job.pending[::-1]
     runner = ShardRunner(spec)
@@ -45,7 +45,7 @@ def run(spec: BatchSpec, order: str = "forward") -> dict:
     return finalize_job(spec, orphan_grace_s=0)
 
 
-def computed_ids(spec: BatchSpec) -> list[int]:
+def computed_ids(spec: JobSpec) -> list[int]:
     path = spec.predictor_kwargs["calls_log"]
     return sorted(i for line in open(path) for i in json.loads(line)) if os.path.exists(path) else []
 
@@ -54,7 +54,7 @@ def expected_rows() -> list[dict]:
     return [{"id": i, "note": f"n{i}" if TEXT[0] <= i < TEXT[1] else None} for i in range(ROWS)]
 
 
-def assert_one_string_dataset(spec: BatchSpec, manifest: dict) -> None:
+def assert_one_string_dataset(spec: JobSpec, manifest: dict) -> None:
     """Every reader reads every row once, ``note`` typed string; every part agrees; the sink verifies clean."""
     assert manifest["schema"]["columns"] == {"id": "int64", "note": "string"}
     table = read_back(spec.sink_root, spec.sink_format)
@@ -109,7 +109,7 @@ def test_a_column_null_in_the_first_row_group_of_a_shard_is_written_again_with_i
     had written note as null: the uncommitted shard is written again, note typed string."""
     rows = 66_000
     write_parquet(str(tmp_path / "in/a.parquet"), [{"id": i} for i in range(rows)], row_group_size=10_000)
-    spec = BatchSpec(source=str(tmp_path / "in"), sink=str(tmp_path / "out"), predictor="tests.predictors:NoteInRange",
+    spec = JobSpec(source=str(tmp_path / "in"), sink=str(tmp_path / "out"), predictor="tests.predictors:NoteInRange",
                      source_format="parquet", rows_per_shard=100_000, batch_size=4096,
                      predictor_kwargs={"text_from": 65_600, "text_to": rows, "calls_log": str(tmp_path / "calls")})
     manifest = run(spec)
@@ -150,7 +150,7 @@ def test_parts_on_s3_are_retyped_too(s3_server, tmp_path):
     bucket = s3_server.new_bucket()
     put(s3_server, bucket, "in/a.parquet", parquet_bytes(range(300)))
     options = s3_server.storage_options()
-    spec = BatchSpec(source=f"s3://{bucket}/in/", sink=f"s3://{bucket}/out", predictor="tests.predictors:NoteInRange",
+    spec = JobSpec(source=f"s3://{bucket}/in/", sink=f"s3://{bucket}/out", predictor="tests.predictors:NoteInRange",
                      source_format="parquet", rows_per_shard=100,
                      predictor_kwargs={"text_from": 200, "text_to": 300, "calls_log": str(tmp_path / "calls")})
     runner = ShardRunner(spec, options)

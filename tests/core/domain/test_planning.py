@@ -14,7 +14,7 @@ from airflow_batch_provider.core.domain.schema.input import load_input_schema
 from airflow_batch_provider.core.errors import BatchSpecError, StaleCheckpointError
 from airflow_batch_provider.core.execution.readers import ReadStats, read_shard
 from airflow_batch_provider.core.execution.runner import ShardRunner
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from tests.helpers import make_spec, rows, write_jsonl
 
 
@@ -117,7 +117,7 @@ def test_missing_source_is_a_clear_error(tmp_path):
 
 def test_empty_directory_is_a_clear_error(tmp_path):
     os.makedirs(tmp_path / "empty")
-    spec = BatchSpec(source=str(tmp_path / "empty"), source_format="jsonl", sink=str(tmp_path / "o"), predictor="a:B")
+    spec = JobSpec(source=str(tmp_path / "empty"), source_format="jsonl", sink=str(tmp_path / "o"), predictor="a:B")
     with pytest.raises(BatchSpecError, match="matched no jsonl input files"):
         plan_job(spec)
 

@@ -13,13 +13,13 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.errors import BadRowLimitError, PredictorFailedError
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.redaction import Redactor, redact
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from tests.helpers import make_spec
 
 SECRET = "sk-live-7f3a9c0e1b2d4f6a8c"
 
 
-def leaky_spec(source, sink, **fields) -> BatchSpec:
+def leaky_spec(source, sink, **fields) -> JobSpec:
     """A predictor whose errors quote its secret ``api_key``, as HTTP clients quote the URL they called."""
     return make_spec(source, sink, predictor="tests.predictors:LeakyKeyed", predictor_secrets={"api_key": "var:model_api_key"}, **fields)
 

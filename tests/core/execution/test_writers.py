@@ -14,11 +14,11 @@ from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.execution.writers import PartWriter
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from tests.helpers import rows, write_jsonl
 
 
-def run_job(spec: BatchSpec) -> None:
+def run_job(spec: JobSpec) -> None:
     runner = ShardRunner(spec)
     for shard in plan_job(spec).pending:
         runner.run(shard, new_attempt())
@@ -31,7 +31,7 @@ def parts(sink: str) -> list[pq.ParquetFile]:
 
 def test_small_batches_make_one_row_group_per_part_not_one_per_batch(tmp_path):
     source = write_jsonl(str(tmp_path / "in.jsonl"), rows(1000))
-    spec = BatchSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+    spec = JobSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
                      batch_size=8, rows_per_shard=500)
     run_job(spec)
     found = parts(spec.sink_root)
@@ -68,7 +68,7 @@ def test_buffered_memory_is_bounded_by_row_group_bytes():
 
 def test_a_predictor_reusing_its_output_buffer_keeps_every_row(tmp_path):
     source = write_jsonl(str(tmp_path / "in.jsonl"), rows(200))
-    spec = BatchSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"),
+    spec = JobSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"),
                      predictor="tests.predictors:ReusedBufferEmbedder", batch_size=16, rows_per_shard=200)
     run_job(spec)
     table = pa.concat_tables([p.read() for p in parts(spec.sink_root)])

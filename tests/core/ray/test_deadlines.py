@@ -15,7 +15,7 @@ from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.jobs import plan_job
 from airflow_batch_provider.core.errors import ResourcesUnavailableError
 from airflow_batch_provider.core.ray.pool import ReplicaPool, find_replica
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from tests.helpers import ROOT, slow_doubler_spec
 
 
@@ -39,7 +39,7 @@ def parts(tmp_path) -> list[str]:
 
 
 def test_gpus_on_a_cpu_only_cluster_fail_at_once_naming_the_resources(local_ray, jsonl_source, tmp_path):
-    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"),
+    spec = JobSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"),
                      predictor="tests.predictors:Doubler", num_gpus=1, num_cpus=1)
     pool = ReplicaPool(spec)
     started = time.monotonic()
@@ -115,9 +115,9 @@ def test_the_lease_of_a_dead_shard_task_is_freed_promptly(local_ray, jsonl_sourc
         "import os, ray\n"
         "from airflow_batch_provider.core.ray.connection import NAMESPACE\n"
         "from airflow_batch_provider.core.ray.pool import ReplicaPool\n"
-        "from airflow_batch_provider.core.spec import BatchSpec\n"
+        "from airflow_batch_provider.core.spec import JobSpec\n"
         f"ray.init(address={address!r}, namespace=NAMESPACE, logging_level='ERROR')\n"
-        f"spec = BatchSpec.from_dict({spec.to_dict()!r})\n"
+        f"spec = JobSpec.from_dict({spec.to_dict()!r})\n"
         "print(ReplicaPool(spec).lease('dead-task', timeout_s=60)[0], flush=True)\n"
         "os._exit(0)\n"
     )

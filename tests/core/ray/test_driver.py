@@ -14,9 +14,9 @@ from airflow_batch_provider.core.errors import RayWorkError
 from airflow_batch_provider.core.ray import driver as driver_mod
 from airflow_batch_provider.core.ray.connection import RayTarget
 from airflow_batch_provider.core.ray.driver import InProcessDriver, RayDriver
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 
-SPEC = BatchSpec(source="/in/*.jsonl", sink="/out", predictor="tests.predictors:Doubler").to_dict()
+SPEC = JobSpec(source="/in/*.jsonl", sink="/out", predictor="tests.predictors:Doubler").to_dict()
 
 
 @pytest.mark.parametrize("ray_address", [None, "local"])

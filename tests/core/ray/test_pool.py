@@ -18,11 +18,11 @@ from airflow_batch_provider.core.domain.jobs import plan_job
 from airflow_batch_provider.core.errors import PredictorFailedError, RayWorkError
 from airflow_batch_provider.core.execution import allocator
 from airflow_batch_provider.core.ray.pool import ReplicaPool, find_replica, pool_key
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from tests.helpers import make_spec, slow_doubler_spec
 
 
-def slow_spec(source: str, sink: str, loads_log: str, **fields) -> BatchSpec:
+def slow_spec(source: str, sink: str, loads_log: str, **fields) -> JobSpec:
     """A model that takes 3 s to load, and logs each load to ``loads_log``."""
     return make_spec(source, sink, predictor="tests.predictors:SlowLoad", predictor_kwargs={"load_s": 3.0, "loads_log": loads_log}, **fields)
 
@@ -68,7 +68,7 @@ def test_start_replicas_creates_no_more_than_wanted_or_the_pool(local_ray, jsonl
 
 def test_replica_math_threads_follow_num_cpus(local_ray, jsonl_source, tmp_path):
     """Ray sets OMP_NUM_THREADS from the replica's num_cpus (no runtime_env of ours needed)."""
-    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"),
+    spec = JobSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"),
                      predictor="tests.predictors:Doubler", num_cpus=2)
     if "OMP_NUM_THREADS" in os.environ:
         pytest.skip("OMP_NUM_THREADS is set in this environment; Ray passes it through instead")
@@ -84,7 +84,7 @@ def test_replica_math_threads_follow_num_cpus(local_ray, jsonl_source, tmp_path)
 def test_a_leased_call_not_yet_started_reports_running(local_ray, jsonl_source, tmp_path):
     """Between the lease and the start of ``run_shards``, ``status`` answers RUNNING (queued):
     a shard task (or its trigger) asking in that moment must not take the work for lost."""
-    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"),
+    spec = JobSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"),
                      predictor="tests.predictors:Doubler", num_cpus=1, num_replicas=1)
     pending = plan_job(spec).pending
     attempt = new_attempt()
@@ -205,7 +205,7 @@ def test_a_running_call_reports_its_progress(local_ray, jsonl_source, tmp_path):
 def test_replicas_are_keyed_by_the_secret_values_never_named_by_them(jsonl_source, tmp_path):
     """A rotated key gets new replicas, and two deployments naming their keys alike on one
     Ray cluster do not share theirs; the value is nowhere in the name (no Ray needed)."""
-    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:LeakyKeyed",
+    spec = JobSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:LeakyKeyed",
                      predictor_secrets={"api_key": "var:model_api_key"})
     old, new = "sk-live-old-7f3a9c0e1b2d", "sk-live-new-4e5f6a7b8c9d"
     assert pool_key(spec, {"api_key": old}) == pool_key(spec, {"api_key": old})  # every task of a deployment finds them
@@ -220,7 +220,7 @@ def test_a_replicas_error_naming_its_secret_reaches_the_caller_without_it(local_
     """The replica gets the secret values with the call and redacts with them: neither the
     error the caller raises nor the status a trigger reads holds the value."""
     secret = "sk-live-5a6b7c8d9e0f1a2b"
-    spec = BatchSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:LeakyKeyed",
+    spec = JobSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:LeakyKeyed",
                      predictor_secrets={"api_key": "var:model_api_key"}, num_cpus=1, num_replicas=1, rows_per_shard=100)
     pool = ReplicaPool(spec, secrets={"api_key": secret})
     try:

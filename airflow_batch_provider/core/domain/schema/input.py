@@ -4,7 +4,7 @@ beside the plan for the shards to read.
 Parquet files carry their schema in the footer; a JSONL shard's is inferred from a sample of
 its first lines (its byte range is in the plan, so that is one small read). The per-file
 schemas are unified into one (absent and null-only columns take the type seen elsewhere;
-int and float give float64) or, when ``BatchSpec.input_schema`` is declared, that one is
+int and float give float64) or, when ``JobSpec.input_schema`` is declared, that one is
 used as it is. Readers then hand every batch to the predictor with exactly this schema.
 
 A JSONL column null in every sampled row stays null-typed; a later value in it does not
@@ -36,7 +36,7 @@ from airflow_batch_provider.core.domain.schema.arrow_types import (
 )
 from airflow_batch_provider.core.domain.schema.conform import INPUT_FIX
 from airflow_batch_provider.core.errors import BatchSpecError, InputDataError, StaleCheckpointError
-from airflow_batch_provider.core.spec import BatchSpec
+from airflow_batch_provider.core.spec import JobSpec
 from airflow_batch_provider.core.stores import InputFile, Store
 from airflow_batch_provider.core.tunables import SCHEMA_SAMPLE_BYTES, SCHEMA_SAMPLE_LINES, SCHEMA_SAMPLE_THREADS
 
@@ -58,7 +58,7 @@ def load_input_schema(storage: JobStorage) -> pa.Schema:
 
 
 def file_schemas(
-    store: Store, spec: BatchSpec, files: list[InputFile], shards: list[Shard], footers: dict[str, pa.Schema] | None = None
+    store: Store, spec: JobSpec, files: list[InputFile], shards: list[Shard], footers: dict[str, pa.Schema] | None = None
 ) -> list[pa.Schema]:
     """Each file's schema: its Parquet footer (from ``footers`` when splitting read it already),
     or its JSONL shards' samples unified."""
@@ -77,7 +77,7 @@ def file_schemas(
         return list(pool.map(one, files))
 
 
-def job_input_schema(spec: BatchSpec, named: list[tuple[str, pa.Schema]]) -> pa.Schema:
+def job_input_schema(spec: JobSpec, named: list[tuple[str, pa.Schema]]) -> pa.Schema:
     """The one input schema of the job: declared, or the unified file schemas."""
     if spec.input_schema is not None:
         schema = declared_schema("input_schema", spec.input_schema)
@@ -87,7 +87,7 @@ def job_input_schema(spec: BatchSpec, named: list[tuple[str, pa.Schema]]) -> pa.
         missing = [c for c in spec.columns if c not in schema.names]
         if missing:
             where = "input_schema" if spec.input_schema is not None else f"any input file under {spec.source!r}"
-            raise BatchSpecError(f"columns {missing} are not in {where} (columns there: {schema.names}); fix BatchSpec.columns")
+            raise BatchSpecError(f"columns {missing} are not in {where} (columns there: {schema.names}); fix JobSpec.columns")
         schema = pa.schema([schema.field(c) for c in spec.columns])
     return schema
 
