@@ -52,9 +52,10 @@ class RayShardTrigger(BaseTrigger):
     ``{"status": "error", "message": ..., "worker", "token"}`` (with ``"retryable": False`` when
     the replica's error is one no retry can fix).
 
-    :param worker: name of the Ray model replica running the work.
+    :param worker: name of the Ray model replica running the work (the work id's JSON key,
+        kept as it is so that triggers stored by earlier releases still load).
     :param token: the attempt token the work was submitted with.
-    :param spec: the ``BatchSpec`` dict (to check the sink when the worker is gone).
+    :param spec: the ``BatchSpec`` dict (to check the sink when the replica is gone).
     :param shards: the work unit's shard dicts.
     :param ray_conn_id: ``ray`` connection (address and token are read in the triggerer).
     :param label: the work unit's label, for messages.
@@ -176,7 +177,7 @@ class RayShardTrigger(BaseTrigger):
             api.CallEnd.LOST,
             resubmits=self.resubmits,
             message=(
-                f"shard(s) {self.label}: the Ray work {self.token} on {self.worker} is {state} (worker restarted "
+                f"shard(s) {self.label}: the Ray work {self.token} on {self.worker} is {state} (replica restarted "
                 "or gone) and not every shard is committed"
             ),
         )
