@@ -93,6 +93,23 @@ def test_work_lost_while_waiting_is_resubmitted_and_the_new_call_recorded(monkey
     assert summary["computed"] == 1
 
 
+def test_a_first_try_whose_call_is_lost_returns_the_results_of_the_call_that_replaced_it(monkeypatch):
+    """Sync path, fresh submission: the first call is lost, the second computes the shard; the
+    task's summary is the second call's (not the lost call's empty answer)."""
+    unit = {"label": "s0", "shards": []}
+    task = BatchShardOperator(task_id="batch.shard", spec={"source": "/in/a.jsonl", "sink": "/out", "predictor": "m:C"},
+                              work_unit=unit, deferrable=False)
+    result = {"shard_id": "s0", "status": "computed", "rows_in": 3, "rows_out": 3, "bytes": 1, "seconds": 1.0, "model_seconds": 1.0}
+    pool = task.__dict__["replicas"] = LosingPool()
+    pool.result = lambda work, **progress: None if work["token"] == pool.submitted[0] else [result]
+    pool.status = lambda work: {"state": "LOST"}
+    monkeypatch.setattr(batch_mod.RayHook, "get_conn", lambda self: None)
+    store = StateStore()
+    summary = task.execute(task_context(store, try_number=1))
+    assert len(pool.submitted) == 2 and store[BatchShardOperator.external_id_key]["token"] == pool.submitted[1]
+    assert summary["computed"] == 1 and summary["rows_out"] == 3
+
+
 class LosingPool:
     """Every call it starts is lost (its replica's node dies); records what the task asks."""
 

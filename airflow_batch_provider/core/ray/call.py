@@ -100,6 +100,7 @@ class ShardCall:
         #: the call this process follows now (what ``cancel_followed`` stops)
         self.followed: WorkId | None = None
         self._outcomes: dict[str, CallOutcome] = {}
+        self._results: list[ShardResult] | None = None  # the unit's, once one of its calls ended well
 
     # -- submitting ------------------------------------------------------------------------
     def adopt(self, stored: Any) -> WorkId | None:
@@ -182,6 +183,7 @@ class ShardCall:
         while True:
             results = self._wait(work, on_progress, every_s)
             if results is not None:
+                self._results = results
                 return results
             resubmits += 1
             work = self.resubmit(work, resubmits)
@@ -204,7 +206,10 @@ class ShardCall:
         return None if raw is None else [ShardResult.from_dict(r) for r in raw]
 
     def results_of(self, work: WorkId) -> list[ShardResult]:
-        """The results of a call that ended well (asked again unless just seen)."""
+        """The unit's results once a call of it ended well: those ``follow`` got (whichever
+        call, after resubmissions, computed them), else ``work``'s (asked unless just seen)."""
+        if self._results is not None:
+            return self._results
         outcome = self._outcomes.get(work.token) or self.outcome(work)
         return outcome.results
 

@@ -61,6 +61,7 @@ def test_a_call_lost_with_its_replica_is_submitted_again_and_each_new_call_is_he
     assert [r.shard_id for r in results] == ["s0"] and results[0].computed
     assert [w.replica for w in heard] == ["r2", "r3"] and all(w.unit == "u1" for w in heard)
     assert [a["key"] for a in pool.submitted] == ["d/r/t/0/u1"] * 3  # every try of this unit shares the key
+    assert shard_call.results_of(first) == results  # the unit's results, though its first call was lost
 
 
 def test_past_max_retries_the_try_fails_naming_the_budget():
