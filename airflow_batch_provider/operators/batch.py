@@ -361,9 +361,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
 
     def _log_progress(self, progress: api.Progress) -> None:
         self.log.info("Shard(s) %s: %s", self.label, progress.describe())
-        self.log.info("%s", api.format_event(
-            api.EventKind.PROGRESS, label=self.label, rows_done=progress.rows_done, rows_total=progress.rows_total, seconds=progress.seconds,
-        ))
+        self.log.info("%s", progress.event(self.label))
 
     # -- deferrable path -------------------------------------------------------------------
     def _defer_unless_done(self, work: api.WorkId, context: Context, resubmits: int = 0) -> None:

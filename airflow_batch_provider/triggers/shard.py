@@ -126,10 +126,7 @@ class RayShardTrigger(BaseTrigger):
                         return
                     if outcome.progress and time.monotonic() - reported >= self.progress_interval:
                         self.log.info("Shard(s) %s: %s", self.label, outcome.progress.describe())  # reaches the task log
-                        self.log.info("%s", api.format_event(
-                            api.EventKind.PROGRESS, label=self.label, rows_done=outcome.progress.rows_done,
-                            rows_total=outcome.progress.rows_total, seconds=outcome.progress.seconds,
-                        ))
+                        self.log.info("%s", outcome.progress.event(self.label))
                         reported = time.monotonic()
                     await asyncio.sleep(self.poll_interval)
                     continue

@@ -10,6 +10,7 @@ from enum import Enum
 from typing import Any
 
 from airflow_batch_provider.core.domain.results import ShardResult
+from airflow_batch_provider.core.events import EventKind, format_event
 
 
 class RunState(str, Enum):
@@ -72,6 +73,10 @@ class Progress:
     @property
     def rows_per_second(self) -> float:
         return self.rows_done / self.seconds if self.seconds > 0 else 0.0
+
+    def event(self, label: str) -> str:
+        """The structured event of this progress for the log of the work unit ``label``."""
+        return format_event(EventKind.PROGRESS, label=label, rows_done=self.rows_done, rows_total=self.rows_total, seconds=self.seconds)
 
     def describe(self) -> str:
         """``12,000 of 50,000 rows (24%), 410 rows/s, about 93 s left``."""
