@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from airflow_batch_provider.core.domain.inspection import NotASinkError, SinkStatus, Verification, collect_garbage, sink_status, verify_sink
     from airflow_batch_provider.core.domain.jobs import JobPlan
     from airflow_batch_provider.core.domain.planning import Shard
-    from airflow_batch_provider.core.domain.results import ShardResult
+    from airflow_batch_provider.core.domain.results import ShardResult, summarise
     from airflow_batch_provider.core.errors import (
         BatchError,
         BatchSpecError,
@@ -60,7 +60,7 @@ _HOMES = {
     **dict.fromkeys(("NotASinkError", "SinkStatus", "Verification", "collect_garbage", "sink_status", "verify_sink"), "core.domain.inspection"),
     "JobPlan": "core.domain.jobs",
     "Shard": "core.domain.planning",
-    "ShardResult": "core.domain.results",
+    **dict.fromkeys(("ShardResult", "summarise"), "core.domain.results"),
     **dict.fromkeys(("BatchError", "BatchSpecError", "CallLostError", "RayWorkError", "ResourcesUnavailableError",
                      "ShardCancelledError", "is_retryable"), "core.errors"),
     **dict.fromkeys(("EventKind", "format_event"), "core.events"),
@@ -176,5 +176,6 @@ __all__ = [
     "plan",
     "rejected_path",
     "sink_status",
+    "summarise",
     "verify_sink",
 ]

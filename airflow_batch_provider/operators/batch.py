@@ -428,16 +428,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             self.log.info("%s", api.format_event(
                 api.EventKind.SHARD_TASK, task_seconds=task_seconds, model_seconds=model, overhead_seconds=task_seconds - model,
             ))
-        return {
-            "task_seconds": task_seconds,
-            "shards": [r.shard_id for r in results],
-            "computed": sum(r.computed for r in results),
-            "rows_in": sum(r.rows_in for r in results),
-            "rows_out": sum(r.rows_out for r in results),
-            "rows_rejected": sum(r.rows_rejected for r in results),
-            "seconds": sum(r.seconds for r in results),
-            "model_seconds": model,
-        }
+        return api.summarise(results, task_seconds)
 
 
 def _about(label: str, err: BaseException) -> str:

@@ -51,3 +51,18 @@ class ShardResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def summarise(results: list[ShardResult], task_seconds: float | None = None) -> dict[str, Any]:
+    """One work unit's figures (its task's return value): the shards, how many were computed
+    (not found committed), their rows and seconds; ``task_seconds`` is the task's wall time."""
+    return {
+        "task_seconds": task_seconds,
+        "shards": [r.shard_id for r in results],
+        "computed": sum(r.computed for r in results),
+        "rows_in": sum(r.rows_in for r in results),
+        "rows_out": sum(r.rows_out for r in results),
+        "rows_rejected": sum(r.rows_rejected for r in results),
+        "seconds": sum(r.seconds for r in results),
+        "model_seconds": sum(r.model_seconds for r in results),
+    }
