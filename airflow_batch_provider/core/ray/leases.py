@@ -16,24 +16,38 @@ import itertools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import ray
 
 from airflow_batch_provider.core.errors import RayWorkError
+from airflow_batch_provider.core.spec import JobSpec
 from airflow_batch_provider.core.tunables import LEASE_ROUND_S, LEASE_WAIT_S, REPLY_S, WAITING_REPORT_S
 
-if TYPE_CHECKING:
-    from airflow_batch_provider.core.ray.pool import ReplicaPool
-
 log = logging.getLogger(__name__)
+
+
+class Replicas(Protocol):
+    """What negotiating a lease needs of the model's replicas (``ReplicaPool`` has it)."""
+
+    spec: JobSpec
+
+    def check_feasible(self) -> None: ...
+
+    def slots(self) -> list[int]: ...
+
+    def name(self, slot: int) -> str: ...
+
+    def replica(self, slot: int) -> tuple[str, Any]: ...
+
+    def find(self, name: str) -> Any: ...
 
 
 class LeaseNegotiator:
     """Leases replicas of ``pool`` to callers of this process; each ask has an id of its own,
     so that giving back a too-late yes frees exactly the lease that ask got."""
 
-    def __init__(self, pool: ReplicaPool) -> None:
+    def __init__(self, pool: Replicas) -> None:
         self.pool = pool
         self._asks = itertools.count()
 
