@@ -1,7 +1,7 @@
-"""The job description a DAG author writes, and the fingerprint that guards resume.
+"""The job description (what a DAG author's ``BatchSpec`` holds), and the fingerprint that guards resume.
 
-`JobSpec` knows nothing of Airflow or Ray: it is validated when it is built (at DAG
-parse time), travels as a plain dict through XCom and template rendering, and is rebuilt
+`JobSpec` knows nothing of Airflow or Ray: it is validated when it is built (for a DAG
+author's ``airflow_batch_provider.BatchSpec``, a subclass, at DAG parse time), travels as a plain dict through XCom and template rendering, and is rebuilt
 on the other side with `JobSpec.from_dict`.
 
 The *spec fingerprint* hashes exactly what changes the output rows (predictor, its kwargs,
