@@ -17,7 +17,7 @@ from typing import Any
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, different_spec_error, remove_stale_rejected, withdraw
 from airflow_batch_provider.core.domain.layout import JobStorage
-from airflow_batch_provider.core.domain.planning import Plan, Shard, find_inputs, hidden_inputs_note, split_file
+from airflow_batch_provider.core.domain.planning import LINES, Plan, Shard, find_inputs, hidden_inputs_note, split_file
 from airflow_batch_provider.core.domain.retype import retype_parts
 from airflow_batch_provider.core.domain.schema.arrow_types import schema_from_json, schema_to_json
 from airflow_batch_provider.core.domain.schema.input import file_schemas, job_input_schema, write_input_schema
@@ -344,7 +344,7 @@ def finalize_job(
         raise IncompleteJobError(_incomplete_message(spec, broken, "failed validation and were quarantined"))
     short = [
         s for s, c in zip(plan.shards, checks, strict=True)
-        if (c.sentinel or {}).get("lines" if s.unit == "lines" else "rows_in") != s.rows
+        if (c.sentinel or {}).get("lines" if s.unit == LINES else "rows_in") != s.rows
     ]
     if short:
         raise IncompleteJobError(_incomplete_message(spec, short, "read a different number of rows than planned"))
