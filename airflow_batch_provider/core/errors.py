@@ -18,7 +18,7 @@ class BatchError(Exception):
 
 
 class BatchSpecError(BatchError, ValueError):
-    """A JobSpec field has a value we cannot run."""
+    """A BatchSpec field has a value we cannot run."""
 
     retryable = False
 

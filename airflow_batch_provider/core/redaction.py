@@ -1,6 +1,6 @@
 """Secret values never leave in error text: the one place that takes them out.
 
-A predictor's secret arguments (``JobSpec.predictor_secrets``, resolved by the Airflow
+A predictor's secret arguments (``BatchSpec.predictor_secrets``, resolved by the Airflow
 layer) reach the runner and the replica with the call. A predictor's own error may name one
 (an HTTP client error quoting ``...?key=<secret>``); whatever the core writes to the sink
 (``_rejected/*.jsonl``) or raises (the shard's error, which lands in the task log and the

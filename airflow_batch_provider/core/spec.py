@@ -118,7 +118,7 @@ class JobSpec:
         anyway: an int (a count) or a float below 1 (a fraction of the shard's rows); None: no limit.
 
     Credentials are not part of the spec: the core takes storage options (s3fs style) next
-    to it, and the Airflow layer's ``JobSpec`` adds the connection they come from.
+    to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from.
     """
 
     source: str
@@ -148,8 +148,8 @@ class JobSpec:
     def __post_init__(self, num_workers: int | None = None) -> None:
         if num_workers is not None:
             if self.num_replicas is not None:
-                raise BatchSpecError(both_given("num_workers", "num_replicas", "JobSpec"))
-            warn_renamed("num_workers", "num_replicas", "JobSpec")
+                raise BatchSpecError(both_given("num_workers", "num_replicas", "BatchSpec"))
+            warn_renamed("num_workers", "num_replicas", "BatchSpec")
             object.__setattr__(self, "num_replicas", num_workers)
         _require_str(self, "source")
         _require_str(self, "sink")
@@ -268,11 +268,11 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         """The spec a dict describes (old field names of ``RENAMED_FIELDS`` taken, with a warning)."""
-        data = take_renamed(data, RENAMED_FIELDS, "JobSpec", error=BatchSpecError)
+        data = take_renamed(data, RENAMED_FIELDS, "BatchSpec", error=BatchSpecError)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise BatchSpecError(f"unknown JobSpec field(s) {unknown}; allowed: {sorted(known)}")
+            raise BatchSpecError(f"unknown BatchSpec field(s) {unknown}; allowed: {sorted(known)}")
         return cls(**data)
 
 

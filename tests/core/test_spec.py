@@ -70,7 +70,7 @@ def test_round_trip_through_dict():
 
 
 def test_unknown_field_in_dict():
-    with pytest.raises(BatchSpecError, match="unknown JobSpec field"):
+    with pytest.raises(BatchSpecError, match="unknown BatchSpec field"):
         JobSpec.from_dict({**BASE, "shard_size": 5})
 
 

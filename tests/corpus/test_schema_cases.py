@@ -109,7 +109,7 @@ def test_jsonl_types_that_cannot_be_unified_are_refused_at_plan_time(tmp_path):
         run_job(tmp_path / "in", tmp_path / "out")
     assert str(err.value) == (
         f"column 'code' is int64 in {tmp_path}/in/a.jsonl but string in {tmp_path}/in/b.jsonl; no type holds both "
-        "without changing values. Declare input_schema on the JobSpec with a type that holds every value, or fix the input."
+        "without changing values. Declare input_schema on the BatchSpec with a type that holds every value, or fix the input."
     )
     assert not os.path.exists(tmp_path / "out" / "_SUCCESS")
 
@@ -131,7 +131,7 @@ def test_value_after_the_sample_that_does_not_fit_names_line_and_column(tmp_path
     assert message.startswith(f"{tmp_path}/in/a.jsonl: line 651 (shard ")
     assert message.endswith(
         "): column 'n' holds string value 'six hundred fifty', which int64 in the job's schema cannot hold unchanged. "
-        "Declare input_schema on the JobSpec with a type that holds every value, or fix the input."
+        "Declare input_schema on the BatchSpec with a type that holds every value, or fix the input."
     )
 
 
@@ -202,7 +202,7 @@ def test_integer_beyond_64_bits_is_refused_naming_file_line_and_column(tmp_path)
         run_job(tmp_path / "in", tmp_path / "out")
     assert str(err.value) == (
         f"{tmp_path}/in/a.jsonl: line 2: column 'big': the integer {2**70} needs more than 64 bits; "
-        "Declare input_schema on the JobSpec with a type that holds every value, or fix the input."
+        "Declare input_schema on the BatchSpec with a type that holds every value, or fix the input."
     )
 
 
@@ -288,7 +288,7 @@ def test_output_type_drift_across_shards_fails_naming_shard_file_line_column_and
     assert message.startswith(f"{tmp_path}/in/b.jsonl: line 1 (shard ")
     assert message.endswith(
         "): column 'out' holds float64 value 100.5, which int64 in the job's output schema cannot hold unchanged. "
-        "Declare output_schema on the JobSpec, or make the predictor return the same type in every batch."
+        "Declare output_schema on the BatchSpec, or make the predictor return the same type in every batch."
     )
 
 
@@ -401,7 +401,7 @@ def test_key_first_seen_after_the_sample_fails_naming_its_line_blank_lines_count
     assert str(err.value).startswith(f"{tmp_path}/in/a.jsonl: line 603 (shard ")
     assert str(err.value).endswith(
         "): column 'surprise' (value 'x') is not in the job's schema (columns ['id']). "
-        "Declare input_schema on the JobSpec with a type that holds every value, or fix the input."
+        "Declare input_schema on the BatchSpec with a type that holds every value, or fix the input."
     )
 
 

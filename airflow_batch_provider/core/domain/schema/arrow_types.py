@@ -57,7 +57,7 @@ def type_name(data_type: pa.DataType) -> str:
 
 
 def declared_schema(name: str, value: Any) -> pa.Schema:
-    """``JobSpec.input_schema`` / ``output_schema`` (``{column: type}``) as an Arrow schema."""
+    """``BatchSpec.input_schema`` / ``output_schema`` (``{column: type}``) as an Arrow schema."""
     if not isinstance(value, dict) or not value or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()):
         raise BatchSpecError(f"{name} must map column names to Arrow type names, e.g. {{'id': 'int64', 'text': 'string'}}; got {value!r}")
     return pa.schema([(column, parse_type(text)) for column, text in value.items()])

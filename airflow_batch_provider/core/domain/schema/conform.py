@@ -44,8 +44,8 @@ class RowOrigin:
         return f"row {self.first + offset}"
 
 
-INPUT_FIX = "Declare input_schema on the JobSpec with a type that holds every value, or fix the input."
-OUTPUT_FIX = "Declare output_schema on the JobSpec, or make the predictor return the same type in every batch."
+INPUT_FIX = "Declare input_schema on the BatchSpec with a type that holds every value, or fix the input."
+OUTPUT_FIX = "Declare output_schema on the BatchSpec, or make the predictor return the same type in every batch."
 
 
 def conform_table(

@@ -4,7 +4,7 @@ beside the plan for the shards to read.
 Parquet files carry their schema in the footer; a JSONL shard's is inferred from a sample of
 its first lines (its byte range is in the plan, so that is one small read). The per-file
 schemas are unified into one (absent and null-only columns take the type seen elsewhere;
-int and float give float64) or, when ``JobSpec.input_schema`` is declared, that one is
+int and float give float64) or, when ``BatchSpec.input_schema`` is declared, that one is
 used as it is. Readers then hand every batch to the predictor with exactly this schema.
 
 A JSONL column null in every sampled row stays null-typed; a later value in it does not
@@ -87,7 +87,7 @@ def job_input_schema(spec: JobSpec, named: list[tuple[str, pa.Schema]]) -> pa.Sc
         missing = [c for c in spec.columns if c not in schema.names]
         if missing:
             where = "input_schema" if spec.input_schema is not None else f"any input file under {spec.source!r}"
-            raise BatchSpecError(f"columns {missing} are not in {where} (columns there: {schema.names}); fix JobSpec.columns")
+            raise BatchSpecError(f"columns {missing} are not in {where} (columns there: {schema.names}); fix BatchSpec.columns")
         schema = pa.schema([schema.field(c) for c in spec.columns])
     return schema
 
