@@ -23,7 +23,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from airflow_batch_provider.core import api
-from airflow_batch_provider.core.stores.urls import check_location
 from airflow_batch_provider.hooks.storage import storage_options_at
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -67,9 +66,9 @@ def storage_options(sink: str, checkpoint_dir: str | None, conn_id: str | None) 
     connection is looked for. Reading a connection imports Airflow, which logs to stdout:
     stdout is this command's output (``status --json``), so Airflow's and the amazon
     provider's logs ("credentials retrieved from login and password", ...) go to stderr."""
-    check_location(sink, "sink")
+    api.check_location(sink, "sink")
     if checkpoint_dir:
-        check_location(checkpoint_dir, "checkpoint_dir")
+        api.check_location(checkpoint_dir, "checkpoint_dir")
     _logs_to_stderr()
     with contextlib.redirect_stdout(sys.stderr):  # structlog's own loggers write to sys.stdout
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_batch_provider.core.tunables import Tunables
+from airflow_batch_provider.core import api
 
 #: the section of Airflow's configuration that ``airflow_batch_provider.settings`` reads.
 CONFIG_SECTION = "batch_inference"
@@ -60,11 +60,11 @@ def get_provider_info() -> dict[str, Any]:
 
 def provider_config() -> dict[str, Any]:
     """``[batch_inference]``, one option per field of the core's ``Tunables`` (docs, ``airflow config list``)."""
-    defaults = Tunables()
+    defaults = api.Tunables()
     options = {
         name: {"description": doc, "version_added": "0.2.0", "type": "float", "example": None,
                "default": "" if getattr(defaults, name) is None else str(getattr(defaults, name))}
-        for name, doc in Tunables.docs().items()
+        for name, doc in api.Tunables.docs().items()
     }
     return {CONFIG_SECTION: {"description": "Timeouts of batch inference on Ray: replicas, leases, connections, cancellation.",
                              "options": options}}

@@ -15,13 +15,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from airflow_batch_provider.core.errors import BatchSpecError
-from airflow_batch_provider.core.spec import JobSpec
-from airflow_batch_provider.core.stores.urls import S3_SCHEMES
+from airflow_batch_provider.core import api
 
 
 @dataclass(frozen=True)
-class BatchSpec(JobSpec):
+class BatchSpec(api.JobSpec):
     """:class:`airflow_batch_provider.core.spec.JobSpec` (every field documented there) and:
 
     :param storage_conn_id: Airflow ``aws`` connection for S3 credentials (default
@@ -39,11 +37,11 @@ class BatchSpec(JobSpec):
         for kwarg, reference in self.predictor_secrets.items():
             check_secret_reference(kwarg, reference)
         if self.storage_conn_id is not None and (not isinstance(self.storage_conn_id, str) or not self.storage_conn_id.strip()):
-            raise BatchSpecError(f"storage_conn_id must be a non-empty string, got {self.storage_conn_id!r}")
+            raise api.BatchSpecError(f"storage_conn_id must be a non-empty string, got {self.storage_conn_id!r}")
 
-    def core(self) -> JobSpec:
+    def core(self) -> api.JobSpec:
         """The same job without the connection id: what the core runs."""
-        return JobSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(JobSpec)})
+        return api.JobSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(api.JobSpec)})
 
     def _take_conn_id_from_urls(self) -> None:
         found: dict[str, str] = {}
@@ -60,7 +58,7 @@ class BatchSpec(JobSpec):
             named = ", ".join(f"{k}: {v!r}" for k, v in found.items())
             if self.storage_conn_id:
                 named += f", storage_conn_id: {self.storage_conn_id!r}"
-            raise BatchSpecError(
+            raise api.BatchSpecError(
                 f"the URLs name different connections ({named}); one job reads and writes with one "
                 "aws connection: use the same conn_id everywhere, or drop it from the URLs and set storage_conn_id"
             )
@@ -75,7 +73,7 @@ def split_conn_id(url: str) -> tuple[str, str | None]:
     names cannot hold ``@``, so the split is unambiguous.
     """
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in S3_SCHEMES:
+    if not sep or scheme.lower() not in api.S3_SCHEMES:
         return url, None
     authority, slash, path = rest.partition("/")
     if "@" not in authority:
@@ -93,7 +91,7 @@ def check_secret_reference(kwarg: str, reference: str) -> None:
     up in the DAG import error and the logs."""
     kind, _, name = reference.partition(":")
     if kind not in SECRET_KINDS or not name:
-        raise BatchSpecError(
+        raise api.BatchSpecError(
             f"predictor_secrets[{kwarg!r}] is not a reference to a secret (its value is not shown: it may be the "
             "secret itself; if so, rotate it). Write 'conn:<conn_id>' (the connection's password) "
             "or 'var:<key>' (an Airflow Variable), and keep the value in that connection or variable"

@@ -6,7 +6,7 @@ from typing import Any
 
 from airflow.sdk import Asset, TaskGroup
 
-from airflow_batch_provider.core.renames import renamed_keywords
+from airflow_batch_provider.core import api
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.operators.batch import BatchShardOperator, FinalizeBatchOperator, PlanBatchOperator
 from airflow_batch_provider.spec import BatchSpec
@@ -18,7 +18,7 @@ def sink_asset(spec: BatchSpec) -> Asset:
     return Asset(name=f"batch_inference:{spec.sink_root}", uri=uri)
 
 
-@renamed_keywords(release_workers="release_replicas")
+@api.renamed_keywords(release_workers="release_replicas")
 def batch_inference(
     spec: BatchSpec,
     *,

@@ -47,8 +47,10 @@ if TYPE_CHECKING:
     from airflow_batch_provider.core.ray.driver import RayDriver
     from airflow_batch_provider.core.ray.pool import ReplicaPool
     from airflow_batch_provider.core.ray.states import CallEnd, CallEvent, CallOutcome, Progress, RunState, WorkId
+    from airflow_batch_provider.core.renames import renamed_keywords
     from airflow_batch_provider.core.spec import JobSpec
     from airflow_batch_provider.core.stores import is_remote
+    from airflow_batch_provider.core.stores.urls import S3_SCHEMES, check_location
     from airflow_batch_provider.core.tunables import Tunables
 
 #: where each name of this API lives. Loaded on first use: Airflow imports this module while
@@ -71,7 +73,9 @@ _HOMES = {
     "ReplicaPool": "core.ray.pool",
     **dict.fromkeys(("CallEnd", "CallEvent", "CallOutcome", "Progress", "RunState", "WorkId"), "core.ray.states"),
     "JobSpec": "core.spec",
+    **dict.fromkeys(("S3_SCHEMES", "check_location"), "core.stores.urls"),
     "is_remote": "core.stores",
+    "renamed_keywords": "core.renames",
     "Tunables": "core.tunables",
 }
 
@@ -138,6 +142,7 @@ def rejected_path(spec: JobSpec, shard_id: str) -> str:
 
 
 __all__ = [
+    "S3_SCHEMES",
     "BatchError",
     "JobSpec",
     "BatchSpecError",
@@ -165,6 +170,7 @@ __all__ = [
     "Tunables",
     "Verification",
     "WorkId",
+    "check_location",
     "collect_garbage",
     "committed_results",
     "connect",
@@ -175,6 +181,7 @@ __all__ = [
     "new_attempt",
     "plan",
     "rejected_path",
+    "renamed_keywords",
     "sink_status",
     "summarise",
     "verify_sink",

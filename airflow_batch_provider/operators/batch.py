@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, ResumableJobMixin, conf
 
 from airflow_batch_provider.core import api
-from airflow_batch_provider.core.renames import renamed_keywords
 from airflow_batch_provider.exceptions import BatchInferenceException, BatchInferenceFailure, task_error
 from airflow_batch_provider.hooks.predictor_secrets import resolve_predictor_secrets
 from airflow_batch_provider.hooks.ray import RayHook
@@ -144,7 +143,7 @@ class PlanBatchOperator(_SpecOperator):
     template_fields: Sequence[str] = ("spec", "ray_conn_id")
     ui_color = "#e8f4fd"
 
-    @renamed_keywords(start_workers="start_replicas")
+    @api.renamed_keywords(start_workers="start_replicas")
     def __init__(
         self,
         *,
@@ -448,7 +447,7 @@ class FinalizeBatchOperator(_SpecOperator):
 
     ui_color = "#e9f7ec"
 
-    @renamed_keywords(release_workers="release_replicas")
+    @api.renamed_keywords(release_workers="release_replicas")
     def __init__(
         self, *, plan_task_id: str | None = None, ray_conn_id: str = RayHook.default_conn_name, release_replicas: bool = True, **kwargs: Any
     ) -> None:
