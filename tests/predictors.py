@@ -79,15 +79,21 @@ class Embedder(_Logged):
 
 
 class SlowDoubler(Doubler):
-    """``Doubler`` that sleeps ``sleep_s`` per batch, so a shard takes seconds (deployment tests)."""
+    """``Doubler`` that sleeps ``sleep_s`` per batch, so a shard takes seconds (deployment tests).
+    With ``entered_log``, appends a line to it as each batch starts (a test can wait until the
+    predictor is inside a batch, not only until the call started)."""
 
-    def __init__(self, sleep_s: float = 1.0, **kwargs: Any):
+    def __init__(self, sleep_s: float = 1.0, entered_log: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.sleep_s = sleep_s
+        self.entered_log = entered_log
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import time
 
+        if self.entered_log:
+            with open(self.entered_log, "a") as handle:
+                handle.write("batch\n")
         time.sleep(self.sleep_s)
         return super().__call__(batch)
 

@@ -3,6 +3,7 @@ leases of dead shard tasks, and a cleanup that must not stop a replica serving a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -72,12 +73,20 @@ def test_cancel_stops_a_running_call_between_batches_and_frees_the_replica(local
 
 
 def test_cancel_kills_a_replica_whose_predictor_hangs(local_ray, jsonl_source, tmp_path):
+    entered = tmp_path / "entered.log"
     spec = slow_doubler_spec(jsonl_source, tmp_path, sleep_s=1000.0, max_retries=1)
+    spec = dataclasses.replace(spec, predictor_kwargs={**spec.predictor_kwargs, "entered_log": str(entered)})
     pending = plan_job(spec).pending
     pool = ReplicaPool(spec)
     try:
         work = pool.submit(pending[:1], new_attempt())
         running(pool, work)
+        # Inside its first batch, not only started: a cancel that came earlier stops the call
+        # at its first check between batches (FAILED), and the hang would not be tested.
+        deadline = time.monotonic() + 60
+        while not entered.exists():
+            assert time.monotonic() < deadline, "the predictor never started a batch"
+            time.sleep(0.1)
         pid = ray.get(find_replica(work["worker"]).info.remote())["pid"]
         assert pool.cancel(work, grace_s=1.0) == "KILLED"
         name, handle = pool.lease("after-the-hang", timeout_s=60.0)  # Ray restarted the replica
