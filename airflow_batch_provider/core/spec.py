@@ -30,6 +30,10 @@ SINK_FORMATS = ("parquet", "jsonl")
 BATCH_FORMATS = ("numpy", "pandas", "pyarrow")
 BAD_ROW_POLICIES = ("fail", "skip")
 
+#: How much of a node's ``accelerator_type:<name>`` resource a replica asks for: Ray's own
+#: ``accelerator_type`` option asks for this sliver, so that any number of replicas fit.
+ACCELERATOR_SLIVER = 0.001
+
 #: Fields whose values change the rows a job writes; everything else only changes speed.
 FINGERPRINT_FIELDS = ("predictor", "predictor_kwargs", "source_format", "sink_format", "batch_format", "columns")
 
@@ -85,8 +89,27 @@ class JobSpec:
     :param num_gpus: GPUs each model replica requests.
     :param num_cpus: CPUs each model replica requests.
     :param num_replicas: model replicas (Ray actors) at most; default: as many as the Ray
-        cluster's resources fit. Each loads the model once and serves shard after shard.
-        (Formerly ``num_workers``, still accepted with a DeprecationWarning.)
+        cluster fits (on an autoscaling cluster: as many as its node types can become).
+        Each loads the model once and serves shard after shard. (Formerly ``num_workers``,
+        still accepted with a DeprecationWarning.)
+    :param min_replicas: replicas the job asks for when it starts (the plan task), before
+        any shard waits: on an autoscaling cluster, the nodes the autoscaler brings up at
+        once. The pool grows beyond it, up to ``num_replicas``, as shard tasks wait for a
+        replica. Default: one per pending work unit, up to ``num_replicas``.
+    :param memory: bytes of memory each replica reserves (Ray's ``memory`` resource), so
+        that Ray places no more replicas on a node than its memory holds.
+    :param accelerator_type: the accelerator a replica must run on (``"H100"``, ``"L4"``,
+        ``"A10G"``: Ray's ``accelerator_type`` option, matched against the node's
+        ``accelerator_type:<name>`` resource).
+    :param resources: custom Ray resources each replica asks for, ``{name: amount}``.
+    :param runtime_env: Ray's ``runtime_env`` for the replicas (``working_dir``,
+        ``py_modules``, ``pip``, ``env_vars``, ...): how the predictor's code and its
+        dependencies reach a cluster that does not have them installed. Given to the replicas
+        only when set (without it they run in Ray's pre-started worker processes). Not part
+        of the fingerprint, like the predictor's code itself: shipping code differently does
+        not change what a predictor computes (change ``predictor_kwargs``, or start over with
+        ``resume=False``, when new code computes other rows). Never put secrets here: Ray keeps
+        a runtime_env in its metadata; use ``predictor_secrets``.
     :param checkpoint_dir: where the plan and the sentinels live; default ``{sink}/_checkpoint``.
     :param resume: reuse committed shards (default). False starts over once per run of the
         host (the plan's ``reset_key``): it deletes ``_SUCCESS``, then the parts and sentinels
@@ -134,6 +157,11 @@ class JobSpec:
     num_gpus: float = 0
     num_cpus: float = 1
     num_replicas: int | None = None
+    min_replicas: int | None = None
+    memory: int | None = None
+    accelerator_type: str | None = None
+    resources: dict[str, float] | None = None
+    runtime_env: dict[str, Any] | None = None
     checkpoint_dir: str | None = None
     resume: bool = True
     max_retries: int = 3
@@ -200,6 +228,11 @@ class JobSpec:
             raise BatchSpecError("num_cpus and num_gpus are both 0: a model replica must request some resource")
         if self.num_replicas is not None:
             _require_int(self, "num_replicas", minimum=1)
+        if self.min_replicas is not None:
+            _require_int(self, "min_replicas", minimum=1)
+            if self.num_replicas is not None and self.min_replicas > self.num_replicas:
+                raise BatchSpecError(f"min_replicas={self.min_replicas} is above num_replicas={self.num_replicas}")
+        _require_resource_shape(self)
         if not isinstance(self.resume, bool):
             raise BatchSpecError(f"resume must be true or false, got {self.resume!r}")
         if self.checkpoint_dir is not None:
@@ -236,6 +269,16 @@ class JobSpec:
         return self.max_bad_rows
 
     # -- derived values ---------------------------------------------------------------
+    def replica_resources(self) -> dict[str, float]:
+        """What one replica asks of a node, as Ray's scheduler counts it: ``CPU``, ``GPU``,
+        ``memory``, the custom ``resources`` and ``accelerator_type:<name>`` (Ray's option asks
+        for a sliver of that node resource). Only the amounts above 0 are listed."""
+        wanted = {"CPU": float(self.num_cpus or 0), "GPU": float(self.num_gpus or 0), "memory": float(self.memory or 0)}
+        wanted.update({name: float(amount) for name, amount in (self.resources or {}).items()})
+        if self.accelerator_type:
+            wanted[f"accelerator_type:{self.accelerator_type}"] = ACCELERATOR_SLIVER
+        return {name: amount for name, amount in wanted.items() if amount > 0}
+
     @property
     def sink_root(self) -> str:
         return self.sink.rstrip("/")
@@ -315,6 +358,31 @@ def _refuse_output_inside_source(spec: JobSpec) -> None:
                 f"{name}={location!r} is inside source={spec.source!r}: the next plan would read the job's own "
                 f"output as input. Put the {name} outside the source directory."
             )
+
+
+def _require_resource_shape(spec: JobSpec) -> None:
+    """``memory``, ``accelerator_type``, ``resources`` and ``runtime_env`` as Ray takes them."""
+    if spec.memory is not None:
+        _require_int(spec, "memory", minimum=1)
+    if spec.accelerator_type is not None and (not isinstance(spec.accelerator_type, str) or not spec.accelerator_type.strip()):
+        raise BatchSpecError(f"accelerator_type must be a name such as 'H100' or 'L4', got {spec.accelerator_type!r}")
+    resources = spec.resources
+    if resources is not None:
+        if not isinstance(resources, dict) or not all(
+            isinstance(k, str) and k and not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0 for k, v in resources.items()
+        ):
+            raise BatchSpecError(f"resources must map custom Ray resource names to amounts > 0, e.g. {{'tpu_slice': 1}}; got {resources!r}")
+        builtin = sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if builtin:
+            raise BatchSpecError(f"resources holds {builtin}: set num_cpus, num_gpus or memory instead")
+    env = spec.runtime_env
+    if env is not None:
+        if not isinstance(env, dict):
+            raise BatchSpecError(f"runtime_env must be a dict as Ray takes it (e.g. {{'working_dir': '/path/to/code'}}), got {type(env).__name__}")
+        try:
+            json.dumps(env, sort_keys=True)
+        except (TypeError, ValueError) as err:
+            raise BatchSpecError(f"runtime_env must be JSON-serialisable (it travels with the spec): {err}") from None
 
 
 def _require_schema_shape(spec: JobSpec, name: str) -> None:

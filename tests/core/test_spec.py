@@ -111,3 +111,36 @@ def test_the_cores_old_name_batchspec_still_works_with_a_warning():
         assert spec_module.BatchSpec is JobSpec
     with pytest.warns(DeprecationWarning, match="'BatchSpec' is deprecated, use 'JobSpec'"):
         assert api.BatchSpec is JobSpec
+
+
+def test_a_replica_asks_for_its_whole_shape_as_rays_scheduler_counts_it():
+    spec = make(num_gpus=0.5, num_cpus=2, memory=4 << 30, accelerator_type="H100", resources={"nvlink_slot": 1})
+    assert spec.replica_resources() == {
+        "CPU": 2.0, "GPU": 0.5, "memory": float(4 << 30), "nvlink_slot": 1.0, "accelerator_type:H100": 0.001,
+    }
+    assert make().replica_resources() == {"CPU": 1.0}
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"resources": {"GPU": 1}}, "num_cpus, num_gpus or memory"),
+        ({"resources": {"tpu": 0}}, "amounts > 0"),
+        ({"resources": ["tpu"]}, "amounts > 0"),
+        ({"memory": 0}, "memory"),
+        ({"accelerator_type": ""}, "accelerator_type"),
+        ({"runtime_env": "pip"}, "runtime_env must be a dict"),
+        ({"runtime_env": {"env_vars": {"X": object()}}}, "JSON-serialisable"),
+        ({"min_replicas": 3, "num_replicas": 2}, "min_replicas=3 is above num_replicas=2"),
+    ],
+)
+def test_a_resource_shape_ray_would_refuse_is_refused_when_the_spec_is_built(overrides, named):
+    with pytest.raises(BatchSpecError, match=named):
+        make(**overrides)
+
+
+def test_shape_and_code_shipping_are_not_fingerprinted():
+    """They change where and how a replica runs, not the rows it writes."""
+    shaped = make(num_gpus=1, accelerator_type="L4", resources={"x": 1}, memory=1 << 30, runtime_env={"pip": ["numpy"]}, min_replicas=1)
+    assert shaped.fingerprint == make().fingerprint
+    assert JobSpec.from_dict(shaped.to_dict()) == shaped

@@ -55,13 +55,21 @@ _SECRETS_SALT = b"airflow-batch-provider/replica-key/v1"
 _SECRETS_ROUNDS = 200_000
 
 
+#: Spec fields that shape a replica besides its CPUs and GPUs: replicas differing in any are
+#: different pools (an H100 replica is not an L4 one; code shipped differently is other code).
+SHAPE_FIELDS = ("memory", "accelerator_type", "resources", "runtime_env")
+
+
 def pool_key(spec: JobSpec, secrets: dict[str, str] | None = None) -> str:
     """Replicas are shared by every job that loads the same model with the same resources and
     the same secret *values* (a rotated key gets new replicas; two deployments naming their
     key alike on one Ray cluster do not share theirs). The values enter only through a salted,
     slow digest (``secrets_digest``), and the key is a truncated hash of it: neither the value
     nor its digest is in an actor's name."""
-    loads = [spec.predictor, spec.predictor_kwargs, spec.num_gpus, spec.num_cpus]
+    loads: list[Any] = [spec.predictor, spec.predictor_kwargs, spec.num_gpus, spec.num_cpus]
+    shape = {name: getattr(spec, name) for name in SHAPE_FIELDS if getattr(spec, name) is not None}
+    if shape:  # only when set: the keys (so the replicas) of specs without them stay as they were
+        loads.append(shape)
     if spec.predictor_secrets:
         if secrets is None or set(secrets) != set(spec.predictor_secrets):
             raise RayWorkError(f"the predictor's secret arguments {sorted(spec.predictor_secrets)} were not resolved; "
@@ -160,8 +168,11 @@ class ReplicaPool:
             # actor, which waits for resources on its own node's successor, not on another replica.
             "max_task_retries": 0,
         }
-        # No runtime_env: Ray sets OMP_NUM_THREADS from num_cpus itself, and a runtime_env would
-        # keep the replica off Ray's pre-started worker processes (a new process per replica).
+        for option in SHAPE_FIELDS:
+            # Only when set: a runtime_env keeps the replica off Ray's pre-started worker
+            # processes (a new process, and its environment set up, per replica).
+            if getattr(spec, option) is not None:
+                options[option] = getattr(spec, option)
         return name, Replica.options(**options).remote(spec.predictor, spec.predictor_kwargs, self.idle_timeout_s, self._secret_values())
 
     def _secret_values(self) -> Any:
