@@ -18,7 +18,7 @@ from tests.helpers import rows, write_jsonl
 pytestmark = pytest.mark.slow
 
 SCENARIOS = """
-import ray
+import psutil, ray
 from airflow_batch_provider.core.errors import ResourcesUnavailableError
 from airflow_batch_provider.core.ray.pool import ReplicaPool, find_replica
 from airflow_batch_provider.core.spec import JobSpec
@@ -33,7 +33,9 @@ def placed(**shape):
     try:
         names = replicas.start(wanted=replicas.size())
         infos = ray.get([find_replica(name).info.remote() for name in names], timeout=240)
-        return {"size": replicas.size(), "pids": [info["pid"] for info in infos]}
+        # Where each runs, read while all are alive: the process ancestry names its node's raylet.
+        ancestry = [[info["pid"]] + [p.pid for p in psutil.Process(info["pid"]).parents()] for info in infos]
+        return {"size": replicas.size(), "pids": [info["pid"] for info in infos], "ancestry": ancestry}
     finally:
         replicas.shutdown(force=True)
 
@@ -62,17 +64,22 @@ def outcome(gpu_cluster, tmp_path_factory):
     return run_driver(gpu_cluster, SCENARIOS, {"source": source, "sink": str(tmp / "out")})
 
 
+def nodes_of(cluster, placed: dict) -> list[str | None]:
+    """The node (its ``ray start``) that started each replica, from the ancestry read while it ran."""
+    return [next((name for name, node in cluster.nodes.items() if node.popen.pid in ancestry), None) for ancestry in placed["ancestry"]]
+
+
 def test_half_a_gpu_puts_two_replicas_on_the_one_h100_node(gpu_cluster, outcome):
     placed = outcome["half_gpu_h100"]
     assert placed["size"] == 2  # 1 GPU / 0.5, and only node a is an H100
     assert len(set(placed["pids"])) == 2  # two replicas alive at once...
-    assert [gpu_cluster.node_of(pid) for pid in placed["pids"]] == ["a", "a"]  # ...both on the H100 node
+    assert nodes_of(gpu_cluster, placed) == ["a", "a"]  # ...both on the H100 node
 
 
 def test_a_custom_resource_places_the_replica_on_the_node_that_has_it(gpu_cluster, outcome):
     placed = outcome["tpu"]
     assert placed["size"] == 1
-    assert [gpu_cluster.node_of(pid) for pid in placed["pids"]] == ["b"]
+    assert nodes_of(gpu_cluster, placed) == ["b"]
 
 
 def test_the_pool_is_sized_node_by_node(outcome):
@@ -108,7 +115,7 @@ def test_more_of_a_custom_resource_than_any_node_has_is_refused(outcome):
     "node, wanted, count",
     [
         ({"CPU": 2, "GPU": 1}, {"CPU": 0.5, "GPU": 0.5}, 2),
-        ({"CPU": 8, "GPU": 1}, {"CPU": 1, "GPU": 0.1}, 10),  # 1.0 / 0.1 is 9.999... in floats
+        ({"CPU": 16, "GPU": 1}, {"CPU": 1, "GPU": 0.1}, 10),  # 1.0 / 0.1 is 9.999... in floats
         ({"CPU": 8, "GPU": 1}, {"CPU": 1, "GPU": 2}, 0),
         ({"CPU": 8, "GPU": 4}, {"CPU": 1, "GPU": 2}, 2),
         ({"CPU": 8, "accelerator_type:H100": 1}, {"CPU": 1, "accelerator_type:H100": 0.001}, 8),
