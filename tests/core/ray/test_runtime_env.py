@@ -65,3 +65,23 @@ def test_without_runtime_env_the_job_fails_at_once_saying_how_to_ship_the_code(g
     assert "runtime_env" in error["message"] and "working_dir" in error["message"] and "install it" in error["message"]
     assert outcome["seconds"] < 60  # the replica's answer, not a lease timeout
     assert outcome["stopped"] == 0  # the replica that could not load was stopped by the caller already
+
+
+def test_a_default_runtime_env_applies_only_to_a_spec_without_one_and_changes_no_fingerprint(tmp_path):
+    from airflow_batch_provider.core.spec import JobSpec
+
+    bare = JobSpec(source=str(tmp_path / "in.jsonl"), sink=str(tmp_path / "out"), predictor="m:C")
+    default = {"working_dir": "s3://bucket/code.zip"}
+    assert bare.with_runtime_env(default).runtime_env == default
+    assert bare.with_runtime_env(None) is bare
+    own = JobSpec(source=str(tmp_path / "in.jsonl"), sink=str(tmp_path / "out"), predictor="m:C", runtime_env={"pip": ["x"]})
+    assert own.with_runtime_env(default) is own  # the spec's own wins, whole
+    assert bare.with_runtime_env(default).fingerprint == own.fingerprint == bare.fingerprint
+
+
+def test_a_runtime_env_is_described_by_its_keys_and_the_names_of_its_env_vars():
+    from airflow_batch_provider.core.spec import describe_runtime_env
+
+    env = {"working_dir": "/code", "env_vars": {"HF_TOKEN": "hf_secret", "HF_HOME": "/cache"}, "pip": ["torch"]}
+    assert describe_runtime_env(env) == "env_vars (HF_HOME, HF_TOKEN), pip, working_dir"
+    assert describe_runtime_env(None) == "none"
