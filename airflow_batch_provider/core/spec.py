@@ -105,7 +105,11 @@ class JobSpec:
     :param runtime_env: Ray's ``runtime_env`` for the replicas (``working_dir``,
         ``py_modules``, ``pip``, ``env_vars``, ...): how the predictor's code and its
         dependencies reach a cluster that does not have them installed. Given to the replicas
-        only when set (without it they run in Ray's pre-started worker processes). Not part
+        only when set (without it they run in Ray's pre-started worker processes). A local
+        ``working_dir`` or ``py_modules`` directory is uploaded to the cluster by the pool and
+        the replicas are keyed by its content hash (``core/ray/shipping.py``). A host may give a
+        default (:meth:`with_runtime_env`: the Airflow operators take the ``ray`` connection's
+        extra); the spec's own wins. Not part
         of the fingerprint, like the predictor's code itself: shipping code differently does
         not change what a predictor computes (change ``predictor_kwargs``, or start over with
         ``resume=False``, when new code computes other rows). Never put secrets here: Ray keeps

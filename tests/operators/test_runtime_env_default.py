@@ -52,7 +52,7 @@ def run_job(spec: dict) -> tuple[dict, list[str]]:
 
 def values(sink: str) -> dict[int, float]:
     table = ds.dataset(sink, format="parquet").to_table()
-    return dict(zip(table.column("id").to_pylist(), table.column("value").to_pylist()))
+    return dict(zip(table.column("id").to_pylist(), table.column("value").to_pylist(), strict=True))
 
 
 def test_the_connections_runtime_env_ships_the_code_when_the_spec_has_none(code, jsonl_source, tmp_path, capsys):

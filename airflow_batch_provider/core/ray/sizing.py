@@ -18,6 +18,10 @@ from airflow_batch_provider.core.spec import ACCELERATOR_SLIVER, JobSpec
 
 _ACCELERATOR = "accelerator_type:"
 
+#: Ray counts resources in units of 1/10000: ratios are rounded to as many digits before they
+#: are floored (1.0 / 0.1 is 9.999... in floats, and a node of 1 GPU holds 10 replicas of 0.1).
+_RAY_RESOURCE_DIGITS = 4
+
 
 def fits(node_resources: dict[str, float], wanted: dict[str, float]) -> int:
     """Replicas asking ``wanted`` (``{resource: amount}``) that one node with
@@ -29,8 +33,7 @@ def fits(node_resources: dict[str, float], wanted: dict[str, float]) -> int:
         if name.startswith(_ACCELERATOR):  # a placement label: any number of replicas share it
             counts.append(math.inf if node_resources.get(name, 0.0) >= ACCELERATOR_SLIVER else 0)
             continue
-        # Rounded: 1.0 / 0.1 is 9.999..., and Ray counts resources in units of 1/10000.
-        counts.append(math.floor(round(node_resources.get(name, 0.0) / amount, 4)))
+        counts.append(math.floor(round(node_resources.get(name, 0.0) / amount, _RAY_RESOURCE_DIGITS)))
     if not counts or min(counts) == math.inf:
         return 1
     return int(min(counts))
