@@ -36,18 +36,17 @@ def shipped(runtime_env: dict[str, Any] | None) -> dict[str, Any] | None:
     this process is connected to and replaced by their URIs (unchanged when it has none)."""
     if not runtime_env or not any(key in runtime_env for key in UPLOADED_KEYS):
         return runtime_env
-    import ray
     from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
     from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
 
     env = copy.deepcopy(runtime_env)
-    node = getattr(ray._private.worker.global_worker, "node", None)
-    scratch_dir = node.get_runtime_env_dir_path() if node is not None else tempfile.gettempdir()
-    # As ray.init does: .gitignore and .rayignore files are honoured unless Ray is told otherwise.
+    # As ray.init does (a Ray Client's too): .gitignore and .rayignore files are honoured unless
+    # Ray is told otherwise; the zips are built in a scratch directory of their own.
     include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
     try:
-        env = upload_py_modules_if_needed(env, include_gitignore=include_gitignore, scratch_dir=scratch_dir, logger=log)
-        env = upload_working_dir_if_needed(env, include_gitignore=include_gitignore, scratch_dir=scratch_dir, logger=log)
+        with tempfile.TemporaryDirectory(prefix="abp-runtime-env-") as scratch_dir:
+            env = upload_py_modules_if_needed(env, include_gitignore=include_gitignore, scratch_dir=scratch_dir, logger=log)
+            env = upload_working_dir_if_needed(env, include_gitignore=include_gitignore, scratch_dir=scratch_dir, logger=log)
     except (ValueError, TypeError, OSError) as err:
         where = {key: runtime_env[key] for key in UPLOADED_KEYS if key in runtime_env}
         raise BatchSpecError(

@@ -40,3 +40,13 @@ def test_a_load_error_naming_a_secret_reaches_the_caller_redacted(local_ray, jso
     text = "".join(traceback.format_exception(caught.value))
     assert "could not load predictor='tests.predictors:LeakyKeyed': ConnectionError" in text and "key=***" in text
     assert SECRET not in text
+
+
+def test_a_local_working_dir_that_is_missing_here_is_refused_saying_where_it_must_be(local_ray, jsonl_source, tmp_path):
+    from airflow_batch_provider.core.errors import BatchSpecError
+
+    missing = str(tmp_path / "not-here")
+    spec = make_spec(jsonl_source, str(tmp_path / "out"), predictor="tests.predictors:Doubler", runtime_env={"working_dir": missing})
+    with pytest.raises(BatchSpecError, match="cannot be shipped to the Ray cluster.*wherever the job's tasks run") as caught:
+        ReplicaPool(spec).start(wanted=1)
+    assert missing in str(caught.value)
