@@ -1,7 +1,7 @@
 """The client side of the model replicas: one ``ReplicaPool`` per model.
 
 A pool is the set of detached ``Replica`` actors that load one model with one set of
-resources (predictor, kwargs, GPUs, CPUs), named ``abp-{key}-{slot}``; every job and task that
+resources (predictor, kwargs, GPUs, CPUs, the other ``SHAPE_FIELDS``; a runtime_env as shipped), named ``abp-{key}-{slot}``; every job and task that
 runs the same model shares them. A caller leases an idle replica, starts its shards on it,
 and follows the call by its work id ``{"worker": name, "token": attempt token}``, which is
 plain JSON so that it can be kept in Airflow's ``task_state_store`` and a trigger's kwargs.

@@ -19,23 +19,27 @@ pytestmark = pytest.mark.slow
 
 SCENARIOS = """
 import psutil, ray
+from airflow_batch_provider.core.api import new_attempt, plan
 from airflow_batch_provider.core.errors import ResourcesUnavailableError
 from airflow_batch_provider.core.ray.pool import ReplicaPool, find_replica
 from airflow_batch_provider.core.spec import JobSpec
 
 def pool(**shape):
     return ReplicaPool(JobSpec(source=ARGS["source"], source_format="jsonl", sink=ARGS["sink"],
-                               predictor="tests.predictors:Doubler", num_cpus=0.5, **shape))
+                               predictor="tests.predictors:Doubler", num_cpus=0.5, resume=False, **shape))
 
 def placed(**shape):
-    # Start every replica the pool sizes; wait until all are loaded and answer together.
+    # Start every replica the pool sizes; wait until all are loaded and answer together, then
+    # run the job's shards on them.
     replicas = pool(**shape)
     try:
         names = replicas.start(wanted=replicas.size())
         infos = ray.get([find_replica(name).info.remote() for name in names], timeout=240)
         # Where each runs, read while all are alive: the process ancestry names its node's raylet.
         ancestry = [[info["pid"]] + [p.pid for p in psutil.Process(info["pid"]).parents()] for info in infos]
-        return {"size": replicas.size(), "pids": [info["pid"] for info in infos], "ancestry": ancestry}
+        results = replicas.result(replicas.submit(plan(replicas.spec).pending, new_attempt()))
+        return {"size": replicas.size(), "pids": [info["pid"] for info in infos], "ancestry": ancestry,
+                "shards": [(r["status"], r["rows_out"], r["worker_pid"]) for r in results]}
     finally:
         replicas.shutdown(force=True)
 
@@ -74,12 +78,15 @@ def test_half_a_gpu_puts_two_replicas_on_the_one_h100_node(gpu_cluster, outcome)
     assert placed["size"] == 2  # 1 GPU / 0.5, and only node a is an H100
     assert len(set(placed["pids"])) == 2  # two replicas alive at once...
     assert nodes_of(gpu_cluster, placed) == ["a", "a"]  # ...both on the H100 node
+    assert [(status, rows) for status, rows, _ in placed["shards"]] == [("computed", 10)]  # and they serve
+    assert placed["shards"][0][2] in placed["pids"]
 
 
 def test_a_custom_resource_places_the_replica_on_the_node_that_has_it(gpu_cluster, outcome):
     placed = outcome["tpu"]
     assert placed["size"] == 1
     assert nodes_of(gpu_cluster, placed) == ["b"]
+    assert [(status, rows) for status, rows, _ in placed["shards"]] == [("computed", 10)]
 
 
 def test_the_pool_is_sized_node_by_node(outcome):
