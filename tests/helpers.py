@@ -313,3 +313,30 @@ def api_server(env: dict[str, str], log_path: str, *, timeout: float, cwd: str |
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, 9)
+
+
+# -- code shipped to Ray with runtime_env -------------------------------------------------------
+SHIPPED_PREDICTOR = '''
+"""A predictor that exists only in a directory shipped with runtime_env (never on PYTHONPATH)."""
+import os
+
+
+class Scaler:
+    """``value * ABP_FACTOR`` (an env var the runtime_env may set; 3 without it)."""
+
+    def __call__(self, batch):
+        factor = float(os.environ.get("ABP_FACTOR", "3"))
+        return {"id": batch["id"], "value": batch["value"] * factor}
+'''
+
+
+def write_shipped_predictor(directory: str | os.PathLike) -> str:
+    """Write :data:`SHIPPED_PREDICTOR` as a module of a fresh name (no process has imported it)
+    in ``directory``; returns its ``predictor`` path (``module:Scaler``)."""
+    import uuid
+
+    module = f"abp_shipped_{uuid.uuid4().hex[:8]}"
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{module}.py"), "w") as handle:
+        handle.write(SHIPPED_PREDICTOR)
+    return f"{module}:Scaler"

@@ -78,11 +78,18 @@ class RayCluster:
         self.address = address_file.read_text().strip()
         return self
 
-    def add_node(self, name: str, cpus: int = 1) -> RayNode:
+    def add_node(self, name: str, cpus: float = 1, *, gpus: float = 0, resources: dict[str, float] | None = None,
+                 memory: int | None = None) -> RayNode:
         """Join a worker node, and wait until it is alive (one at a time: raylets starting side by
-        side on a busy 2-core machine time out). A node that fails to start is started again once."""
-        resources = json.dumps({f"node_{name}": 1})
-        args = [f"--address={self.address}", f"--num-cpus={cpus}", "--num-gpus=0", f"--resources={resources}"]
+        side on a busy 2-core machine time out). A node that fails to start is started again once.
+
+        ``gpus`` are virtual (Ray counts them; no device is needed), ``resources`` are custom ones
+        besides ``node_<name>`` (``{"accelerator_type:H100": 1}`` makes it an H100 node to Ray's
+        ``accelerator_type`` option), ``memory`` is the bytes of Ray's ``memory`` resource."""
+        custom = json.dumps({f"node_{name}": 1, **(resources or {})})
+        args = [f"--address={self.address}", f"--num-cpus={cpus:g}", f"--num-gpus={gpus:g}", f"--resources={custom}"]
+        if memory is not None:
+            args.append(f"--memory={memory}")
         alive = 1 + sum(1 for n, node in self.nodes.items() if n != "head" and node.popen.poll() is None)
         for attempt in range(2):
             node = self._spawn(name, args)

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from airflow_batch_provider.core.ray.pool import ReplicaPool
     from airflow_batch_provider.core.ray.states import CallEnd, CallEvent, CallOutcome, Progress, RunState, WorkId
     from airflow_batch_provider.core.renames import renamed_keywords
-    from airflow_batch_provider.core.spec import JobSpec
+    from airflow_batch_provider.core.spec import JobSpec, describe_runtime_env
     from airflow_batch_provider.core.stores import is_remote
     from airflow_batch_provider.core.stores.urls import S3_SCHEMES, check_location
     from airflow_batch_provider.core.tunables import Tunables
@@ -72,7 +72,7 @@ _HOMES = {
     "RayDriver": "core.ray.driver",
     "ReplicaPool": "core.ray.pool",
     **dict.fromkeys(("CallEnd", "CallEvent", "CallOutcome", "Progress", "RunState", "WorkId"), "core.ray.states"),
-    "JobSpec": "core.spec",
+    **dict.fromkeys(("JobSpec", "describe_runtime_env"), "core.spec"),
     **dict.fromkeys(("S3_SCHEMES", "check_location"), "core.stores.urls"),
     "is_remote": "core.stores",
     "renamed_keywords": "core.renames",
@@ -174,6 +174,7 @@ __all__ = [
     "collect_garbage",
     "committed_results",
     "connect",
+    "describe_runtime_env",
     "finalize",
     "format_event",
     "is_remote",

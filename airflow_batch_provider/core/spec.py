@@ -105,7 +105,11 @@ class JobSpec:
     :param runtime_env: Ray's ``runtime_env`` for the replicas (``working_dir``,
         ``py_modules``, ``pip``, ``env_vars``, ...): how the predictor's code and its
         dependencies reach a cluster that does not have them installed. Given to the replicas
-        only when set (without it they run in Ray's pre-started worker processes). Not part
+        only when set (without it they run in Ray's pre-started worker processes). A local
+        ``working_dir`` or ``py_modules`` directory is uploaded to the cluster by the pool and
+        the replicas are keyed by its content hash (``core/ray/shipping.py``). A host may give a
+        default (:meth:`with_runtime_env`: the Airflow operators take the ``ray`` connection's
+        extra); the spec's own wins. Not part
         of the fingerprint, like the predictor's code itself: shipping code differently does
         not change what a predictor computes (change ``predictor_kwargs``, or start over with
         ``resume=False``, when new code computes other rows). Never put secrets here: Ray keeps
@@ -302,6 +306,14 @@ class JobSpec:
     def fingerprint(self) -> str:
         return fingerprint_of(self.fingerprint_inputs())
 
+    def with_runtime_env(self, default: dict[str, Any] | None) -> JobSpec:
+        """This spec with ``default`` as its ``runtime_env`` when it has none (a host's default,
+        such as the ``ray`` connection's): the spec's own wins, whole (the two are not merged).
+        Validated like the spec's own. Like the spec's own, it is not part of the fingerprint."""
+        if self.runtime_env is not None or not default:
+            return self
+        return dataclasses.replace(self, runtime_env=default)
+
     # -- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -332,6 +344,18 @@ def describe_fingerprint_change(old: dict[str, Any], new: dict[str, Any]) -> str
         if old.get(name) != new.get(name)
     ]
     return "; ".join(changes) or "(no field differs; the fingerprint algorithm changed)"
+
+
+def describe_runtime_env(env: dict[str, Any] | None) -> str:
+    """A ``runtime_env`` for a log line: its keys, and the *names* of its ``env_vars`` (never their
+    values, which may be tokens), e.g. ``working_dir, env_vars (HF_HOME, HF_TOKEN)``."""
+    if not env:
+        return "none"
+    parts = []
+    for key in sorted(env):
+        value = env[key]
+        parts.append(f"{key} ({', '.join(sorted(map(str, value)))})" if key == "env_vars" and isinstance(value, dict) else key)
+    return ", ".join(parts)
 
 
 def _source_root(source: str) -> str:

@@ -20,6 +20,13 @@ class RayHook(BaseHook):
     exist, Ray's own environment applies (``RAY_ADDRESS``, ``RAY_AUTH_TOKEN``,
     ``RAY_AUTH_MODE``); with none of those either, a local Ray is started in this process.
 
+    The connection's extra may hold ``{"runtime_env": {...}}`` (Ray's dict: ``working_dir``,
+    ``py_modules``, ``pip``, ``env_vars``): the replicas' runtime_env for every spec run on
+    this connection that sets none of its own (:meth:`get_runtime_env`). It is how code reaches
+    a cluster whose nodes do not have it installed, set once per cluster rather than per DAG.
+    Ray shows a replica's runtime_env in its dashboard and state API: keep secrets out of its
+    ``env_vars`` (``predictor_secrets`` is for them); logs name only its keys.
+
     :param ray_conn_id: the ``ray`` connection to use.
     """
 
@@ -60,6 +67,19 @@ class RayHook(BaseHook):
         if address and conn.port and ":" not in address.split("://")[-1]:
             address = f"{address}:{conn.port}"
         return RayTarget(address=address, token=conn.password or None)
+
+    def get_runtime_env(self) -> dict[str, Any] | None:
+        """The ``runtime_env`` of the connection's extra (None when the connection or the key is
+        absent); a value that is not a JSON object is refused, naming the connection."""
+        try:
+            conn = self.get_connection(self.ray_conn_id)
+        except AirflowNotFoundException:
+            return None
+        env = conn.extra_dejson.get("runtime_env") if conn.extra else None
+        if env is not None and not isinstance(env, dict):
+            raise ValueError(f"the extra of the {self.ray_conn_id!r} connection holds runtime_env={type(env).__name__}: it must be a "
+                             "JSON object as Ray takes it, e.g. {\"runtime_env\": {\"working_dir\": \"s3://bucket/code.zip\"}}")
+        return env or None
 
     def get_conn(self) -> RayTarget:
         target = self.get_target()

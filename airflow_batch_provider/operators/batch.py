@@ -99,7 +99,25 @@ class _SpecOperator(BaseOperator):
 
     @cached_property
     def core_spec(self) -> api.JobSpec:
-        return self.batch_spec.core()
+        """The spec as the core runs it: the ``ray`` connection's ``runtime_env`` (its extra's)
+        applied when the spec sets none (the spec's own wins, whole). Plan, shard and finalize
+        tasks all build it so, and the replicas are keyed by it: they all reach the same
+        replicas. Not part of the fingerprint (see ``BatchSpec``). The trigger of a deferred
+        shard task follows its call by the replica's name, and carries only the spec as written,
+        so no ``env_vars`` value lands in the trigger's kwargs."""
+        spec = self.batch_spec.core()
+        if spec.runtime_env is not None:
+            self.log.info("Replicas use the spec's runtime_env: %s", api.describe_runtime_env(spec.runtime_env))
+            return spec
+        conn_id = getattr(self, "ray_conn_id", RayHook.default_conn_name)
+        try:
+            default = RayHook(ray_conn_id=conn_id).get_runtime_env()
+            effective = spec.with_runtime_env(default)
+        except (ValueError, api.BatchError) as err:  # BatchSpecError is a ValueError too
+            raise task_error(f"the runtime_env of the {conn_id!r} connection cannot be used: {err}", retryable=False) from err
+        if effective is not spec:
+            self.log.info("Replicas use the runtime_env of the %r connection: %s", conn_id, api.describe_runtime_env(effective.runtime_env))
+        return effective
 
     @cached_property
     def storage_options(self) -> dict[str, Any] | None:

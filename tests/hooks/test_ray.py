@@ -43,3 +43,22 @@ def test_other_lookup_errors_are_not_taken_for_a_missing_connection(monkeypatch)
     monkeypatch.setattr(RayHook, "get_connection", staticmethod(unreachable))
     with pytest.raises(ConnectionError):
         RayHook().get_target()
+
+
+def test_runtime_env_comes_from_the_connections_extra(monkeypatch):
+    env = {"working_dir": "s3://bucket/code.zip", "env_vars": {"HF_HOME": "/cache"}}
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_TEST", json.dumps({"conn_type": "ray", "host": "10.1.2.3", "extra": {"runtime_env": env}}))
+    assert RayHook(ray_conn_id="ray_test").get_runtime_env() == env
+
+
+def test_no_runtime_env_without_the_key_or_the_connection(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_TEST", json.dumps({"conn_type": "ray", "host": "10.1.2.3"}))
+    assert RayHook(ray_conn_id="ray_test").get_runtime_env() is None
+    monkeypatch.delenv("AIRFLOW_CONN_RAY_DEFAULT", raising=False)
+    assert RayHook().get_runtime_env() is None
+
+
+def test_a_runtime_env_that_is_not_an_object_is_refused_naming_the_connection(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_TEST", json.dumps({"conn_type": "ray", "extra": {"runtime_env": ["pip"]}}))
+    with pytest.raises(ValueError, match="'ray_test' connection holds runtime_env=list"):
+        RayHook(ray_conn_id="ray_test").get_runtime_env()

@@ -31,8 +31,10 @@ def load_predictor_class(path: str) -> type:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise PredictorError(
-            f"predictor={path!r}: cannot import module {module_name!r} ({err}); it must be "
-            "installed (or on PYTHONPATH) on the Ray workers as well as the Airflow workers"
+            f"predictor={path!r}: cannot import module {module_name!r} ({err}). The replicas on the Ray cluster "
+            "must be able to import it on every node: install it in the nodes' image, or ship the code with "
+            "runtime_env (BatchSpec(runtime_env={'working_dir': '/path/to/code'}) or {'py_modules': [...]}, or a "
+            "default in the ray connection's extra: {\"runtime_env\": {...}})"
         ) from None
     cls = getattr(module, class_name, None)
     if cls is None:

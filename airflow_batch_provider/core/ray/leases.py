@@ -16,11 +16,11 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import ray
 
-from airflow_batch_provider.core.errors import RayWorkError
+from airflow_batch_provider.core.errors import BatchError, PredictorError, RayWorkError
 from airflow_batch_provider.core.spec import JobSpec
 from airflow_batch_provider.core.tunables import LEASE_ROUND_S, LEASE_WAIT_S, REPLY_S, WAITING_REPORT_S
 
@@ -109,6 +109,8 @@ class LeaseNegotiator:
                 break
             try:
                 said_yes = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as err:  # the replica answered with its load error
+                self._unloadable(by_ref[ready[0]].slot, err)
             except ray.exceptions.RayError:  # dead, restarting, or never placed: not this one
                 continue
             if said_yes:
@@ -118,6 +120,21 @@ class LeaseNegotiator:
             late = [by_ref[ref] for ref in pending]
             threading.Thread(target=self._release_late, args=(late, token), daemon=True).start()
         return granted
+
+    def _unloadable(self, slot: int, err: Exception) -> NoReturn:
+        """A replica that could not build its predictor (``Replica.load_error``): it is stopped
+        (it would answer every caller the same, holding its CPUs/GPUs) and its error raised
+        at once, as the core raised it on the replica where it is one of the core's, else as
+        a :class:`PredictorError` naming it. Waiting would not help: every new replica of the
+        same spec on the same cluster loads the same way."""
+        handle = self.pool.find(self.pool.name(slot))
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BatchError):
+            raise cause from None
+        what = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
+        raise PredictorError(f"the Ray replica could not load predictor={self.pool.spec.predictor!r}: {what}") from None
 
     def _release_late(self, late: list[_Ask], token: str) -> None:
         """Give back what a too-late ``reserve`` granted (only that ask's lease: the same

@@ -1,7 +1,7 @@
 """The client side of the model replicas: one ``ReplicaPool`` per model.
 
 A pool is the set of detached ``Replica`` actors that load one model with one set of
-resources (predictor, kwargs, GPUs, CPUs), named ``abp-{key}-{slot}``; every job and task that
+resources (predictor, kwargs, GPUs, CPUs, the other ``SHAPE_FIELDS``; a runtime_env as shipped), named ``abp-{key}-{slot}``; every job and task that
 runs the same model shares them. A caller leases an idle replica, starts its shards on it,
 and follows the call by its work id ``{"worker": name, "token": attempt token}``, which is
 plain JSON so that it can be kept in Airflow's ``task_state_store`` and a trigger's kwargs.
@@ -38,7 +38,7 @@ import ray
 
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import BatchError, RayWorkError
-from airflow_batch_provider.core.ray import sizing
+from airflow_batch_provider.core.ray import shipping, sizing
 from airflow_batch_provider.core.ray.connection import NAMESPACE
 from airflow_batch_provider.core.ray.leases import LeaseNegotiator
 from airflow_batch_provider.core.ray.replica import Replica
@@ -60,14 +60,18 @@ _SECRETS_ROUNDS = 200_000
 SHAPE_FIELDS = ("memory", "accelerator_type", "resources", "runtime_env")
 
 
-def pool_key(spec: JobSpec, secrets: dict[str, str] | None = None) -> str:
+def pool_key(spec: JobSpec, secrets: dict[str, str] | None = None, *, runtime_env: dict[str, Any] | None = None) -> str:
     """Replicas are shared by every job that loads the same model with the same resources and
     the same secret *values* (a rotated key gets new replicas; two deployments naming their
     key alike on one Ray cluster do not share theirs). The values enter only through a salted,
     slow digest (``secrets_digest``), and the key is a truncated hash of it: neither the value
-    nor its digest is in an actor's name."""
+    nor its digest is in an actor's name. ``runtime_env``: the spec's as shipped
+    (:func:`~airflow_batch_provider.core.ray.shipping.shipped`, its directories as content-hash
+    URIs), which keys the replicas in its place: new code, new replicas."""
     loads: list[Any] = [spec.predictor, spec.predictor_kwargs, spec.num_gpus, spec.num_cpus]
     shape = {name: getattr(spec, name) for name in SHAPE_FIELDS if getattr(spec, name) is not None}
+    if runtime_env is not None:
+        shape["runtime_env"] = runtime_env
     if shape:  # only when set: the keys (so the replicas) of specs without them stay as they were
         loads.append(shape)
     if spec.predictor_secrets:
@@ -107,6 +111,7 @@ class ReplicaPool:
     ):
         self.spec = spec
         self._key: str | None = None
+        self._runtime_env: dict[str, Any] | None = None
         self.idle_timeout_s = idle_timeout_s
         self.cancel_grace_s = cancel_grace_s
         self._secrets = secrets
@@ -119,8 +124,16 @@ class ReplicaPool:
         """:func:`pool_key`, computed on first use: following a call by its work id (status,
         cancel) needs no key, and so no secrets."""
         if self._key is None:
-            self._key = pool_key(self.spec, self._secrets)
+            self._key = pool_key(self.spec, self._secrets, runtime_env=self.runtime_env)
         return self._key
+
+    @property
+    def runtime_env(self) -> dict[str, Any] | None:
+        """The spec's runtime_env as the replicas get it: its local directories uploaded to the
+        cluster (:func:`~airflow_batch_provider.core.ray.shipping.shipped`), once per pool."""
+        if self._runtime_env is None and self.spec.runtime_env is not None:
+            self._runtime_env = shipping.shipped(self.spec.runtime_env)
+        return self._runtime_env
 
     # -- replicas -----------------------------------------------------------------------
     def size(self) -> int:
@@ -172,7 +185,7 @@ class ReplicaPool:
             # Only when set: a runtime_env keeps the replica off Ray's pre-started worker
             # processes (a new process, and its environment set up, per replica).
             if getattr(spec, option) is not None:
-                options[option] = getattr(spec, option)
+                options[option] = self.runtime_env if option == "runtime_env" else getattr(spec, option)
         return name, Replica.options(**options).remote(spec.predictor, spec.predictor_kwargs, self.idle_timeout_s, self._secret_values())
 
     def _secret_values(self) -> Any:

@@ -68,12 +68,18 @@ class Replica:
         started = time.perf_counter()
         self._secrets = secrets  # Ray resolved the ref; each run's runner redacts errors with them
         self._redactor = Redactor((secrets or {}).values())
+        # A predictor that cannot be built (its module not importable on this node, say) is kept
+        # as this replica's answer to ``reserve`` rather than raised: an actor whose constructor
+        # raises dies with its error flattened into text, and the pool would only see replicas
+        # that vanish. The caller raises it (the core's own error, type and message) and kills
+        # this replica.
+        self.predictor: Any = None
+        self.load_error: BaseException | None = None
         try:
             self.predictor = build_predictor(predictor, {**predictor_kwargs, **(secrets or {})})
         except Exception as err:
-            if self._redactor.names_a_secret(err):
-                raise self._redactor.error(err) from None
-            raise
+            self.load_error = self._redactor.error(err) if self._redactor.names_a_secret(err) else err
+            log.error("Replica could not load predictor %s: %s: %s", predictor, type(err).__name__, self._redactor.text(str(err)))
         self.load_seconds = time.perf_counter() - started
         self.shards_run = 0
         self._lock = threading.Lock()
@@ -158,6 +164,8 @@ class Replica:
         answer (the replica was still loading), and a lease nobody knows of must not be granted.
         ``ask`` names this request, so that ``release`` can give back exactly the lease it got.
         """
+        if self.load_error is not None:
+            raise self.load_error
         if not_after is not None and time.time() > not_after:
             return False
         deadline = time.monotonic() + wait_s
