@@ -26,9 +26,10 @@ from typing import Any, Callable, Protocol
 from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.domain.results import ShardResult
-from airflow_batch_provider.core.errors import BatchError, CallLostError
+from airflow_batch_provider.core.errors import BatchError, CallLostError, RayWorkError
+from airflow_batch_provider.core.ray import connection
 from airflow_batch_provider.core.ray.states import CallOutcome, Progress, WorkId
-from airflow_batch_provider.core.tunables import STARTED_POLL_S, TRIGGER_STATUS_S
+from airflow_batch_provider.core.tunables import RECONNECTS_PER_FOLLOW, STARTED_POLL_S, TRIGGER_STATUS_S
 
 _log = logging.getLogger(__name__)
 
@@ -143,8 +144,17 @@ class ShardCall:
 
     # -- following -------------------------------------------------------------------------
     def outcome(self, work: WorkId) -> CallOutcome:
-        """How the call is doing now (LOST when its replica is gone)."""
-        outcome = CallOutcome.from_dict(self.pool.status(work.to_dict()))
+        """How the call is doing now (LOST when its replica is gone). A lost Ray Client
+        connection is connected again first (:meth:`_reconnect`)."""
+        session = connection.session()
+        try:
+            raw = self.pool.status(work.to_dict())
+        except ConnectionError as err:
+            if not connection.is_lost_connection(err):
+                raise
+            self._reconnect(session, err, 1)
+            raw = self.pool.status(work.to_dict())
+        outcome = CallOutcome.from_dict(raw)
         if outcome.ended:
             self._outcomes[work.token] = outcome
         return outcome
@@ -191,19 +201,42 @@ class ShardCall:
                 on_resubmit(work)
 
     def _wait(self, work: WorkId, on_progress: Callable[[Progress], None] | None, every_s: float) -> list[ShardResult] | None:
+        """One call's end (None: lost). A lost connection to Ray (Ray Client past its own
+        reconnect grace period) does not lose the call: it runs on in its detached replica,
+        so this process connects again and follows it by its work id, within the same try."""
         self.followed = work
-        try:
-            raw = self.pool.result(work.to_dict(), on_progress=on_progress, every_s=every_s)
-        except BaseException as err:
-            if isinstance(err, BatchError):  # the call failed: nothing left to cancel
-                self.followed = None
+        reconnects = 0
+        while True:
+            session = connection.session()
+            try:
+                raw = self.pool.result(work.to_dict(), on_progress=on_progress, every_s=every_s)
+                break
+            except BaseException as err:
+                if isinstance(err, ConnectionError) and connection.is_lost_connection(err):
+                    reconnects += 1
+                    self._reconnect(session, err, reconnects)
+                    self.log.info("Following Ray work %s of shard(s) %s again by its id", work.token, self.label)
+                    continue
+                if isinstance(err, BatchError):  # the call failed: nothing left to cancel
+                    self.followed = None
+                    raise
+                self.cancel_followed()
+                if isinstance(err, SystemError) and err.__cause__ is not None:
+                    raise err.__cause__ from None  # raised by a signal handler while Ray's C code waited: Ray wraps it
                 raise
-            self.cancel_followed()
-            if isinstance(err, SystemError) and err.__cause__ is not None:
-                raise err.__cause__ from None  # raised by a signal handler while Ray's C code waited: Ray wraps it
-            raise
         self.followed = None
         return None if raw is None else [ShardResult.from_dict(r) for r in raw]
+
+    def _reconnect(self, session: int, err: BaseException, reconnects: int) -> None:
+        """Connect this process to Ray again after it lost ``session`` (at most
+        ``RECONNECTS_PER_FOLLOW`` times per follow); a connection that cannot be made within
+        the connect timeout fails the try (retryable: the call's commit is not lost)."""
+        if reconnects > RECONNECTS_PER_FOLLOW:
+            raise RayWorkError(f"shard(s) {self.label}: the connection to Ray was lost {reconnects} times while following "
+                               f"its call (last: {err}); a task retry follows the call again") from err
+        self.log.warning("The connection to Ray was lost while following shard(s) %s (%s: %s); connecting again",
+                         self.label, type(err).__name__, err)
+        connection.reconnect(session, err)
 
     def results_of(self, work: WorkId) -> list[ShardResult]:
         """The unit's results once a call of it ended well: those ``follow`` got (whichever

@@ -165,12 +165,17 @@ def _connected_to(address: str | None) -> bool:
         return False
     if address in (None, "auto"):
         return True
+    from airflow_batch_provider.core.ray import connection
+
+    if address.startswith(connection.RAY_CLIENT_SCHEME):  # Ray Client: the GCS address is the cluster's, not this one
+        return address == connection.connected_address()
     current = ray.get_runtime_context().gcs_address
-    return address.removeprefix("ray://").split("/")[0] == current
+    return address.split("/")[0] == current
 
 
 def _serve() -> None:
     """The child: connect, then answer each request line in a thread of its own."""
+    from airflow_batch_provider.core.ray import connection
     from airflow_batch_provider.core.ray.connection import connect
     from airflow_batch_provider.core.ray.pool import ReplicaPool
     from airflow_batch_provider.core.spec import JobSpec
@@ -198,7 +203,15 @@ def _serve() -> None:
             if request["method"] not in METHODS:
                 raise ValueError(f"unknown method {request['method']!r}")
             pool = ReplicaPool(JobSpec.from_dict(request["spec"]))
-            reply({"id": request["id"], "result": getattr(pool, request["method"])(**request["args"])})
+            session = connection.session()
+            try:
+                result = getattr(pool, request["method"])(**request["args"])
+            except ConnectionError as err:  # Ray Client lost past its grace period: connect again, ask again
+                if not connection.is_lost_connection(err):
+                    raise
+                connection.reconnect(session, err)
+                result = getattr(ReplicaPool(JobSpec.from_dict(request["spec"])), request["method"])(**request["args"])
+            reply({"id": request["id"], "result": result})
         except Exception as err:
             reply({"id": request["id"], "error": f"{type(err).__name__}: {err}"})
 
