@@ -149,7 +149,7 @@ class ShardCall:
         session = connection.session()
         try:
             raw = self.pool.status(work.to_dict())
-        except ConnectionError as err:
+        except Exception as err:
             if not connection.is_lost_connection(err):
                 raise
             self._reconnect(session, err, 1)
@@ -212,7 +212,7 @@ class ShardCall:
                 raw = self.pool.result(work.to_dict(), on_progress=on_progress, every_s=every_s)
                 break
             except BaseException as err:
-                if isinstance(err, ConnectionError) and connection.is_lost_connection(err):
+                if connection.is_lost_connection(err):
                     reconnects += 1
                     self._reconnect(session, err, reconnects)
                     self.log.info("Following Ray work %s of shard(s) %s again by its id", work.token, self.label)

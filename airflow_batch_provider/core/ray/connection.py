@@ -99,6 +99,8 @@ def connect(target: RayTarget | None = None, *, timeout_s: float = DEFAULTS.conn
             # environment, where every subprocess (and anything that dumps os.environ) sees it.
             os.environ.pop("RAY_AUTH_TOKEN", None)
     _last, _session = (target, timeout_s), _session + 1
+    if _is_client(target):
+        _no_auto_init()
     log.info("Connected to Ray at %s", where)
 
 
@@ -114,16 +116,36 @@ def connected_address() -> str | None:
 
 
 def is_lost_connection(err: BaseException) -> bool:
-    """Whether ``err`` says this process's connection to Ray is gone for good: Ray Client
-    raises ``ConnectionError`` once it could not reconnect within its grace period (or on any
-    call after that). Errors of the work itself are Ray's own exception types, never these."""
-    if not isinstance(err, ConnectionError) or _last is None:
+    """Whether ``err`` says this process's Ray Client connection is gone for good: Ray Client
+    raises ``ConnectionError`` once it could not reconnect within its grace period, and then
+    disconnects the process (any Ray call after that fails: Ray is not initialized). Errors
+    of the work itself come as Ray's own exception types (a predictor's ``ConnectionError``
+    too), never as these. A GCS-address connection is never "lost" here: a driver that loses
+    its cluster is ended by Ray."""
+    if _last is None or not _is_client(_last[0]) or not isinstance(err, Exception):
         return False
     import ray
 
-    if isinstance(err, ray.exceptions.RayError):  # a predictor's ConnectionError, as Ray hands it back
-        return False
-    return (_last[0].address or os.environ.get("RAY_ADDRESS") or "").startswith(RAY_CLIENT_SCHEME)
+    if not ray.is_initialized():
+        return True
+    return isinstance(err, ConnectionError) and not isinstance(err, ray.exceptions.RayError)
+
+
+def _is_client(target: RayTarget) -> bool:
+    return (target.address or os.environ.get("RAY_ADDRESS") or "").startswith(RAY_CLIENT_SCHEME)
+
+
+def _no_auto_init() -> None:
+    """Stop Ray from starting a Ray of its own in this process when a Ray call finds it not
+    connected (Ray's auto-init): a Ray Client whose connection is lost is disconnected, and
+    the next call (a status question) would otherwise start a local Ray, find no replica
+    there and take the call for lost. Without auto-init that call raises, and the caller
+    connects again (:func:`reconnect`)."""
+    try:
+        from ray._private import auto_init_hook
+    except ImportError:  # a Ray without it starts nothing by itself
+        return
+    auto_init_hook.enable_auto_connect = False
 
 
 def reconnect(lost_session: int, err: BaseException | None = None) -> None:

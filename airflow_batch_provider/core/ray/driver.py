@@ -206,7 +206,7 @@ def _serve() -> None:
             session = connection.session()
             try:
                 result = getattr(pool, request["method"])(**request["args"])
-            except ConnectionError as err:  # Ray Client lost past its grace period: connect again, ask again
+            except Exception as err:  # Ray Client lost past its grace period: connect again, ask again
                 if not connection.is_lost_connection(err):
                     raise
                 connection.reconnect(session, err)

@@ -340,6 +340,8 @@ class ReplicaPool:
             log.warning("Ray work %s on %s is lost: %s", work["token"], work["worker"], _failure_message(err))
             return None
         except Exception as err:
+            if connection.is_lost_connection(err):
+                raise  # this process's connection, not the call: the caller connects again and asks
             cause = getattr(err, "cause", None)
             if isinstance(cause, BatchError):
                 raise cause from None  # the core's own error, type and message, as raised on the replica

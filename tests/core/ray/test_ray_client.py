@@ -177,3 +177,44 @@ def test_a_connection_lost_past_the_grace_period_is_connected_again_and_the_call
     assert 'RESULTS ["computed", "computed", "computed"] SESSION 2' in out, out[-4000:]
     _committed_once(job)
     assert head.token not in out
+
+
+DRIVER_CHILD = textwrap.dedent(
+    """
+    import logging, sys
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    from airflow_batch_provider.core.ray.connection import RayTarget
+    from airflow_batch_provider.core.ray.driver import RayDriver
+    spec = {"source": "/tmp/in", "source_format": "jsonl", "sink": "/tmp/out", "predictor": "tests.predictors:Doubler"}
+    driver = RayDriver(RayTarget(address=sys.argv[1], token=sys.argv[2]))
+    work = {"worker": "abp-000000000000-0", "token": "t"}
+    print("ASKED", driver.call("status", spec, work=work)["state"], flush=True)
+    sys.stdin.readline()  # the network was cut past the grace period, and restored
+    print("ASKED", driver.call("status", spec, work=work)["state"], flush=True)
+    driver.stop()
+    """
+)
+
+
+def test_a_triggers_ray_client_process_connects_again_after_a_lost_connection(head):
+    """The trigger's Ray client child (RayDriver) answers again after its connection was lost
+    past the grace period: it connects again and asks again (no replica by that name: LOST)."""
+    with TcpProxy(("127.0.0.1", head.client_port)) as proxy:
+        proc = subprocess.Popen([sys.executable, "-u", "-c", DRIVER_CHILD, f"ray://127.0.0.1:{proxy.port}", head.token],
+                                env=_client_env(head, RAY_CLIENT_RECONNECT_GRACE_PERIOD="2"), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            seen = [proc.stdout.readline()]
+            while seen[-1] and not seen[-1].startswith("ASKED"):
+                seen.append(proc.stdout.readline())
+            assert seen[-1].strip() == "ASKED LOST", "".join(seen)[-4000:]
+            proxy.cut()
+            time.sleep(8)  # Ray Client gives up after its grace period (2 s, and its own retries)
+            proxy.restore()
+            out, _ = proc.communicate("go\n", timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0 and "ASKED LOST" in out, out[-4000:]
+    assert "The connection to Ray at ray://" in out and "was lost (" in out and "connecting again" in out, out[-4000:]
+    assert head.token not in out
