@@ -125,7 +125,20 @@ class ShardCall:
             self.log.info("Reconnecting to running Ray work %s of an earlier try (its id was never stored)", running)
             return WorkId.from_dict({**running, "unit": self.unit})
         attempt = new_attempt(self.key, try_number=self.try_number, plan_id=self.plan_id)
-        raw = self.pool.submit([Shard.from_dict(s) for s in self.shards], attempt, self.storage_options, lease_timeout_s=self.lease_timeout_s)
+        session = connection.session()
+        try:
+            raw = self.pool.submit([Shard.from_dict(s) for s in self.shards], attempt, self.storage_options, lease_timeout_s=self.lease_timeout_s)
+        except Exception as err:
+            if not connection.is_lost_connection(err):
+                raise
+            # The connection went while submitting: the call may have reached its replica.
+            # Connect again, follow it if it runs, else submit (a lease the lost session got
+            # is freed with its holder, that session's Ray job).
+            self._reconnect(session, err, 1)
+            if running := self.pool.find_running(self.key):
+                self.log.info("Following Ray work %s, submitted as the connection to Ray was lost", running)
+                return WorkId.from_dict({**running, "unit": self.unit})
+            raw = self.pool.submit([Shard.from_dict(s) for s in self.shards], attempt, self.storage_options, lease_timeout_s=self.lease_timeout_s)
         work = WorkId.from_dict({**raw, "unit": self.unit})
         self.log.info("Shard(s) %s submitted to Ray replica %s (attempt %s)", self.label, work.replica, work.token)
         return work

@@ -65,6 +65,8 @@ def connect(target: RayTarget | None = None, *, timeout_s: float = DEFAULTS.conn
 
     if ray.is_initialized():
         return
+    if _last is not None and _is_client(_last[0]):
+        ray.shutdown()  # a lost Ray Client's context lingers, and ray.init refuses to connect beside it
     target = target or RayTarget()
     where = target.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": True}

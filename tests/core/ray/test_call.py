@@ -153,12 +153,9 @@ def test_a_connection_error_of_a_process_not_on_ray_client_is_no_lost_connection
 def test_a_connection_lost_again_and_again_fails_the_try_naming_it(monkeypatch):
     """Each loss is connected again (the real case runs in test_ray_client.py); past
     RECONNECTS_PER_FOLLOW the try fails with a retryable error (a retry follows the call again)."""
-    from airflow_batch_provider.core.ray import call as call_module, connection
-    from airflow_batch_provider.core.ray.connection import RayTarget
+    from airflow_batch_provider.core.ray import call as call_module
 
-    monkeypatch.setattr(connection, "_last", (RayTarget(address="ray://head:10001"), 5.0))
-    reconnected: list[int] = []
-    monkeypatch.setattr(connection, "reconnect", lambda session, err=None: reconnected.append(session))
+    reconnected = _on_ray_client(monkeypatch)
     pool = Pool()
 
     def dropped(work, **kwargs):
@@ -169,3 +166,32 @@ def test_a_connection_lost_again_and_again_fails_the_try_naming_it(monkeypatch):
     with pytest.raises(api.RayWorkError, match="connection to Ray was lost") as caught:
         shard_call.follow(shard_call.submit())
     assert len(reconnected) == call_module.RECONNECTS_PER_FOLLOW and caught.value.retryable
+
+
+def _on_ray_client(monkeypatch) -> list[int]:
+    """This process connected through ``ray://`` (a stand-in: the real case runs in
+    test_ray_client.py); returns the sessions that ``reconnect`` was asked to replace."""
+    from airflow_batch_provider.core.ray import connection
+    from airflow_batch_provider.core.ray.connection import RayTarget
+
+    monkeypatch.setattr(connection, "_last", (RayTarget(address="ray://head:10001"), 5.0))
+    reconnected: list[int] = []
+    monkeypatch.setattr(connection, "reconnect", lambda session, err=None: reconnected.append(session))
+    return reconnected
+
+
+@pytest.mark.parametrize("reached", [True, False], ids=["the call reached its replica", "it did not"])
+def test_a_connection_lost_while_submitting_follows_the_call_if_it_runs_else_submits(monkeypatch, reached):
+    reconnected = _on_ray_client(monkeypatch)
+    pool = Pool(running={"worker": "r1", "token": "t-sent"} if reached else None)
+    submit = pool.submit
+
+    def dropped_once(*args, **kwargs):
+        if not reconnected:
+            raise ConnectionError("Client is shutting down.")
+        return submit(*args, **kwargs)
+
+    pool.submit = dropped_once
+    work = call(pool).submit()
+    assert len(reconnected) == 1
+    assert (work.token == "t-sent") is reached and len(pool.submitted) == (0 if reached else 1)
