@@ -4,7 +4,8 @@ A shard task submits its shards to a model replica (``submit``), waits until the
 taken the call up (``wait_started``: until then only a lease holds the replica for it), follows
 it to its end (``follow``, or a trigger's ``outcome`` polls), submits it again on another
 replica when it was lost with its replica or node (``resubmit``, within the spec's
-``max_retries`` per try), and stops it when the task is stopped (``cancel``).
+``max_retries`` per try), and stops it when the task is stopped (``cancel``). A lost Ray
+Client connection loses no call: the process connects again and follows the call by its id.
 
 The sync operator, the deferred operator and the trigger all drive this object; the host
 supplies what only it knows (the attempt key shared by the tries of one task, the try number,

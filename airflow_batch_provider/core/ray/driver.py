@@ -7,7 +7,8 @@ connections (two clusters). So the triggerer does not connect itself: for each t
 cluster and answers :class:`~airflow_batch_provider.core.ray.pool.ReplicaPool` calls sent as
 JSON lines on its stdin. The token reaches the child on its stdin, never in its command line
 or environment. Calls from many threads share one child and run side by side in it; a child
-that died is started again on the next call.
+that died is started again on the next call, and one whose Ray Client (``ray://``) connection
+was lost connects again and answers the call (``connection.reconnect``).
 
 A target without an address means "``RAY_ADDRESS``, else the Ray this process runs" (as does
 ``RAY_ADDRESS=local``): the parent resolves it, because a child would otherwise start a Ray of its own that holds none of
