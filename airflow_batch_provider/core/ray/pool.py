@@ -38,8 +38,7 @@ import ray
 
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import BatchError, RayWorkError
-from airflow_batch_provider.core.ray import sizing
-from airflow_batch_provider.core.ray import connection
+from airflow_batch_provider.core.ray import connection, sizing
 from airflow_batch_provider.core.ray.connection import NAMESPACE
 from airflow_batch_provider.core.ray.leases import LeaseNegotiator
 from airflow_batch_provider.core.ray.replica import Replica

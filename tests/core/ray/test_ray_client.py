@@ -11,7 +11,6 @@ the test cuts (every connection closed, new ones refused) and restores.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
