@@ -166,10 +166,10 @@ def test_a_connection_lost_past_the_grace_period_is_connected_again_and_the_call
     with TcpProxy(("127.0.0.1", head.client_port)) as proxy:
         def drop():
             proxy.cut()
-            time.sleep(6)
+            time.sleep(10)  # Ray Client gives up about 5 s after the cut here (its grace, then its own tries)
             proxy.restore()
 
-        out, entered = _run(head, job, f"ray://127.0.0.1:{proxy.port}", sleep_s=2.5, during=drop,
+        out, entered = _run(head, job, f"ray://127.0.0.1:{proxy.port}", sleep_s=4, during=drop,
                             env=_client_env(head, RAY_CLIENT_RECONNECT_GRACE_PERIOD="2"))
     assert "The connection to Ray was lost while following shard(s) all" in out, out[-4000:]
     assert entered is not None and entered < 6, out[-4000:]  # followed again while the call still ran (6 batches in all)
@@ -208,7 +208,7 @@ def test_a_triggers_ray_client_process_connects_again_after_a_lost_connection(he
                 seen.append(proc.stdout.readline())
             assert seen[-1].strip() == "ASKED LOST", "".join(seen)[-4000:]
             proxy.cut()
-            time.sleep(8)  # Ray Client gives up after its grace period (2 s, and its own retries)
+            time.sleep(10)  # Ray Client gives up after its grace period (2 s, then its own tries: about 5 s)
             proxy.restore()
             out, _ = proc.communicate("go\n", timeout=180)
         finally:
