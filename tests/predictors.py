@@ -281,3 +281,8 @@ class NoteInRange(_Logged):
         if any(self.ints[0] <= i < self.ints[1] for i in ids):  # an int column in this batch
             return {"id": batch["id"], "note": [i if self.ints[0] <= i < self.ints[1] else None for i in ids]}
         return {"id": batch["id"], "note": [f"n{i}" if self.text[0] <= i < self.text[1] else None for i in ids]}
+
+
+class KeyedSlowDoubler(KeyedDoubler, SlowDoubler):
+    """``KeyedDoubler`` that sleeps per batch as ``SlowDoubler`` does: a shard that needs a
+    secret and takes seconds (the Ray Client tests cut the network while it runs)."""

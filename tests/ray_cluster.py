@@ -54,6 +54,7 @@ class RayCluster:
     nodes: dict[str, RayNode] = field(default_factory=dict)
     address: str = ""
     temp_dir: Path = Path()
+    client_port: int = 0  # the head's Ray Client server (``ray://127.0.0.1:{client_port}``)
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -65,14 +66,20 @@ class RayCluster:
         """An ``AIRFLOW_CONN_*`` value for this cluster (``ray`` connection)."""
         return json.dumps({"conn_type": "ray", "host": self.address, "password": self.token})
 
+    @property
+    def client_address(self) -> str:
+        """The head's Ray Client address (``ray://``), as an Airflow worker outside the cluster names it."""
+        return f"ray://127.0.0.1:{self.client_port}"
+
     def start(self) -> RayCluster:
         # Ray's socket paths must stay short: a temp dir under /tmp.
         self.temp_dir = Path(f"/tmp/abp-{self.label}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
         self.temp_dir.mkdir()
         port = free_port()
+        self.client_port = free_port()
         self._spawn("head", ["--head", f"--port={port}", f"--num-cpus={self.head_cpus}", "--num-gpus=0",
                              f"--temp-dir={self.temp_dir}", "--include-dashboard=false", f"--dashboard-port={free_port()}",
-                             f"--ray-client-server-port={free_port()}"])
+                             f"--ray-client-server-port={self.client_port}"])
         address_file = self.temp_dir / "ray_current_cluster"
         _wait(lambda: address_file.exists() and address_file.read_text().strip(), 120, "the Ray head")
         self.address = address_file.read_text().strip()

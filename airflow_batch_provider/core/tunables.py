@@ -90,6 +90,10 @@ LEASE_TIMEOUT_S = 120.0
 HOLDER_CHECK_S = 1.0
 #: the outcomes of finished calls a replica remembers (a retry asks for its call's outcome).
 RESULTS_KEPT = 256
+#: how often following one call may connect to Ray again after losing its connection (Ray
+#: Client past its own reconnect grace period, 30 s by default): each loss took that long, so
+#: a network that keeps dropping fails the try (a retry follows the call again) in minutes.
+RECONNECTS_PER_FOLLOW = 5
 #: first and longest pause between two attempts to connect to Ray.
 CONNECT_FIRST_PAUSE_S = 1.0
 CONNECT_MAX_PAUSE_S = 15.0

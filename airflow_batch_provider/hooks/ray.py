@@ -20,6 +20,20 @@ class RayHook(BaseHook):
     exist, Ray's own environment applies (``RAY_ADDRESS``, ``RAY_AUTH_TOKEN``,
     ``RAY_AUTH_MODE``); with none of those either, a local Ray is started in this process.
 
+    Which address: the GCS address (``head:6379``) when the Airflow workers and triggerer run
+    in the cluster's network (every Ray node must be reachable from them, and they from every
+    node); a Ray Client address (``ray://head:10001``, the head's
+    ``--ray-client-server-port``; on KubeRay the head service's ``client`` port) when they
+    run outside it: only that one port must be reachable. Both carry the token, and both run
+    everything the provider does (replicas, secrets, leases, deferred shard tasks followed by
+    the triggerer); Ray Client must run the cluster's Ray and Python versions. Through Ray
+    Client, a dropped connection is taken up again by Ray for
+    ``RAY_CLIENT_RECONNECT_GRACE_PERIOD`` seconds (30 by default, set in the worker's
+    environment); past that the shard task connects again (within ``connect_timeout_s``) and
+    follows its call, which ran on, by its work id, in the same try. Ray Client adds a hop per
+    call: a shard's data never passes through it (replicas read and write the storage
+    themselves), only calls and their small replies do.
+
     The connection's extra may hold ``{"runtime_env": {...}}`` (Ray's dict: ``working_dir``,
     ``py_modules``, ``pip``, ``env_vars``): the replicas' runtime_env for every spec run on
     this connection that sets none of its own (:meth:`get_runtime_env`). It is how code reaches

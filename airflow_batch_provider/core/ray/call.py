@@ -4,7 +4,8 @@ A shard task submits its shards to a model replica (``submit``), waits until the
 taken the call up (``wait_started``: until then only a lease holds the replica for it), follows
 it to its end (``follow``, or a trigger's ``outcome`` polls), submits it again on another
 replica when it was lost with its replica or node (``resubmit``, within the spec's
-``max_retries`` per try), and stops it when the task is stopped (``cancel``).
+``max_retries`` per try), and stops it when the task is stopped (``cancel``). A lost Ray
+Client connection loses no call: the process connects again and follows the call by its id.
 
 The sync operator, the deferred operator and the trigger all drive this object; the host
 supplies what only it knows (the attempt key shared by the tries of one task, the try number,
@@ -26,9 +27,10 @@ from typing import Any, Callable, Protocol
 from airflow_batch_provider.core.domain.commit import new_attempt
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.domain.results import ShardResult
-from airflow_batch_provider.core.errors import BatchError, CallLostError
+from airflow_batch_provider.core.errors import BatchError, CallLostError, RayWorkError
+from airflow_batch_provider.core.ray import connection
 from airflow_batch_provider.core.ray.states import CallOutcome, Progress, WorkId
-from airflow_batch_provider.core.tunables import STARTED_POLL_S, TRIGGER_STATUS_S
+from airflow_batch_provider.core.tunables import RECONNECTS_PER_FOLLOW, STARTED_POLL_S, TRIGGER_STATUS_S
 
 _log = logging.getLogger(__name__)
 
@@ -124,7 +126,20 @@ class ShardCall:
             self.log.info("Reconnecting to running Ray work %s of an earlier try (its id was never stored)", running)
             return WorkId.from_dict({**running, "unit": self.unit})
         attempt = new_attempt(self.key, try_number=self.try_number, plan_id=self.plan_id)
-        raw = self.pool.submit([Shard.from_dict(s) for s in self.shards], attempt, self.storage_options, lease_timeout_s=self.lease_timeout_s)
+        session = connection.session()
+        try:
+            raw = self.pool.submit([Shard.from_dict(s) for s in self.shards], attempt, self.storage_options, lease_timeout_s=self.lease_timeout_s)
+        except Exception as err:
+            if not connection.is_lost_connection(err):
+                raise
+            # The connection went while submitting: the call may have reached its replica.
+            # Connect again, follow it if it runs, else submit (a lease the lost session got
+            # is freed with its holder, that session's Ray job).
+            self._reconnect(session, err, 1)
+            if running := self.pool.find_running(self.key):
+                self.log.info("Following Ray work %s, submitted as the connection to Ray was lost", running)
+                return WorkId.from_dict({**running, "unit": self.unit})
+            raw = self.pool.submit([Shard.from_dict(s) for s in self.shards], attempt, self.storage_options, lease_timeout_s=self.lease_timeout_s)
         work = WorkId.from_dict({**raw, "unit": self.unit})
         self.log.info("Shard(s) %s submitted to Ray replica %s (attempt %s)", self.label, work.replica, work.token)
         return work
@@ -143,8 +158,17 @@ class ShardCall:
 
     # -- following -------------------------------------------------------------------------
     def outcome(self, work: WorkId) -> CallOutcome:
-        """How the call is doing now (LOST when its replica is gone)."""
-        outcome = CallOutcome.from_dict(self.pool.status(work.to_dict()))
+        """How the call is doing now (LOST when its replica is gone). A lost Ray Client
+        connection is connected again first (:meth:`_reconnect`)."""
+        session = connection.session()
+        try:
+            raw = self.pool.status(work.to_dict())
+        except Exception as err:
+            if not connection.is_lost_connection(err):
+                raise
+            self._reconnect(session, err, 1)
+            raw = self.pool.status(work.to_dict())
+        outcome = CallOutcome.from_dict(raw)
         if outcome.ended:
             self._outcomes[work.token] = outcome
         return outcome
@@ -191,19 +215,42 @@ class ShardCall:
                 on_resubmit(work)
 
     def _wait(self, work: WorkId, on_progress: Callable[[Progress], None] | None, every_s: float) -> list[ShardResult] | None:
+        """One call's end (None: lost). A lost connection to Ray (Ray Client past its own
+        reconnect grace period) does not lose the call: it runs on in its detached replica,
+        so this process connects again and follows it by its work id, within the same try."""
         self.followed = work
-        try:
-            raw = self.pool.result(work.to_dict(), on_progress=on_progress, every_s=every_s)
-        except BaseException as err:
-            if isinstance(err, BatchError):  # the call failed: nothing left to cancel
-                self.followed = None
+        reconnects = 0
+        while True:
+            session = connection.session()
+            try:
+                raw = self.pool.result(work.to_dict(), on_progress=on_progress, every_s=every_s)
+                break
+            except BaseException as err:
+                if connection.is_lost_connection(err):
+                    reconnects += 1
+                    self._reconnect(session, err, reconnects)
+                    self.log.info("Following Ray work %s of shard(s) %s again by its id", work.token, self.label)
+                    continue
+                if isinstance(err, BatchError):  # the call failed: nothing left to cancel
+                    self.followed = None
+                    raise
+                self.cancel_followed()
+                if isinstance(err, SystemError) and err.__cause__ is not None:
+                    raise err.__cause__ from None  # raised by a signal handler while Ray's C code waited: Ray wraps it
                 raise
-            self.cancel_followed()
-            if isinstance(err, SystemError) and err.__cause__ is not None:
-                raise err.__cause__ from None  # raised by a signal handler while Ray's C code waited: Ray wraps it
-            raise
         self.followed = None
         return None if raw is None else [ShardResult.from_dict(r) for r in raw]
+
+    def _reconnect(self, session: int, err: BaseException, reconnects: int) -> None:
+        """Connect this process to Ray again after it lost ``session`` (at most
+        ``RECONNECTS_PER_FOLLOW`` times per follow); a connection that cannot be made within
+        the connect timeout fails the try (retryable: the call's commit is not lost)."""
+        if reconnects > RECONNECTS_PER_FOLLOW:
+            raise RayWorkError(f"shard(s) {self.label}: the connection to Ray was lost {reconnects} times while following "
+                               f"its call (last: {err}); a task retry follows the call again") from err
+        self.log.warning("The connection to Ray was lost while following shard(s) %s (%s: %s); connecting again",
+                         self.label, type(err).__name__, err)
+        connection.reconnect(session, err)
 
     def results_of(self, work: WorkId) -> list[ShardResult]:
         """The unit's results once a call of it ended well: those ``follow`` got (whichever

@@ -1,4 +1,14 @@
-"""Connecting this process to a Ray cluster, with Ray 2.60's token auth.
+"""Connecting this process to a Ray cluster, with Ray 2.60's token auth, and again when the
+connection is lost.
+
+Two kinds of address work: the GCS address (``head:6379``), which makes this process a Ray
+driver of its own (it must reach every node), and a Ray Client address (``ray://head:10001``),
+the usual route from an Airflow worker outside the cluster's network (one port, the head's
+client server, which runs the driver inside the cluster). Ray Client takes a dropped
+connection up again by itself for ``RAY_CLIENT_RECONNECT_GRACE_PERIOD`` seconds (30 by
+default); past that its calls raise ``ConnectionError`` and the process is disconnected:
+:func:`reconnect` connects again, and the caller follows its call again by its work id (the
+references of the lost session are gone with it).
 
 Ray is imported when a process connects, not when this module loads: Airflow's scheduler,
 DAG processor, triggerer and Celery workers import the provider (plugins, links, DAG files)
@@ -11,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +33,14 @@ from airflow_batch_provider.core.tunables import CONNECT_FIRST_PAUSE_S, CONNECT_
 log = logging.getLogger(__name__)
 
 NAMESPACE = "airflow_batch_provider"
+RAY_CLIENT_SCHEME = "ray://"
+
+#: what this process connected to last, and with how much patience (:func:`reconnect` uses
+#: them again); ``_session`` counts connections, so that threads that lost the same one
+#: reconnect once.
+_lock = threading.Lock()
+_last: tuple[RayTarget, float] | None = None
+_session = 0
 
 
 @dataclass(frozen=True)
@@ -42,8 +61,12 @@ def connect(target: RayTarget | None = None, *, timeout_s: float = DEFAULTS.conn
     malformed address) fail at once."""
     import ray
 
+    global _last, _session
+
     if ray.is_initialized():
         return
+    if _last is not None and _is_client(_last[0]):
+        ray.shutdown()  # a lost Ray Client's context lingers, and ray.init refuses to connect beside it
     target = target or RayTarget()
     where = target.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": True}
@@ -62,8 +85,7 @@ def connect(target: RayTarget | None = None, *, timeout_s: float = DEFAULTS.conn
             except (ValueError, TypeError):
                 raise
             except Exception as err:
-                if ray.is_initialized():
-                    ray.shutdown()
+                ray.shutdown()  # also what a failed Ray Client connection left behind
                 if time.monotonic() + pause > deadline:
                     raise RayWorkError(
                         f"cannot connect to Ray at {where} ({attempt} attempts in {timeout_s:.0f} s; last: "
@@ -78,7 +100,74 @@ def connect(target: RayTarget | None = None, *, timeout_s: float = DEFAULTS.conn
             # Ray's client keeps the token it read; it must not stay in this process's
             # environment, where every subprocess (and anything that dumps os.environ) sees it.
             os.environ.pop("RAY_AUTH_TOKEN", None)
+    _last, _session = (target, timeout_s), _session + 1
+    if _is_client(target):
+        _no_auto_init()
     log.info("Connected to Ray at %s", where)
+
+
+def session() -> int:
+    """Which connection of this process is the current one (1: the first)."""
+    return _session
+
+
+def connected_address() -> str | None:
+    """The address this process last connected to as its caller named it (``ray://...``
+    included), or None (``RAY_ADDRESS``, or a local Ray)."""
+    return _last[0].address if _last else None
+
+
+def is_lost_connection(err: BaseException) -> bool:
+    """Whether ``err`` says this process's Ray Client connection is gone for good: Ray Client
+    raises ``ConnectionError`` once it could not reconnect within its grace period, and then
+    disconnects the process (any Ray call after that fails: Ray is not initialized). Errors
+    of the work itself come as Ray's own exception types (a predictor's ``ConnectionError``
+    too), never as these. A GCS-address connection is never "lost" here: a driver that loses
+    its cluster is ended by Ray."""
+    if _last is None or not _is_client(_last[0]) or not isinstance(err, Exception):
+        return False
+    import ray
+
+    if not ray.is_initialized():
+        return True
+    return isinstance(err, ConnectionError) and not isinstance(err, ray.exceptions.RayError)
+
+
+def _is_client(target: RayTarget) -> bool:
+    return (target.address or os.environ.get("RAY_ADDRESS") or "").startswith(RAY_CLIENT_SCHEME)
+
+
+def _no_auto_init() -> None:
+    """Stop Ray from starting a Ray of its own in this process when a Ray call finds it not
+    connected (Ray's auto-init): a Ray Client whose connection is lost is disconnected, and
+    the next call (a status question) would otherwise start a local Ray, find no replica
+    there and take the call for lost. Without auto-init that call raises, and the caller
+    connects again (:func:`reconnect`)."""
+    try:
+        from ray._private import auto_init_hook
+    except ImportError:  # a Ray without it starts nothing by itself
+        return
+    auto_init_hook.enable_auto_connect = False
+
+
+def reconnect(lost_session: int, err: BaseException | None = None) -> None:
+    """Connect again to what this process connected to, within the time :func:`connect` was
+    given, after ``lost_session`` was lost (``err``). Threads that lost the same session
+    connect once: a thread that comes second finds the new session and returns."""
+    import ray
+
+    with _lock:
+        if _session != lost_session and ray.is_initialized():
+            return
+        if _last is None:
+            raise RuntimeError("reconnect() before connect(): nothing to connect to again")
+        target, timeout_s = _last
+        log.warning("The connection to Ray at %s was lost (%s: %s); connecting again (up to %.0f s)",
+                    target.address or os.environ.get("RAY_ADDRESS"), type(err).__name__ if err else "-", err, timeout_s)
+        # Unconditionally: a lost Ray Client is no longer "initialized" but still holds its
+        # context, and ray.init refuses to connect beside it until it is shut down.
+        ray.shutdown()
+        connect(target, timeout_s=timeout_s)
 
 
 def _use_token(token: str) -> None:

@@ -7,7 +7,8 @@ connections (two clusters). So the triggerer does not connect itself: for each t
 cluster and answers :class:`~airflow_batch_provider.core.ray.pool.ReplicaPool` calls sent as
 JSON lines on its stdin. The token reaches the child on its stdin, never in its command line
 or environment. Calls from many threads share one child and run side by side in it; a child
-that died is started again on the next call.
+that died is started again on the next call, and one whose Ray Client (``ray://``) connection
+was lost connects again and answers the call (``connection.reconnect``).
 
 A target without an address means "``RAY_ADDRESS``, else the Ray this process runs" (as does
 ``RAY_ADDRESS=local``): the parent resolves it, because a child would otherwise start a Ray of its own that holds none of
@@ -165,12 +166,17 @@ def _connected_to(address: str | None) -> bool:
         return False
     if address in (None, "auto"):
         return True
+    from airflow_batch_provider.core.ray import connection
+
+    if address.startswith(connection.RAY_CLIENT_SCHEME):  # Ray Client: the GCS address is the cluster's, not this one
+        return address == connection.connected_address()
     current = ray.get_runtime_context().gcs_address
-    return address.removeprefix("ray://").split("/")[0] == current
+    return address.split("/")[0] == current
 
 
 def _serve() -> None:
     """The child: connect, then answer each request line in a thread of its own."""
+    from airflow_batch_provider.core.ray import connection
     from airflow_batch_provider.core.ray.connection import connect
     from airflow_batch_provider.core.ray.pool import ReplicaPool
     from airflow_batch_provider.core.spec import JobSpec
@@ -198,7 +204,15 @@ def _serve() -> None:
             if request["method"] not in METHODS:
                 raise ValueError(f"unknown method {request['method']!r}")
             pool = ReplicaPool(JobSpec.from_dict(request["spec"]))
-            reply({"id": request["id"], "result": getattr(pool, request["method"])(**request["args"])})
+            session = connection.session()
+            try:
+                result = getattr(pool, request["method"])(**request["args"])
+            except Exception as err:  # Ray Client lost past its grace period: connect again, ask again
+                if not connection.is_lost_connection(err):
+                    raise
+                connection.reconnect(session, err)
+                result = getattr(ReplicaPool(JobSpec.from_dict(request["spec"])), request["method"])(**request["args"])
+            reply({"id": request["id"], "result": result})
         except Exception as err:
             reply({"id": request["id"], "error": f"{type(err).__name__}: {err}"})
 

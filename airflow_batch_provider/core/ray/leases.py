@@ -145,8 +145,10 @@ class LeaseNegotiator:
                     handle = self.pool.find(self.pool.name(ask.slot))
                     if handle is not None:
                         handle.release.remote(token, ask.ask_id)
-            except ray.exceptions.RayError:
-                pass  # no answer in time: the replica refuses it (past ``not_after``)
+            except (ray.exceptions.RayError, ConnectionError):
+                # no answer in time: the replica refuses it (past ``not_after``); or this
+                # process lost its Ray Client connection: its job, the lease's holder, is gone
+                pass
 
 
 class _Ask:

@@ -38,7 +38,7 @@ import ray
 
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import BatchError, RayWorkError
-from airflow_batch_provider.core.ray import shipping, sizing
+from airflow_batch_provider.core.ray import connection, shipping, sizing
 from airflow_batch_provider.core.ray.connection import NAMESPACE
 from airflow_batch_provider.core.ray.leases import LeaseNegotiator
 from airflow_batch_provider.core.ray.replica import Replica
@@ -117,6 +117,7 @@ class ReplicaPool:
         self._secrets = secrets
         self._secrets_ref: Any = None
         self._refs: dict[str, Any] = {}  # token -> ObjectRef of calls submitted by this process
+        self._session = connection.session()  # the Ray connection ``_refs`` and ``_secrets_ref`` belong to
         self._leases = LeaseNegotiator(self)
 
     @property
@@ -195,6 +196,7 @@ class ReplicaPool:
         if self._secrets is None or set(self._secrets) != set(self.spec.predictor_secrets):
             raise RayWorkError(f"the predictor's secret arguments {sorted(self.spec.predictor_secrets)} were not resolved; "
                                "start replicas from a task that resolves predictor_secrets")
+        self._drop_lost_refs()
         if self._secrets_ref is None:
             self._secrets_ref = ray.put(self._secrets)
         return self._secrets_ref
@@ -278,6 +280,7 @@ class ReplicaPool:
         """Lease a replica (waiting at most ``lease_timeout_s``) and start the shards on it;
         returns the work id."""
         token = attempt["token"]
+        self._drop_lost_refs()
         name, handle = self.lease(token, timeout_s=lease_timeout_s)
         self._refs[token] = handle.run_shards.remote(self.spec.to_dict(), storage_options, [s.to_dict() for s in shards], attempt)
         return {"worker": name, "token": token}
@@ -316,11 +319,21 @@ class ReplicaPool:
         A call this process submitted is followed by its Ray reference, which hands back the
         replica's own exception and sees the replica die at once; a call found again (a retry
         reconnecting to an earlier try's call) has no reference here and is followed by asking
-        its replica (``wait``)."""
+        its replica (``wait``), as is one whose reference went with a lost connection (this
+        process connected again: :func:`~airflow_batch_provider.core.ray.connection.reconnect`)."""
+        self._drop_lost_refs()
         ref = self._refs.pop(work["token"], None)
         if ref is not None:
             return self._result_of_submitted(ref, work, on_progress, every_s)
         return self._result_by_asking(work, on_progress, every_s)
+
+    def _drop_lost_refs(self) -> None:
+        """Forget the object references of a Ray connection this process lost: they name
+        objects of a session that is gone (the calls run on; they are followed by asking)."""
+        if self._session != connection.session():
+            self._session = connection.session()
+            self._refs.clear()
+            self._secrets_ref = None
 
     def _result_of_submitted(
         self, ref: Any, work: dict[str, str], on_progress: Callable[[Progress], None] | None, every_s: float
@@ -339,6 +352,8 @@ class ReplicaPool:
             log.warning("Ray work %s on %s is lost: %s", work["token"], work["worker"], _failure_message(err))
             return None
         except Exception as err:
+            if connection.is_lost_connection(err):
+                raise  # this process's connection, not the call: the caller connects again and asks
             cause = getattr(err, "cause", None)
             if isinstance(cause, BatchError):
                 raise cause from None  # the core's own error, type and message, as raised on the replica

@@ -132,3 +132,66 @@ def test_outcomes_and_events_are_typed_and_keep_their_json_form():
     assert api.CallEvent.from_dict(event.to_dict()) == event
     with pytest.raises(ValueError, match="without results"):
         api.CallEvent.from_dict({"status": "success"})
+
+
+def test_a_connection_error_of_a_process_not_on_ray_client_is_no_lost_connection():
+    """Only Ray Client's ConnectionError (the process connected through ``ray://``) means the
+    connection is gone; anywhere else it is the host's error: the call is cancelled, the error raised."""
+    pool = Pool()
+
+    def dropped(work, **kwargs):
+        raise ConnectionError("Client is shutting down.")
+
+    pool.result = dropped
+    shard_call = call(pool)
+    work = shard_call.submit()
+    with pytest.raises(ConnectionError):
+        shard_call.follow(work)
+    assert pool.cancelled == [work.to_dict()]
+
+
+def test_a_connection_lost_again_and_again_fails_the_try_naming_it(monkeypatch):
+    """Each loss is connected again (the real case runs in test_ray_client.py); past
+    RECONNECTS_PER_FOLLOW the try fails with a retryable error (a retry follows the call again)."""
+    from airflow_batch_provider.core.ray import call as call_module
+
+    reconnected = _on_ray_client(monkeypatch)
+    pool = Pool()
+
+    def dropped(work, **kwargs):
+        raise ConnectionError("Client is shutting down.")
+
+    pool.result = dropped
+    shard_call = call(pool)
+    with pytest.raises(api.RayWorkError, match="connection to Ray was lost") as caught:
+        shard_call.follow(shard_call.submit())
+    assert len(reconnected) == call_module.RECONNECTS_PER_FOLLOW and caught.value.retryable
+
+
+def _on_ray_client(monkeypatch) -> list[int]:
+    """This process connected through ``ray://`` (a stand-in: the real case runs in
+    test_ray_client.py); returns the sessions that ``reconnect`` was asked to replace."""
+    from airflow_batch_provider.core.ray import connection
+    from airflow_batch_provider.core.ray.connection import RayTarget
+
+    monkeypatch.setattr(connection, "_last", (RayTarget(address="ray://head:10001"), 5.0))
+    reconnected: list[int] = []
+    monkeypatch.setattr(connection, "reconnect", lambda session, err=None: reconnected.append(session))
+    return reconnected
+
+
+@pytest.mark.parametrize("reached", [True, False], ids=["the call reached its replica", "it did not"])
+def test_a_connection_lost_while_submitting_follows_the_call_if_it_runs_else_submits(monkeypatch, reached):
+    reconnected = _on_ray_client(monkeypatch)
+    pool = Pool(running={"worker": "r1", "token": "t-sent"} if reached else None)
+    submit = pool.submit
+
+    def dropped_once(*args, **kwargs):
+        if not reconnected:
+            raise ConnectionError("Client is shutting down.")
+        return submit(*args, **kwargs)
+
+    pool.submit = dropped_once
+    work = call(pool).submit()
+    assert len(reconnected) == 1
+    assert (work.token == "t-sent") is reached and len(pool.submitted) == (0 if reached else 1)
