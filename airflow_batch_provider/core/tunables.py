@@ -67,6 +67,9 @@ class Tunables:
 DEFAULTS = Tunables()
 
 # -- Ray: replicas, leases, calls (core/ray) ------------------------------------------------
+#: how long the TCP check of a Ray Client server may take before a connect attempt counts as
+#: failed (a server on the network answers in milliseconds; one that is down refuses at once).
+CLIENT_PROBE_S = 5.0
 #: longest one ``reserve`` call waits on a busy replica before the client looks at the others.
 LEASE_WAIT_S = 2.0
 #: how long one ``wait`` call on a replica blocks before the client asks again.

@@ -28,12 +28,14 @@ from typing import Any
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.errors import RayWorkError
-from airflow_batch_provider.core.tunables import CONNECT_FIRST_PAUSE_S, CONNECT_MAX_PAUSE_S, DEFAULTS
+from airflow_batch_provider.core.tunables import CLIENT_PROBE_S, CONNECT_FIRST_PAUSE_S, CONNECT_MAX_PAUSE_S, DEFAULTS
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "airflow_batch_provider"
 RAY_CLIENT_SCHEME = "ray://"
+#: the Ray Client server's port when a ``ray://`` address names none (Ray's default).
+RAY_CLIENT_DEFAULT_PORT = 10001
 
 #: what this process connected to last, and with how much patience (:func:`reconnect` uses
 #: them again); ``_session`` counts connections, so that threads that lost the same one
@@ -80,6 +82,8 @@ def connect(target: RayTarget | None = None, *, timeout_s: float = DEFAULTS.conn
                 _use_token(target.token)
             try:
                 failpoints.hit("ray_connect")
+                if _is_client(target):
+                    _probe_client_server(target.address or os.environ["RAY_ADDRESS"])
                 ray.init(**kwargs)
                 break
             except (ValueError, TypeError):
@@ -117,6 +121,11 @@ def connected_address() -> str | None:
     return _last[0].address if _last else None
 
 
+def through_ray_client() -> bool:
+    """Whether this process is connected to Ray through Ray Client (``ray://``)."""
+    return _last is not None and _is_client(_last[0])
+
+
 def is_lost_connection(err: BaseException) -> bool:
     """Whether ``err`` says this process's Ray Client connection is gone for good: Ray Client
     raises ``ConnectionError`` once it could not reconnect within its grace period, and then
@@ -131,6 +140,22 @@ def is_lost_connection(err: BaseException) -> bool:
     if not ray.is_initialized():
         return True
     return isinstance(err, ConnectionError) and not isinstance(err, ray.exceptions.RayError)
+
+
+def _probe_client_server(address: str) -> None:
+    """Raise ``OSError`` unless the Ray Client server at ``address`` accepts a TCP connection.
+
+    Asked before ``ray.init``: when Ray Client's own connect fails (a server not listening yet,
+    the head restarting), Ray 2.60 can hang for good while it closes that failed connection
+    (its log stream's thread is joined and never ends), so a server that is not there is found
+    out here and tried again like any failed attempt."""
+    import socket
+
+    host, _, port = address[len(RAY_CLIENT_SCHEME):].partition("/")[0].rpartition(":")
+    if not host:
+        host, port = port, str(RAY_CLIENT_DEFAULT_PORT)
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=CLIENT_PROBE_S):
+        pass
 
 
 def _is_client(target: RayTarget) -> bool:

@@ -13,6 +13,13 @@ code yields new replicas rather than old ones running it. A local directory must
 exist, with the same content, wherever a task of the job runs (code in the DAG bundle, say);
 keep it to code (a model's weights belong in storage the predictor reads). URIs Ray fetches
 itself (``s3://.../code.zip``, ``gcs://...``) are passed through untouched.
+
+Through Ray Client (``ray://``) the upload goes over the client connection, as Ray's own does,
+but unpinned: Ray 2.60's client server answers "pin this package for a while" only before the
+connection is made (for ``ray.init``'s own upload) and never after (the call is retried
+forever). The pin only keeps a package that no actor uses yet from being collected; Ray
+collects a package when the last job or actor that used it ends, and the replica created right
+after the upload uses it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import copy
 import logging
 import os
 import tempfile
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from airflow_batch_provider.core.errors import BatchSpecError
 
@@ -44,7 +53,7 @@ def shipped(runtime_env: dict[str, Any] | None) -> dict[str, Any] | None:
     # Ray is told otherwise; the zips are built in a scratch directory of their own.
     include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
     try:
-        with tempfile.TemporaryDirectory(prefix="abp-runtime-env-") as scratch_dir:
+        with _unpinned_through_ray_client(), tempfile.TemporaryDirectory(prefix="abp-runtime-env-") as scratch_dir:
             env = upload_py_modules_if_needed(env, include_gitignore=include_gitignore, scratch_dir=scratch_dir, logger=log)
             env = upload_working_dir_if_needed(env, include_gitignore=include_gitignore, scratch_dir=scratch_dir, logger=log)
     except (ValueError, TypeError, OSError) as err:
@@ -55,3 +64,28 @@ def shipped(runtime_env: dict[str, Any] | None) -> dict[str, Any] | None:
         ) from None
     env.pop("excludes", None)  # applied by the upload; the URIs need no more
     return env
+
+
+#: Ray reads the pin's duration from this environment variable on every upload (0: no pin).
+_PIN_SECONDS_VARIABLE = "RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S"
+_pin_setting = threading.Lock()
+
+
+@contextmanager
+def _unpinned_through_ray_client() -> Iterator[None]:
+    """Uploads in this block are not pinned when this process is a Ray Client (see the module's docstring)."""
+    from airflow_batch_provider.core.ray import connection
+
+    if not connection.through_ray_client():
+        yield
+        return
+    with _pin_setting:
+        before = os.environ.get(_PIN_SECONDS_VARIABLE)
+        os.environ[_PIN_SECONDS_VARIABLE] = "0"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(_PIN_SECONDS_VARIABLE, None)
+            else:
+                os.environ[_PIN_SECONDS_VARIABLE] = before

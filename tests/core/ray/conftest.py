@@ -33,9 +33,10 @@ def gpu_cluster():
         cluster.stop()
 
 
-def run_driver(cluster: RayCluster, script: str, args: dict, timeout: float = 400) -> dict:
+def run_driver(cluster: RayCluster, script: str, args: dict, timeout: float = 400, *, address: str | None = None) -> dict:
     """Run ``script`` in a child process connected to ``cluster`` (``connect`` with its token);
-    the script gets ``ARGS`` (``args``) and sets ``RESULT``, which comes back as a dict."""
+    the script gets ``ARGS`` (``args``) and sets ``RESULT``, which comes back as a dict.
+    ``address``: another address of the cluster (its ``ray://`` one), else its GCS address."""
     prelude = (
         "import json, sys\n"
         "from airflow_batch_provider.core.ray.connection import RayTarget, connect\n"
@@ -45,7 +46,7 @@ def run_driver(cluster: RayCluster, script: str, args: dict, timeout: float = 40
     )
     epilogue = "\nprint('RESULT ' + json.dumps(RESULT))\n"
     env = {k: v for k, v in cluster.env().items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}  # the token comes in the target
-    out = subprocess.run([sys.executable, "-c", prelude + script + epilogue, json.dumps({**args, "address": cluster.address, "token": cluster.token})],
+    out = subprocess.run([sys.executable, "-c", prelude + script + epilogue, json.dumps({**args, "address": address or cluster.address, "token": cluster.token})],
                          env=env, capture_output=True, text=True, timeout=timeout)
     line = next((line for line in out.stdout.splitlines() if line.startswith("RESULT ")), None)
     assert out.returncode == 0 and line, out.stdout[-3000:] + out.stderr[-5000:]

@@ -67,3 +67,16 @@ def test_a_connection_that_never_succeeds_fails_naming_the_cluster(head):
     assert "RayWorkError" in failed and head.address in failed and "attempts in 4 s" in failed
     assert "check that the cluster is up" in failed
     assert head.token not in out.stdout + out.stderr
+
+
+def test_a_ray_client_server_that_is_not_up_is_tried_again_and_then_named_not_hung_on():
+    """Ray 2.60's client can hang for good closing a failed ``ray://`` connect; a server that
+    does not listen is found out by a TCP check first, and tried again like any failed attempt."""
+    from tests.helpers import free_port
+
+    address = f"ray://127.0.0.1:{free_port()}"
+    out = subprocess.run([sys.executable, "-c", CHILD, address, "not-a-token", "4"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    failed = next(line for line in out.stdout.splitlines() if line.startswith("FAILED"))
+    assert "RayWorkError" in failed and address in failed and "ConnectionRefusedError" in failed
+    assert "Could not connect to Ray at" in out.stdout  # tried again before giving up

@@ -56,6 +56,20 @@ def test_working_dir_ships_the_predictor_to_a_cluster_without_it(gpu_cluster, sh
     print(f"\nshipped with working_dir: 3 shards of 50 rows in {outcome['seconds']:.1f} s (replica start and upload included)")
 
 
+def test_working_dir_ships_through_ray_client_too(gpu_cluster, shipped, tmp_path):
+    """An Airflow worker outside the cluster's network (``ray://``) ships its code the same way:
+    the upload goes through the Ray Client connection."""
+    sink = tmp_path / "out"
+    env = {"working_dir": shipped["code"], "env_vars": {"ABP_FACTOR": "3"}}
+    outcome = run_driver(gpu_cluster, JOB, {**shipped, "sink": str(sink), "runtime_env": env}, address=gpu_cluster.client_address)
+    assert "error" not in outcome, outcome
+    assert sink_ids(sink) == list(range(50))
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(sink), format="parquet").to_table().sort_by("id")
+    assert table.column("value").to_pylist() == [i * 0.5 * 3 for i in range(50)]
+
+
 def test_without_runtime_env_the_job_fails_at_once_saying_how_to_ship_the_code(gpu_cluster, shipped, tmp_path):
     outcome = run_driver(gpu_cluster, JOB, {**shipped, "sink": str(tmp_path / "out"), "runtime_env": None})
     error = outcome["error"]
