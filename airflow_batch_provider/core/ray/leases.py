@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import ray
 
 from airflow_batch_provider.core.errors import RayWorkError
+from airflow_batch_provider.core.ray.node_types import ClusterOutlook, describe_resources
 from airflow_batch_provider.core.spec import JobSpec
 from airflow_batch_provider.core.tunables import LEASE_ROUND_S, LEASE_WAIT_S, REPLY_S, WAITING_REPORT_S
 
@@ -31,10 +32,17 @@ class Replicas(Protocol):
     """What negotiating a lease needs of the model's replicas (``ReplicaPool`` has it)."""
 
     spec: JobSpec
+    node_wait_timeout_s: float | None
 
-    def check_feasible(self) -> None: ...
+    def check_feasible(self) -> ClusterOutlook: ...
 
-    def slots(self) -> list[int]: ...
+    def slots(self, outlook: ClusterOutlook | None = None) -> list[int]: ...
+
+    def existing_slots(self) -> set[int]: ...
+
+    def replica_states(self) -> dict[int, str]: ...
+
+    def max_replicas(self, outlook: ClusterOutlook | None = None) -> int | None: ...
 
     def name(self, slot: int) -> str: ...
 
@@ -70,9 +78,29 @@ class LeaseNegotiator:
         holder = ray.get_runtime_context().get_job_id()
         first = int(hashlib.sha256(token.encode()).hexdigest()[:8], 16)
         reported = started
+        grown = False
         for turn in itertools.count():
-            pool.check_feasible()  # every round: the only node that fits may be lost while we wait
-            slots = pool.slots()
+            outlook = pool.check_feasible()  # every round: the only node that fits may be lost while we wait
+            slots = pool.slots(outlook)
+            if outlook.autoscaler is not None:
+                states = pool.replica_states()
+                if not grown and (turn > 0 or not slots) and self._may_grow(outlook, states):
+                    slots = sorted(set(slots) | {min(set(range(len(states) + 1)) - set(states))})
+                    grown = True  # one new replica per waiting caller: the pool grows with the demand, no further
+                if not any(state == "ALIVE" for state in states.values()):
+                    waited = time.monotonic() - started
+                    if time.monotonic() - reported >= WAITING_REPORT_S:
+                        log.info("%s", self._waiting_line(outlook, states, waited))
+                        reported = time.monotonic()
+                    if pool.node_wait_timeout_s is not None and waited > pool.node_wait_timeout_s:
+                        raise RayWorkError(
+                            f"{self._waiting_line(outlook, states, waited)}: no node joined within node_wait_timeout_s="
+                            f"{pool.node_wait_timeout_s:g} s. The autoscaler has {outlook.pending_launches} launch(es) pending; "
+                            "see why with `ray status` on the cluster (quotas, a node type's max_workers, an image that does not "
+                            "start), or raise node_wait_timeout_s in [batch_inference].", retryable=True)
+            if not slots:
+                raise RayWorkError(f"no replica of {pool.spec.predictor} can be started: the pool is at its maximum "
+                                   f"({pool.max_replicas(outlook)}) and none exists", retryable=True)
             if time.monotonic() - reported >= WAITING_REPORT_S:
                 log.info("Still waiting for a free Ray replica of this model after %.0f s (%d replicas)", time.monotonic() - started, len(slots))
                 reported = time.monotonic()
@@ -90,6 +118,20 @@ class LeaseNegotiator:
             if granted is not None:
                 return granted
         raise AssertionError("unreachable")
+
+    def _may_grow(self, outlook: ClusterOutlook, states: dict[int, str]) -> bool:
+        """Whether this waiting caller adds a replica: below the maximum, and every existing
+        replica placed and up (one waiting for a node already asks the autoscaler for it)."""
+        limit = self.pool.max_replicas(outlook)
+        if limit is not None and len(states) >= limit:
+            return False
+        return all(state in ("ALIVE", "RESTARTING") for state in states.values())
+
+    def _waiting_line(self, outlook: ClusterOutlook, states: dict[int, str], waited: float) -> str:
+        """``waiting for a node with 1 CPU, 1 GPU: 0 of 2 replicas up, 45 s``."""
+        up = sum(1 for state in states.values() if state == "ALIVE")
+        return (f"waiting for a node with {describe_resources(self.pool.spec.replica_resources())} for a replica of "
+                f"{self.pool.spec.predictor}: {up} of {len(states)} replicas up, {waited:.0f} s")
 
     def _ask(self, slot: int, token: str, wait_s: float, holder: str, answer_within_s: float) -> _Ask:
         _, handle = self.pool.replica(slot)

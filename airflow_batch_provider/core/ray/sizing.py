@@ -9,6 +9,7 @@ from __future__ import annotations
 import ray
 
 from airflow_batch_provider.core.errors import ResourcesUnavailableError
+from airflow_batch_provider.core.ray.node_types import ClusterOutlook, describe_resources, live_nodes, read_outlook
 from airflow_batch_provider.core.spec import JobSpec
 
 # Ray counts resources in units of 1/10000 (fractional GPUs, the accelerator sliver): amounts are
@@ -32,29 +33,69 @@ def fits(node_resources: dict, wanted: dict) -> int:
     return max(0, min(counts))
 
 
-def replica_count(spec: JobSpec) -> int:
-    """Replicas at most: ``spec.num_replicas`` when set, else what the cluster's resources fit."""
+def fits_now(spec: JobSpec, nodes: list[dict] | None = None) -> int:
+    """Replicas the live nodes hold, node by node (their total resources, not what is free)."""
+    wanted = spec.replica_resources()
+    return sum(fits(node, wanted) for node in (live_nodes() if nodes is None else nodes))
+
+
+def replica_count(spec: JobSpec, outlook: ClusterOutlook | None = None) -> int:
+    """Replicas at most: ``spec.num_replicas`` when set; else what the live nodes hold, node by
+    node, plus what the published node types can add (their ``max_count`` each; a type without a
+    limit adds none here: growth beyond what nodes hold is one replica per waiting caller,
+    see ``leases``). At least 1."""
     if spec.num_replicas:
         return spec.num_replicas
-    total = ray.cluster_resources()
-    counts = []
-    if spec.num_gpus:
-        counts.append(int(total.get("GPU", 0) // spec.num_gpus))
-    if spec.num_cpus:
-        counts.append(int(total.get("CPU", 0) // spec.num_cpus))
-    return max(1, min(counts) if counts else 1)
+    outlook = outlook or read_outlook()
+    wanted = spec.replica_resources()
+    count = fits_now(spec, list(outlook.live))
+    count += sum(fits(t.resources, wanted) * t.max_count for t in outlook.node_types if t.max_count > 0)
+    return max(1, count)
 
 
-def check_feasible(spec: JobSpec) -> None:
-    """Fail at once when no live node of the cluster has the resources one replica asks for
-    (``num_gpus=1`` on a cluster without GPUs): Ray would keep the replica pending forever."""
-    wanted = {"CPU": float(spec.num_cpus or 0), "GPU": float(spec.num_gpus or 0)}
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    if any(all(res.get(kind, 0.0) >= amount for kind, amount in wanted.items() if amount) for res in nodes):
-        return
-    have = "; ".join(f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU" for res in nodes) or "no live node"
+def can_grow(outlook: ClusterOutlook) -> bool:
+    """Whether an autoscaler may add nodes (else the live nodes are all there is)."""
+    return outlook.autoscaler is not None
+
+
+def check_feasible(spec: JobSpec, outlook: ClusterOutlook | None = None) -> ClusterOutlook:
+    """Fail at once when no node can ever hold one replica; returns what it read.
+
+    A live node that holds it, or a node type the autoscaler can launch that holds it: feasible
+    (the caller waits for the autoscaler). No autoscaler (a fixed cluster) and no live node
+    that holds it, the published node types none that does, or the v2 autoscaler reporting
+    the replica's request as one no node type holds: :class:`ResourcesUnavailableError`, naming
+    what the replica asks and the nodes and node types there are (Ray would keep the replica
+    pending forever)."""
+    wanted = spec.replica_resources()
+    outlook = outlook or read_outlook()
+    if any(fits(node, wanted) for node in outlook.live):
+        return outlook
+    asks = _asks(spec, wanted)
+    have = "; ".join(describe_resources(node, only=wanted) for node in outlook.live) or "no live node"
+    if outlook.autoscaler is None:
+        raise ResourcesUnavailableError(
+            f"no node of the Ray cluster can run a replica of {spec.predictor}: it asks for {asks} on ONE node, "
+            f"and the live nodes have {have} (the cluster has no autoscaler). Lower num_cpus/num_gpus/memory/resources "
+            "in the spec, or add a node with these resources to the cluster."
+        )
+    if outlook.node_types:
+        if any(fits(t.resources, wanted) for t in outlook.node_types):
+            return outlook
+        reason = "no node type of its autoscaler can hold one"
+    elif outlook.says_infeasible(wanted):
+        reason = "its autoscaler reports that no node type can hold one"
+    else:
+        return outlook  # the autoscaler decides: wait for it (up to node_wait_timeout_s)
     raise ResourcesUnavailableError(
-        f"no node of the Ray cluster can run a replica of {spec.predictor}: it asks for num_cpus={spec.num_cpus:g}, "
-        f"num_gpus={spec.num_gpus:g} on one node, and the live nodes have {have}. Lower num_cpus/num_gpus in the spec, "
-        "or add a node with these resources to the cluster."
+        f"the Ray cluster can never run a replica of {spec.predictor}: it asks for {asks} on ONE node, and {reason}. "
+        f"Node types: {outlook.describe_types()}. Live nodes: {have}. Lower num_cpus/num_gpus/memory/resources/"
+        "accelerator_type in the spec, or add a node type with these resources to the cluster's autoscaler."
     )
+
+
+def _asks(spec: JobSpec, wanted: dict[str, float]) -> str:
+    """What a replica asks for, as the spec says it and as Ray counts it."""
+    fields = [f"num_cpus={spec.num_cpus or 0:g}", f"num_gpus={spec.num_gpus or 0:g}"]
+    fields += [f"{name}={getattr(spec, name)!r}" for name in ("memory", "accelerator_type", "resources") if getattr(spec, name)]
+    return f"{', '.join(fields)} ({describe_resources(wanted)})"
