@@ -69,8 +69,35 @@ class AutoscalingRayCluster(RayCluster):
         return env
 
     def driver_env(self) -> dict[str, str]:
-        """The environment of a process that connects to this cluster (a test, a benchmark)."""
+        """The environment of a process that connects to this cluster (a test, a benchmark):
+        token auth with this cluster's own token, as ``RayCluster``'s."""
         return super().env()
+
+    def connect(self, namespace: str) -> None:
+        """``ray.init`` this process into the cluster. Ray caches the auth token it read first
+        (at the process's first connection): its own test helper drops that cache."""
+        from ray._private.authentication_test_utils import reset_auth_token_state
+
+        os.environ.update({k: v for k, v in self.driver_env().items() if k.startswith("RAY_AUTH")})
+        reset_auth_token_state()
+        import ray
+
+        ray.init(address=self.address, namespace=namespace, logging_level="ERROR")
+
+    @staticmethod
+    def disconnect(saved_env: dict[str, str | None]) -> None:
+        """``ray.shutdown`` and put the process's auth environment back as it was."""
+        import ray
+
+        from ray._private.authentication_test_utils import reset_auth_token_state
+
+        ray.shutdown()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_auth_token_state()
 
     def config(self, gcs_address: str) -> dict[str, Any]:
         worker_total = sum(t["max_workers"] for t in self.node_types.values())

@@ -82,6 +82,7 @@ class LeaseNegotiator:
         for turn in itertools.count():
             outlook = pool.check_feasible()  # every round: the only node that fits may be lost while we wait
             slots = pool.slots(outlook)
+            waiting_for_node = None  # what this caller waits for, while none of the model's replicas is up
             if outlook.autoscaler is not None:
                 states = pool.replica_states()
                 if not grown and (turn > 0 or not slots) and self._may_grow(outlook, states):
@@ -89,29 +90,34 @@ class LeaseNegotiator:
                     grown = True  # one new replica per waiting caller: the pool grows with the demand, no further
                 if not any(state == "ALIVE" for state in states.values()):
                     waited = time.monotonic() - started
-                    if time.monotonic() - reported >= WAITING_REPORT_S:
-                        log.info("%s", self._waiting_line(outlook, states, waited))
-                        reported = time.monotonic()
+                    waiting_for_node = self._waiting_line(states, max(len(states), len(slots)), waited)
                     if pool.node_wait_timeout_s is not None and waited > pool.node_wait_timeout_s:
                         raise RayWorkError(
-                            f"{self._waiting_line(outlook, states, waited)}: no node joined within node_wait_timeout_s="
-                            f"{pool.node_wait_timeout_s:g} s. The autoscaler has {outlook.pending_launches} launch(es) pending; "
-                            "see why with `ray status` on the cluster (quotas, a node type's max_workers, an image that does not "
-                            "start), or raise node_wait_timeout_s in [batch_inference].", retryable=True)
+                            f"{waiting_for_node}: no node joined within node_wait_timeout_s={pool.node_wait_timeout_s:g} s "
+                            f"(the autoscaler has {outlook.pending_launches} node launch(es) pending). See why with `ray status` "
+                            "on the cluster (a cloud quota, the node type's max_workers, an image that does not start), or "
+                            "raise node_wait_timeout_s in [batch_inference].", retryable=True)
             if not slots:
                 raise RayWorkError(f"no replica of {pool.spec.predictor} can be started: the pool is at its maximum "
                                    f"({pool.max_replicas(outlook)}) and none exists", retryable=True)
             if time.monotonic() - reported >= WAITING_REPORT_S:
-                log.info("Still waiting for a free Ray replica of this model after %.0f s (%d replicas)", time.monotonic() - started, len(slots))
+                if waiting_for_node:
+                    log.info("%s", waiting_for_node)
+                else:
+                    log.info("Still waiting for a free Ray replica of this model after %.0f s (%d replicas)", time.monotonic() - started, len(slots))
                 reported = time.monotonic()
             round_s = LEASE_ROUND_S if deadline is None else max(0.5, min(LEASE_ROUND_S, deadline - time.monotonic()))
             granted = self._first_granted([self._ask(slot, token, 0.0, holder, round_s) for slot in slots], token, round_s)
             if granted is not None:
                 return granted
             if deadline is not None and time.monotonic() >= deadline:
-                raise RayWorkError(f"no replica of {pool.spec.predictor} was free within {timeout_s:.0f} s ({len(slots)} replicas, all busy)")
+                raise RayWorkError(f"no replica of {pool.spec.predictor} was free within {timeout_s:.0f} s "
+                                   + (f"({waiting_for_node})" if waiting_for_node else f"({len(slots)} replicas, all busy)"))
             if turn == 0:
-                log.info("All %d Ray replicas of this model are busy; waiting for one", len(slots))
+                if waiting_for_node:
+                    log.info("%s", waiting_for_node)
+                else:
+                    log.info("All %d Ray replicas of this model are busy; waiting for one", len(slots))
             slot = slots[(first + turn) % len(slots)]
             wait = wait_s if deadline is None else max(0.0, min(wait_s, deadline - time.monotonic()))
             granted = self._first_granted([self._ask(slot, token, wait, holder, wait + LEASE_ROUND_S)], token, wait + LEASE_ROUND_S)
@@ -127,11 +133,11 @@ class LeaseNegotiator:
             return False
         return all(state in ("ALIVE", "RESTARTING") for state in states.values())
 
-    def _waiting_line(self, outlook: ClusterOutlook, states: dict[int, str], waited: float) -> str:
-        """``waiting for a node with 1 CPU, 1 GPU: 0 of 2 replicas up, 45 s``."""
+    def _waiting_line(self, states: dict[int, str], replicas: int, waited: float) -> str:
+        """``waiting for a node with 1 CPU, 1 GPU for a replica of ...: 0 of 2 replicas up, 45 s``."""
         up = sum(1 for state in states.values() if state == "ALIVE")
         return (f"waiting for a node with {describe_resources(self.pool.spec.replica_resources())} for a replica of "
-                f"{self.pool.spec.predictor}: {up} of {len(states)} replicas up, {waited:.0f} s")
+                f"{self.pool.spec.predictor}: {up} of {replicas} replicas up, {waited:.0f} s")
 
     def _ask(self, slot: int, token: str, wait_s: float, holder: str, answer_within_s: float) -> _Ask:
         _, handle = self.pool.replica(slot)
