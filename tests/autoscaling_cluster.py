@@ -73,7 +73,7 @@ class AutoscalingRayCluster(RayCluster):
         token auth with this cluster's own token, as ``RayCluster``'s."""
         return super().env()
 
-    def connect(self, namespace: str) -> None:
+    def connect(self, namespace: str, *, log_to_driver: bool = True) -> None:
         """``ray.init`` this process into the cluster. Ray caches the auth token it read first
         (at the process's first connection): its own test helper drops that cache."""
         from ray._private.authentication_test_utils import reset_auth_token_state
@@ -82,7 +82,7 @@ class AutoscalingRayCluster(RayCluster):
         reset_auth_token_state()
         import ray
 
-        ray.init(address=self.address, namespace=namespace, logging_level="ERROR")
+        ray.init(address=self.address, namespace=namespace, logging_level="ERROR", log_to_driver=log_to_driver)
 
     @staticmethod
     def disconnect(saved_env: dict[str, str | None]) -> None:

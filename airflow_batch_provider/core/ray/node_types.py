@@ -78,8 +78,9 @@ class ClusterOutlook:
         if self.node_types:
             return "; ".join(t.describe() for t in self.node_types)
         if self.seen_types:
-            return "; ".join(f"{name} ({describe_resources(res)})" for name, res in sorted(self.seen_types.items())) + \
-                " (the node types seen on live nodes; this cluster does not publish its autoscaler's node types)"
+            return "; ".join(f"{name} ({describe_resources(res) if res else 'its resources unknown while none is up'})"
+                             for name, res in sorted(self.seen_types.items())) + \
+                " (the node types of nodes seen in this cluster; it does not publish its autoscaler's node types)"
         return "none published (this cluster does not publish its autoscaler's node types)"
 
 
@@ -163,11 +164,12 @@ def _autoscaler_v2_state() -> tuple[tuple[dict[str, float], ...], int, dict[str,
     scaling = reply.autoscaling_state
     infeasible = tuple(dict(request.resources_bundle) for request in scaling.infeasible_resource_requests)
     pending = sum(request.count for request in scaling.pending_instance_requests) + len(scaling.pending_instances)
-    seen = {}
+    seen: dict[str, dict[str, float]] = {}
     for node in reply.cluster_resource_state.node_states:
         name = node.ray_node_type_name
-        if name and not name.startswith("node_") and "node:__internal_head__" not in node.total_resources:
-            seen[name] = dict(node.total_resources)
+        if name and not _MIRRORED_TYPE.fullmatch(name) and "node:__internal_head__" not in node.total_resources:
+            if node.total_resources or name not in seen:  # a removed node keeps its type's name, not its resources
+                seen[name] = dict(node.total_resources)
     return infeasible, pending, seen
 
 

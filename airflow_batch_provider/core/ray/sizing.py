@@ -41,16 +41,17 @@ def fits_now(spec: JobSpec, nodes: list[dict] | None = None) -> int:
 
 def replica_count(spec: JobSpec, outlook: ClusterOutlook | None = None) -> int:
     """Replicas at most: ``spec.num_replicas`` when set; else what the live nodes hold, node by
-    node, plus what the published node types can add (their ``max_count`` each; a type without a
-    limit adds none here: growth beyond what nodes hold is one replica per waiting caller,
-    see ``leases``). At least 1."""
+    node, or what the published node types hold at their ``max_count``, whichever is more (a
+    type without a limit counts for none here: growth beyond is one replica per waiting
+    caller, see ``leases``). At least 1."""
     if spec.num_replicas:
         return spec.num_replicas
     outlook = outlook or read_outlook()
     wanted = spec.replica_resources()
-    count = fits_now(spec, list(outlook.live))
-    count += sum(fits(t.resources, wanted) * t.max_count for t in outlook.node_types if t.max_count > 0)
-    return max(1, count)
+    live = fits_now(spec, list(outlook.live))
+    # A type's max_count counts its live nodes too: the cluster at its largest, or as it is now.
+    grown = sum(fits(t.resources, wanted) * t.max_count for t in outlook.node_types if t.max_count > 0)
+    return max(1, live, grown)
 
 
 def can_grow(outlook: ClusterOutlook) -> bool:
