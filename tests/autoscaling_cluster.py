@@ -83,6 +83,11 @@ class AutoscalingRayCluster(RayCluster):
         import ray
 
         ray.init(address=self.address, namespace=namespace, logging_level="ERROR", log_to_driver=log_to_driver)
+        # The v1 monitor publishes its status after its first round: until then the cluster
+        # looks fixed (a real deployment's plan comes long after its cluster started).
+        from airflow_batch_provider.core.ray.node_types import read_outlook
+
+        _wait(lambda: read_outlook().autoscaler, 60, "the autoscaler to publish its state")
 
     @staticmethod
     def disconnect(saved_env: dict[str, str | None]) -> None:

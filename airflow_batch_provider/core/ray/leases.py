@@ -78,16 +78,16 @@ class LeaseNegotiator:
         holder = ray.get_runtime_context().get_job_id()
         first = int(hashlib.sha256(token.encode()).hexdigest()[:8], 16)
         reported = started
-        grown = False
+        grown: int | None = None  # the slot of the replica this caller added
         for turn in itertools.count():
             outlook = pool.check_feasible()  # every round: the only node that fits may be lost while we wait
             slots = pool.slots(outlook)
             waiting_for_node = None  # what this caller waits for, while none of the model's replicas is up
             if outlook.autoscaler is not None:
                 states = pool.replica_states()
-                if not grown and (turn > 0 or not slots) and self._may_grow(outlook, states):
-                    slots = sorted(set(slots) | {min(set(range(len(states) + 1)) - set(states))})
-                    grown = True  # one new replica per waiting caller: the pool grows with the demand, no further
+                if grown is None and (turn > 0 or not slots) and self._may_grow(outlook, states):
+                    grown = min(set(range(len(states) + 1)) - set(states))
+                    slots = sorted(set(slots) | {grown})  # one new replica per waiting caller: the pool grows with the demand
                 if not any(state == "ALIVE" for state in states.values()):
                     waited = time.monotonic() - started
                     waiting_for_node = self._waiting_line(states, max(len(states), len(slots)), waited)
@@ -100,7 +100,7 @@ class LeaseNegotiator:
             if not slots:
                 raise RayWorkError(f"no replica of {pool.spec.predictor} can be started: the pool is at its maximum "
                                    f"({pool.max_replicas(outlook)}) and none exists", retryable=True)
-            if time.monotonic() - reported >= WAITING_REPORT_S:
+            if time.monotonic() - reported >= WAITING_REPORT_S or (turn == 0 and waiting_for_node):
                 if waiting_for_node:
                     log.info("%s", waiting_for_node)
                 else:
@@ -109,21 +109,28 @@ class LeaseNegotiator:
             round_s = LEASE_ROUND_S if deadline is None else max(0.5, min(LEASE_ROUND_S, deadline - time.monotonic()))
             granted = self._first_granted([self._ask(slot, token, 0.0, holder, round_s) for slot in slots], token, round_s)
             if granted is not None:
-                return granted
+                return self._served(granted, grown)
             if deadline is not None and time.monotonic() >= deadline:
                 raise RayWorkError(f"no replica of {pool.spec.predictor} was free within {timeout_s:.0f} s "
                                    + (f"({waiting_for_node})" if waiting_for_node else f"({len(slots)} replicas, all busy)"))
-            if turn == 0:
-                if waiting_for_node:
-                    log.info("%s", waiting_for_node)
-                else:
-                    log.info("All %d Ray replicas of this model are busy; waiting for one", len(slots))
+            if turn == 0 and not waiting_for_node:
+                log.info("All %d Ray replicas of this model are busy; waiting for one", len(slots))
             slot = slots[(first + turn) % len(slots)]
             wait = wait_s if deadline is None else max(0.0, min(wait_s, deadline - time.monotonic()))
             granted = self._first_granted([self._ask(slot, token, wait, holder, wait + LEASE_ROUND_S)], token, wait + LEASE_ROUND_S)
             if granted is not None:
-                return granted
+                return self._served(granted, grown)
         raise AssertionError("unreachable")
+
+    def _served(self, granted: tuple[str, Any], grown: int | None) -> tuple[str, Any]:
+        """A caller served by another replica than the one it added stops that one while it
+        still waits for a node: nobody waits for it any more, and it would keep the autoscaler
+        launching (or, placed later, hold a node until its idle timeout)."""
+        if grown is not None and granted[0] != self.pool.name(grown) and self.pool.replica_states().get(grown) == "PENDING_CREATION":
+            handle = self.pool.find(self.pool.name(grown))
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
+        return granted
 
     def _may_grow(self, outlook: ClusterOutlook, states: dict[int, str]) -> bool:
         """Whether this waiting caller adds a replica: below the maximum, and every existing

@@ -59,7 +59,9 @@ def autoscaling_ray():
 
 def test_gpu_job_runs_on_nodes_the_autoscaler_adds(autoscaling_ray, jsonl_source, tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(leases, "WAITING_REPORT_S", 2.0)
-    spec = make_spec(jsonl_source, str(tmp_path / "out"), num_gpus=1, num_cpus=1, num_replicas=2)
+    # a few seconds a shard: the second node joins while the first replica still computes
+    spec = make_spec(jsonl_source, str(tmp_path / "out"), num_gpus=1, num_cpus=1, num_replicas=2,
+                     predictor="tests.predictors:SlowDoubler", predictor_kwargs={"sleep_s": 1.5})
     pending = plan_job(spec).pending
     assert gpu_nodes() == 0 and read_outlook().autoscaler == "v2"
     pool = ReplicaPool(spec, node_wait_timeout_s=120)
