@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -81,6 +82,7 @@ def main() -> None:
     finally:
         cluster.disconnect(saved)
         cluster.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def run_job(ray, cluster, work_dir, release, gpu_nodes, ReplicaPool, plan_job, new_attempt) -> None:
@@ -146,7 +148,7 @@ def run_job(ray, cluster, work_dir, release, gpu_nodes, ReplicaPool, plan_job, n
               f"{ray.available_resources()})\n")
     print(f"## Replicas {label}\n")
     firsts = {}
-    for t, up, waiting, nodes in samples:
+    for t, up, _waiting, nodes in samples:
         firsts.setdefault(("up", up), t)
         firsts.setdefault(("nodes", nodes), t)
     ups = ", ".join(f"{n}: {firsts[('up', n)]:.1f} s" for n in range(1, 1 + max(s[1] for s in samples)))

@@ -93,7 +93,6 @@ class AutoscalingRayCluster(RayCluster):
     def disconnect(saved_env: dict[str, str | None]) -> None:
         """``ray.shutdown`` and put the process's auth environment back as it was."""
         import ray
-
         from ray._private.authentication_test_utils import reset_auth_token_state
 
         ray.shutdown()

@@ -7,6 +7,11 @@ caller that does not know it holds it. When every replica is busy, the caller wa
 replica at a time (a blocking ``reserve``), so it gets the replica the moment its running
 shard ends: with more shard tasks than replicas, the next shard starts on a warm replica
 without waiting for Airflow to schedule its task.
+
+On an autoscaling cluster a caller that finds no free replica, while every replica is up, adds
+one (its pending placement asks the autoscaler for a node), so the pool grows with the callers
+waiting and no further; while none of the model's replicas is up, the caller says what node it
+waits for and gives up after the pool's ``node_wait_timeout_s``.
 """
 
 from __future__ import annotations

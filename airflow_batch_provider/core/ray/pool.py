@@ -17,9 +17,12 @@ the spec's ``max_retries``) where resources allow, but its call is not retried t
 answers None) and submits the shards again on whichever replica is free, usually one on
 another node, within the same task try.
 
-Every wait has an end: a replica that cannot be placed on any node fails at once
-(:class:`ResourcesUnavailableError`, naming the resources), one that does not answer (still
-loading, or waiting for a node) is passed over, and a lease gives up after its ``timeout_s``.
+Every wait has an end: a replica that no node can hold, nor any node the cluster's autoscaler
+can add, fails at once (:class:`ResourcesUnavailableError`, naming the resources; see
+``node_types`` for what Ray tells of the autoscaler); one that does not answer (still loading,
+or waiting for a node) is passed over; a caller waiting for a node while none of the model's
+replicas is up gives up after ``node_wait_timeout_s``, and a lease after its ``timeout_s``.
+On an autoscaling cluster the pool grows by one replica per waiting caller (``leases``).
 
 How many replicas the cluster fits is ``sizing``'s; how a caller gets one idle replica is
 ``leases``'s; following a call by its work id, in typed form, is :class:`~airflow_batch_provider.core.ray.call.ShardCall`'s.

@@ -6,8 +6,6 @@ on two 1-GPU nodes), never the cluster's totals."""
 
 from __future__ import annotations
 
-import ray
-
 from airflow_batch_provider.core.errors import ResourcesUnavailableError
 from airflow_batch_provider.core.ray.node_types import ClusterOutlook, describe_resources, live_nodes, read_outlook
 from airflow_batch_provider.core.spec import JobSpec
