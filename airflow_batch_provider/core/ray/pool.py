@@ -60,6 +60,9 @@ _SECRETS_SALT = b"airflow-batch-provider/replica-key/v1"
 _SECRETS_ROUNDS = 200_000
 
 
+#: Ray's actor states short of DEAD.
+_LIVE_ACTOR_STATES = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING", "ALIVE")
+
 #: Spec fields that shape a replica besides its CPUs and GPUs: replicas differing in any are
 #: different pools (an H100 replica is not an L4 one; code shipped differently is other code).
 SHAPE_FIELDS = ("memory", "accelerator_type", "resources", "runtime_env")
@@ -184,10 +187,12 @@ class ReplicaPool:
 
         prefix = f"abp-{self.key}-"
         states: dict[int, str] = {}
-        for info in actors().values():
-            name = info.get("Name") or ""
-            if name.startswith(prefix) and name[len(prefix):].isdigit() and info.get("State") != "DEAD":
-                states[int(name[len(prefix):])] = info["State"]
+        # Asked by state, the GCS filtering: its table also keeps the cluster's dead actors (many).
+        for state in _LIVE_ACTOR_STATES:
+            for info in actors(actor_state_name=state).values():
+                name = info.get("Name") or ""
+                if name.startswith(prefix) and name[len(prefix):].isdigit():
+                    states[int(name[len(prefix):])] = info["State"]
         return states
 
     def check_feasible(self) -> ClusterOutlook:
