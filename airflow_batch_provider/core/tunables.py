@@ -26,6 +26,10 @@ class Tunables:
     lease_timeout_s: float | None = _setting(
         None, "How long a shard task waits for a free model replica before it fails (empty: as long as the task may run). "
               "A task's own lease_timeout wins over it.")
+    node_wait_timeout_s: float = _setting(
+        900.0, "On an autoscaling Ray cluster, how long a shard task waits for the autoscaler to add a node its model's "
+               "replica fits on, while none of the model's replicas is up, before it fails (retryable). Cloud GPU nodes "
+               "take minutes to boot and load an image.")
     connect_timeout_s: float = _setting(120.0, "How long a task keeps trying to connect to Ray before it fails.")
     start_timeout_s: float = _setting(
         60.0, "How long a deferrable shard task waits, after submitting, for the replica to take its call up before it defers.")

@@ -134,6 +134,7 @@ class _SpecOperator(BaseOperator):
         return api.ReplicaPool(
             self.core_spec, secrets=resolve_predictor_secrets(self.core_spec.predictor_secrets),
             idle_timeout_s=self.settings.replica_idle_timeout_s, cancel_grace_s=self.settings.cancel_grace_s,
+            node_wait_timeout_s=self.settings.node_wait_timeout_s,
         )
 
 

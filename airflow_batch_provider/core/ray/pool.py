@@ -17,9 +17,12 @@ the spec's ``max_retries``) where resources allow, but its call is not retried t
 answers None) and submits the shards again on whichever replica is free, usually one on
 another node, within the same task try.
 
-Every wait has an end: a replica that cannot be placed on any node fails at once
-(:class:`ResourcesUnavailableError`, naming the resources), one that does not answer (still
-loading, or waiting for a node) is passed over, and a lease gives up after its ``timeout_s``.
+Every wait has an end: a replica that no node can hold, nor any node the cluster's autoscaler
+can add, fails at once (:class:`ResourcesUnavailableError`, naming the resources; see
+``node_types`` for what Ray tells of the autoscaler); one that does not answer (still loading,
+or waiting for a node) is passed over; a caller waiting for a node while none of the model's
+replicas is up gives up after ``node_wait_timeout_s``, and a lease after its ``timeout_s``.
+On an autoscaling cluster the pool grows by one replica per waiting caller (``leases``).
 
 How many replicas the cluster fits is ``sizing``'s; how a caller gets one idle replica is
 ``leases``'s; following a call by its work id, in typed form, is :class:`~airflow_batch_provider.core.ray.call.ShardCall`'s.
@@ -31,16 +34,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from typing import Any, Callable
 
 import ray
 
 from airflow_batch_provider.core.domain.planning import Shard
-from airflow_batch_provider.core.errors import BatchError, RayWorkError
+from airflow_batch_provider.core.errors import BatchError, RayWorkError, ResourcesUnavailableError
 from airflow_batch_provider.core.ray import connection, shipping, sizing
 from airflow_batch_provider.core.ray.connection import NAMESPACE
 from airflow_batch_provider.core.ray.leases import LeaseNegotiator
+from airflow_batch_provider.core.ray.node_types import ClusterOutlook, read_outlook
 from airflow_batch_provider.core.ray.replica import Replica
 from airflow_batch_provider.core.ray.states import Progress, RunState
 from airflow_batch_provider.core.spec import JobSpec
@@ -54,6 +59,9 @@ log = logging.getLogger(__name__)
 _SECRETS_SALT = b"airflow-batch-provider/replica-key/v1"
 _SECRETS_ROUNDS = 200_000
 
+
+#: Ray's actor states short of DEAD.
+_LIVE_ACTOR_STATES = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING", "ALIVE")
 
 #: Spec fields that shape a replica besides its CPUs and GPUs: replicas differing in any are
 #: different pools (an H100 replica is not an L4 one; code shipped differently is other code).
@@ -99,6 +107,8 @@ class ReplicaPool:
     :param idle_timeout_s: a replica this pool starts exits after this long without work.
     :param cancel_grace_s: how long ``cancel`` lets a call stop between batches before it
         kills the replica.
+    :param node_wait_timeout_s: on an autoscaling cluster, how long a caller waits for a node to
+        place a replica on, while none of the model's replicas is up (None: no limit).
     """
 
     def __init__(
@@ -108,11 +118,13 @@ class ReplicaPool:
         secrets: dict[str, str] | None = None,
         idle_timeout_s: float = DEFAULTS.replica_idle_timeout_s,
         cancel_grace_s: float = DEFAULTS.cancel_grace_s,
+        node_wait_timeout_s: float | None = DEFAULTS.node_wait_timeout_s,
     ):
         self.spec = spec
         self._key: str | None = None
         self._runtime_env: dict[str, Any] | None = None
         self.idle_timeout_s = idle_timeout_s
+        self.node_wait_timeout_s = node_wait_timeout_s
         self.cancel_grace_s = cancel_grace_s
         self._secrets = secrets
         self._secrets_ref: Any = None
@@ -137,9 +149,25 @@ class ReplicaPool:
         return self._runtime_env
 
     # -- replicas -----------------------------------------------------------------------
-    def size(self) -> int:
-        """Replicas at most (:func:`~airflow_batch_provider.core.ray.sizing.replica_count`)."""
-        return sizing.replica_count(self.spec)
+    def size(self, outlook: ClusterOutlook | None = None) -> int:
+        """Replicas the pool keeps slots for now (:func:`~airflow_batch_provider.core.ray.sizing.replica_count`):
+        on an autoscaling cluster, only as many as the live nodes hold (or ``num_replicas``,
+        if fewer); more are added one per waiting caller (:meth:`max_replicas`)."""
+        outlook = outlook or read_outlook()
+        if sizing.can_grow(outlook):
+            return min(self.max_replicas(outlook) or sys.maxsize, sizing.fits_now(self.spec, list(outlook.live)))
+        return sizing.replica_count(self.spec, outlook)
+
+    def max_replicas(self, outlook: ClusterOutlook | None = None) -> int | None:
+        """Replicas at most: ``num_replicas``; else what the cluster holds and can become, where
+        Ray says (a fixed cluster, or published node types); None where it does not (an
+        autoscaler without published node types: the pool grows one replica per waiting caller)."""
+        if self.spec.num_replicas:
+            return self.spec.num_replicas
+        outlook = outlook or read_outlook()
+        if sizing.can_grow(outlook) and not any(t.max_count > 0 for t in outlook.node_types):
+            return None
+        return sizing.replica_count(self.spec, outlook)
 
     def name(self, slot: int) -> str:
         return f"abp-{self.key}-{slot}"
@@ -149,9 +177,8 @@ class ReplicaPool:
         """The handle of the replica named ``name``, or None when there is none."""
         return find_replica(name)
 
-    def slots(self) -> list[int]:
-        """The slots to lease from: those the cluster fits now, and any whose replica still
-        exists (after a node is lost the cluster fits fewer, but its replicas still serve)."""
+    def existing_slots(self) -> set[int]:
+        """The slots whose replica exists (alive, loading, restarting or waiting for a node)."""
         prefix = f"abp-{self.key}-"
         existing = set()
         for entry in ray.util.list_named_actors(all_namespaces=True):
@@ -160,11 +187,43 @@ class ReplicaPool:
                 suffix = name[len(prefix):]
                 if suffix.isdigit():
                     existing.add(int(suffix))
-        return sorted(existing | set(range(self.size())))
+        return existing
 
-    def check_feasible(self) -> None:
-        """Fail at once when no node can hold a replica (:func:`~airflow_batch_provider.core.ray.sizing.check_feasible`)."""
-        sizing.check_feasible(self.spec)
+    def slots(self, outlook: ClusterOutlook | None = None) -> list[int]:
+        """The slots to lease from: those the cluster fits now, and any whose replica still
+        exists (after a node is lost the cluster fits fewer, but its replicas still serve)."""
+        return sorted(self.existing_slots() | set(range(self.size(outlook))))
+
+    def replica_states(self) -> dict[int, str]:
+        """Ray's state of each existing replica by slot: ALIVE (up, model loaded),
+        PENDING_CREATION (waiting for a node, or loading), RESTARTING, DEPENDENCIES_UNREADY."""
+        from ray._private.state import actors
+
+        prefix = f"abp-{self.key}-"
+        states: dict[int, str] = {}
+        # Asked by state, the GCS filtering: its table also keeps the cluster's dead actors (many).
+        for state in _LIVE_ACTOR_STATES:
+            for info in actors(actor_state_name=state).values():
+                name = info.get("Name") or ""
+                if name.startswith(prefix) and name[len(prefix):].isdigit():
+                    states[int(name[len(prefix):])] = info["State"]
+        return states
+
+    def check_feasible(self) -> ClusterOutlook:
+        """Fail at once when no node can hold a replica, and none the autoscaler can add
+        (:func:`~airflow_batch_provider.core.ray.sizing.check_feasible`); the replicas of this
+        model that wait for a node are stopped then (they would wait forever, and keep asking
+        the autoscaler for a node). Returns what it read of the cluster."""
+        try:
+            return sizing.check_feasible(self.spec)
+        except ResourcesUnavailableError:
+            self._stop_unplaced()
+            raise
+
+    def _stop_unplaced(self) -> None:
+        for slot, state in self.replica_states().items():
+            if state in ("PENDING_CREATION", "DEPENDENCIES_UNREADY") and (handle := self.find(self.name(slot))) is not None:
+                ray.kill(handle, no_restart=True)
 
     def replica(self, slot: int) -> tuple[str, Any]:
         """(name, handle) of the replica in ``slot``, created (not waited for) if missing."""
@@ -202,13 +261,19 @@ class ReplicaPool:
         return self._secrets_ref
 
     def start(self, wanted: int) -> list[str]:
-        """Create up to ``wanted`` replicas (at most :meth:`size`) without waiting for them.
+        """Create up to ``wanted`` replicas without waiting for them: ``min_replicas`` when the
+        spec sets it, at most :meth:`size` on a fixed cluster and :meth:`max_replicas` on an
+        autoscaling one (a replica waiting for a node is what asks the autoscaler for one, so
+        the nodes are asked for right away).
 
         The models load on Ray while the caller does other work (Airflow schedules the shard
         tasks); replicas that already exist are left as they are.
         """
-        self.check_feasible()
-        count = min(self.size(), wanted)
+        outlook = self.check_feasible()
+        if self.spec.min_replicas is not None:
+            wanted = self.spec.min_replicas
+        limit = (self.max_replicas(outlook) or sys.maxsize) if sizing.can_grow(outlook) else self.size(outlook)
+        count = min(limit, wanted)
         return [self.replica(slot)[0] for slot in range(count)]
 
     def shutdown(self, *, force: bool = False) -> int:
@@ -219,9 +284,14 @@ class ReplicaPool:
         (it exits on its idle timeout once done). ``force`` stops every replica. Returns how
         many were stopped."""
         killed = 0
+        states_alive = {slot for slot, state in self.replica_states().items() if state != "PENDING_CREATION"}
         for slot in self.slots():
             handle = self.find(self.name(slot))
             if handle is None:
+                continue
+            if not force and slot not in states_alive:  # never placed (waiting for a node): nothing of it runs
+                ray.kill(handle, no_restart=True)
+                killed += 1
                 continue
             if not force:
                 try:

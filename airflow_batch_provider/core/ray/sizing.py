@@ -1,19 +1,20 @@
 """How many replicas of a model the cluster fits, and whether any node can hold one at all.
 
 Both are counted node by node (:func:`fits`), never from the cluster's totals: Ray places a
-replica on one node, so two nodes of 1 GPU hold no replica of ``num_gpus=2``, and one node of
-1 GPU holds two of ``num_gpus=0.5``. A replica's shape is everything it asks a node for
-(:meth:`~airflow_batch_provider.core.spec.JobSpec.replica_resources`): CPUs, GPUs, memory,
-custom resources and the ``accelerator_type:<name>`` resource.
+replica (one actor) on ONE node, so two nodes of 1 GPU hold no replica of ``num_gpus=2``, and
+one node of 1 GPU holds two of ``num_gpus=0.5``. A replica's shape is everything it asks a node
+for (:meth:`~airflow_batch_provider.core.spec.JobSpec.replica_resources`): CPUs, GPUs, memory,
+custom resources and the ``accelerator_type:<name>`` resource. On an autoscaling cluster,
+"whether any node can hold one" includes the nodes its autoscaler can launch
+(:mod:`~airflow_batch_provider.core.ray.node_types`).
 """
 
 from __future__ import annotations
 
 import math
 
-import ray
-
 from airflow_batch_provider.core.errors import ResourcesUnavailableError
+from airflow_batch_provider.core.ray.node_types import ClusterOutlook, describe_resources, live_nodes, read_outlook
 from airflow_batch_provider.core.spec import ACCELERATOR_SLIVER, JobSpec
 
 _ACCELERATOR = "accelerator_type:"
@@ -39,34 +40,71 @@ def fits(node_resources: dict[str, float], wanted: dict[str, float]) -> int:
     return int(min(counts))
 
 
-def _live_nodes() -> list[dict[str, float]]:
-    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+def fits_now(spec: JobSpec, nodes: list[dict] | None = None) -> int:
+    """Replicas the live nodes hold, node by node (their total resources, not what is free)."""
+    wanted = spec.replica_resources()
+    return sum(fits(node, wanted) for node in (live_nodes() if nodes is None else nodes))
 
 
-def replica_count(spec: JobSpec) -> int:
-    """Replicas at most: ``spec.num_replicas`` when set, else what the live nodes hold, node by node."""
+def replica_count(spec: JobSpec, outlook: ClusterOutlook | None = None) -> int:
+    """Replicas at most: ``spec.num_replicas`` when set; else what the live nodes hold, node by
+    node, or what the published node types hold at their ``max_count``, whichever is more (a
+    type without a limit counts for none here: growth beyond is one replica per waiting
+    caller, see ``leases``). At least 1."""
     if spec.num_replicas:
         return spec.num_replicas
+    outlook = outlook or read_outlook()
     wanted = spec.replica_resources()
-    if not wanted:
-        return 1
-    return max(1, sum(fits(node, wanted) for node in _live_nodes()))
+    live = fits_now(spec, list(outlook.live))
+    # A type's max_count counts its live nodes too: the cluster at its largest, or as it is now.
+    grown = sum(fits(t.resources, wanted) * t.max_count for t in outlook.node_types if t.max_count > 0)
+    return max(1, live, grown)
 
 
-def check_feasible(spec: JobSpec) -> None:
-    """Fail at once when no live node of the cluster has everything one replica asks for
-    (``num_gpus=1`` on a cluster without GPUs, ``accelerator_type="H100"`` where no node has
-    one): Ray would keep the replica pending forever. The message names the replica's whole
-    shape and what each node has of it."""
+def can_grow(outlook: ClusterOutlook) -> bool:
+    """Whether an autoscaler may add nodes (else the live nodes are all there is)."""
+    return outlook.autoscaler is not None
+
+
+def check_feasible(spec: JobSpec, outlook: ClusterOutlook | None = None) -> ClusterOutlook:
+    """Fail at once when no node can ever hold one replica; returns what it read.
+
+    A live node that holds it, or a node type the autoscaler can launch that holds it: feasible
+    (the caller waits for the autoscaler). No autoscaler (a fixed cluster) and no live node
+    that holds it, the published node types none that does, or the v2 autoscaler reporting
+    the replica's request as one no node type holds: :class:`ResourcesUnavailableError`, naming
+    what the replica asks and the nodes and node types there are (Ray would keep the replica
+    pending forever)."""
     wanted = spec.replica_resources()
-    nodes = _live_nodes()
-    if any(fits(node, wanted) for node in nodes):
-        return
-    have = "; ".join(_describe_node(node, wanted) for node in nodes) or "no live node"
+    outlook = outlook or read_outlook()
+    if any(fits(node, wanted) for node in outlook.live):
+        return outlook
+    asks = _asks(spec, wanted)
+    have = "; ".join(_describe_node(node, wanted) for node in outlook.live) or "no live node"
+    if outlook.autoscaler is None:
+        raise ResourcesUnavailableError(
+            f"no node of the Ray cluster can run a replica of {spec.predictor}: it asks for {asks} on ONE node, "
+            f"and the live nodes have {have} (the cluster has no autoscaler). Lower num_cpus/num_gpus/memory/resources "
+            "in the spec, or add a node with these resources to the cluster."
+        )
+    if outlook.node_types:
+        if any(fits(t.resources, wanted) for t in outlook.node_types):
+            return outlook
+        reason = "no node type of its autoscaler can hold one"
+    elif outlook.says_infeasible(wanted):
+        reason = "its autoscaler reports that no node type can hold one"
+    else:
+        return outlook  # the autoscaler decides: wait for it (up to node_wait_timeout_s)
     raise ResourcesUnavailableError(
-        f"no node of the Ray cluster can run a replica of {spec.predictor}: it asks for {describe_shape(spec)} on one node, "
-        f"and the live nodes have {have}. Lower what the spec asks for, or add a node with these resources to the cluster."
+        f"the Ray cluster can never run a replica of {spec.predictor}: it asks for {asks} on ONE node, and {reason}. "
+        f"Node types: {outlook.describe_types()}. Live nodes: {have}. Lower num_cpus/num_gpus/memory/resources/"
+        "accelerator_type in the spec, or add a node type with these resources to the cluster's autoscaler."
     )
+
+
+def _asks(spec: JobSpec, wanted: dict[str, float]) -> str:
+    """What a replica asks for, as the spec says it and as Ray counts it."""
+    return f"{describe_shape(spec)} ({describe_resources(wanted)})"
 
 
 def describe_shape(spec: JobSpec) -> str:
