@@ -144,11 +144,12 @@ class AutoscalingRayCluster(RayCluster):
         self.temp_dir = Path(f"/tmp/abp-{self.label}-{os.getpid()}-{uuid.uuid4().hex[:4]}")
         self.temp_dir.mkdir()
         port = free_port()
+        self.client_port = free_port()
         config_path = self.temp_dir / "autoscaling.json"
         config_path.write_text(json.dumps(self.config(f"127.0.0.1:{port}")))
         self._spawn("head", ["--head", f"--port={port}", f"--num-cpus={self.head_cpus}", "--num-gpus=0",
                              f"--temp-dir={self.temp_dir}", "--include-dashboard=false", f"--dashboard-port={free_port()}",
-                             f"--ray-client-server-port={free_port()}", f"--autoscaling-config={config_path}"])
+                             f"--ray-client-server-port={self.client_port}", f"--autoscaling-config={config_path}"])
         address_file = self.temp_dir / "ray_current_cluster"
         _wait(lambda: address_file.exists() and address_file.read_text().strip(), 120, "the Ray head")
         self.address = address_file.read_text().strip()

@@ -112,7 +112,23 @@ def live_nodes() -> list[dict[str, float]]:
 
 def read_outlook() -> ClusterOutlook:
     """What Ray publishes now (each source that does not answer is left out: a question about
-    the autoscaler never fails the caller; a fixed cluster is the answer when none does)."""
+    the autoscaler never fails the caller; a fixed cluster is the answer when none does).
+
+    Through Ray Client (``ray://``) it is read by a task on the cluster
+    (:mod:`~airflow_batch_provider.core.ray.on_cluster`): an Airflow worker outside a KubeRay
+    cluster sees its GPU group that scales from zero as a worker inside does."""
+    from airflow_batch_provider.core.ray import on_cluster
+
+    try:
+        return on_cluster.ask(read_outlook_here)
+    except Exception as err:  # as any source that does not answer: what this process sees
+        log.warning("Could not read the autoscaler's state on the Ray cluster (%s: %s); deciding from the live nodes",
+                    type(err).__name__, err)
+        return read_outlook_here()
+
+
+def read_outlook_here() -> ClusterOutlook:
+    """:func:`read_outlook` from this process's own connection to the GCS."""
     live = tuple(live_nodes())
     node_types = tuple(_published_node_types())
     v2 = _autoscaler_v2_state()

@@ -42,7 +42,7 @@ import ray
 
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import BatchError, RayWorkError, ResourcesUnavailableError
-from airflow_batch_provider.core.ray import connection, shipping, sizing
+from airflow_batch_provider.core.ray import connection, on_cluster, shipping, sizing
 from airflow_batch_provider.core.ray.connection import NAMESPACE
 from airflow_batch_provider.core.ray.leases import LeaseNegotiator
 from airflow_batch_provider.core.ray.node_types import ClusterOutlook, read_outlook
@@ -197,17 +197,7 @@ class ReplicaPool:
     def replica_states(self) -> dict[int, str]:
         """Ray's state of each existing replica by slot: ALIVE (up, model loaded),
         PENDING_CREATION (waiting for a node, or loading), RESTARTING, DEPENDENCIES_UNREADY."""
-        from ray._private.state import actors
-
-        prefix = f"abp-{self.key}-"
-        states: dict[int, str] = {}
-        # Asked by state, the GCS filtering: its table also keeps the cluster's dead actors (many).
-        for state in _LIVE_ACTOR_STATES:
-            for info in actors(actor_state_name=state).values():
-                name = info.get("Name") or ""
-                if name.startswith(prefix) and name[len(prefix):].isdigit():
-                    states[int(name[len(prefix):])] = info["State"]
-        return states
+        return on_cluster.ask(replica_states_named, f"abp-{self.key}-")
 
     def check_feasible(self) -> ClusterOutlook:
         """Fail at once when no node can hold a replica, and none the autoscaler can add
@@ -468,6 +458,20 @@ class ReplicaPool:
             if token:
                 return {"worker": asked[ref], "token": token}
         return None
+
+
+def replica_states_named(prefix: str) -> dict[int, str]:
+    """:meth:`ReplicaPool.replica_states` of the replicas named ``{prefix}{slot}``, from Ray's actor table."""
+    from ray._private.state import actors
+
+    states: dict[int, str] = {}
+    # Asked by state, the GCS filtering: its table also keeps the cluster's dead actors (many).
+    for state in _LIVE_ACTOR_STATES:
+        for info in actors(actor_state_name=state).values():
+            name = info.get("Name") or ""
+            if name.startswith(prefix) and name[len(prefix):].isdigit():
+                states[int(name[len(prefix):])] = info["State"]
+    return states
 
 
 def find_replica(name: str) -> Any:

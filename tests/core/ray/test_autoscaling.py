@@ -134,3 +134,43 @@ def test_idle_replica_exits_and_the_autoscaler_removes_its_node(autoscaling_ray,
         assert removed >= 0
     finally:
         pool.shutdown(force=True)
+
+
+#: a process outside the cluster's network: Ray Client, the token in the target only
+THROUGH_RAY_CLIENT = """
+import json, sys
+from airflow_batch_provider.core.domain.commit import new_attempt
+from airflow_batch_provider.core.domain.jobs import plan_job
+from airflow_batch_provider.core.ray.connection import RayTarget, connect
+from airflow_batch_provider.core.ray.node_types import read_outlook
+from airflow_batch_provider.core.ray.pool import ReplicaPool
+from airflow_batch_provider.core.spec import JobSpec
+
+address, token, source, sink = sys.argv[1:5]
+connect(RayTarget(address=address, token=token), timeout_s=60)
+outlook = read_outlook()
+spec = JobSpec(source=source, source_format="jsonl", sink=sink, predictor="tests.predictors:Doubler", num_gpus=1, num_cpus=1, num_replicas=1)
+pool = ReplicaPool(spec, node_wait_timeout_s=120)
+try:
+    results = pool.result(pool.submit(plan_job(spec).pending[:1], new_attempt()))
+finally:
+    pool.shutdown(force=True)
+print("RESULT " + json.dumps({"autoscaler": outlook.autoscaler, "status": [r["status"] for r in results]}))
+"""
+
+
+def test_through_ray_client_a_gpu_group_at_zero_is_waited_for_not_refused(autoscaling_ray, jsonl_source, tmp_path):
+    """A Ray Client process cannot read the autoscaler's state itself (no GCS client): it is read
+    on the cluster, so a GPU job from outside the cluster waits for the node as one inside does."""
+    import json
+    import subprocess
+    import sys
+
+    wait_until(lambda: gpu_nodes() == 0, 60, "the earlier tests' nodes to be removed")
+    env = {k: v for k, v in autoscaling_ray.driver_env().items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    out = subprocess.run([sys.executable, "-c", THROUGH_RAY_CLIENT, f"ray://127.0.0.1:{autoscaling_ray.client_port}",
+                          autoscaling_ray.token, jsonl_source, str(tmp_path / "out")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    line = next((line for line in out.stdout.splitlines() if line.startswith("RESULT ")), None)
+    assert out.returncode == 0 and line, out.stdout[-3000:] + out.stderr[-5000:]
+    assert json.loads(line[len("RESULT "):]) == {"autoscaler": "v2", "status": ["computed"]}
