@@ -269,7 +269,9 @@ class Replica:
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "load_seconds": self.load_seconds, "shards_run": self.shards_run,
-                "keeps_freed_memory": self.keeps_freed_memory}
+                "keeps_freed_memory": self.keeps_freed_memory,
+                # the GPUs Ray gave this replica (it sets CUDA_VISIBLE_DEVICES to them)
+                "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()]}
 
     def _reap_when_idle(self) -> None:
         while True:
