@@ -39,3 +39,13 @@ def test_provider_info_declares_every_option_with_its_default():
     assert set(section["options"]) == set(api.Tunables.names())
     assert section["options"]["replica_idle_timeout_s"]["default"] == str(api.Tunables().replica_idle_timeout_s)
     assert all(option["description"] for option in section["options"].values())
+
+
+def test_readme_lists_every_setting_with_its_default():
+    """The README's Settings table is what an operator reads: it names every option."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    for name in api.Tunables.names():
+        assert f"| `{name}` |" in section, name
