@@ -38,10 +38,13 @@ def _gpu_nodes(cluster: AutoscalingRayCluster) -> int:
     import subprocess
     import sys
 
-    probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-             "print(sum(1 for n in ray.nodes() if n.get('Alive') and n['Resources'].get('GPU')))")
+    probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+             "print('GPU_NODES', sum(1 for n in ray.nodes() if n.get('Alive') and n['Resources'].get('GPU')))")
     out = subprocess.run([sys.executable, "-c", probe, cluster.address], env=cluster.driver_env(), capture_output=True, text=True, timeout=120)
-    return int(out.stdout.strip().splitlines()[-1])
+    # the autoscaler's events reach every driver's stdout too: read only the probe's own line
+    line = next((line for line in out.stdout.splitlines() if line.startswith("GPU_NODES ")), None)
+    assert line, out.stdout[-2000:] + out.stderr[-2000:]
+    return int(line.split()[1])
 
 
 def test_a_gpu_job_runs_on_a_gpu_group_that_scales_from_zero_and_gives_the_nodes_back(cluster, tmp_path):
