@@ -5,6 +5,7 @@ It speaks ``POST /v1/chat/completions`` and ``POST /v1/embeddings`` over real so
 timeouts and retries meet what a real endpoint does. What a request meets is chosen by its
 prompt, so a test can give each row its own trouble, and counts every try per prompt:
 
+* ``ECHOKEY``: 400 whose message quotes the request's ``Authorization`` header;
 * ``BAD`` in the prompt: 400 with OpenAI's error body (``prompt rejected``);
 * ``RATE<n>``: the first n tries get 429 with ``Retry-After: <retry_after>``;
 * ``E500x<n>``: the first n tries get 500; ``ALWAYS500``: every try does;
@@ -83,6 +84,8 @@ class FakeOpenAI:
                     fake.authorization_seen.add(auth)
                 if fake.api_key is not None and auth != f"Bearer {fake.api_key}":
                     return self._json(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+                if "ECHOKEY" in json.dumps(body):  # a gateway that quotes the header it refuses
+                    return self._json(400, {"error": {"message": f"bad request with Authorization: {auth}"}})
                 if self.path.endswith("/chat/completions"):
                     return self._chat(body)
                 if self.path.endswith("/embeddings"):

@@ -86,6 +86,7 @@ class Endpoint:
             raise PredictorError(f"base_url={base_url!r} must be an http:// or https:// URL, e.g. http://vllm:8000/v1")
         self.base_url = base_url.rstrip("/")
         sent = {"Content-Type": "application/json", **(headers or {})}
+        self._secret = api_key or None  # only to take it out of a server's error body that quotes it
         if api_key:
             sent["Authorization"] = f"Bearer {api_key}"
         limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
@@ -120,9 +121,9 @@ class Endpoint:
                     try:
                         return response.json()
                     except ValueError:
-                        problem = f"HTTP {status} with a body that is not JSON: {response.text[:tunables.HOSTED_ERROR_CHARS]!r}"
+                        problem = self._hide(f"HTTP {status} with a body that is not JSON: {response.text[:tunables.HOSTED_ERROR_CHARS]!r}")
                 else:
-                    detail = _error_detail(response)
+                    detail = self._hide(_error_detail(response))
                     if status in (401, 403):
                         raise PredictorUnavailableError(
                             f"{url} refused the API key (HTTP {status}: {detail}); check the key that "
@@ -156,6 +157,10 @@ class Endpoint:
             self._count("retries")
             self._count("waited_s", wait)
             self._sleep(wait)
+
+    def _hide(self, text: str) -> str:
+        """``text`` without the API key: a gateway's error may quote the header it refused."""
+        return text.replace(self._secret, "***") if self._secret else text
 
     def _backoff(self, tries: int) -> float:
         """Exponential, with 'equal jitter': half the step fixed, half at random."""

@@ -105,6 +105,12 @@ def test_a_refused_key_or_nothing_listening_fails_the_batch_and_never_shows_the_
     assert wrong not in str(caught.value)
 
 
+def test_a_server_error_quoting_the_key_reaches_no_message(server):
+    with pytest.raises(RowsFailed) as caught:
+        chat(server)(batch(["ECHOKEY a", "b"]))
+    assert "Authorization: Bearer ***" in caught.value.errors[0] and KEY not in str(caught.value.errors)
+
+
 def test_every_row_of_a_batch_failing_for_good_is_the_endpoint_not_the_rows(server):
     with pytest.raises(PredictorUnavailableError, match="every one of the batch's 2 requests failed"):
         chat(server, max_retries=1)(batch(["ALWAYS500 a", "ALWAYS500 b"]))
@@ -171,3 +177,16 @@ def test_runner_fail_names_the_row(tmp_path, server):
     with pytest.raises(PredictorFailedError, match=r"p\.jsonl line 14: .*HTTP 400: prompt rejected: BAD prompt 13") as caught:
         ShardRunner(spec, secrets={"api_key": KEY}).run(plan_job(spec).pending[0], new_attempt())
     assert KEY not in str(caught.value)
+
+
+def test_runner_skip_with_a_whole_batch_refused_keeps_the_other_batches(tmp_path, server):
+    records = [{"id": i, "prompt": ("BAD " if i < 16 else "") + f"prompt {i}"} for i in range(40)]
+    source = write_jsonl(str(tmp_path / "in" / "p.jsonl"), records)
+    spec = make_spec(
+        source, str(tmp_path / "out"), predictor="airflow_batch_provider.predictors.openai_compatible:OpenAIChat",
+        predictor_kwargs={"base_url": server.url, "model": "m", "keep_columns": ["id"], **FAST},
+        predictor_secrets={"api_key": "var:hosted_key"}, batch_size=16, bad_rows="skip",
+    )
+    ShardRunner(spec, secrets={"api_key": KEY}).run(plan_job(spec).pending[0], new_attempt())
+    manifest = finalize_job(spec)
+    assert manifest["rows_out"] == 24 and manifest["rows_rejected"] == 16
