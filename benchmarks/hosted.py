@@ -33,14 +33,14 @@ from tests.openai_server import FakeOpenAI  # noqa: E402
 KEY = "sk-bench"
 
 
-def provider_run(server: FakeOpenAI, rows: int, concurrency: int, folder: str) -> tuple[float, int]:
+def provider_run(server: FakeOpenAI, rows: int, concurrency: int, folder: str, batch_size: int | None = None) -> tuple[float, int]:
     """Seconds to run the job through the provider, and the requests the server saw."""
     source = write_jsonl(os.path.join(folder, "in", "p.jsonl"), [{"id": i, "prompt": f"prompt number {i}"} for i in range(rows)])
     spec = JobSpec(
         source=source, sink=os.path.join(folder, "out"), source_format="jsonl",
         predictor="airflow_batch_provider.predictors.openai_compatible:OpenAIChat",
         predictor_kwargs={"base_url": server.url, "model": "m", "keep_columns": ["id"], "max_concurrency": concurrency},
-        predictor_secrets={"api_key": "var:k"}, batch_size=max(64, 4 * concurrency), rows_per_shard=rows,
+        predictor_secrets={"api_key": "var:k"}, batch_size=batch_size or max(64, 4 * concurrency), rows_per_shard=rows,
     )
     before = sum(server.tries.values())
     runner = ShardRunner(spec, secrets={"api_key": KEY})
@@ -71,15 +71,16 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--burst", type=float, default=3.0)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: max(64, 4 x concurrency)")
     args = parser.parse_args()
     results = []
     with FakeOpenAI(api_key=KEY, latency_s=args.latency, retry_after="1") as server:
         for concurrency in args.concurrency:
             rows = args.rows if concurrency > 1 else max(40, args.rows // 20)
             with tempfile.TemporaryDirectory() as folder:
-                seconds, _ = provider_run(server, rows, concurrency, folder)
+                seconds, _ = provider_run(server, rows, concurrency, folder, args.batch_size)
             bare = bare_run(server, rows, concurrency)
-            row = {"concurrency": concurrency, "latency_s": args.latency, "rows": rows,
+            row = {"concurrency": concurrency, "latency_s": args.latency, "rows": rows, "batch_size": args.batch_size,
                    "provider_rows_s": round(rows / seconds, 1), "bare_rows_s": round(rows / bare, 1),
                    "ceiling_rows_s": round(concurrency / args.latency, 1), "provider_vs_bare": round(bare / seconds, 3)}
             results.append(row)
