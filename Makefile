@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install browser demo test test-fast lint bench bench-gpu bench-s3 bench-scale clean
+.PHONY: install browser demo test test-fast lint bench bench-gpu bench-s3 bench-scale bench-hosted clean
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ bench-s3: install
 # checkpointing, planning cost. Sizes: SCALE_* variables (benchmarks/scale.py).
 bench-scale: install
 	$(PY) benchmarks/scale.py
+
+# The OpenAI-compatible predictor against a loopback server: rows/s vs a bare loop, cost of a 429 burst.
+bench-hosted: install
+	$(PY) benchmarks/hosted.py
 
 clean:
 	rm -rf .demo .bench .bench-scale .pytest_cache
