@@ -6,6 +6,7 @@ batch format is what a replica would hand the predictor and get back.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pyarrow as pa
@@ -128,5 +129,8 @@ def test_clear_errors(models):
         TextGenerator(models["random"], prompt_template="Summarise: {}")
     with pytest.raises(ValueError, match="engine="):
         TextGenerator(models["random"], engine="tgi")
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ImportError, match=r"\[llm-vllm\]"):
+            TextGenerator(models["random"], engine="vllm")
     with pytest.raises(KeyError, match="has no column 'prompt'"):
         TextGenerator(models["random"])(to_batch(table(text=["a"]), "numpy"))
