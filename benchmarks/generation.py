@@ -9,7 +9,9 @@ CPU, greedy decoding. One invocation:
    ``model.generate`` batch by batch, write Parquet), then this provider end to end
    (`airflow dags test` of a ``batch_inference`` DAG with ``TextGenerator``), then the bare
    loop again, so a drift in the machine's speed cancels in the bare loop's mean;
-3. prints generated tokens/s both ways, whole run and in the model only, and the ratio.
+3. runs both on the same batches in one process, alternating (the predictor's own cost
+   without Ray or Airflow, drift cancelled);
+4. prints generated tokens/s both ways, whole run and in the model only, and the ratio.
 
 On a CUDA machine with vLLM this still measures the transformers engine (``engine`` is pinned):
 vLLM bare vs the provider is not measured here yet.
@@ -101,6 +103,56 @@ def bare_loop(model_path: str, corpus: str, out: str) -> dict[str, float]:
     return {"seconds": time.perf_counter() - started, "model_seconds": model_seconds, "tokens": tokens}
 
 
+def interleaved(model_path: str, corpus: str) -> dict[str, float]:
+    """The predictor's own cost: one process, one model, each batch through a bare ``generate``
+    and through ``TextGenerator.__call__`` in alternating order, so the machine's drift (other
+    jobs on shared cores) falls on both sides alike."""
+    import pyarrow.json as pj
+    import torch
+    from transformers import AutoTokenizer
+
+    from airflow_batch_provider.core.execution.batches import from_batch, to_batch
+    from airflow_batch_provider.predictors.generation import TextGenerator
+
+    generator = TextGenerator(**kwargs(model_path))
+    model = generator.engine.model  # the same weights both ways
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    eos = tokenizer.eos_token_id
+    seconds = {"bare": 0.0, "provider": 0.0}
+    tokens = {"bare": 0, "provider": 0}
+
+    def bare(batch):
+        encoded = tokenizer([TEMPLATE.format(text=t) for t in batch.column("text").to_pylist()],
+                            padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**encoded, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        count = 0
+        for row in out[:, encoded["input_ids"].shape[1]:].tolist():
+            stop = row.index(eos) if eos in row else None
+            count += len(row) if stop is None else stop + 1
+            tokenizer.decode(row[:stop], skip_special_tokens=True)
+        return count
+
+    def ours(batch):
+        return sum(from_batch(generator(to_batch(batch, "numpy")), "numpy").column("tokens_out").to_pylist())
+
+    warm = pj.read_json(sorted(glob.glob(f"{corpus}/*.jsonl"))[0]).slice(0, BATCH)
+    bare(warm), ours(warm)  # first calls pay one-off set-up: not counted
+    step = 0
+    for path in sorted(glob.glob(f"{corpus}/*.jsonl")):
+        table = pj.read_json(path)
+        for offset in range(0, table.num_rows, BATCH):
+            batch = table.slice(offset, BATCH)
+            for way in (("bare", "provider") if step % 2 == 0 else ("provider", "bare")):
+                tick = time.perf_counter()
+                tokens[way] += bare(batch) if way == "bare" else ours(batch)
+                seconds[way] += time.perf_counter() - tick
+            step += 1
+    return {"bare_seconds": seconds["bare"], "provider_seconds": seconds["provider"],
+            "bare_tokens": tokens["bare"], "provider_tokens": tokens["provider"]}
+
+
 def provider(model_path: str, corpus: str, sink: str) -> dict[str, float]:
     """``airflow dags test`` of a batch_inference DAG with ``TextGenerator`` on the bench's Ray head."""
     import pyarrow.dataset as ds
@@ -148,6 +200,7 @@ def main() -> None:
     write_prompts(corpus)
     log(f"tiny Llama (hidden {HIDDEN}, {LAYERS} layers, random weights), {ROWS} prompts, batch {BATCH}, "
         f"max_new_tokens {MAX_NEW_TOKENS}, {ROWS_PER_SHARD} rows/shard, {CPUS} CPUs, greedy, CPU")
+    same = in_fresh_process("interleaved", model, corpus)
     head = RayHead(f"/tmp/abp-bench-llm-ray-{os.getpid()}")
     head.start()
     bare = []
@@ -177,6 +230,11 @@ def main() -> None:
     print(f"{'way':<44}{'seconds':>9}{'tokens/s':>11}{'x bare':>8}")
     for name, seconds, rate, ratio in rows:
         print(f"{name:<44}{seconds:>9.1f}{rate:>11.1f}{ratio:>8.3f}")
+    b_rate = same["bare_tokens"] / same["bare_seconds"]
+    p_rate = same["provider_tokens"] / same["provider_seconds"]
+    print(f"{'one process, batches alternated: bare generate':<44}{same['bare_seconds']:>9.1f}{b_rate:>11.1f}{1:>8.3f}")
+    print(f"{'one process, batches alternated: predictor':<44}{same['provider_seconds']:>9.1f}{p_rate:>11.1f}"
+          f"{p_rate / b_rate:>8.3f}")
     runs = ", ".join(f"{b['seconds']:.1f} s" for b in bare)
     print(f"(bare loop runs: {runs}; {tokens} tokens generated)")
 
