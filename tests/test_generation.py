@@ -134,3 +134,5 @@ def test_clear_errors(models):
             TextGenerator(models["random"], engine="vllm")
     with pytest.raises(KeyError, match="has no column 'prompt'"):
         TextGenerator(models["random"])(to_batch(table(text=["a"]), "numpy"))
+    with pytest.raises(KeyError, match="keep_columns names 'row'"):
+        TextGenerator(models["random"], keep_columns=["row"])(to_batch(table(prompt=["a"]), "pandas"))

@@ -254,8 +254,8 @@ class _VllmEngine(_Engine):
         results = []
         for output in outputs:
             completion = output.outputs[0]
-            reason = "length" if completion.finish_reason == "length" else "stop"
-            results.append((completion.text, len(completion.token_ids), reason))
+            # vLLM says "stop" for EOS and stop strings, "length" for max_tokens; anything else ("abort") as it is
+            results.append((completion.text, len(completion.token_ids), str(completion.finish_reason)))
         return results
 
 
@@ -296,6 +296,11 @@ def _column_names(batch: Any) -> list[str]:
 
 
 def _keep(batch: Any, name: str) -> Any:
+    if name not in _column_names(batch):
+        raise KeyError(
+            f"keep_columns names {name!r}, which the batch has not; it has {list(_column_names(batch))} "
+            "(keep_columns=[] keeps none)"
+        )
     if isinstance(batch, (dict, pa.Table)):
         return batch[name] if isinstance(batch, dict) else batch.column(name)
     return pa.Array.from_pandas(batch[name])  # pandas: nullable dtypes stay nulls
