@@ -153,7 +153,11 @@ class TextGenerator:
             [t for t in texts if t is not None], add_special_tokens=not self.chat
         )["input_ids"] if any(t is not None for t in texts) else []
         found = iter(encoded)
-        return [list(next(found)) if t is not None else None for t in texts]
+        prompts = [list(next(found)) if t is not None else None for t in texts]
+        for row, ids in enumerate(prompts):
+            if ids == []:  # raising lets bad_rows="skip" reject just this row
+                raise ValueError(f"row {row}: the prompt is empty after tokenizing (the tokenizer adds no BOS token)")
+        return prompts
 
     def _prompt_texts(self, batch: Any, rows: int) -> list[str | None]:
         if self.prompt_template is None:

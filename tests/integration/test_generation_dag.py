@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -45,3 +46,28 @@ def test_generation_dag_writes_every_row_once(dag_tester, tmp_path):
     # greedy decoding on the replica gives what the predictor gives here
     direct = from_batch(TextGenerator(**kwargs)(to_batch(pa.Table.from_pylist(records), "numpy")), "numpy")
     assert rows == direct.to_pylist()
+
+
+def test_a_bad_prompt_is_rejected_not_the_shard(dag_tester, tmp_path):
+    """Chat messages that are not valid JSON make the predictor raise on that row: with
+    ``bad_rows="skip"`` it lands in ``_rejected/`` and the shard's other rows in the sink."""
+    model = build_tiny_llm(tmp_path / "model", behaviour="repeat")
+    good = json.dumps([{"role": "user", "content": "hi"}])
+    records = [{"id": i, "messages": "[{not json" if i == 4 else good} for i in range(8)]
+    write_jsonl(str(tmp_path / "in" / "chats.jsonl"), records)
+    spec = make_spec(
+        str(tmp_path / "in"), str(tmp_path / "out"), predictor=PREDICTOR, bad_rows="skip",
+        predictor_kwargs={"model": model, "messages_column": "messages", "max_new_tokens": 2},
+        rows_per_shard=8, batch_size=8, num_replicas=1, num_cpus=1,
+    )
+    run = dag_tester.run(spec)
+    assert run.state == "success", run.output[-3000:]
+    table = sink_table(spec.sink_root)
+    assert table.column("id").to_pylist() == [0, 1, 2, 3, 5, 6, 7]
+    assert set(table.column("generated_text").to_pylist()) == {"aa"}
+    rejected = [json.loads(line) for path in glob.glob(os.path.join(spec.sink_root, "_rejected", "*.jsonl"))
+                for line in open(path)]
+    assert [r["row"]["id"] for r in rejected] == [4], rejected
+    assert "Expecting" in rejected[0]["error"], rejected  # json's own message about the row's messages
+    manifest = json.load(open(os.path.join(spec.sink_root, "_SUCCESS")))
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (8, 7, 1)
