@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install browser demo test test-fast lint bench bench-gpu bench-s3 bench-scale clean
+.PHONY: install browser demo test test-fast lint bench bench-llm bench-gpu bench-s3 bench-scale bench-hosted clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/generation.py
+
+# LLM generation on a tiny random-weight Llama (CPU): bare generate loop vs the provider, tokens/s.
+bench-llm: install
+	$(PY) benchmarks/generation.py
 
 bench-gpu: install
 	$(PY) benchmarks/gpu.py
@@ -54,5 +59,9 @@ bench-s3: install
 bench-scale: install
 	$(PY) benchmarks/scale.py
 
+# The OpenAI-compatible predictor against a loopback server: rows/s vs a bare loop, cost of a 429 burst.
+bench-hosted: install
+	$(PY) benchmarks/hosted.py
+
 clean:
-	rm -rf .demo .bench .bench-scale .pytest_cache
+	rm -rf .demo .bench .bench-llm .bench-scale .pytest_cache

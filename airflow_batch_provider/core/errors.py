@@ -7,6 +7,8 @@ Every message names the file, row or field at fault and says what to do.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BatchError(Exception):
     """Base class of everything this package raises on purpose."""
@@ -54,6 +56,34 @@ class PredictorOutputError(PredictorError):
 
 class PredictorFailedError(PredictorError):
     """The predictor raised on a batch (names the shard, the file and the batch's lines or rows)."""
+
+
+class RowsFailed(PredictorError):
+    """Raised by a predictor that answered some rows of a batch and failed others for good
+    (a hosted model's 400 for one prompt, retries exhausted for one request).
+
+    ``errors`` maps each failed row's 0-based index in the batch to its error message;
+    ``output`` is the predictor's output for the other rows (in the spec's batch format,
+    in order; ``None`` when there is none). The runner takes the output as it is and hands
+    exactly the named rows to the job's ``bad_rows`` policy: ``"skip"`` rejects them into
+    ``_rejected/``, ``"fail"`` fails the shard naming the first one's line or row. Unlike any
+    other exception, it does not make the runner split the batch and call the predictor
+    again, so no row is sent twice (a hosted model bills each call)."""
+
+    def __init__(self, errors: dict[int, str], output: Any = None):
+        if not errors:
+            raise ValueError("RowsFailed needs at least one failed row (errors={index: message})")
+        self.errors = {int(index): str(message) for index, message in errors.items()}
+        self.output = output
+        first = min(self.errors)
+        super().__init__(f"{len(self.errors)} row(s) failed; row {first} of the batch: {self.errors[first]}")
+
+
+class PredictorUnavailableError(PredictorError):
+    """The predictor can serve no row now, and no row is at fault: its endpoint refuses
+    connections, or refuses the API key. The runner fails the shard under both ``bad_rows``
+    policies without splitting the batch (so a wrong key never rejects every row); a retry of
+    the shard may succeed once the cause is fixed."""
 
 
 class StaleCheckpointError(BatchError):

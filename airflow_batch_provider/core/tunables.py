@@ -179,3 +179,24 @@ SCHEMA_SAMPLE_BYTES = 64 << 10
 SCHEMA_SAMPLE_LINES = 500
 #: Input files whose schema (footer or samples) is read side by side at plan time.
 SCHEMA_SAMPLE_THREADS = 16
+
+# -- hosted model endpoints (``predictors/openai_compatible.py``); predictor_kwargs override each
+#: Requests one replica keeps in flight: a hosted model's latency (0.5-30 s per answer) is
+#: waited out in parallel; servers batch concurrent requests (vLLM, TGI), so 16 keeps a GPU
+#: server busy without one replica crowding out the others' rate limit.
+HOSTED_CONCURRENCY = 16
+#: Tries after the first for one row's request (429, 5xx, timeout, dropped connection).
+HOSTED_MAX_RETRIES = 6
+#: Backoff before retry n is about HOSTED_BACKOFF_FIRST_S * 2**(n-1), halved at random
+#: (jitter, so replicas throttled together do not come back together), at most HOSTED_BACKOFF_MAX_S:
+#: 6 retries wait about 0.5+1+2+4+8+16 s, enough to ride out a gateway's restart.
+HOSTED_BACKOFF_FIRST_S = 0.5
+HOSTED_BACKOFF_MAX_S = 30.0
+#: A server's Retry-After is honoured up to this many seconds (a longer one is waited this long).
+HOSTED_RETRY_AFTER_MAX_S = 120.0
+#: One request's read timeout: a long generation (thousands of tokens) takes minutes.
+HOSTED_TIMEOUT_S = 300.0
+#: Opening a connection: a loopback or cluster-local server answers in milliseconds.
+HOSTED_CONNECT_TIMEOUT_S = 10.0
+#: How much of a server's error body a row's error quotes.
+HOSTED_ERROR_CHARS = 300

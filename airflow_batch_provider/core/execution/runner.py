@@ -20,7 +20,7 @@ from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.domain.results import ShardResult
 from airflow_batch_provider.core.domain.schema.input import load_input_schema
 from airflow_batch_provider.core.domain.schema.output import has_open_columns, known_output_schema, record_output_schema, widen_output_schema
-from airflow_batch_provider.core.errors import PredictorFailedError
+from airflow_batch_provider.core.errors import PredictorFailedError, PredictorOutputError, PredictorUnavailableError, RowsFailed
 from airflow_batch_provider.core.execution.badrows import BadRows
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
 from airflow_batch_provider.core.execution.readers import Batch, ReadStats, read_shard
@@ -152,11 +152,20 @@ class ShardRunner:
         """The predictor's output tables for ``batch``. When it raises: under
         ``bad_rows="fail"`` a :class:`PredictorFailedError` naming the shard, file and lines;
         under ``"skip"`` the batch is split in halves until the rows it raises on stand alone,
-        and those are rejected (a batch of n rows with one bad row costs about 2*log2(n) calls)."""
+        and those are rejected (a batch of n rows with one bad row costs about 2*log2(n) calls).
+        Two exceptions are not split: :class:`RowsFailed` names its failed rows itself (they go
+        to the policy, its output for the others is kept), and :class:`PredictorUnavailableError`
+        (no row at fault) fails the shard under both policies."""
         fmt = self.spec.batch_format
         given = to_batch(batch.table, fmt)
         try:
             output = self.predictor(given)
+        except RowsFailed as failed:
+            return self._rows_failed(failed, batch, shard, bad)
+        except PredictorUnavailableError as err:
+            raise PredictorUnavailableError(self.redactor.text(
+                f"{err} (shard {shard.shard_id}, {shard.path} {batch.where(shard)})"
+            )) from None
         except Exception as err:
             error = PredictorFailedError(self.redactor.text(
                 f"the predictor raised {type(err).__name__}: {err} on shard {shard.shard_id}, {shard.path} "
@@ -173,3 +182,25 @@ class ShardRunner:
             return [from_batch(output, fmt)]
         half = rows // 2
         return self._predict(batch.slice(0, half), shard, bad) + self._predict(batch.slice(half, rows), shard, bad)
+
+    def _rows_failed(self, failed: RowsFailed, batch: Batch, shard: Shard, bad: BadRows) -> list[Any]:
+        """The rows ``failed`` names go to the bad-row policy, each with its own error; the
+        output it carries for the other rows is written (nothing is computed again)."""
+        rows = batch.table.num_rows
+        outside = [i for i in failed.errors if not 0 <= i < rows]
+        if outside:
+            raise PredictorOutputError(
+                f"the predictor raised RowsFailed naming row(s) {outside[:5]} of a batch of {rows} rows; "
+                "name rows by their 0-based index in the batch it was given"
+            )
+        name = shard.position_name
+        for index in sorted(failed.errors):
+            position = int(batch.positions[index])
+            error = PredictorFailedError(self.redactor.text(
+                f"the predictor failed on shard {shard.shard_id}, {shard.path} {name} {position}: {failed.errors[index]}"
+                + (f" ({len(failed.errors)} row(s) of this batch failed)" if len(failed.errors) > 1 else "")
+            ))
+            bad.reject(error, position, row=batch.table.slice(index, 1).to_pylist()[0], stage="predict")
+        if failed.output is None:
+            return []
+        return [from_batch(failed.output, self.spec.batch_format)]
