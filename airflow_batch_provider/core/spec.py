@@ -144,7 +144,8 @@ class JobSpec:
         anyway: an int (a count) or a float below 1 (a fraction of the shard's rows); None: no limit.
 
     Credentials are not part of the spec: the core takes storage options (s3fs style) next
-    to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from.
+    to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from. The
+    fields' defaults in one table, with links to what each changes: docs/reference.md.
     """
 
     source: str
