@@ -40,10 +40,9 @@ FINGERPRINT_FIELDS = ("predictor", "predictor_kwargs", "source_format", "sink_fo
 #: Fields renamed, old name -> new name: the old one is still accepted, with a DeprecationWarning.
 RENAMED_FIELDS = {"num_workers": "num_replicas"}
 
-#: Default shard size. At ~110 rows/s (MiniLM on 2 CPU cores) a 10,000-row shard takes ~90 s,
-#: so the ~2 s a real deployment spends between two shard tasks stays near 2% (0.05 s of our
-#: own per-shard work: 0.1%); GPU jobs at thousands of rows/s should raise it (README,
-#: "Choosing rows_per_shard").
+#: Default shard size: a minute or two of a small model on CPU, so the time a deployment
+#: spends between two shard tasks stays a small share; GPU jobs should raise it (see
+#: docs/tuning.md, "Choosing rows_per_shard"; the figures are in docs/benchmarks.md).
 DEFAULT_ROWS_PER_SHARD = 10_000
 
 
@@ -145,7 +144,8 @@ class JobSpec:
         anyway: an int (a count) or a float below 1 (a fraction of the shard's rows); None: no limit.
 
     Credentials are not part of the spec: the core takes storage options (s3fs style) next
-    to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from.
+    to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from. The
+    fields' defaults in one table, with links to what each changes: docs/reference.md.
     """
 
     source: str

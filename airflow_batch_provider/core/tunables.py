@@ -2,7 +2,7 @@
 
 :class:`Tunables` holds the figures an operator of a deployment may need to change (replica
 idle time, lease and connect deadlines, ...); the Airflow layer fills it from the
-``[batch_inference]`` section of Airflow's configuration (see the README's "Settings") and
+``[batch_inference]`` section of Airflow's configuration (see docs/reference.md, "Settings") and
 hands it to the core. Everything below it is a named constant: a figure chosen once, with
 the reason beside it, that no deployment should need to change.
 """

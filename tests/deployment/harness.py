@@ -150,8 +150,8 @@ class Deployment:
         try:
             with conn.cursor() as cur:
                 cur.execute(f'CREATE DATABASE "{self.db_name}"')
-                # The workaround for a scheduler killed alone under the LocalExecutor (README,
-                # "Deadlines, lost nodes and restarts"): its forked workers keep its DB socket
+                # The workaround for a scheduler killed alone under the LocalExecutor (docs/deployment.md,
+                # "Executors: Local and Celery"): its forked workers keep its DB socket
                 # open, so its open transaction and row locks outlive it until Postgres ends them.
                 cur.execute(f"ALTER DATABASE \"{self.db_name}\" SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'")
         finally:

@@ -29,6 +29,8 @@ its own token in the sentinel and publishes. An attempt that carries the id of t
 was computed under (``attempt["plan_id"]``) withdraws its commit when that plan has been
 replaced by one without its shard; the planner withdraws what such an attempt commits too
 late to see the new plan (``withdraw``), so a superseded plan never adds rows to a sink.
+
+What this promises a user across crashes and reruns, and how it was tested: docs/guarantees.md.
 """
 
 from __future__ import annotations

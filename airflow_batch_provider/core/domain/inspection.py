@@ -83,8 +83,8 @@ class SinkStatus:
     @property
     def rows_per_second(self) -> float | None:
         """Rows read from the plan's writing to the last commit. Not from the first commit: that
-        leaves out the first shards' own compute time and overstates the speed (171 rows/s where
-        the tasks logged 121-131). It includes waits for workers, and a job resumed long after
+        leaves out the first shards' own compute time and overstates the speed (by how much:
+        docs/benchmarks.md, "The speed airflow-batch status shows"). It includes waits for workers, and a job resumed long after
         its plan shows a lower figure than it runs at (the rows per minute show that)."""
         start = self.planned_at
         if start is None or self.last_commit_at is None or self.last_commit_at <= start:

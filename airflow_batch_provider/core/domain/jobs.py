@@ -118,7 +118,7 @@ def _plan_once(storage: JobStorage, files: list, notes: list[str]) -> JobPlan | 
         input_schema=schema_to_json(input_schema),
         file_schemas=schemas,
     )
-    # Dataclass equality, not JSON: serialising 10,000 shards twice costs ~0.4 s per plan.
+    # Dataclass equality, not JSON: serialising a large plan twice is slow (docs/benchmarks.md, "Planning over many committed shards").
     plan_written = existing is None or existing != plan
     if plan_written:
         write_input_schema(storage, plan.input_schema or {})  # before the plan: a shard of this plan finds it

@@ -16,7 +16,8 @@
 
 :class:`SinkLayout` knows a sink from its URL (and ``checkpoint_dir``) alone, as the CLI and
 the status page do; :class:`JobStorage` is that layout with the job's spec and source, as
-planning, the shards and finalize use it.
+planning, the shards and finalize use it. For users, with ``_staging/`` and how readers see
+the sink: docs/operating.md, "Sink layout".
 """
 
 from __future__ import annotations

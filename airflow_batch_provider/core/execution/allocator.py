@@ -3,9 +3,8 @@
 A model's forward pass allocates and frees the same large buffers (activations of several
 MiB) batch after batch. glibc serves buffers above its mmap threshold with ``mmap`` and unmaps
 them on free, and trims free memory off the top of its heaps, so every batch faults the same
-memory in again. Measured with all-MiniLM-L6-v2 on 2 CPU cores, 500 rows in a replica's
-compute thread (Ray runs actor calls off the main thread) took 120,000-280,000 minor page
-faults and 4-8% more time than with this module's settings.
+memory in again, and Ray runs actor calls off the main thread, where this costs the most
+(measured: docs/benchmarks.md, "Keeping freed memory in a replica").
 
 A replica serves shard after shard, so it keeps that memory mapped: allocations up to 32 MiB
 (glibc's ceiling for the threshold) come from the heap, and up to 1 GiB of free heap stays

@@ -67,8 +67,9 @@ def _build_client(options: dict[str, Any]) -> Any:
     if options.get("endpoint_url"):
         client_kwargs["endpoint_url"] = options["endpoint_url"]
     session = boto3.session.Session(profile_name=options.get("profile"))
-    # botocore parses every LastModified of a LIST page with dateutil: ~0.1 ms per key, most
-    # of the time of listing 10,000 sentinels. ISO 8601 is all S3 sends; parse it natively.
+    # botocore parses every LastModified of a LIST page with dateutil, most of the time of
+    # listing many sentinels (docs/benchmarks.md, "Planning over many committed shards"). ISO 8601 is all S3 sends;
+    # parse it natively.
     session._session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
     return session.client(
         "s3",
