@@ -466,8 +466,9 @@ class FinalizeBatchOperator(_SpecOperator):
     :param partitioned_asset: with a templated sink, the outlets' asset events name the
         partition this run wrote (what the template rendered to; see docs/assets.md), so a
         DAG on a ``PartitionedAssetTimetable`` runs once per partition. In a partitioned DAG
-        run, Airflow gives the events the run's own partition key instead. ``False``: events
-        without a partition key, which only DAGs on a plain asset schedule act upon.
+        run, Airflow gives the events the run's own partition key instead. ``False``: finalize
+        names no partition, for DAGs on a plain asset schedule (Airflow queues those only
+        for events without a key; in a partitioned run it still adds the run's).
     """
 
     ui_color = "#e9f7ec"
