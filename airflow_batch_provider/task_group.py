@@ -34,6 +34,7 @@ def batch_inference(
     progress_interval: float = 30.0,
     release_replicas: bool = True,
     partitioned_asset: bool = True,
+    asset: Asset | None = None,
     deferrable: bool | None = None,
     shard_kwargs: dict[str, Any] | None = None,
 ) -> TaskGroup:
@@ -56,6 +57,8 @@ def batch_inference(
     :param partitioned_asset: with a templated sink, the asset event names the partition the
         run wrote, for downstream DAGs on a ``PartitionedAssetTimetable`` (docs/assets.md);
         ``False`` for downstream DAGs on a plain asset schedule.
+    :param asset: the Asset finalize updates, instead of :func:`sink_asset` (e.g. where two
+        templated sinks share an untemplated root, which Airflow cannot give two assets).
     :param deferrable: shard tasks defer while Ray computes and hold no worker slot (needs a
         running ``airflow triggerer``); default ``[operators] default_deferrable``.
     :param shard_kwargs: more BaseOperator arguments for the shard tasks.
@@ -90,7 +93,7 @@ def batch_inference(
             release_replicas=release_replicas,
             partitioned_asset=partitioned_asset,
             trigger_rule="none_failed",
-            outlets=[sink_asset(spec)],
+            outlets=[asset if asset is not None else sink_asset(spec)],
         )
         plan >> shards >> finalize
     return group

@@ -74,3 +74,4 @@ def test_no_partition_key_for_an_untemplated_sink_or_an_empty_rendering():
     assert partition_key("s3://lake/emb", "s3://lake/emb") is None
     assert not is_templated("s3://lake/emb") and asset_root("s3://lake/emb") is None
     assert partition_key("s3://lake/emb/{{ params.suffix }}", "s3://lake/emb/") is None
+
