@@ -6,6 +6,7 @@ from typing import Any
 
 from airflow.sdk import Asset, TaskGroup
 
+from airflow_batch_provider.assets import asset_uri
 from airflow_batch_provider.core import api
 from airflow_batch_provider.hooks.ray import RayHook
 from airflow_batch_provider.operators.batch import BatchShardOperator, FinalizeBatchOperator, PlanBatchOperator
@@ -13,9 +14,11 @@ from airflow_batch_provider.spec import BatchSpec
 
 
 def sink_asset(spec: BatchSpec) -> Asset:
-    """The Airflow Asset updated when the job's sink is complete."""
-    uri = spec.sink_root if "://" in spec.sink_root else f"file://{spec.sink_root}"
-    return Asset(name=f"batch_inference:{spec.sink_root}", uri=uri)
+    """The Airflow Asset updated when the job's sink is complete. A templated sink's URI is
+    the sink's untemplated root (``s3://lake/emb/{{ ds }}`` -> ``s3://lake/emb``), and each
+    run's event names the partition it wrote (docs/assets.md); the name holds the sink as
+    written, as before."""
+    return Asset(name=f"batch_inference:{spec.sink_root}", uri=asset_uri(spec.sink_root))
 
 
 @api.renamed_keywords(release_workers="release_replicas")
@@ -30,6 +33,8 @@ def batch_inference(
     shards_per_task: int = 1,
     progress_interval: float = 30.0,
     release_replicas: bool = True,
+    partitioned_asset: bool = True,
+    asset: Asset | None = None,
     deferrable: bool | None = None,
     shard_kwargs: dict[str, Any] | None = None,
 ) -> TaskGroup:
@@ -49,6 +54,11 @@ def batch_inference(
     :param progress_interval: seconds between a running shard's progress lines in its task log.
     :param release_replicas: finalize stops the model's idle replicas (else they idle out).
         (Formerly ``release_workers``, still accepted with a DeprecationWarning.)
+    :param partitioned_asset: with a templated sink, the asset event names the partition the
+        run wrote, for downstream DAGs on a ``PartitionedAssetTimetable`` (docs/assets.md);
+        ``False`` for downstream DAGs on a plain asset schedule.
+    :param asset: the Asset finalize updates, instead of :func:`sink_asset` (e.g. where two
+        templated sinks share an untemplated root, which Airflow cannot give two assets).
     :param deferrable: shard tasks defer while Ray computes and hold no worker slot (needs a
         running ``airflow triggerer``); default ``[operators] default_deferrable``.
     :param shard_kwargs: more BaseOperator arguments for the shard tasks.
@@ -81,8 +91,9 @@ def batch_inference(
             plan_task_id=plan.task_id,
             ray_conn_id=ray_conn_id,
             release_replicas=release_replicas,
+            partitioned_asset=partitioned_asset,
             trigger_rule="none_failed",
-            outlets=[sink_asset(spec)],
+            outlets=[asset if asset is not None else sink_asset(spec)],
         )
         plan >> shards >> finalize
     return group

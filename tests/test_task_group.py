@@ -43,3 +43,18 @@ def test_release_workers_is_the_deprecated_name_of_release_replicas():
         assert group.children["old.finalize"].release_replicas is False
         with pytest.raises(TypeError, match="give only 'release_replicas'"):
             batch_inference(SPEC, group_id="both", release_workers=False, release_replicas=False)
+
+
+def test_batch_inference_takes_an_asset_of_its_own():
+    """Where two templated sinks share a root (docs/assets.md), a job names its own Asset."""
+    from airflow.sdk import Asset
+
+    from airflow_batch_provider.task_group import sink_asset
+
+    spec = BatchSpec(source="s3://lake/in/*.jsonl", sink="s3://lake/{{ params.model }}/emb/{{ ds }}", predictor="m:C")
+    own = Asset(name="embeddings", uri="s3://lake/emb-by-model")
+    with DAG("own_asset", schedule=None):
+        group = batch_inference(spec, asset=own)
+        default = batch_inference(spec, group_id="default")
+    assert group.children["batch_inference.finalize"].outlets == [own]
+    assert default.children["default.finalize"].outlets == [sink_asset(spec)]

@@ -16,8 +16,9 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator, ResumableJobMixin, conf
+from airflow.sdk import Asset, BaseOperator, ResumableJobMixin, conf
 
+from airflow_batch_provider.assets import partition_key
 from airflow_batch_provider.core import api
 from airflow_batch_provider.exceptions import BatchInferenceException, BatchInferenceFailure, task_error
 from airflow_batch_provider.hooks.predictor_secrets import resolve_predictor_secrets
@@ -462,18 +463,34 @@ class FinalizeBatchOperator(_SpecOperator):
     :param ray_conn_id: ``ray`` connection, for stopping the model's replicas.
     :param release_replicas: stop the model's idle replicas now rather than at their idle
         timeout. (Formerly ``release_workers``, still accepted with a DeprecationWarning.)
+    :param partitioned_asset: with a templated sink, the outlets' asset events name the
+        partition this run wrote (what the template rendered to; see docs/assets.md), so a
+        DAG on a ``PartitionedAssetTimetable`` runs once per partition. In a partitioned DAG
+        run, Airflow gives the events the run's own partition key instead. ``False``: finalize
+        names no partition, for DAGs on a plain asset schedule (Airflow queues those only
+        for events without a key; in a partitioned run it still adds the run's).
     """
 
     ui_color = "#e9f7ec"
 
     @api.renamed_keywords(release_workers="release_replicas")
     def __init__(
-        self, *, plan_task_id: str | None = None, ray_conn_id: str = RayHook.default_conn_name, release_replicas: bool = True, **kwargs: Any
+        self,
+        *,
+        plan_task_id: str | None = None,
+        ray_conn_id: str = RayHook.default_conn_name,
+        release_replicas: bool = True,
+        partitioned_asset: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.plan_task_id = plan_task_id
         self.ray_conn_id = ray_conn_id
         self.release_replicas = release_replicas
+        self.partitioned_asset = partitioned_asset
+        # The sink as written, before rendering replaces ``spec``: the partition key is what
+        # its templated parts rendered to.
+        self.sink_template = self.spec.get("sink")
 
     def execute(self, context: Context) -> dict[str, Any]:
         summary = {}
@@ -499,8 +516,32 @@ class FinalizeBatchOperator(_SpecOperator):
             self.log.warning("%s rows were rejected (bad_rows='skip'): they are in %s", result["rows_rejected"], manifest["rejected_dir"])
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = {k: v for k, v in result.items() if v is not None}
+        self._name_partition(context)
         if self.release_replicas and summary.get("pending"):
             RayHook(ray_conn_id=self.ray_conn_id).get_conn()
             released = self.replicas.shutdown()
             self.log.info("Released %s idle replica(s) of this model (any serving a shard of another run keeps running)", released)
         return result
+
+    def _name_partition(self, context: Context) -> None:
+        """Put the partition this run wrote on the outlets' asset events (docs/assets.md)."""
+        assets = [outlet for outlet in self.outlets if isinstance(outlet, Asset)]
+        if not assets or not self.partitioned_asset:
+            return
+        run_key = getattr(context.get("dag_run"), "partition_key", None)
+        if run_key:  # Airflow puts it on every event of the run, with the run's partition_date
+            self.log.info("The asset event(s) of %s carry this DAG run's partition key %r", self.core_spec.sink_root, run_key)
+            return
+        key = partition_key(self.sink_template, self.batch_spec.sink) if isinstance(self.sink_template, str) else None
+        if key is None:
+            return
+        for asset in assets:
+            try:
+                context["outlet_events"][asset].add_partitions(key)
+            except ValueError as err:  # Airflow's limits on a key (length, blank)
+                raise task_error(
+                    f"the sink {self.core_spec.sink_root} is complete, but its asset event cannot name partition {key!r}: {err}. "
+                    "Make the sink's templated part render to a shorter value, or pass partitioned_asset=False",
+                    retryable=False,
+                ) from err
+        self.log.info("Asset event(s) for partition %r of %s (%s)", key, ", ".join(a.uri for a in assets), self.core_spec.sink_root)

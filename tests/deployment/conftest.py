@@ -46,7 +46,7 @@ CELERY_DAGS: dict[str, dict[str, Any]] = {
 # stopped once its test module ends, instead of loading the machine through the rest of the suite.
 @pytest.fixture(scope="module")
 def deployment():
-    with running_deployment("abp-deploy-", SCENARIO_DAGS) as dep:
+    with running_deployment("abp-deploy-", SCENARIO_DAGS, dag_files=("partition_dags.py",)) as dep:
         yield dep
 
 

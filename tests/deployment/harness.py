@@ -584,8 +584,9 @@ TIMING_FILES: list[Path] = []
 
 
 @contextlib.contextmanager
-def running_deployment(prefix: str, dags: dict[str, dict[str, Any]], **options: Any):
-    """A started :class:`Deployment` (``options``: executor, Celery workers...) running ``dags``."""
+def running_deployment(prefix: str, dags: dict[str, dict[str, Any]], *, dag_files: tuple[str, ...] = (), **options: Any):
+    """A started :class:`Deployment` (``options``: executor, Celery workers...) running ``dags``,
+    and the DAG files ``dag_files`` (names beside this module) as they are."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
     dep = Deployment(root, **options)
     data = root / "data"
@@ -608,6 +609,8 @@ def running_deployment(prefix: str, dags: dict[str, dict[str, Any]], **options: 
     dep.dags.mkdir(parents=True, exist_ok=True)
     (dep.dags / "deploy_dags.json").write_text(json.dumps(configs, indent=1))
     shutil.copy(HERE / "dag_template.py", dep.dags / "deploy_dags.py")
+    for name in dag_files:
+        shutil.copy(HERE / name, dep.dags / name)
     TIMING_FILES.append(root / "timings.json")
     try:
         dep.start()

@@ -10,6 +10,7 @@ computed how often. Timings are printed at the end of the session.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import time
@@ -20,6 +21,7 @@ from tests.deployment.harness import (
     FINALIZE,
     PLAN,
     SHARD,
+    TIMINGS,
     AirflowClient,
     Deployment,
     assert_each_row_once,
@@ -33,6 +35,7 @@ from tests.deployment.harness import (
     unit_ids,
     wait_for,
 )
+from tests.helpers import write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -329,3 +332,54 @@ def test_marking_a_deferred_shard_failed_cancels_its_ray_call(deployment: Deploy
     assert batches <= batches_at_mark + 1 < 5, (batches_at_mark, batches)  # at most the batch running at the cancel ends
     assert committed(scenario.sink) == set()
     assert client.wait_run(scenario.dag_id, run_id, timeout=120) == "failed"
+
+
+# -- partitioned assets -----------------------------------------------------------------------
+def test_a_downstream_dag_runs_once_per_partition_of_a_templated_sink(deployment: Deployment, client: AirflowClient):
+    """A templated sink's asset event names the partition its run wrote, and a downstream DAG on
+    a ``PartitionedAssetTimetable`` gets one run per partition with that key (see
+    ``partition_dags.py``): the rendered ``{{ ds }}`` of two daily runs of a plain DAG, and the
+    run's own key for a run of a partitioned DAG (whose sink renders to something else)."""
+    started = time.monotonic()
+    data = deployment.root / "data" / "partitions"
+    write_jsonl(str(data / "in" / "rows.jsonl"), [{"id": i, "value": i} for i in range(20)])
+    dag_ids = ("partitions_daily", "partitions_daily_downstream", "partitions_runtime", "partitions_runtime_downstream")
+    for dag_id in dag_ids:
+        client.wait_dag(dag_id)
+        client.unpause(dag_id)
+    upstream = [
+        ("partitions_daily", client.post("/api/v2/dags/partitions_daily/dagRuns", {"logical_date": f"{day}T00:00:00Z"})["dag_run_id"])
+        for day in ("2026-12-05", "2026-12-06")
+    ]
+    body = {"logical_date": None, "partition_key": "eu", "conf": {"day": "2026-12-07"}}
+    upstream.append(("partitions_runtime", client.post("/api/v2/dags/partitions_runtime/dagRuns", body)["dag_run_id"]))
+    for dag_id, run_id in upstream:
+        assert client.wait_run(dag_id, run_id, timeout=240) == "success"
+    upstream_done = time.monotonic()
+
+    def downstream_runs(dag_id: str, count: int):
+        runs = client.get(f"/api/v2/dags/{dag_id}/dagRuns")["dag_runs"]
+        done = [r for r in runs if r["state"] in ("success", "failed")]
+        return runs if len(done) >= count else None
+
+    daily = wait_for(lambda: downstream_runs("partitions_daily_downstream", 2), 120, what="two downstream runs")
+    runtime = wait_for(lambda: downstream_runs("partitions_runtime_downstream", 1), 120, what="one downstream run")
+    downstream_done = time.monotonic()
+    assert sorted((r["partition_key"], r["state"]) for r in daily) == [("2026-12-05", "success"), ("2026-12-06", "success")]
+    assert [(r["partition_key"], r["state"]) for r in runtime] == [("eu", "success")]
+    # what the downstream task saw: its run's key, and the partition's path on the triggering event
+    for day in ("2026-12-05", "2026-12-06"):
+        seen = json.loads((data / "seen" / "partitions_daily_downstream" / f"{day}.json").read_text())
+        assert seen == {"partition_key": day, "sinks": [str(data / "out" / day)]}
+        assert_each_row_once(data / "out" / day, 20)
+    seen = json.loads((data / "seen" / "partitions_runtime_downstream" / "eu.json").read_text())
+    assert seen == {"partition_key": "eu", "sinks": [str(data / "out_rt" / "2026-12-07")]}
+    # one asset per sink, at the sink's untemplated root, whatever the partition
+    assets = {a["uri"]: a for a in client.get("/api/v2/assets", uri_pattern=str(data))["assets"]}
+    assert set(assets) == {f"file://{data}/out", f"file://{data}/out_rt"}
+    events = client.get("/api/v2/assets/events", asset_id=assets[f"file://{data}/out"]["id"])["asset_events"]
+    assert sorted(e["partition_key"] for e in events) == ["2026-12-05", "2026-12-06"]
+    TIMINGS["partitioned assets"] = {
+        "upstream_runs_s": round(upstream_done - started, 1), "downstream_after_upstream_s": round(downstream_done - upstream_done, 1),
+        "test_s": round(time.monotonic() - started, 1),
+    }
