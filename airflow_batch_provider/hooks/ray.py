@@ -48,7 +48,8 @@ class RayHook(BaseHook):
     The connection type is ``ray_batch`` (default id ``ray_batch_default``), not ``ray``:
     apache-airflow-providers-ray registers ``ray`` for its own, different connection. A
     connection of type ``ray`` written for this provider is still read, and so is
-    ``ray_default`` when no ``ray_batch_default`` exists, each with a DeprecationWarning (also
+    ``ray_default`` when no ``ray_batch_default`` exists (and the other way round, for DAGs and
+    deferred triggers that name ``ray_default``), each with a DeprecationWarning (also
     logged) saying how to move; one of that provider (a dashboard URL in its extra) is refused,
     naming it. After such a fallback ``ray_conn_id`` names the connection actually read.
 
@@ -78,31 +79,31 @@ class RayHook(BaseHook):
         try:
             return ray_connection.checked(self.ray_conn_id, self.get_connection(self.ray_conn_id), self.log)
         except AirflowNotFoundException:
-            if self.ray_conn_id != ray_connection.DEFAULT_CONN_ID:
-                return None
+            other = ray_connection.STAND_INS.get(self.ray_conn_id)
+        if other is None:
+            return None
         try:
-            legacy = self.get_connection(ray_connection.LEGACY_DEFAULT_CONN_ID)
+            return self._stand_in(other, self.get_connection(other))
         except AirflowNotFoundException:
             return None
-        return self._legacy(legacy)
 
     async def _aconnection(self) -> Any | None:
         """:meth:`_connection` through the async lookup (triggers)."""
         try:
             return ray_connection.checked(self.ray_conn_id, await self.aget_connection(self.ray_conn_id), self.log)
         except AirflowNotFoundException:
-            if self.ray_conn_id != ray_connection.DEFAULT_CONN_ID:
-                return None
+            other = ray_connection.STAND_INS.get(self.ray_conn_id)
+        if other is None:
+            return None
         try:
-            legacy = await self.aget_connection(ray_connection.LEGACY_DEFAULT_CONN_ID)
+            return self._stand_in(other, await self.aget_connection(other))
         except AirflowNotFoundException:
             return None
-        return self._legacy(legacy)
 
-    def _legacy(self, conn: Any) -> Any | None:
-        read = ray_connection.legacy_default(conn, self.log)
+    def _stand_in(self, conn_id: str, conn: Any) -> Any | None:
+        read = ray_connection.stand_in(self.ray_conn_id, conn_id, conn, self.log)
         if read is not None:
-            self.ray_conn_id = ray_connection.LEGACY_DEFAULT_CONN_ID  # messages name what was read
+            self.ray_conn_id = conn_id  # messages name what was read
         return read
 
     def _no_connection(self) -> RayTarget:

@@ -24,6 +24,9 @@ CONN_TYPE = "ray_batch"
 DEFAULT_CONN_ID = "ray_batch_default"
 LEGACY_CONN_TYPE = "ray"
 LEGACY_DEFAULT_CONN_ID = "ray_default"
+#: a default id that does not exist -> the one read in its place: the old default for the new
+#: (connections not yet renamed), the new for the old (DAGs and deferred triggers that name it).
+STAND_INS = {DEFAULT_CONN_ID: LEGACY_DEFAULT_CONN_ID, LEGACY_DEFAULT_CONN_ID: DEFAULT_CONN_ID}
 
 #: the connection fields (kept in the extra) of apache-airflow-providers-ray's ``ray`` type:
 #: its provider info's ``conn-fields``. None of them is this provider's.
@@ -33,8 +36,8 @@ AIRFLOW_RAY_PROVIDER_FIELDS = frozenset({
 })
 
 MIGRATE = (f"set its connection type to {CONN_TYPE!r} (same fields: host = Ray address, port, password = Ray auth token, "
-           f"extra = runtime_env), e.g. \"conn_type\": {CONN_TYPE!r} in its AIRFLOW_CONN_ JSON, or `airflow connections delete` "
-           f"and `airflow connections add --conn-type {CONN_TYPE}` with the same fields")
+           f"extra = runtime_env), e.g. \"conn_type\": \"{CONN_TYPE}\" in its AIRFLOW_CONN_... JSON, or `airflow connections delete <id>` "
+           f"and `airflow connections add <id> --conn-type {CONN_TYPE}` with the same fields")
 
 
 def is_airflow_ray_provider_connection(conn: Any) -> bool:
@@ -64,17 +67,21 @@ def checked(conn_id: str, conn: Any, log: logging.Logger | Any) -> Any:
     return conn
 
 
-def legacy_default(conn: Any, log: logging.Logger | Any) -> Any | None:
-    """The ``ray_default`` connection, read when no ``ray_batch_default`` exists (with a
-    DeprecationWarning); None when it is Airflow's Ray provider's, which is not ours to read."""
+def stand_in(asked: str, conn_id: str, conn: Any, log: logging.Logger | Any) -> Any | None:
+    """``conn`` (``conn_id``), read in place of ``asked``, which does not exist (one of
+    :data:`STAND_INS`), with a DeprecationWarning; None when it is Airflow's Ray provider's
+    ``ray_default``, which is not ours to read."""
     if is_airflow_ray_provider_connection(conn):
-        log.info("No %r connection; %r is apache-airflow-providers-ray's (a dashboard URL), not read",
-                 DEFAULT_CONN_ID, LEGACY_DEFAULT_CONN_ID)
+        log.info("No %r connection; %r is apache-airflow-providers-ray's (a dashboard URL), not read", asked, conn_id)
         return None
-    retype = f"; and {MIGRATE}" if conn.conn_type == LEGACY_CONN_TYPE else ""
-    deprecated(f"no {DEFAULT_CONN_ID!r} connection: the {LEGACY_DEFAULT_CONN_ID!r} connection is read instead, for now. Rename it "
-               f"to {DEFAULT_CONN_ID!r} (AIRFLOW_CONN_RAY_BATCH_DEFAULT in the environment){retype}", log)
-    return conn
+    if asked == DEFAULT_CONN_ID:
+        retype = f"; and {MIGRATE}" if conn.conn_type == LEGACY_CONN_TYPE else ""
+        deprecated(f"no {DEFAULT_CONN_ID!r} connection: the {LEGACY_DEFAULT_CONN_ID!r} connection is read instead, for now. Rename "
+                   f"it to {DEFAULT_CONN_ID!r} (AIRFLOW_CONN_RAY_BATCH_DEFAULT in the environment){retype}", log)
+        return conn
+    deprecated(f"ray_conn_id={LEGACY_DEFAULT_CONN_ID!r} names no connection: the {DEFAULT_CONN_ID!r} connection is read instead, "
+               f"for now. Pass ray_conn_id={DEFAULT_CONN_ID!r} (the default) or leave it out", log)
+    return checked(conn_id, conn, log)
 
 
 def deprecated(message: str, log: logging.Logger | Any) -> None:

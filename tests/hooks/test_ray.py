@@ -108,7 +108,15 @@ def test_ray_batch_default_wins_over_ray_default_without_a_warning(monkeypatch, 
     assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning) and "ray" in str(w.message)]
 
 
-def test_only_the_default_id_falls_back_to_ray_default(monkeypatch):
+def test_ray_conn_id_ray_default_reads_ray_batch_default_once_renamed(monkeypatch):
+    """A DAG (or a trigger deferred before the upgrade) naming ray_default, whose connection was renamed."""
+    monkeypatch.delenv("AIRFLOW_CONN_RAY_DEFAULT", raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_RAY_BATCH_DEFAULT", json.dumps({"conn_type": "ray_batch", "host": "new"}))
+    with pytest.warns(DeprecationWarning, match=r"ray_conn_id='ray_default' names no connection: the 'ray_batch_default' connection"):
+        assert asyncio.run(RayHook(ray_conn_id="ray_default").aget_target()).address == "new"
+
+
+def test_only_the_default_ids_stand_in_for_each_other(monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_RAY_DEFAULT", json.dumps({"conn_type": "ray", "host": "old"}))
     monkeypatch.delenv("AIRFLOW_CONN_RAY_GPU", raising=False)
     assert RayHook(ray_conn_id="ray_gpu").get_target().address is None
