@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[examples,test]'
+	@# the editable install leaves airflow_batch_provider.egg-info here; with the repository root on
+	@# sys.path (PYTHONPATH, or the working directory) it is a second copy of the distribution, and
+	@# Airflow loads its plugin entry point twice ("Plugin 'batch_sink_status' already registered")
+	@rm -rf airflow_batch_provider.egg-info
 	@$(MAKE) --no-print-directory browser
 	@rm -f $(VENV)/.installed-* && touch $@
 

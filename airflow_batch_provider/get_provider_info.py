@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow_batch_provider import __version__
 from airflow_batch_provider.core import api
+from airflow_batch_provider.hooks import ray_connection
 
 #: the section of Airflow's configuration that ``airflow_batch_provider.settings`` reads.
 CONFIG_SECTION = "batch_inference"
@@ -15,7 +17,7 @@ def get_provider_info() -> dict[str, Any]:
         "package-name": "airflow-batch-provider",
         "name": "Batch inference on Ray",
         "description": "Resumable, sharded offline (GPU) batch inference on Ray, one mapped task per shard.",
-        "versions": ["0.1.0"],
+        "versions": [__version__],
         "integrations": [
             {
                 "integration-name": "Ray batch inference",
@@ -43,11 +45,13 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "extra-links": ["airflow_batch_provider.links.sink_status.SinkStatusLink"],
         "config": provider_config(),
+        # ray_batch, not ray: apache-airflow-providers-ray registers ray for its own connection,
+        # and Airflow keeps one hook per type (hooks/ray_connection.py).
         "connection-types": [
             {
-                "connection-type": "ray",
+                "connection-type": ray_connection.CONN_TYPE,
                 "hook-class-name": "airflow_batch_provider.hooks.ray.RayHook",
-                "hook-name": "Ray",
+                "hook-name": "Ray (batch inference)",
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "login", "extra"],
                     "relabeling": {"host": "Ray address", "password": "Ray auth token"},
@@ -62,7 +66,7 @@ def provider_config() -> dict[str, Any]:
     """``[batch_inference]``, one option per field of the core's ``Tunables`` (docs, ``airflow config list``)."""
     defaults = api.Tunables()
     options = {
-        name: {"description": doc, "version_added": "0.2.0", "type": "float", "example": None,
+        name: {"description": doc, "version_added": "0.1.0", "type": "float", "example": None,
                "default": "" if getattr(defaults, name) is None else str(getattr(defaults, name))}
         for name, doc in api.Tunables.docs().items()
     }

@@ -42,7 +42,7 @@ def batch_inference(
 
     :param spec: the job.
     :param group_id: task group id (several jobs can live in one DAG).
-    :param ray_conn_id: ``ray`` connection for the plan (starts replicas ahead) and shard tasks.
+    :param ray_conn_id: ``ray_batch`` connection for the plan (starts replicas ahead) and shard tasks.
     :param shard_retries: Airflow retries of a failed shard task (only that shard reruns).
         Default: the DAG's own (``default_args``, else ``[core] default_task_retries``), like
         any other task of the DAG; ``shard_kwargs`` may set ``retry_delay`` and friends.

@@ -63,8 +63,8 @@ class RayCluster:
         return env
 
     def conn_uri(self) -> str:
-        """An ``AIRFLOW_CONN_*`` value for this cluster (``ray`` connection)."""
-        return json.dumps({"conn_type": "ray", "host": self.address, "password": self.token})
+        """An ``AIRFLOW_CONN_*`` value for this cluster (``ray_batch`` connection)."""
+        return json.dumps({"conn_type": "ray_batch", "host": self.address, "password": self.token})
 
     @property
     def client_address(self) -> str:

@@ -33,8 +33,8 @@ LOAD_AS_AIRFLOW_DOES = textwrap.dedent(
     providers.initialize_providers_hooks()
     providers.initialize_providers_extra_links()
     assert "airflow-batch-provider" in providers.providers
-    assert "ray" in providers.hooks
-    providers.hooks["ray"]  # the connection form's hook class is imported
+    assert "ray_batch" in providers.hooks
+    providers.hooks["ray_batch"]  # the connection form's hook class is imported
 
     from airflow.dag_processing.dagbag import DagBag
 

@@ -107,7 +107,7 @@ class JobSpec:
         only when set (without it they run in Ray's pre-started worker processes). A local
         ``working_dir`` or ``py_modules`` directory is uploaded to the cluster by the pool and
         the replicas are keyed by its content hash (``core/ray/shipping.py``). A host may give a
-        default (:meth:`with_runtime_env`: the Airflow operators take the ``ray`` connection's
+        default (:meth:`with_runtime_env`: the Airflow operators take the ``ray_batch`` connection's
         extra); the spec's own wins. Not part
         of the fingerprint, like the predictor's code itself: shipping code differently does
         not change what a predictor computes (change ``predictor_kwargs``, or start over with
@@ -308,7 +308,7 @@ class JobSpec:
 
     def with_runtime_env(self, default: dict[str, Any] | None) -> JobSpec:
         """This spec with ``default`` as its ``runtime_env`` when it has none (a host's default,
-        such as the ``ray`` connection's): the spec's own wins, whole (the two are not merged).
+        such as the ``ray_batch`` connection's): the spec's own wins, whole (the two are not merged).
         Validated like the spec's own. Like the spec's own, it is not part of the fingerprint."""
         if self.runtime_env is not None or not default:
             return self

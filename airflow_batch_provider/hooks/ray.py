@@ -1,4 +1,7 @@
-"""Airflow connection of type ``ray``: where the Ray cluster is and how to authenticate."""
+"""Airflow connection of type ``ray_batch``: where the Ray cluster is and how to authenticate.
+
+(Formerly type ``ray``, id ``ray_default``: still read, with a DeprecationWarning; see
+``hooks/ray_connection.py``.)"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from airflow_batch_provider.core.api import RayTarget, connect
+from airflow_batch_provider.hooks import ray_connection
 from airflow_batch_provider.settings import tunables
 
 
@@ -41,32 +45,66 @@ class RayHook(BaseHook):
     Ray shows a replica's runtime_env in its dashboard and state API: keep secrets out of its
     ``env_vars`` (``predictor_secrets`` is for them); logs name only its keys.
 
-    :param ray_conn_id: the ``ray`` connection to use.
+    The connection type is ``ray_batch`` (default id ``ray_batch_default``), not ``ray``:
+    apache-airflow-providers-ray registers ``ray`` for its own, different connection. A
+    connection of type ``ray`` written for this provider is still read, and so is
+    ``ray_default`` when no ``ray_batch_default`` exists (and the other way round, for DAGs and
+    deferred triggers that name ``ray_default``), each with a DeprecationWarning (also
+    logged) saying how to move; one of that provider (a dashboard URL in its extra) is refused,
+    naming it. After such a fallback ``ray_conn_id`` names the connection actually read.
+
+    :param ray_conn_id: the ``ray_batch`` connection to use.
     """
 
     conn_name_attr = "ray_conn_id"
-    default_conn_name = "ray_default"
-    conn_type = "ray"
-    hook_name = "Ray"
+    default_conn_name = ray_connection.DEFAULT_CONN_ID
+    conn_type = ray_connection.CONN_TYPE
+    hook_name = "Ray (batch inference)"
 
     def __init__(self, ray_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ray_conn_id = ray_conn_id
 
     def get_target(self) -> RayTarget:
-        try:
-            conn = self.get_connection(self.ray_conn_id)
-        except AirflowNotFoundException:
-            return self._no_connection()
-        return self._target_from(conn)
+        conn = self._connection()
+        return self._no_connection() if conn is None else self._target_from(conn)
 
     async def aget_target(self) -> RayTarget:
         """:meth:`get_target` for triggers: reads the connection without blocking the event loop."""
+        conn = await self._aconnection()
+        return self._no_connection() if conn is None else self._target_from(conn)
+
+    def _connection(self) -> Any | None:
+        """The connection to read (None: none exists), old names included (see the class doc)."""
         try:
-            conn = await self.aget_connection(self.ray_conn_id)
+            return ray_connection.checked(self.ray_conn_id, self.get_connection(self.ray_conn_id), self.log)
         except AirflowNotFoundException:
-            return self._no_connection()
-        return self._target_from(conn)
+            other = ray_connection.STAND_INS.get(self.ray_conn_id)
+        if other is None:
+            return None
+        try:
+            return self._stand_in(other, self.get_connection(other))
+        except AirflowNotFoundException:
+            return None
+
+    async def _aconnection(self) -> Any | None:
+        """:meth:`_connection` through the async lookup (triggers)."""
+        try:
+            return ray_connection.checked(self.ray_conn_id, await self.aget_connection(self.ray_conn_id), self.log)
+        except AirflowNotFoundException:
+            other = ray_connection.STAND_INS.get(self.ray_conn_id)
+        if other is None:
+            return None
+        try:
+            return self._stand_in(other, await self.aget_connection(other))
+        except AirflowNotFoundException:
+            return None
+
+    def _stand_in(self, conn_id: str, conn: Any) -> Any | None:
+        read = ray_connection.stand_in(self.ray_conn_id, conn_id, conn, self.log)
+        if read is not None:
+            self.ray_conn_id = conn_id  # messages name what was read
+        return read
 
     def _no_connection(self) -> RayTarget:
         # Both lookups raise the task SDK's AirflowNotFoundException for a missing connection
@@ -85,9 +123,8 @@ class RayHook(BaseHook):
     def get_runtime_env(self) -> dict[str, Any] | None:
         """The ``runtime_env`` of the connection's extra (None when the connection or the key is
         absent); a value that is not a JSON object is refused, naming the connection."""
-        try:
-            conn = self.get_connection(self.ray_conn_id)
-        except AirflowNotFoundException:
+        conn = self._connection()
+        if conn is None:
             return None
         env = conn.extra_dejson.get("runtime_env") if conn.extra else None
         if env is not None and not isinstance(env, dict):

@@ -100,7 +100,7 @@ class _SpecOperator(BaseOperator):
 
     @cached_property
     def core_spec(self) -> api.JobSpec:
-        """The spec as the core runs it: the ``ray`` connection's ``runtime_env`` (its extra's)
+        """The spec as the core runs it: the ``ray_batch`` connection's ``runtime_env`` (its extra's)
         applied when the spec sets none (the spec's own wins, whole). Plan, shard and finalize
         tasks all build it so, and the replicas are keyed by it: they all reach the same
         replicas. Not part of the fingerprint (see ``BatchSpec``). The trigger of a deferred
@@ -110,12 +110,13 @@ class _SpecOperator(BaseOperator):
         if spec.runtime_env is not None:
             self.log.info("Replicas use the spec's runtime_env: %s", api.describe_runtime_env(spec.runtime_env))
             return spec
-        conn_id = getattr(self, "ray_conn_id", RayHook.default_conn_name)
+        hook = RayHook(ray_conn_id=getattr(self, "ray_conn_id", RayHook.default_conn_name))
         try:
-            default = RayHook(ray_conn_id=conn_id).get_runtime_env()
+            default = hook.get_runtime_env()
             effective = spec.with_runtime_env(default)
         except (ValueError, api.BatchError) as err:  # BatchSpecError is a ValueError too
-            raise task_error(f"the runtime_env of the {conn_id!r} connection cannot be used: {err}", retryable=False) from err
+            raise task_error(f"the runtime_env of the {hook.ray_conn_id!r} connection cannot be used: {err}", retryable=False) from err
+        conn_id = hook.ray_conn_id  # the connection read (ray_default where it stood in for ray_batch_default)
         if effective is not spec:
             self.log.info("Replicas use the runtime_env of the %r connection: %s", conn_id, api.describe_runtime_env(effective.runtime_env))
         return effective
@@ -146,7 +147,7 @@ class PlanBatchOperator(_SpecOperator):
     shards are left out; with more pending shards than ``[core] max_map_length``, several
     shards share one task so that the mapping always fits.
 
-    :param ray_conn_id: ``ray`` connection, for starting the model replicas ahead.
+    :param ray_conn_id: ``ray_batch`` connection, for starting the model replicas ahead.
     :param shards_per_task: pending shards per mapped task (at least; more where the tasks
         would exceed ``max_map_length``). Each shard still commits on its own.
     :param start_replicas: when shards are pending, start up to this many of the model's
@@ -245,7 +246,7 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
 
     :param spec: the ``BatchSpec`` (or its dict).
     :param work_unit: one item of the plan task's output (``{"label", "shards"}``).
-    :param ray_conn_id: ``ray`` connection; see :class:`~airflow_batch_provider.hooks.ray.RayHook`.
+    :param ray_conn_id: ``ray_batch`` connection; see :class:`~airflow_batch_provider.hooks.ray.RayHook`.
     :param deferrable: submit the Ray work, then defer to
         :class:`~airflow_batch_provider.triggers.shard.RayShardTrigger` while Ray computes,
         so the task holds no worker slot (needs ``airflow triggerer``). Default:
@@ -460,7 +461,7 @@ class FinalizeBatchOperator(_SpecOperator):
     """Check every planned shard is committed, write ``_SUCCESS``, emit the sink's asset event.
 
     :param plan_task_id: task id of the plan step (for the job's start time).
-    :param ray_conn_id: ``ray`` connection, for stopping the model's replicas.
+    :param ray_conn_id: ``ray_batch`` connection, for stopping the model's replicas.
     :param release_replicas: stop the model's idle replicas now rather than at their idle
         timeout. (Formerly ``release_workers``, still accepted with a DeprecationWarning.)
     :param partitioned_asset: with a templated sink, the outlets' asset events name the

@@ -14,11 +14,11 @@ only reads: it never publishes, quarantines or deletes anything in the sink; wri
 in task processes.
 
 Secrets never travel in the trigger's kwargs (they are stored in Airflow's database): it
-carries the ``ray`` connection id and reads address and token in the triggerer.
+carries the ``ray_batch`` connection id and reads address and token in the triggerer.
 
 The triggerer itself never connects to Ray (a process can join one cluster only): it asks
 through one Ray client child process per cluster (``api.RayDriver``), so triggers of
-shard tasks on different ``ray`` connections each poll their own cluster.
+shard tasks on different ``ray_batch`` connections each poll their own cluster.
 
 Past ``cancel_at`` (the task's ``execution_timeout``) the trigger cancels the Ray call, which
 frees the replica, and reports the timeout. A user who marks the deferred task failed or
@@ -57,7 +57,7 @@ class RayShardTrigger(BaseTrigger):
     :param token: the attempt token the work was submitted with.
     :param spec: the ``BatchSpec`` dict (to check the sink when the replica is gone).
     :param shards: the work unit's shard dicts.
-    :param ray_conn_id: ``ray`` connection (address and token are read in the triggerer).
+    :param ray_conn_id: ``ray_batch`` connection (address and token are read in the triggerer).
     :param label: the work unit's label, for messages.
     :param poll_interval: seconds between status checks.
     :param progress_interval: seconds between progress lines in the task log.

@@ -7,7 +7,7 @@ Everything runs from this repository (``PYTHONPATH``) with the Python that runs 
 * a Ray head (``ray start --head``) on free ports with its own ``--temp-dir`` (so nobody
   else's ``ray.init()`` finds it) and its own auth token (``RAY_AUTH_TOKEN``, so
   ``~/.ray/auth_token`` is never written); tasks get address and token through the
-  ``ray_default`` connection (``AIRFLOW_CONN_RAY_DEFAULT``);
+  ``ray_batch_default`` connection (``AIRFLOW_CONN_RAY_BATCH_DEFAULT``);
 * ``airflow api-server``, ``scheduler``, ``dag-processor`` and ``triggerer`` with the
   LocalExecutor, or with the CeleryExecutor (``executor="CeleryExecutor"``) on the Redis server
   at ``127.0.0.1:6379`` (a queue of its own) and ``celery_workers`` Celery workers, each in a
@@ -234,7 +234,7 @@ class Deployment:
             AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
             AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="10",
             AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC="2",
-            AIRFLOW_CONN_RAY_DEFAULT=json.dumps({"conn_type": "ray", "host": self.ray_address, "password": self.ray_token}),
+            AIRFLOW_CONN_RAY_BATCH_DEFAULT=json.dumps({"conn_type": "ray_batch", "host": self.ray_address, "password": self.ray_token}),
         )
         if self.executor == "CeleryExecutor":
             env.update(

@@ -61,8 +61,8 @@ def check_wiring(config: dict) -> None:
         env = services[name]["environment"]
         assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
         assert "@postgres:5432/airflow" in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-        ray = json.loads(env["AIRFLOW_CONN_RAY_DEFAULT"])
-        assert ray["conn_type"] == "ray" and ray["host"] == "ray-head"
+        ray = json.loads(env["AIRFLOW_CONN_RAY_BATCH_DEFAULT"])
+        assert ray["conn_type"] == "ray_batch" and ray["host"] == "ray-head"
         aws = json.loads(env["AIRFLOW_CONN_AWS_DEFAULT"])
         assert aws["extra"]["endpoint_url"] == "http://s3:8333"
         assert "airflow-init" in services[name]["depends_on"]
@@ -82,7 +82,7 @@ def test_compose_config_resolves_and_wires_services():
     config = yaml.safe_load(out.stdout)
     check_wiring(config)
     env = config["services"]["airflow-triggerer"]["environment"]
-    assert json.loads(env["AIRFLOW_CONN_RAY_DEFAULT"])["password"] == "test-ray-token"
+    assert json.loads(env["AIRFLOW_CONN_RAY_BATCH_DEFAULT"])["password"] == "test-ray-token"
 
 
 def test_compose_config_requires_the_secrets():

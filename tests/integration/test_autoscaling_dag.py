@@ -51,8 +51,8 @@ def test_a_gpu_job_runs_on_a_gpu_group_that_scales_from_zero_and_gives_the_nodes
     source = write_jsonl(str(tmp_path / "in" / "rows.jsonl"), rows(60))
     spec = BatchSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
                      predictor_kwargs={"sleep_s": 0.5}, rows_per_shard=20, batch_size=10, num_gpus=1, num_cpus=1, num_replicas=2)
-    conn = json.dumps({"conn_type": "ray", "host": cluster.address, "password": cluster.token})
-    tester = DagTester(str(tmp_path / "airflow"), connections={"ray_default": conn})
+    conn = json.dumps({"conn_type": "ray_batch", "host": cluster.address, "password": cluster.token})
+    tester = DagTester(str(tmp_path / "airflow"), connections={"ray_batch_default": conn})
     run = tester.run(spec, extra_env={"RAY_ADDRESS": ""})
     assert run.state == "success", run.output[-6000:]
     assert "Started 2 replica(s) ahead" in run.output  # the plan asked the autoscaler for two GPU nodes at once

@@ -64,7 +64,7 @@ def test_a_lost_node_mid_shard_is_recomputed_on_the_other_node_in_the_same_try(c
     # The replicas outlive the run (release_replicas=False): finalize would otherwise stop the lost
     # replica while Ray still waits to declare its node dead (about 14 s), whenever the shards
     # after the kill end sooner than that, and Ray would then never start it again.
-    tester = DagTester(str(tmp_path / "airflow"), connections={"ray_default": cluster.conn_uri()},
+    tester = DagTester(str(tmp_path / "airflow"), connections={"ray_batch_default": cluster.conn_uri()},
                        group_kwargs=", release_replicas=False")
     killed: dict = {}
 

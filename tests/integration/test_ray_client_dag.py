@@ -1,4 +1,4 @@
-"""``airflow dags test`` through Ray Client: the ``ray`` connection's host is the head's
+"""``airflow dags test`` through Ray Client: the ``ray_batch`` connection's host is the head's
 ``ray://`` address and its password the token, as for an Airflow deployment outside the
 cluster's network. Both shard task modes run: in the task (sync) and deferred (the trigger
 follows the call through the task process's own Ray Client connection)."""
@@ -32,8 +32,8 @@ def test_a_dag_runs_through_a_ray_client_connection(cluster, tmp_path, deferrabl
     source = write_jsonl(str(tmp_path / "in" / "rows.jsonl"), rows(40))
     spec = BatchSpec(source=source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:SlowDoubler",
                      predictor_kwargs={"sleep_s": 0.5}, rows_per_shard=20, batch_size=10, num_cpus=1, num_replicas=1)
-    conn = json.dumps({"conn_type": "ray", "host": cluster.client_address, "password": cluster.token})
-    tester = DagTester(str(tmp_path / "airflow"), connections={"ray_default": conn}, group_kwargs=f", deferrable={deferrable}")
+    conn = json.dumps({"conn_type": "ray_batch", "host": cluster.client_address, "password": cluster.token})
+    tester = DagTester(str(tmp_path / "airflow"), connections={"ray_batch_default": conn}, group_kwargs=f", deferrable={deferrable}")
     run = tester.run(spec, extra_env={"RAY_ADDRESS": ""})  # the connection alone names the cluster
     assert run.state == "success", run.output[-6000:]
     assert f"Connected to Ray at {cluster.client_address}" in run.output

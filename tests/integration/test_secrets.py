@@ -90,7 +90,7 @@ def test_predictor_secret_and_ray_token_stay_out(ray_head, tmp_path):
     address, token, ray_temp, dashboard = ray_head
     connections = {
         "abp_model_api": json.dumps({"conn_type": "generic", "password": API_KEY}),
-        "ray_default": json.dumps({"conn_type": "ray", "host": address, "password": token}),
+        "ray_batch_default": json.dumps({"conn_type": "ray_batch", "host": address, "password": token}),
     }
     tester = DagTester(str(tmp_path / "home"), dag_id="abp_secrets", connections=connections)
     write_jsonl(str(tmp_path / "in" / "a.jsonl"), rows(120))

@@ -29,6 +29,8 @@ def code(local_ray, tmp_path, monkeypatch):
     directory = tmp_path / "code"
     predictor = write_shipped_predictor(directory)
     default = {"working_dir": str(directory), "env_vars": {"ABP_FACTOR": "5", "ABP_TOKEN": NEVER_LOGGED}}
+    # the connection as written before ray_batch / ray_batch_default: still read, with a deprecation
+    monkeypatch.delenv("AIRFLOW_CONN_RAY_BATCH_DEFAULT", raising=False)
     monkeypatch.setenv("AIRFLOW_CONN_RAY_DEFAULT", json.dumps({"conn_type": "ray", "extra": {"runtime_env": default}}))
     return {"predictor": predictor, "directory": str(directory)}
 
@@ -65,6 +67,7 @@ def test_the_connections_runtime_env_ships_the_code_when_the_spec_has_none(code,
     assert values(sink) == {i: i * 0.5 * 5 for i in range(380)}  # the connection's env_vars reached the replica too
     assert len(set(keys)) == 1  # plan, shards and finalize reached the same replicas
     assert "Replicas use the runtime_env of the 'ray_default' connection: env_vars (ABP_FACTOR, ABP_TOKEN), working_dir" in logged
+    assert "Deprecated: no 'ray_batch_default' connection: the 'ray_default' connection is read instead" in logged
     assert "Released 1 idle replica(s)" in logged  # finalize found the replica the plan started and the shards used
     assert NEVER_LOGGED not in logged
 

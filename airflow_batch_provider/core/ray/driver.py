@@ -56,7 +56,7 @@ class RayDriver:
         if address is None:
             raise RayWorkError(
                 "no Ray address to follow the shard's Ray work from: this process is not connected to Ray and neither the "
-                "`ray` connection's host nor RAY_ADDRESS names a cluster. A deferred shard task needs a Ray cluster that "
+                "`ray_batch` connection's host nor RAY_ADDRESS names a cluster. A deferred shard task needs a Ray cluster that "
                 "its worker and the triggerer both reach: set the connection's host (or RAY_ADDRESS) to it"
             )
         target = RayTarget(address=address, token=target.token or os.environ.get("RAY_AUTH_TOKEN") or None)
