@@ -1,8 +1,8 @@
 """``airflow-batch``: look after a sink from a shell (``python -m airflow_batch_provider`` too).
 
-    airflow-batch status SINK [--json] [--gpu-hour-price P]  shards, rows, bytes, counters, cost, speed, last commits
-    airflow-batch verify SINK                             re-read every part; non-zero exit on a mismatch
-    airflow-batch gc SINK --older-than 6h [--yes]         leftovers of crashed attempts, old quarantine
+    airflow-batch status SINK [--json] [--gpu-hour-price P]   shards, rows, bytes, counters, cost, speed, last commits
+    airflow-batch verify SINK                                 re-read every part; non-zero exit on a mismatch
+    airflow-batch gc SINK --older-than 6h [--yes]             leftovers of crashed attempts, old quarantine
 
 S3 credentials are resolved as the tasks resolve them (``hooks.storage.storage_options_at``):
 from the Airflow connection named by ``--conn-id`` (one that does not exist is an error), else
@@ -179,8 +179,10 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("status", "shards committed, pending and quarantined; rows, bytes, speed (rows read from the "
-                                  "plan's writing to the last commit), last commits; problems the listings show"),
+    for name, text in (("status", "shards committed, pending and quarantined; rows, bytes, the predictor's counters "
+                                  "(tokens...), replica and GPU seconds and their cost, speed (rows and tokens per "
+                                  "second from the plan's writing to the last commit), last commits; problems the "
+                                  "listings show"),
                        ("verify", "re-read every committed part; check its size and sha256 against its sentinel, and "
                                   "the sink's files against its sentinels, plan and _SUCCESS"),
                        ("gc", "remove what crashed attempts left (staged parts, orphan uploads) and old quarantine entries")):
