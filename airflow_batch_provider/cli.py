@@ -1,8 +1,8 @@
 """``airflow-batch``: look after a sink from a shell (``python -m airflow_batch_provider`` too).
 
-    airflow-batch status SINK [--json]                    shards, rows, bytes, speed, last commits
-    airflow-batch verify SINK                             re-read every part; non-zero exit on a mismatch
-    airflow-batch gc SINK --older-than 6h [--yes]         leftovers of crashed attempts, old quarantine
+    airflow-batch status SINK [--json] [--gpu-hour-price P]   shards, rows, bytes, counters, cost, speed, last commits
+    airflow-batch verify SINK                                 re-read every part; non-zero exit on a mismatch
+    airflow-batch gc SINK --older-than 6h [--yes]             leftovers of crashed attempts, old quarantine
 
 S3 credentials are resolved as the tasks resolve them (``hooks.storage.storage_options_at``):
 from the Airflow connection named by ``--conn-id`` (one that does not exist is an error), else
@@ -48,6 +48,16 @@ def parse_duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r}: gc needs a grace period longer than your longest shard task, e.g. 6h "
                                          "(with none, it removes the parts that running tasks are writing)")
     return seconds
+
+
+def _price(text: str) -> float:
+    try:
+        price = float(text)
+    except ValueError:
+        price = -1.0
+    if not 0 <= price < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a price; give what one GPU-hour costs, e.g. 2.5")
+    return price
 
 
 def _version() -> str:
@@ -101,9 +111,29 @@ def _mib(size: int) -> str:
     return f"{size / (1 << 20):,.1f} MiB"
 
 
-def render_status(status: api.SinkStatus) -> str:
+def _figure(value: float) -> str:
+    return f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+
+
+def _speed(status: api.SinkStatus) -> str:
+    """rows/s, and tokens/s beside it (each ``tokens*`` counter) over the same span."""
     rate = status.rows_per_second
+    if not rate:
+        return "-"
     span = (status.last_commit_at or 0) - (status.planned_at or 0)
+    rates = [f"{rate:,.0f} rows/s"] + [f"{value:,.0f} {name}/s" for name, value in status.counters_per_second.items()
+                                       if name.startswith("tokens")]
+    return f"{', '.join(rates)} over {span / 60:.1f} min from the plan to the last commit"
+
+
+def _compute(counters: dict[str, Any]) -> str:
+    gpu = counters.get("gpu_seconds", 0)
+    return (f"{counters.get('replica_seconds', 0):,.1f} replica-s, {counters.get('model_seconds', 0):,.1f} s in the model, "
+            f"{gpu:,.1f} GPU-s ({gpu / 3600:,.3f} GPU-h)")
+
+
+def render_status(status: api.SinkStatus) -> str:
+    own = {k: v for k, v in status.counters.items() if k not in ("replica_seconds", "model_seconds", "gpu_seconds")}
     lines = [
         f"sink        {status.sink}",
         f"checkpoint  {status.checkpoint_dir}",
@@ -112,7 +142,13 @@ def render_status(status: api.SinkStatus) -> str:
         f"rows        {status.rows_in:,} in, {status.rows_out:,} out, {status.rows_rejected:,} rejected "
         f"(planned {status.planned_rows:,})",
         f"bytes       {_mib(status.bytes)}",
-        f"speed       {f'{rate:,.0f} rows/s over {span / 60:.1f} min from the plan to the last commit' if rate else '-'}",
+        f"counters    {', '.join(f'{name} {_figure(value)}' for name, value in own.items()) or '-'}",
+        f"compute     {_compute(status.counters)}",
+    ]
+    if status.cost is not None:
+        lines.append(f"cost        {status.cost:,.2f} at {status.gpu_hour_price:g} per GPU-hour")
+    lines += [
+        f"speed       {_speed(status)}",
         f"finalized   {_when(status.finalized_at) if status.finalized_at else 'no'}",
     ]
     if status.throughput:
@@ -143,8 +179,10 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("status", "shards committed, pending and quarantined; rows, bytes, speed (rows read from the "
-                                  "plan's writing to the last commit), last commits; problems the listings show"),
+    for name, text in (("status", "shards committed, pending and quarantined; rows, bytes, the predictor's counters "
+                                  "(tokens...), replica and GPU seconds and their cost, speed (rows and tokens per "
+                                  "second from the plan's writing to the last commit), last commits; problems the "
+                                  "listings show"),
                        ("verify", "re-read every committed part; check its size and sha256 against its sentinel, and "
                                   "the sink's files against its sentinels, plan and _SUCCESS"),
                        ("gc", "remove what crashed attempts left (staged parts, orphan uploads) and old quarantine entries")):
@@ -156,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
                                                "(default: aws_default where it exists, else the AWS environment)")
         if name == "status":
             command.add_argument("--json", action="store_true", help="print the figures as JSON")
+            command.add_argument("--gpu-hour-price", type=_price, metavar="PRICE",
+                                 help="what one GPU-hour costs: show the cost of the GPU-seconds at it (default: the "
+                                      "price the job's spec set, as _SUCCESS or the newest commit records it)")
         if name == "gc":
             command.add_argument("--older-than", type=parse_duration, required=True,
                                  help="only what is older than this (longer than your longest shard task), e.g. 6h")
@@ -168,7 +209,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         options = storage_options(args.sink, args.checkpoint_dir, args.conn_id)
         if args.command == "status":
-            status = api.sink_status(args.sink, args.checkpoint_dir, options)
+            status = api.sink_status(args.sink, args.checkpoint_dir, options, gpu_hour_price=args.gpu_hour_price)
             print(json.dumps(status.to_dict(), indent=1) if args.json else render_status(status))
             return 1 if status.problems else 0
         if args.command == "verify":

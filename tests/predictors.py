@@ -286,3 +286,24 @@ class NoteInRange(_Logged):
 class KeyedSlowDoubler(KeyedDoubler, SlowDoubler):
     """``KeyedDoubler`` that sleeps per batch as ``SlowDoubler`` does: a shard that needs a
     secret and takes seconds (the Ray Client tests cut the network while it runs)."""
+
+
+class CountingDoubler(Doubler):
+    """``Doubler`` that reports counters (``docs/counting.md``): ``tokens_in`` (the batch's ids
+    summed plus its rows), ``tokens_out`` (3 per row) and one ``batches``; with ``counter`` set,
+    it adds 1 to that name instead (a reserved one, to see the shard fail)."""
+
+    def __init__(self, counter: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.counter = counter
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from airflow_batch_provider.counters import add
+
+        if self.counter:
+            add(self.counter, 1)
+        else:
+            add("tokens_in", int(batch["id"].sum()) + len(batch["id"]))
+            add("tokens_out", 3 * len(batch["id"]))
+            add("batches")
+        return super().__call__(batch)

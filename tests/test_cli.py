@@ -286,3 +286,28 @@ def test_a_reader_that_goes_away_ends_it_quietly_and_version(sink, tmp_path, cap
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("airflow-batch ")
+
+
+def test_status_shows_counters_tokens_per_second_and_the_cost(tmp_path, jsonl_source, capsys):
+    """tokens/s beside rows/s, over the same span; the cost at the spec's price or at --gpu-hour-price."""
+    spec = JobSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), rows_per_shard=100,
+                   predictor="tests.predictors:CountingDoubler", gpu_hour_price=2.0)
+    storage = run_some(spec, 5)
+    assert main(["status", spec.sink, "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    counters = figures["counters"]
+    assert (counters["tokens_out"], counters["tokens_in"]) == (1140, sum(range(380)) + 380)
+    assert counters["gpu_seconds"] == 0 < counters["model_seconds"] <= counters["replica_seconds"]  # num_gpus=0
+    assert (figures["gpu_hour_price"], figures["cost"]) == (2.0, 0.0)
+    planned = figures["last_commit_at"] - 100.0
+    os.utime(storage.plan_path, (planned, planned))
+    assert main(["status", spec.sink, "--gpu-hour-price", "3600"]) == 0
+    text = capsys.readouterr().out
+    assert "counters    batches 8, tokens_in 72,390, tokens_out 1,140\n" in text
+    assert "speed       4 rows/s, 724 tokens_in/s, 11 tokens_out/s over 1.7 min from the plan to the last commit" in text
+    assert "compute     " in text and "GPU-s (0.000 GPU-h)" in text
+    assert "cost        0.00 at 3600 per GPU-hour" in text
+    with pytest.raises(SystemExit) as exit_status:
+        main(["status", spec.sink, "--gpu-hour-price", "-1"])
+    assert exit_status.value.code == 2  # argparse's, for a bad argument
+    assert "is not a price" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import json
 import pyarrow as pa
 import pytest
 
+from airflow_batch_provider.core import counters
 from airflow_batch_provider.core.execution.batches import from_batch, to_batch
 from airflow_batch_provider.predictors.generation import TextGenerator
 from tests.tiny_llm import REPEAT_CHAR, build_tiny_llm, build_tokenizer
@@ -79,6 +80,14 @@ def test_finish_reason_stop_and_length(models):
     assert cut.select(["generated_text", "tokens_out", "finish_reason"]).to_pylist() == [
         {"generated_text": REPEAT_CHAR * 5, "tokens_out": 5, "finish_reason": "length"}
     ] * 2
+
+
+def test_tokens_in_and_out_are_reported_as_the_shards_counters(models):
+    """What the runner collects for the shard (docs/counting.md): the sums of the token columns."""
+    with counters.collecting() as tally:
+        out = run(TextGenerator(models["repeat"], max_new_tokens=5), table(prompt=["hi", None, "a longer one"]), "numpy")
+    assert tally.totals() == {"tokens_in": 3 + 13, "tokens_out": 10}  # <s> + one per char; 5 each, the null none
+    assert tally.totals()["tokens_in"] == sum(filter(None, out.column("tokens_in").to_pylist()))
 
 
 def test_template_over_columns_nulls_and_keep_columns(models, tokenizer):

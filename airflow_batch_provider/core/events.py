@@ -52,10 +52,13 @@ FIELDS: dict[EventKind, tuple[str, ...]] = {
     EventKind.PLAN: ("sink", "shards", "rows", "committed", "pending", "tasks"),
     EventKind.SHARD_DONE: (
         "shard_id", "status", "rows_in", "rows_out", "rows_rejected", "bytes", "seconds", "model_seconds", "model_load_seconds",
+        "counters",
     ),
     EventKind.SHARD_TASK: ("task_seconds", "model_seconds", "overhead_seconds"),
     EventKind.PROGRESS: ("label", "rows_done", "rows_total", "seconds"),
-    EventKind.RESULT: ("sink", "shards", "rows_in", "rows_out", "rows_rejected", "bytes", "computed_this_run", "elapsed_seconds"),
+    EventKind.RESULT: (
+        "sink", "shards", "rows_in", "rows_out", "rows_rejected", "bytes", "computed_this_run", "elapsed_seconds", "counters",
+    ),
 }
 
 # The marker as a word of its own: "my_batch_event {" in some other text is not an event.

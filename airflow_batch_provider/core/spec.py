@@ -142,6 +142,10 @@ class JobSpec:
         switching a failing job to ``"skip"`` keeps every shard already committed.
     :param max_bad_rows: under ``"skip"``, the most rows one shard may reject before it fails
         anyway: an int (a count) or a float below 1 (a fraction of the shard's rows); None: no limit.
+    :param gpu_hour_price: what one GPU-hour costs (any currency): with it, ``_SUCCESS``, the
+        status page, ``airflow-batch status`` and the finalize log show the job's cost,
+        ``gpu_seconds / 3600 * gpu_hour_price`` (``docs/counting.md``). Not fingerprinted: a
+        new price never recomputes a shard.
 
     Credentials are not part of the spec: the core takes storage options (s3fs style) next
     to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from. The
@@ -174,6 +178,7 @@ class JobSpec:
     max_bad_rows: int | float | None = None
     input_schema: dict[str, str] | None = None
     output_schema: dict[str, str] | None = None
+    gpu_hour_price: float | None = None
     #: deprecated name of ``num_replicas``, accepted when building (read ``num_replicas``)
     num_workers: InitVar[int | None] = None
 
@@ -261,6 +266,9 @@ class JobSpec:
                 )
             if self.bad_rows != "skip":
                 raise BatchSpecError("max_bad_rows is a limit of bad_rows='skip'; set bad_rows='skip' too")
+        price = self.gpu_hour_price
+        if price is not None and (isinstance(price, bool) or not isinstance(price, (int, float)) or not 0 <= price < float("inf")):
+            raise BatchSpecError(f"gpu_hour_price must be a number >= 0 (what one GPU-hour costs), got {price!r}")
 
     def bad_row_limit(self, shard_rows: int) -> int | None:
         """How many rows a shard of ``shard_rows`` rows may reject (None: no limit)."""

@@ -431,8 +431,10 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
             self.log.info("%s", api.format_event(
                 api.EventKind.SHARD_DONE, shard_id=r.shard_id, status=r.status, rows_in=r.rows_in, rows_out=r.rows_out,
                 rows_rejected=r.rows_rejected, bytes=r.bytes, seconds=r.seconds, model_seconds=r.model_seconds,
-                model_load_seconds=r.model_load_seconds,
+                model_load_seconds=r.model_load_seconds, counters=r.counters,
             ))
+            if r.counters:
+                self.log.info("Shard %s counters: %s", r.shard_id, describe_counters(r.counters))
             if r.rows_rejected:
                 self.log.warning(
                     "Shard %s rejected %s rows (bad_rows='skip'): see %s", r.shard_id, r.rows_rejected,
@@ -449,6 +451,11 @@ class BatchShardOperator(ResumableJobMixin, _SpecOperator):
                 api.EventKind.SHARD_TASK, task_seconds=task_seconds, model_seconds=model, overhead_seconds=task_seconds - model,
             ))
         return api.summarise(results, task_seconds)
+
+
+def describe_counters(counters: dict[str, Any]) -> str:
+    """Counters for a log line: ``gpu_seconds=12.5, tokens_in=4,096, ...`` (seconds to 0.1)."""
+    return ", ".join(f"{name}={value:,.1f}" if isinstance(value, float) else f"{name}={value:,}" for name, value in counters.items())
 
 
 def _about(label: str, err: BaseException) -> str:
@@ -503,6 +510,9 @@ class FinalizeBatchOperator(_SpecOperator):
         except api.BatchError as err:
             raise task_error(str(err), retryable=api.is_retryable(err)) from err
         result = {k: manifest[k] for k in ("shards", "rows_in", "rows_out", "rows_rejected", "bytes", "sink", "spec_fingerprint")}
+        result["counters"] = manifest.get("counters") or {}
+        if "cost" in manifest:
+            result["gpu_hour_price"], result["cost"] = manifest["gpu_hour_price"], manifest["cost"]
         result["computed_this_run"] = summary.get("pending")
         result["elapsed_seconds"] = elapsed
         if elapsed and summary.get("pending_rows"):
@@ -512,6 +522,13 @@ class FinalizeBatchOperator(_SpecOperator):
             result["shards"], result["rows_in"], result["rows_out"], result["rows_rejected"], result["bytes"],
             self.core_spec.sink_root, summary.get("pending"),
         )
+        if result["counters"]:
+            self.log.info("Counters of every shard: %s", describe_counters(result["counters"]))
+        if "cost" in result:
+            self.log.info(
+                "Cost: %.2f (%.3f GPU-hours at %s per GPU-hour)",
+                result["cost"], result["counters"].get("gpu_seconds", 0) / 3600, result["gpu_hour_price"],
+            )
         self.log.info("%s", api.format_event(api.EventKind.RESULT, **result))
         if result["rows_rejected"]:
             self.log.warning("%s rows were rejected (bad_rows='skip'): they are in %s", result["rows_rejected"], manifest["rejected_dir"])

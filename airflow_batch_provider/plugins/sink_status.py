@@ -1,7 +1,8 @@
 """The sink status page: an Airflow 3 plugin (a FastAPI app in the api-server and a view in the UI).
 
 For the sink of one batch inference task it shows the shards committed / pending / quarantined,
-rows in and out, rejected rows, bytes, throughput per minute as a chart, the last commits and
+rows in and out, rejected rows, bytes, tokens and tokens/s (where the predictor counts them),
+GPU-hours and their cost (with a ``gpu_hour_price``), throughput per minute as a chart, the last commits and
 any problem the listings show, all from the sink's own files (``core.api.sink_status``). Tasks
 link here through the "Sink status" extra link.
 
@@ -103,7 +104,7 @@ def _status(spec: Any) -> api.SinkStatus:
     if "{{" in spec.sink_root or "{{" in (spec.checkpoint_dir or ""):
         raise _Unreadable(TEMPLATED, 404)
     try:
-        return api.sink_status(spec.sink_root, spec.checkpoint_dir, storage_options_for(spec))
+        return api.sink_status(spec.sink_root, spec.checkpoint_dir, storage_options_for(spec), gpu_hour_price=spec.gpu_hour_price)
     except api.NotASinkError:
         raise _Unreadable(NOT_YET, 404) from None
     except Exception:
@@ -181,8 +182,16 @@ def render(status: api.SinkStatus, conn_id: str | None) -> str:
         ("Rows rejected", f"{status.rows_rejected:,}"),
         ("Bytes written", f"{status.bytes / (1 << 20):,.1f} MiB"),
         ("Throughput", f"{rate:,.0f} rows/s" if rate else "-"),
-        ("Finalized", _when(status.finalized_at) if status.finalized_at else "not yet"),
     ]
+    counters, per_second = status.counters, status.counters_per_second
+    for name in ("tokens_in", "tokens_out"):  # the predictor's token counts, tokens/s beside rows/s
+        if name in counters:
+            figures.append((name.replace("_", " ").capitalize(), f"{counters[name]:,}"))
+            figures.append((f"{name.replace('_', ' ').capitalize()}/s", f"{per_second[name]:,.0f}" if name in per_second else "-"))
+    figures.append(("GPU-hours", f"{counters.get('gpu_seconds', 0) / 3600:,.3f}"))
+    if status.cost is not None:
+        figures.append(("Cost", f"{status.cost:,.2f} at {status.gpu_hour_price:g} per GPU-hour"))
+    figures.append(("Finalized", _when(status.finalized_at) if status.finalized_at else "not yet"))
     cards = "".join(f"<div class='card'><div class='label'>{e(k)}</div><div class='value' data-figure='{e(k)}'>{e(v)}</div></div>"
                     for k, v in figures)
     commits = "".join(

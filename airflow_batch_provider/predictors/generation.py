@@ -15,7 +15,8 @@ row's prompt does not depend on which engine runs it.
 
 Every row gets ``generated_text``, ``tokens_in``, ``tokens_out`` (generated tokens, the end of
 sequence token included when the model stopped) and ``finish_reason`` (``"stop"``: the model
-ended the text; ``"length"``: ``max_new_tokens`` cut it). A null prompt (or a null column a
+ended the text; ``"length"``: ``max_new_tokens`` cut it). The shard's counters
+(``docs/counting.md``) get the sums of ``tokens_in`` and ``tokens_out``. A null prompt (or a null column a
 template uses, or null messages) gives nulls in all four, never the generation of "None".
 """
 
@@ -29,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from airflow_batch_provider import counters
 
 ENGINES = ("auto", "transformers", "vllm")
 
@@ -132,6 +135,8 @@ class TextGenerator:
             )
             for i, (text, generated, reason) in zip(present, results, strict=True):
                 texts[i], tokens_in[i], tokens_out[i], reasons[i] = text, len(prompts[i]), generated, reason
+            counters.add("tokens_in", sum(tokens_in[i] for i in present))
+            counters.add("tokens_out", sum(tokens_out[i] for i in present))
         output: dict[str, Any] = {name: _keep(batch, name) for name in self.keep_columns}
         output[self.output_column] = pa.array(texts, pa.string())
         output["tokens_in"] = pa.array(tokens_in, pa.int64())

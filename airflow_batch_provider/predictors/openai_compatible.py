@@ -22,13 +22,16 @@ The API key comes through ``predictor_secrets={"api_key": "conn:<id>"}`` (or ``"
 it travels only in the ``Authorization`` header, and no message built here quotes a header.
 
 Each output row has the answer, ``finish_reason`` and the tokens the server counted in its
-``usage`` (``tokens_in``, ``tokens_out``), beside ``keep_columns``. A null prompt gives a row of
+``usage`` (``tokens_in``, ``tokens_out``), beside ``keep_columns``. The shard's counters
+(``docs/counting.md``) get the tokens of every answer and the ``requests``, ``retries``,
+``throttled`` (429s) and ``waited_s`` (seconds slept before retries) of its batches. A null prompt gives a row of
 nulls without a request. Rows are sent as the batch arrives; make ``batch_size`` a few times
 ``max_concurrency`` so one slow answer does not leave the other slots idle for long.
 """
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
 import json
 import logging
@@ -42,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from airflow_batch_provider.core import tunables
+from airflow_batch_provider.core import counters, tunables
 from airflow_batch_provider.core.errors import PredictorError, PredictorUnavailableError, RowsFailed
 
 #: Statuses a later try may answer differently: rate limits, timeouts, conflicts, server errors.
@@ -119,9 +122,12 @@ class Endpoint:
                 status = response.status_code
                 if status < 300:
                     try:
-                        return response.json()
+                        answer = response.json()
                     except ValueError:
                         problem = self._hide(f"HTTP {status} with a body that is not JSON: {response.text[:tunables.HOSTED_ERROR_CHARS]!r}")
+                    else:
+                        _count_usage(answer)
+                        return answer
                 else:
                     detail = self._hide(_error_detail(response))
                     if status in (401, 403):
@@ -186,9 +192,22 @@ class Endpoint:
     def _count(self, name: str, amount: float = 1) -> None:
         with self._lock:
             self.counts[name] += amount
+        counters.add(name, amount)  # the shard's too: requests, retries, throttled, waited_s
 
     def close(self) -> None:
         self._client.close()
+
+
+def _count_usage(answer: Any) -> None:
+    """The tokens the server counted for one answer (its ``usage``), into the shard's counters:
+    what it bills, rows whose answer is later found malformed included."""
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    if not isinstance(usage, dict):
+        return
+    for field, name in (("prompt_tokens", "tokens_in"), ("completion_tokens", "tokens_out")):
+        value = usage.get(field)
+        if isinstance(value, int) and not isinstance(value, bool):
+            counters.add(name, value)
 
 
 def _error_detail(response: Any) -> str:
@@ -306,7 +325,13 @@ class _HostedPredictor:
         return table
 
     def _run_all(self, call: Callable[[int], Any], indexes: list[int]) -> dict[int, Any]:
-        return dict(zip(indexes, self._pool.map(call, indexes), strict=True))
+        return dict(zip(indexes, self._map(call, indexes), strict=True))
+
+    def _map(self, call: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        """``call`` over ``items`` on the pool, each in a copy of the calling thread's context,
+        so that what the pool's threads count reaches the shard's counters (``counters.add``)."""
+        jobs = [(contextvars.copy_context(), item) for item in items]
+        return list(self._pool.map(lambda job: job[0].run(call, job[1]), jobs))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -467,7 +492,7 @@ class OpenAIEmbeddings(_HostedPredictor):
         present = [i for i, v in enumerate(values) if v is not None]
         groups = [present[s:s + self.inputs_per_request] for s in range(0, len(present), self.inputs_per_request)]
         results: dict[int, Any] = {}
-        for group, answer in zip(groups, self._pool.map(lambda g: self._embed(g, values), groups), strict=True):
+        for group, answer in zip(groups, self._map(lambda g: self._embed(g, values), groups), strict=True):
             if isinstance(answer, Failure) and len(group) > 1 and not answer.transient:
                 answer = None  # refused as a whole: each text alone, below
             results.update(self._spread(group, answer))

@@ -11,6 +11,7 @@ from airflow_batch_provider.core.events import FIELDS, MARKER, EventKind, EventP
 SHARD_DONE = {
     "shard_id": "3f2a9c", "status": "computed", "rows_in": 100, "rows_out": 98, "rows_rejected": 2, "bytes": 4096,
     "seconds": 1.25, "model_seconds": 0.75, "model_load_seconds": 3.5,
+    "counters": {"gpu_seconds": 1.25, "model_seconds": 0.75, "replica_seconds": 1.25, "tokens_out": 96},
 }
 
 

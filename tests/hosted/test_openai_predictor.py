@@ -18,7 +18,7 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.errors import PredictorFailedError, PredictorUnavailableError, RowsFailed
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.predictors.openai_compatible import OpenAIChat, OpenAIEmbeddings
-from tests.helpers import make_spec, write_jsonl
+from tests.helpers import make_spec, sink_table, write_jsonl
 from tests.openai_server import FakeOpenAI
 
 KEY = "sk-test-hosted-0123456789abcdef"
@@ -170,6 +170,13 @@ def test_runner_skip_rejects_the_400_row_and_sends_every_other_row_once(tmp_path
     assert server.tries["RATE1 prompt 40"] == 2
     assert all(count == 1 for prompt, count in server.tries.items() if "RATE" not in prompt)  # nothing re-sent
     assert KEY not in json.dumps(records) and KEY not in json.dumps(manifest)
+    # The shard's counters (docs/counting.md), counted in the predictor's pool threads: every request
+    # sent, the retry after the 429, and the tokens of every answer as its row has them.
+    counters, table = manifest["counters"], sink_table(spec.sink_root)
+    assert counters["requests"] == sum(server.tries.values()) == 61
+    assert (counters["retries"], counters["throttled"]) == (1, 1) and counters["waited_s"] > 0
+    assert counters["tokens_in"] == sum(table.column("tokens_in").to_pylist())
+    assert counters["tokens_out"] == sum(table.column("tokens_out").to_pylist()) > 0
 
 
 def test_runner_fail_names_the_row(tmp_path, server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sqlite3
 
 import pyarrow as pa
 import pytest
@@ -26,7 +27,7 @@ def test_generation_dag_writes_every_row_once(dag_tester, tmp_path):
     kwargs = {"model": model, "prompt_template": "Summarise: {text}", "keep_columns": ["id"], "max_new_tokens": 4}
     spec = make_spec(
         str(tmp_path / "in"), str(tmp_path / "out"), predictor=PREDICTOR, predictor_kwargs=kwargs,
-        rows_per_shard=5, batch_size=3, num_replicas=1, num_cpus=1,
+        rows_per_shard=5, batch_size=3, num_replicas=1, num_cpus=1, gpu_hour_price=3.0,
     )
     run = dag_tester.run(spec)
     assert run.state == "success", run.output[-3000:]
@@ -46,6 +47,29 @@ def test_generation_dag_writes_every_row_once(dag_tester, tmp_path):
     # greedy decoding on the replica gives what the predictor gives here
     direct = from_batch(TextGenerator(**kwargs)(to_batch(pa.Table.from_pylist(records), "numpy")), "numpy")
     assert rows == direct.to_pylist()
+
+    # Counting (docs/counting.md): the tokens the rows hold are each shard's counters, summed in
+    # _SUCCESS, in the task log's events and in the sink's Asset event; the price gives a cost.
+    tokens = {name: sum(row[name] or 0 for row in rows) for name in ("tokens_in", "tokens_out")}
+    sentinels = [json.load(open(path)) for path in glob.glob(os.path.join(spec.checkpoint_root, "shards", "*.json"))]
+    assert len(sentinels) == 3
+    for sentinel in sentinels:
+        counters = sentinel["counters"]
+        assert counters["tokens_out"] > 0 and counters["replica_seconds"] >= counters["model_seconds"] > 0
+        assert counters["gpu_seconds"] == 0 and sentinel["gpu_hour_price"] == 3.0  # num_gpus=0: no GPU-seconds
+    assert {name: sum(s["counters"][name] for s in sentinels) for name in tokens} == tokens
+    assert {name: manifest["counters"][name] for name in tokens} == tokens
+    assert (manifest["gpu_hour_price"], manifest["cost"]) == (3.0, 0.0)
+    done = [e for e in run.events("shard_done") if e["status"] == "computed"]
+    assert sum(e["counters"]["tokens_out"] for e in done) == tokens["tokens_out"]
+    (result,) = run.events("result")
+    assert (result["counters"], result["cost"]) == (manifest["counters"], 0.0)
+    db = sqlite3.connect(os.path.join(dag_tester.home, "airflow.db"))
+    try:
+        [(extra,)] = db.execute("select extra from asset_event order by id desc limit 1").fetchall()
+    finally:
+        db.close()
+    assert json.loads(extra)["counters"] == manifest["counters"] and json.loads(extra)["cost"] == 0.0
 
 
 def test_a_bad_prompt_is_rejected_not_the_shard(dag_tester, tmp_path):

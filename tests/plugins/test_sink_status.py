@@ -37,8 +37,8 @@ def served(tmp_path_factory):
     # An aws connection with a secret exists in this deployment: the page must never show it.
     conn = json.dumps({"conn_type": "aws", "login": "AKIDPAGE", "password": SECRET})
     tester = DagTester(home, dag_id="abp_page", connections={"abp_page_s3": conn})
-    spec = BatchSpec(source=str(data / "in" / "*.jsonl"), sink=str(data / "out"), predictor="tests.predictors:Doubler",
-                     rows_per_shard=100)
+    spec = BatchSpec(source=str(data / "in" / "*.jsonl"), sink=str(data / "out"), predictor="tests.predictors:CountingDoubler",
+                     rows_per_shard=100, gpu_hour_price=2.5)
     run = tester.run(spec)
     assert run.state == "success", run.output[-3000:]
     with open(os.path.join(home, "simple_auth_manager_passwords.json.generated"), "w") as handle:
@@ -75,6 +75,7 @@ def test_the_extra_link_opens_the_status_page_in_a_browser(served, tmp_path):
     figures = json.loads(body)
     assert status == 200, figures
     assert (figures["committed"], figures["pending"], figures["rows_in"], figures["quarantined"]) == (3, 0, 250, 0)
+    assert (figures["counters"]["tokens_out"], figures["gpu_hour_price"], figures["cost"]) == (750, 2.5, 0.0)
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -87,6 +88,10 @@ def test_the_extra_link_opens_the_status_page_in_a_browser(served, tmp_path):
         assert shown["Shards pending"] == "0" and shown["Shards quarantined"] == "0"
         assert shown["Rows in"] == "250 of 250" and shown["Rows out"] == "250" and shown["Rows rejected"] == "0"
         assert shown["Finalized"].endswith("UTC")
+        # the predictor's counters (docs/counting.md): tokens, tokens/s beside rows/s; GPU-hours and their cost
+        assert shown["Tokens in"] == f"{sum(range(250)) + 250:,}" and shown["Tokens out"] == "750"
+        assert shown["Tokens out/s"] != "" and shown["Throughput"].endswith("rows/s")
+        assert shown["GPU-hours"] == "0.000" and shown["Cost"] == "0.00 at 2.5 per GPU-hour"  # num_gpus=0
         assert page.locator("#throughput rect").count() >= 1
         assert page.locator("#commits tr").count() == 4  # header + 3 commits
         page.screenshot(path=str(tmp_path / "sink-status.png"), full_page=True)

@@ -241,6 +241,7 @@ def commit_shard(
     rejected: StagedPart | None = None,
     rows_rejected: int = 0,
     null_columns: list[str] | None = None,
+    counters: dict[str, Any] | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """Create the sentinel (the commit point), then publish or discard the staged part and
     the staged rejected rows (``rejected``, holding ``rows_rejected`` rows; None when none).
@@ -250,6 +251,8 @@ def commit_shard(
     rows: it commits without a part (its sentinel's ``part`` is null). ``null_columns``: the
     columns the (Parquet) part holds as type null, which finalize re-types if the job's output
     schema gives them a type later (``domain/retype.py``): no part has to be opened to find them.
+    ``counters``: what computing the shard took (``core/counters.py``), recorded with the
+    spec's ``gpu_hour_price`` when it sets one (so that a reader without the spec can price it).
     """
     spec = storage.spec
     sentinel = {
@@ -276,7 +279,10 @@ def commit_shard(
         "sink": spec.sink_root,
         "staged": staged.handle if staged is not None else None,
         "committed_at": time.time(),
+        "counters": dict(counters or {}),
     }
+    if spec.gpu_hour_price is not None:
+        sentinel["gpu_hour_price"] = spec.gpu_hour_price
     failpoints.hit("before_sentinel")
     path = storage.sentinel_path(shard.shard_id)
     raw = json.dumps(sentinel, sort_keys=True).encode()

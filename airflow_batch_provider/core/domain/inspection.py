@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from airflow_batch_provider.core.counters import GPU_SECONDS, MODEL_SECONDS, REPLICA_SECONDS, cost, summed
 from airflow_batch_provider.core.domain.layout import SENTINEL_SUFFIX, SinkLayout
 from airflow_batch_provider.core.domain.planning import Plan
 from airflow_batch_provider.core.errors import BatchError
@@ -51,6 +52,8 @@ class Commit:
     rows_rejected: int
     bytes: int
     committed_at: float | None
+    #: what computing it took: the predictor's counters and the runner's seconds (``core/counters.py``)
+    counters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,6 +82,26 @@ class SinkStatus:
     seconds: float = 0.0  # how long gathering this took
     #: what the listings show wrong (a committed part gone, a part no sentinel names, ...)
     problems: list[str] = field(default_factory=list)
+    #: the committed shards' counters added up: the predictor's (``tokens_in``...) and the
+    #: runner's (``replica_seconds``, ``model_seconds``, ``gpu_seconds``); see docs/counting.md
+    counters: dict[str, Any] = field(default_factory=dict)
+    #: the price of a GPU-hour the cost is figured at (the caller's, else ``_SUCCESS``'s, else
+    #: the one the newest commit recorded); None: no cost is shown
+    gpu_hour_price: float | None = None
+
+    @property
+    def cost(self) -> float | None:
+        """``gpu_seconds / 3600 * gpu_hour_price`` of the committed shards (None without a price)."""
+        return cost(self.counters, self.gpu_hour_price)
+
+    @property
+    def counters_per_second(self) -> dict[str, float]:
+        """Each of the predictor's counters (``tokens_out``...) over the time ``rows_per_second``
+        is measured over: tokens/s beside rows/s."""
+        span = self._span()
+        if span is None:
+            return {}
+        return {name: value / span for name, value in self.counters.items() if name not in _RUNNER_FIGURES}
 
     @property
     def rows_per_second(self) -> float | None:
@@ -86,10 +109,14 @@ class SinkStatus:
         leaves out the first shards' own compute time and overstates the speed (by how much:
         docs/benchmarks.md, "The speed airflow-batch status shows"). It includes waits for workers, and a job resumed long after
         its plan shows a lower figure than it runs at (the rows per minute show that)."""
+        span = self._span()
+        return None if span is None else self.rows_in / span
+
+    def _span(self) -> float | None:
         start = self.planned_at
         if start is None or self.last_commit_at is None or self.last_commit_at <= start:
             return None
-        return self.rows_in / (self.last_commit_at - start)
+        return self.last_commit_at - start
 
     @property
     def healthy(self) -> bool:
@@ -98,8 +125,13 @@ class SinkStatus:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["rows_per_second"] = self.rows_per_second
+        data["counters_per_second"] = self.counters_per_second
+        data["cost"] = self.cost
         data["healthy"] = self.healthy
         return data
+
+
+_RUNNER_FIGURES = (REPLICA_SECONDS, MODEL_SECONDS, GPU_SECONDS)
 
 
 class SinkReading:
@@ -255,8 +287,10 @@ def layout_problems(reading: SinkReading, plan: Plan | None, sentinels: list[dic
 
 
 def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None,
-                *, last: int = LAST_COMMITS_SHOWN) -> SinkStatus:
-    """Shards committed / pending / quarantined, rows, bytes, throughput per minute, last commits."""
+                *, last: int = LAST_COMMITS_SHOWN, gpu_hour_price: float | None = None) -> SinkStatus:
+    """Shards committed / pending / quarantined, rows, bytes, counters, throughput per minute,
+    last commits. The cost is figured at ``gpu_hour_price``; without it, at the price
+    ``_SUCCESS`` records, else at the one the newest commit recorded (the spec's when it ran)."""
     started = time.perf_counter()
     reading = SinkReading(sink, checkpoint_dir, storage_options)
     files = reading.files
@@ -275,9 +309,10 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
     status.quarantined = len(files.checkpoint.list_files(files.quarantine_dir))
     commits = [
         Commit(s["shard_id"], str(s.get("part") or ""), int(s.get("rows_in", 0)), int(s.get("rows_out", 0)),
-               int(s.get("rows_rejected", 0)), int(s.get("bytes", 0)), s.get("committed_at"))
+               int(s.get("rows_rejected", 0)), int(s.get("bytes", 0)), s.get("committed_at"), dict(s.get("counters") or {}))
         for s in sentinels
     ]
+    status.counters = summed(c.counters for c in commits)
     status.rows_in = sum(c.rows_in for c in commits)
     status.rows_out = sum(c.rows_out for c in commits)
     status.rows_rejected = sum(c.rows_rejected for c in commits)
@@ -291,10 +326,22 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
             per_minute[minute] = per_minute.get(minute, 0) + commit.rows_in
         status.throughput = sorted(per_minute.items())
         status.last_commits = stamped[-last:][::-1]
-    status.finalized_at = (reading.manifest() or {}).get("finalized_at")
+    manifest = reading.manifest() or {}
+    status.finalized_at = manifest.get("finalized_at")
+    status.gpu_hour_price = _price(gpu_hour_price, manifest, sentinels)
     status.problems = layout_problems(reading, plan, sentinels, before, check_parts=True)
     status.seconds = time.perf_counter() - started
     return status
+
+
+def _price(given: float | None, manifest: dict[str, Any], sentinels: list[dict[str, Any]]) -> float | None:
+    """The caller's price, else ``_SUCCESS``'s, else the newest commit's that records one."""
+    if given is not None:
+        return given
+    if isinstance(manifest.get("gpu_hour_price"), (int, float)):
+        return manifest["gpu_hour_price"]
+    priced = [s for s in sentinels if isinstance(s.get("gpu_hour_price"), (int, float))]
+    return max(priced, key=lambda s: s.get("committed_at") or 0)["gpu_hour_price"] if priced else None
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core import failpoints
+from airflow_batch_provider.core.counters import cost, summed
 from airflow_batch_provider.core.domain.commit import check_shard, different_spec_error, remove_stale_rejected, withdraw
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import LINES, Plan, Shard, find_inputs, hidden_inputs_note, split_file
@@ -390,10 +391,16 @@ def finalize_job(
                 "sha256": s["sha256"],
                 "input_fingerprint": s["input_fingerprint"],
                 "committed_at": s.get("committed_at"),
+                "counters": s.get("counters") or {},
             }
             for s in sentinels  # a shard that wrote no rows has no part: "part" is null
         ],
+        # every shard's counters added up (a sentinel from before counters adds nothing)
+        "counters": summed(s.get("counters") for s in sentinels),
     }
+    if spec.gpu_hour_price is not None:
+        manifest["gpu_hour_price"] = spec.gpu_hour_price
+        manifest["cost"] = cost(manifest["counters"], spec.gpu_hour_price)
     if elapsed_seconds is not None:
         manifest["elapsed_seconds"] = elapsed_seconds
     data = json.dumps(manifest, indent=1).encode()

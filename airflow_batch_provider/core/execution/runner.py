@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from airflow_batch_provider.core import failpoints
+from airflow_batch_provider.core import counters, failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
@@ -76,16 +76,24 @@ class ShardRunner:
         input_schema = load_input_schema(storage)
         while True:
             try:
-                staged, part, stats, bad, rejected, model_seconds = self._write_part(shard, input_schema, on_rows)
+                staged, part, stats, bad, rejected, model_seconds, reported = self._write_part(shard, input_schema, on_rows)
                 break
             except OutputSchemaWidened as widened:
                 # A column this part wrote as type null after a row group took a type: write the
                 # (uncommitted) shard again with it, rather than commit a part that cannot hold it.
                 log.info("shard %s: %s; writing the shard again with the widened schema", shard.shard_id, widened)
                 self._output_schema = None
+        replica_seconds = time.perf_counter() - started
+        figures = {
+            **reported,
+            counters.REPLICA_SECONDS: replica_seconds,
+            counters.MODEL_SECONDS: model_seconds,
+            counters.GPU_SECONDS: replica_seconds * float(self.spec.num_gpus or 0),
+        }
         won, sentinel = commit_shard(
             storage, shard, staged if part.rows else None, rows_in=stats.rows + bad.count_unread, rows_out=part.rows,
             lines=stats.lines, attempt=attempt, rejected=rejected, rows_rejected=bad.count, null_columns=part.null_columns,
+            counters=figures,
         )
         failpoints.hit("after_publish")
         return ShardResult(
@@ -98,11 +106,14 @@ class ShardRunner:
             time.perf_counter() - started,
             model_seconds,
             note=check.note,
+            counters=dict(sentinel.get("counters") or {}),
         )
 
     def _write_part(self, shard: Shard, input_schema: pa.Schema, on_rows: Callable[[int], None] | None) -> tuple:
         """Read, predict and write ``shard`` into a staged part: (staged, part writer, read
-        stats, bad rows, staged rejected rows, model seconds). Nothing is committed yet."""
+        stats, bad rows, staged rejected rows, model seconds, the predictor's counters).
+        Nothing is committed yet. The counters are this write's: a shard written again (its
+        schema widened) counts its last write, as its model seconds do."""
         spec, storage = self.spec, self.storage
         staged = storage.sink.open_staged(storage.part_path(shard.shard_id))
         stats = ReadStats()
@@ -119,16 +130,20 @@ class ShardRunner:
             )
             writer = BackgroundWriter(lambda item: part.write(*item))
             rows_done = 0
-            for index, batch in enumerate(prefetch(read_shard(storage.source, spec, shard, stats, input_schema, bad))):
-                tick = time.perf_counter()
-                for output in self._predict(batch, shard, bad):
-                    writer.submit((output, batch.origin(shard)))
-                model_seconds += time.perf_counter() - tick
-                rows_done += batch.table.num_rows
-                if on_rows is not None:
-                    on_rows(rows_done)
-                if index == 0:
-                    failpoints.hit("mid_part")
+            with counters.collecting() as tally:
+                for index, batch in enumerate(prefetch(read_shard(storage.source, spec, shard, stats, input_schema, bad))):
+                    tick = time.perf_counter()
+                    outputs = self._predict(batch, shard, bad)
+                    if tally.problem:
+                        raise PredictorOutputError(f"{tally.problem} (shard {shard.shard_id}, {shard.path} {batch.where(shard)})")
+                    for output in outputs:
+                        writer.submit((output, batch.origin(shard)))
+                    model_seconds += time.perf_counter() - tick
+                    rows_done += batch.table.num_rows
+                    if on_rows is not None:
+                        on_rows(rows_done)
+                    if index == 0:
+                        failpoints.hit("mid_part")
             writer.close()
             part.close()
             self._output_schema = part.schema
@@ -146,7 +161,7 @@ class ShardRunner:
             staged.abort()
             bad.abort()
             raise
-        return staged, part, stats, bad, rejected, model_seconds
+        return staged, part, stats, bad, rejected, model_seconds, tally.totals()
 
     def _predict(self, batch: Batch, shard: Shard, bad: BadRows) -> list[Any]:
         """The predictor's output tables for ``batch``. When it raises: under
