@@ -41,7 +41,7 @@ test-fast: install
 
 # Checks chosen in pyproject.toml ([tool.ruff]): syntax errors, pyflakes, bugbear, import order.
 lint: install
-	$(VENV)/bin/ruff check airflow_batch_provider benchmarks dags scripts tests
+	$(VENV)/bin/ruff check airflow_batch_provider benchmarks dags docs/examples scripts tests
 
 bench: install
 	$(PY) benchmarks/run.py
