@@ -183,7 +183,14 @@ class _ImagePredictor:
                 f"column {self.image_column!r}: cannot decode {where} as an image ({detail}); "
                 "replace it with a PNG/JPEG/WebP/... file, or set the row's value to null to skip it"
             ) from None
-        return self.processor(images=image, return_tensors="np")["pixel_values"][0]
+        try:
+            return self.processor(images=image, return_tensors="np")["pixel_values"][0]
+        except Exception as err:  # e.g. an image of 0 or 1 pixel the resize cannot take
+            raise BadImage(
+                f"column {self.image_column!r}: the model's image processor cannot take {where} "
+                f"({image.width}x{image.height} pixels; {type(err).__name__}: {err}); replace the image, or set the "
+                "row's value to null to skip it"
+            ) from None
 
     def _read(self, value: Any) -> tuple[bytes, str]:
         """The row's image bytes and how to name them in an error."""
@@ -198,6 +205,8 @@ class _ImagePredictor:
                 f"column {self.image_column!r} holds a {type(value).__name__}; it must hold image bytes, or a local "
                 "path, file:// or s3:// URL"
             )
+        if not value.strip():
+            raise BadImage(f"column {self.image_column!r} holds an empty path; give a path or URL, or null to skip the row")
         url = self._resolve(value)
         protocol = protocol_of(url)
         if protocol not in ("file", "s3"):
