@@ -21,7 +21,7 @@ from airflow_batch_provider.core.errors import PredictorError, PredictorUnavaila
 from airflow_batch_provider.core.execution.batches import from_batch, to_batch
 from airflow_batch_provider.predictors.images import ImageClassifier, ImageEmbedder
 from tests.helpers import make_spec, put, read_sink, run_all, sink_table, spec_on
-from tests.tiny_vision import HIDDEN, LABELS, NOT_AN_IMAGE, build_tiny_vit, image_bytes, truncated_png
+from tests.tiny_vision import HIDDEN, LABELS, NOT_AN_IMAGE, build_tiny_resnet, build_tiny_vit, image_bytes, truncated_png
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,21 @@ def test_chunks_and_threads_keep_every_row_in_place(models):
     np.testing.assert_allclose(
         np.array([s or [0.0] * 5 for s in pipelined.column("scores").to_pylist()]),
         np.array([s or [0.0] * 5 for s in one_pass.column("scores").to_pylist()]), rtol=1e-5)
+
+
+def test_images_of_several_input_sizes_in_one_chunk(tmp_path):
+    """A processor that keeps each image's size (a convolutional model takes any): the chunk
+    runs one forward pass per size, and each row gets what it gets alone."""
+    model = build_tiny_resnet(tmp_path / "resnet")
+    images = [image_bytes(1, size=(40, 30)), image_bytes(2, size=(24, 24)), image_bytes(3, size=(40, 30))]
+    classifier = ImageClassifier(model, top_k=3)
+    together = run(classifier, pa.table({"id": [0, 1, 2], "image": images})).to_pylist()
+    alone = [run(classifier, pa.table({"id": [i], "image": [data]})).to_pylist()[0] for i, data in enumerate(images)]
+    assert [r["labels"] for r in together] == [r["labels"] for r in alone]
+    for mine, theirs in zip(together, alone, strict=True):
+        np.testing.assert_allclose(mine["scores"], theirs["scores"], rtol=1e-5)
+    vectors = run(ImageEmbedder(model, pooling="mean"), pa.table({"id": [0, 1, 2], "image": images}))
+    assert vectors.schema.field("embedding").type == pa.list_(pa.float32(), 16)  # the last stage's channels
 
 
 def test_a_bad_image_fails_its_row_alone(models, tmp_path):

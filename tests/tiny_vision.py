@@ -57,3 +57,22 @@ NOT_AN_IMAGE = b"this is not an image"
 def truncated_png(seed: int = 99) -> bytes:
     data = image_bytes(seed, size=(64, 64))
     return data[: len(data) // 2]
+
+
+def build_tiny_resnet(path: str | os.PathLike, *, seed: int = 0) -> str:
+    """Save a tiny random ResNet classifier whose image processor keeps each image's own size
+    (``do_resize=False``): inputs of several sizes, which a convolutional model takes."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+    from transformers import ViTImageProcessorPil as ViTImageProcessor  # PIL's: no torchvision here
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS,
+        id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
+    )
+    torch.manual_seed(seed)
+    ResNetForImageClassification(config).eval().save_pretrained(str(path))
+    ViTImageProcessor(do_resize=False).save_pretrained(str(path))
+    return str(path)

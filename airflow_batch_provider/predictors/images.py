@@ -141,9 +141,13 @@ class _ImagePredictor:
                         rows_ok.append(i)
                     except BadImage as err:
                         failures[i] = str(err)
-                if decoded:
-                    for i, answer in zip(rows_ok, self._infer(np.stack(decoded)), strict=True):
-                        results[i] = answer
+                shapes: dict[tuple[int, ...], list[int]] = {}
+                for position, pixels in enumerate(decoded):  # one forward pass per input size
+                    shapes.setdefault(pixels.shape, []).append(position)
+                for positions in shapes.values():
+                    answers = self._infer(np.stack([decoded[p] for p in positions]))
+                    for p, answer in zip(positions, answers, strict=True):
+                        results[rows_ok[p]] = answer
         finally:
             for chunk in queued:  # a raise above: do not decode what nobody will take
                 for _, future in chunk:
