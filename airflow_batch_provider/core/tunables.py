@@ -200,3 +200,14 @@ HOSTED_TIMEOUT_S = 300.0
 HOSTED_CONNECT_TIMEOUT_S = 10.0
 #: How much of a server's error body a row's error quotes.
 HOSTED_ERROR_CHARS = 300
+
+# -- image predictors (``predictors/images.py``); predictor_kwargs override each -------------------
+#: Threads that read and decode images (and resize them to the model's input) beside the model:
+#: PIL's decoders and resizers release the GIL, so a few threads keep a GPU fed without taking
+#: every core from a CPU model's own math threads.
+IMAGE_DECODE_THREADS = 4
+#: Images per forward pass: a batch is cut into such chunks so the next chunk decodes while the
+#: model runs on this one (and a large batch never holds all its decoded pixels at once).
+IMAGE_MODEL_BATCH = 32
+#: Chunks decoded ahead of the one the model runs on.
+IMAGE_DECODE_AHEAD = 2

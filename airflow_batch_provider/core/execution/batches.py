@@ -8,6 +8,11 @@ fewer rows (a filter) or more. Batches are exchanged in the spec's ``batch_forma
 * ``pandas``: ``pandas.DataFrame``;
 * ``pyarrow``: ``pyarrow.Table``.
 
+A predictor may also define ``use_storage_options(options)``: the runner calls it with the
+job's s3fs-style storage options (None for a job on local disk) before each run, so a
+predictor that reads files named in its rows (``predictors/images.py``) reads them with the
+job's credentials.
+
 Values keep their meaning both ways: a numeric column holding nulls is an object array of
 numbers and ``None`` (numpy; a predictor must skip the ``None``) and an integer column is a
 pandas ``Int64``-style column, never floats with NaN; a fixed-size list column with nulls is an

@@ -54,6 +54,11 @@ class ShardRunner:
                 raise self.redactor.error(err) from None
             raise
         self.load_seconds = time.perf_counter() - started
+        # A predictor that reads files the rows name (images on S3) reads them with the job's
+        # credentials: they come with each run, never in predictor_kwargs (Ray keeps those).
+        use_storage = getattr(self.predictor, "use_storage_options", None)
+        if callable(use_storage):
+            use_storage(storage_options)
         self._output_schema: pa.Schema | None = None  # create-only once recorded: kept once seen
 
     def run(self, shard: Shard, attempt: dict[str, Any], on_rows: Callable[[int], None] | None = None) -> ShardResult:
