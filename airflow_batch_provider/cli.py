@@ -111,6 +111,7 @@ def render_status(status: api.SinkStatus) -> str:
         f"{status.quarantined:,} quarantined",
         f"rows        {status.rows_in:,} in, {status.rows_out:,} out, {status.rows_rejected:,} rejected "
         f"(planned {status.planned_rows:,})",
+        *_redrive_lines(status),
         f"bytes       {_mib(status.bytes)}",
         f"speed       {f'{rate:,.0f} rows/s over {span / 60:.1f} min from the plan to the last commit' if rate else '-'}",
         f"finalized   {_when(status.finalized_at) if status.finalized_at else 'no'}",
@@ -125,6 +126,21 @@ def render_status(status: api.SinkStatus) -> str:
     lines += [f"PROBLEM {problem}" for problem in status.problems]
     lines.append(f"(read in {status.seconds:.2f} s; {len(status.problems)} problem(s))")
     return "\n".join(lines)
+
+
+def _redrive_lines(status: api.SinkStatus) -> list[str]:
+    """Rejected rows waiting in ``_rejected/``, and how to compute them again (docs/redrive.md)."""
+    lines = []
+    if status.rows_rejected:
+        lines.append(
+            f"rejected    {status.rows_rejected:,} rows in {status.rejected_files:,} file(s) under {status.sink}/_rejected/; "
+            "once the predictor is fixed, compute them again with a run of redrive_rejected=True (a spec option, or "
+            "trigger the DAG with conf {\"redrive_rejected\": true} where the spec templates it; docs/redrive.md)"
+        )
+    if status.redrives:
+        lines.append(f"re-driven   {status.rows_redriven:,} rows in {status.redrives:,} re-drive(s); "
+                     f"the files they retired are in {status.sink}/_rejected/_retired/")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.domain.redrive import check_unit, commit_unit, read_records
 from airflow_batch_provider.core.domain.results import ShardResult
 from airflow_batch_provider.core.domain.schema.input import load_input_schema
 from airflow_batch_provider.core.domain.schema.output import has_open_columns, known_output_schema, record_output_schema, widen_output_schema
@@ -24,6 +25,7 @@ from airflow_batch_provider.core.errors import PredictorFailedError, PredictorOu
 from airflow_batch_provider.core.execution.badrows import BadRows
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
 from airflow_batch_provider.core.execution.readers import Batch, ReadStats, read_shard
+from airflow_batch_provider.core.execution.redrive_rows import redrive_batches
 from airflow_batch_provider.core.execution.threads import BackgroundWriter, prefetch
 from airflow_batch_provider.core.execution.writers import OutputSchemaWidened, PartWriter
 from airflow_batch_provider.core.redaction import Redactor
@@ -69,6 +71,8 @@ class ShardRunner:
 
     def _run(self, shard: Shard, attempt: dict[str, Any], on_rows: Callable[[int], None] | None) -> ShardResult:
         started = time.perf_counter()
+        if shard.redrive:
+            return self._run_redrive(shard, attempt, on_rows, started)
         check = check_shard(self.storage, shard)
         if check.committed:
             return ShardResult.skipped(shard.shard_id, check.sentinel, time.perf_counter() - started, note="already committed")
@@ -100,9 +104,35 @@ class ShardRunner:
             note=check.note,
         )
 
-    def _write_part(self, shard: Shard, input_schema: pa.Schema, on_rows: Callable[[int], None] | None) -> tuple:
+    def _run_redrive(self, unit: Shard, attempt: dict[str, Any], on_rows: Callable[[int], None] | None, started: float) -> ShardResult:
+        """A re-drive unit (``domain/redrive.py``): the rows of the rejected file it retires,
+        computed and committed as a shard's are."""
+        check = check_unit(self.storage, unit)
+        if check.committed:
+            return ShardResult.skipped(unit.shard_id, check.sentinel, time.perf_counter() - started, note="already committed")
+        records = read_records(self.storage, unit.redrive["retires"]["name"], unit.redrive["retires"])
+        input_schema = load_input_schema(self.storage)
+        while True:
+            try:
+                staged, part, _, bad, rejected, model_seconds = self._write_part(unit, input_schema, on_rows, records)
+                break
+            except OutputSchemaWidened as widened:
+                log.info("re-drive %s: %s; writing it again with the widened schema", unit.shard_id, widened)
+                self._output_schema = None
+        won, sentinel = commit_unit(
+            self.storage, unit, staged if part.rows else None, rows_in=len(records), rows_out=part.rows,
+            attempt=attempt, rejected=rejected, rows_rejected=bad.count, null_columns=part.null_columns,
+        )
+        return ShardResult(
+            unit.shard_id, "computed" if won else "lost_race", sentinel["rows_in"], sentinel["rows_out"], sentinel["bytes"],
+            sentinel.get("rows_rejected", 0), time.perf_counter() - started, model_seconds, note=check.note,
+        )
+
+    def _write_part(self, shard: Shard, input_schema: pa.Schema, on_rows: Callable[[int], None] | None,
+                    records: list[dict[str, Any]] | None = None) -> tuple:
         """Read, predict and write ``shard`` into a staged part: (staged, part writer, read
-        stats, bad rows, staged rejected rows, model seconds). Nothing is committed yet."""
+        stats, bad rows, staged rejected rows, model seconds). Nothing is committed yet.
+        ``records``: a re-drive unit's rejected records, whose rows are computed instead."""
         spec, storage = self.spec, self.storage
         staged = storage.sink.open_staged(storage.part_path(shard.shard_id))
         stats = ReadStats()
@@ -119,7 +149,11 @@ class ShardRunner:
             )
             writer = BackgroundWriter(lambda item: part.write(*item))
             rows_done = 0
-            for index, batch in enumerate(prefetch(read_shard(storage.source, spec, shard, stats, input_schema, bad))):
+            batches = (
+                read_shard(storage.source, spec, shard, stats, input_schema, bad) if records is None
+                else redrive_batches(records, input_schema, shard, spec.batch_size, bad)
+            )
+            for index, batch in enumerate(prefetch(batches)):
                 tick = time.perf_counter()
                 for output in self._predict(batch, shard, bad):
                     writer.submit((output, batch.origin(shard)))
