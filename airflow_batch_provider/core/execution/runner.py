@@ -15,13 +15,13 @@ import pyarrow as pa
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard
-from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.domain.layout import JobStorage, redrive_id
 from airflow_batch_provider.core.domain.planning import Shard
-from airflow_batch_provider.core.domain.redrive import check_unit, commit_unit, read_records
+from airflow_batch_provider.core.domain.redrive import check_unit, commit_unit, read_chain, read_records
 from airflow_batch_provider.core.domain.results import ShardResult
 from airflow_batch_provider.core.domain.schema.input import load_input_schema
 from airflow_batch_provider.core.domain.schema.output import has_open_columns, known_output_schema, record_output_schema, widen_output_schema
-from airflow_batch_provider.core.errors import PredictorFailedError, PredictorOutputError, PredictorUnavailableError, RowsFailed
+from airflow_batch_provider.core.errors import PredictorFailedError, PredictorOutputError, PredictorUnavailableError, RowsFailed, StaleCheckpointError
 from airflow_batch_provider.core.execution.badrows import BadRows
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
 from airflow_batch_provider.core.execution.readers import Batch, ReadStats, read_shard
@@ -92,6 +92,11 @@ class ShardRunner:
             lines=stats.lines, attempt=attempt, rejected=rejected, rows_rejected=bad.count, null_columns=part.null_columns,
         )
         failpoints.hit("after_publish")
+        if won and storage.checkpoint.size(storage.redrive_sentinel_path(redrive_id(shard.shard_id, 1))) is not None:
+            # An earlier, quarantined commit of this shard was re-driven: those re-drives are
+            # stale unless this commit rejected the very same rows (its rows are all here), so
+            # they go at once, not at finalize. One small request per commit finds out.
+            read_chain(storage, shard.shard_id, sentinel)
         return ShardResult(
             shard.shard_id,
             "computed" if won else "lost_race",
@@ -110,7 +115,13 @@ class ShardRunner:
         check = check_unit(self.storage, unit)
         if check.committed:
             return ShardResult.skipped(unit.shard_id, check.sentinel, time.perf_counter() - started, note="already committed")
-        records = read_records(self.storage, unit.redrive["retires"]["name"], unit.redrive["retires"])
+        try:
+            records = read_records(self.storage, unit.redrive["retires"]["name"], unit.redrive["retires"])
+        except StaleCheckpointError:
+            check = check_unit(self.storage, unit)  # another run's attempt committed it (and retired the file) meanwhile
+            if check.committed:
+                return ShardResult.skipped(unit.shard_id, check.sentinel, time.perf_counter() - started, note="committed by another run")
+            raise
         input_schema = load_input_schema(self.storage)
         while True:
             try:

@@ -9,6 +9,7 @@ import os
 import pyarrow.dataset as ds
 import pytest
 
+from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, new_attempt
 from airflow_batch_provider.core.domain.inspection import sink_status, verify_sink
 from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
@@ -143,9 +144,9 @@ def test_a_recomputed_shard_withdraws_its_stale_redrives(broken):
     open(part, "ab").write(b"x")  # damaged: quarantined, computed again
     assert not check_shard(storage, shard).committed
     run_all(spec)
-    manifest = finalize_job(spec, orphan_grace_s=0)
-    assert sink_ids(spec.sink_root) == list(range(ROWS))
+    assert sink_ids(spec.sink_root) == list(range(ROWS))  # withdrawn by the recompute, before finalize
     assert not os.path.exists(storage.part_path(f"{shard.shard_id}-r1"))
+    manifest = finalize_job(spec, orphan_grace_s=0)
     assert manifest["rows_out"] == ROWS and manifest["redrives"] == FILES - 1
 
 
@@ -160,7 +161,8 @@ def test_reset_removes_redrives_and_retired_files(broken):
     assert not storage.sink.list_files(storage.retired_dir)
 
 
-@pytest.mark.parametrize("point", ["redrive_before_sentinel", "redrive_before_publish", "redrive_before_retire"])
+@pytest.mark.slow
+@pytest.mark.parametrize("point", failpoints.REDRIVE_POINTS)
 def test_sigkill_at_each_redrive_commit_point_then_rerun_leaves_every_row_once(broken, point, tmp_path):
     spec, marker = broken
     marker.unlink()
@@ -187,3 +189,49 @@ def test_bad_rows_fail_makes_a_redrive_all_or_nothing(broken):
     with pytest.raises(Exception, match="injected failure"):
         ShardRunner(strict).run(unit, new_attempt())
     assert JobStorage.for_spec(spec).redrive_sentinel_files() == {}
+
+
+@pytest.mark.slow
+def test_redrive_on_s3_of_parquet_rows_killed_before_retire(s3_server, s3_bucket, tmp_path):
+    """Parquet input (rows named by row index, values rebuilt with their Arrow types) on S3,
+    where a retire is a PUT then a DELETE: killed between the commit and the retire, the next
+    run rolls the retire forward and computes nothing twice."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from tests.helpers import parquet_bytes, put
+
+    put(s3_server, s3_bucket, "in/a.parquet", parquet_bytes(range(300)))
+    options = s3_server.storage_options()
+    marker = tmp_path / "broken"
+    marker.touch()
+    calls = tmp_path / "calls"
+    spec = JobSpec(source=f"s3://{s3_bucket}/in/", source_format="parquet", sink=f"s3://{s3_bucket}/out",
+                   predictor="tests.predictors:Doubler", rows_per_shard=100, bad_rows="skip",
+                   predictor_kwargs={"fail_marker": str(marker), "fail_mod": 97, "calls_log": str(calls)})
+    storage = JobStorage.for_spec(spec, options)
+    run_all(spec, options)
+    assert finalize_job(spec, storage)["rows_rejected"] == 4  # 0, 97, 194, 291
+    marker.unlink()
+    fired = tmp_path / "fired"
+    proc = run_killed_at(redrive_spec(spec), "redrive_before_retire", fired, options)
+    assert proc.returncode == -9 and fired.exists(), proc.stderr.decode()[-3000:]
+    calls.write_text("")
+
+    again = redrive_spec(spec)
+    run_all(again, options)
+    manifest = finalize_job(again, storage, orphan_grace_s=0)
+
+    client = s3_server.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="out/").get("Contents", [])]
+    tables = [pq.read_table(io.BytesIO(client.get_object(Bucket=s3_bucket, Key=k)["Body"].read()))
+              for k in keys if k.startswith("out/part-")]
+    ids = sorted(i for t in tables for i in t.column("id").to_pylist())
+    assert ids == list(range(300)) and len({t.schema for t in tables}) == 1  # one schema, every row once
+    assert not [k for k in keys if k.startswith("out/_rejected/") and "/_retired/" not in k]
+    assert len([k for k in keys if "/_rejected/_retired/" in k]) == 3
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (300, 0)
+    # only the re-drives not committed before the kill were computed in the rerun
+    assert sum(len(json.loads(line)) for line in calls.read_text().splitlines()) <= 3
+    assert sink_status(spec.sink, None, options).problems == []
