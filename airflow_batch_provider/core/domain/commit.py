@@ -29,6 +29,9 @@ its own token in the sentinel and publishes. An attempt that carries the id of t
 was computed under (``attempt["plan_id"]``) withdraws its commit when that plan has been
 replaced by one without its shard; the planner withdraws what such an attempt commits too
 late to see the new plan (``withdraw``), so a superseded plan never adds rows to a sink.
+
+A shard's rejected-rows file may later be *retired* by a re-drive (``redrive.py``), which
+computed its rows again: it then lives under ``_rejected/_retired/`` and counts as in place.
 """
 
 from __future__ import annotations

@@ -359,10 +359,14 @@ def settle_all(storage: JobStorage, shards: list[Shard], sentinels: list[dict[st
 
 
 def withdraw_all(storage: JobStorage) -> int:
-    """Every re-drive of this sink (a reset): sentinels, parts, rejected rows; then the retired files."""
+    """Every re-drive of this sink (a reset): sentinels, parts, rejected rows; then the retired
+    files. Only re-drives that name this sink: a shared ``checkpoint_dir`` holds other jobs'."""
     removed = 0
     for name in sorted(storage.redrive_sentinel_files(), reverse=True):
-        removed += withdraw_link(storage, name[: -len(SENTINEL_SUFFIX)])
+        unit_id = name[: -len(SENTINEL_SUFFIX)]
+        link = storage.read_redrive_sentinel(unit_id, strict=False).record
+        if link is not None and link.get("sink") == storage.spec.sink_root:  # never another job's in a shared checkpoint_dir
+            removed += withdraw_link(storage, unit_id)
     for name in storage.sink.list_files(storage.retired_dir):
         storage.sink.delete(storage.retired_path(name))
     return removed
