@@ -251,7 +251,8 @@ def check_unit(storage: JobStorage, unit: Shard) -> ShardCheck:
     base = storage.read_sentinel(unit.base_id).record or {}
     chain = read_chain(storage, unit.base_id, base) if base else Chain(unit.base_id, {})
     if link not in chain.links:
-        return ShardCheck(committed=False, note=f"re-drive {unit.shard_id} was stale (its shard was recomputed): withdrawn")
+        return ShardCheck(committed=False, note=f"re-drive {unit.shard_id} is not part of its shard's current commit "
+                                               "(the shard was recomputed since, or is being): its rows are the shard's again")
     settle(storage, chain)
     return ShardCheck(committed=True, sentinel=link)
 

@@ -16,7 +16,7 @@ from airflow_batch_provider.core.domain.jobs import finalize_job, plan_job
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.execution.runner import ShardRunner
 from airflow_batch_provider.core.spec import JobSpec
-from tests.helpers import make_spec, run_all, run_killed_at, sink_ids
+from tests.helpers import make_spec, run_all, run_killed_at, sink_ids, two_runs_at_once
 
 ROWS = 380  # the jsonl_source fixture: ids 0..379
 BAD = [i for i in range(ROWS) if i % 97 == 0]  # 0, 97, 194, 291
@@ -171,6 +171,10 @@ def test_sigkill_at_each_redrive_commit_point_then_rerun_leaves_every_row_once(b
     assert proc.returncode == -9 and fired.exists(), proc.stderr.decode()[-3000:]
     during = sink_ids(spec.sink_root)
     assert len(during) == len(set(during)), "a reader saw a row twice right after the crash"
+    # an ordinary run's finalize (no re-drive) rolls a committed re-drive forward and counts it
+    manifest = finalize_job(spec, orphan_grace_s=0)
+    assert manifest["rows_out"] + manifest["rows_rejected"] == ROWS == len(sink_ids(spec.sink_root)) + len(rejected_lines(spec))
+    assert manifest["redrives"] == (0 if point == "redrive_before_sentinel" else 1)
 
     manifest = run_redrive(spec)
     assert sink_ids(spec.sink_root) == list(range(ROWS))
@@ -235,3 +239,14 @@ def test_redrive_on_s3_of_parquet_rows_killed_before_retire(s3_server, s3_bucket
     # only the re-drives not committed before the kill were computed in the rerun
     assert sum(len(json.loads(line)) for line in calls.read_text().splitlines()) <= 3
     assert sink_status(spec.sink, None, options).problems == []
+
+
+def test_two_redrive_runs_at_once_commit_each_unit_once(broken):
+    spec, marker = broken
+    marker.unlink()
+    results = two_runs_at_once(redrive_spec(spec))
+    statuses = sorted(s for run, _ in results for s in run)
+    assert statuses.count("computed") + statuses.count("lost_race") + statuses.count("skipped") == 2 * FILES
+    assert statuses.count("computed") == FILES
+    assert [rows_out for _, rows_out in results] == [ROWS, ROWS]
+    assert sink_ids(spec.sink_root) == list(range(ROWS)) and rejected_lines(spec) == []
