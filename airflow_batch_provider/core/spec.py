@@ -178,9 +178,9 @@ class JobSpec:
     predictor_secrets: dict[str, str] = field(default_factory=dict)
     bad_rows: str = "fail"
     max_bad_rows: int | float | None = None
-    redrive_rejected: bool | str = False
     input_schema: dict[str, str] | None = None
     output_schema: dict[str, str] | None = None
+    redrive_rejected: bool | str = False
     #: deprecated name of ``num_replicas``, accepted when building (read ``num_replicas``)
     num_workers: InitVar[int | None] = None
 
