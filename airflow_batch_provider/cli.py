@@ -141,6 +141,7 @@ def render_status(status: api.SinkStatus) -> str:
         f"{status.quarantined:,} quarantined",
         f"rows        {status.rows_in:,} in, {status.rows_out:,} out, {status.rows_rejected:,} rejected "
         f"(planned {status.planned_rows:,})",
+        *_redrive_lines(status),
         f"bytes       {_mib(status.bytes)}",
         f"counters    {', '.join(f'{name} {_figure(value)}' for name, value in own.items()) or '-'}",
         f"compute     {_compute(status.counters)}",
@@ -161,6 +162,21 @@ def render_status(status: api.SinkStatus) -> str:
     lines += [f"PROBLEM {problem}" for problem in status.problems]
     lines.append(f"(read in {status.seconds:.2f} s; {len(status.problems)} problem(s))")
     return "\n".join(lines)
+
+
+def _redrive_lines(status: api.SinkStatus) -> list[str]:
+    """Rejected rows waiting in ``_rejected/``, and how to compute them again (docs/redrive.md)."""
+    lines = []
+    if status.rows_rejected:
+        lines.append(
+            f"rejected    {status.rows_rejected:,} rows in {status.rejected_files:,} file(s) under {status.sink}/_rejected/; "
+            "once the predictor is fixed, compute them again with a run of redrive_rejected=True (a spec option, or "
+            "trigger the DAG with conf {\"redrive_rejected\": true} where the spec templates it; docs/redrive.md)"
+        )
+    if status.redrives:
+        lines.append(f"re-driven   {status.rows_redriven:,} rows in {status.redrives:,} re-drive(s); "
+                     f"the files they retired are in {status.sink}/_rejected/_retired/")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -311,3 +311,27 @@ def test_status_shows_counters_tokens_per_second_and_the_cost(tmp_path, jsonl_so
         main(["status", spec.sink, "--gpu-hour-price", "-1"])
     assert exit_status.value.code == 2  # argparse's, for a bad argument
     assert "is not a price" in capsys.readouterr().err
+
+
+def test_status_shows_rejected_rows_waiting_for_a_redrive_and_how_to_run_it(tmp_path, jsonl_source, capsys):
+    import dataclasses
+
+    from airflow_batch_provider.core.domain.jobs import finalize_job
+
+    marker = tmp_path / "broken"
+    marker.touch()
+    spec = JobSpec(source=jsonl_source, source_format="jsonl", sink=str(tmp_path / "out"), predictor="tests.predictors:Doubler",
+                   rows_per_shard=100, bad_rows="skip", predictor_kwargs={"fail_marker": str(marker), "fail_mod": 97})
+    run_some(spec, 5)
+    assert main(["status", spec.sink]) == 0
+    text = capsys.readouterr().out
+    assert "rejected    4 rows in 3 file(s)" in text and "redrive_rejected=True" in text
+    marker.unlink()
+    run_some(dataclasses.replace(spec, redrive_rejected=True), 3)
+    finalize_job(spec)
+    assert main(["status", spec.sink]) == 0
+    text = capsys.readouterr().out
+    assert "380 out, 0 rejected" in text and "re-driven   4 rows in 3 re-drive(s)" in text
+    assert "rejected    " not in text
+    assert main(["verify", spec.sink]) == 0
+    assert "8 committed parts checked, 0 problem(s)" in capsys.readouterr().out

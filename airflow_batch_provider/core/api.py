@@ -122,12 +122,13 @@ def committed_results(spec: JobSpec, storage_options: dict[str, Any] | None, sha
     next shard task rolls it forward)."""
     from airflow_batch_provider.core.domain.commit import inspect_shard
     from airflow_batch_provider.core.domain.layout import JobStorage
+    from airflow_batch_provider.core.domain.redrive import inspect_unit
     from airflow_batch_provider.core.domain.results import ShardResult
 
     storage = JobStorage.for_spec(spec, storage_options)
     results = []
     for shard in shards:
-        check = inspect_shard(storage, shard)
+        check = inspect_unit(storage, shard) if shard.redrive else inspect_shard(storage, shard)
         if not check.committed:
             return None
         results.append(ShardResult.skipped(shard.shard_id, check.sentinel, note="committed while its Ray replica went away").to_dict())

@@ -20,6 +20,9 @@ ENV = "ABP_FAILPOINTS"
 POINTS = ("mid_part", "before_sentinel", "before_publish", "before_publish_rejected", "after_publish", "finalize_before_manifest")
 #: finalize re-typing a part: after staging it, after replacing its sentinel (before publishing)
 RETYPE_POINTS = ("retype_before_sentinel", "retype_before_publish")
+#: a re-drive's commit: before its sentinel, before publishing its part and rejected rows, and
+#: before retiring the rejected-rows file it computed again
+REDRIVE_POINTS = ("redrive_before_sentinel", "redrive_before_publish", "redrive_before_retire")
 
 
 class FailpointError(RuntimeError):

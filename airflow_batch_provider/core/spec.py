@@ -146,6 +146,12 @@ class JobSpec:
         status page, ``airflow-batch status`` and the finalize log show the job's cost,
         ``gpu_seconds / 3600 * gpu_hour_price`` (``docs/counting.md``). Not fingerprinted: a
         new price never recomputes a shard.
+    :param redrive_rejected: also compute again the rows committed shards rejected into
+        ``_rejected/`` (after the predictor was fixed): one re-drive unit per rejected-rows file,
+        committed like a shard (``domain/redrive.py``, ``docs/redrive.md``). Not fingerprinted
+        (it changes which rows are tried again, not what a row computes to). A string
+        ``"true"``/``"false"`` is taken too, so a template (``"{{ params.redrive_rejected }}"``)
+        can set it per DAG run.
 
     Credentials are not part of the spec: the core takes storage options (s3fs style) next
     to it, and the Airflow layer's ``BatchSpec`` adds the connection they come from. The
@@ -179,6 +185,7 @@ class JobSpec:
     input_schema: dict[str, str] | None = None
     output_schema: dict[str, str] | None = None
     gpu_hour_price: float | None = None
+    redrive_rejected: bool | str = False
     #: deprecated name of ``num_replicas``, accepted when building (read ``num_replicas``)
     num_workers: InitVar[int | None] = None
 
@@ -257,6 +264,7 @@ class JobSpec:
         if clash:
             raise BatchSpecError(f"{clash} are in both predictor_kwargs and predictor_secrets; give each argument once")
         _require_choice(self, "bad_rows", BAD_ROW_POLICIES)
+        object.__setattr__(self, "redrive_rejected", _flag(self.redrive_rejected, "redrive_rejected"))
         limit = self.max_bad_rows
         if limit is not None:
             if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 or (isinstance(limit, float) and limit >= 1):
@@ -430,6 +438,22 @@ def _require_str(spec: JobSpec, name: str) -> None:
     value = getattr(spec, name)
     if not isinstance(value, str) or not value.strip():
         raise BatchSpecError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _flag(value: Any, name: str) -> bool | str:
+    """A yes/no field that a template may set: a bool, ``"true"``/``"false"`` (any case, as a
+    rendered ``{{ params.x }}`` gives it) or, before rendering, the template itself."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no", "", "none"):
+            return False
+        if "{{" in value or "{%" in value:
+            return value  # a template: rendered (and read again) when the task runs
+    raise BatchSpecError(f"{name} must be true or false (or a template that renders to one), got {value!r}")
 
 
 def _require_choice(spec: JobSpec, name: str, allowed: tuple[str, ...]) -> None:

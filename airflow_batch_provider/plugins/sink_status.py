@@ -180,6 +180,7 @@ def render(status: api.SinkStatus, conn_id: str | None) -> str:
         ("Rows in", f"{status.rows_in:,} of {status.planned_rows:,}"),
         ("Rows out", f"{status.rows_out:,}"),
         ("Rows rejected", f"{status.rows_rejected:,}"),
+        ("Rows re-driven", f"{status.rows_redriven:,}"),  # computed again after a fix: docs/redrive.md
         ("Bytes written", f"{status.bytes / (1 << 20):,.1f} MiB"),
         ("Throughput", f"{rate:,.0f} rows/s" if rate else "-"),
     ]

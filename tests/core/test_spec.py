@@ -144,3 +144,13 @@ def test_shape_and_code_shipping_are_not_fingerprinted():
     shaped = make(num_gpus=1, accelerator_type="L4", resources={"x": 1}, memory=1 << 30, runtime_env={"pip": ["numpy"]}, min_replicas=1)
     assert shaped.fingerprint == make().fingerprint
     assert JobSpec.from_dict(shaped.to_dict()) == shaped
+
+
+def test_redrive_rejected_takes_a_rendered_template_value():
+    assert make(redrive_rejected="True").redrive_rejected is True
+    assert make(redrive_rejected="false").redrive_rejected is False
+    assert make(redrive_rejected="{{ params.redrive }}").redrive_rejected == "{{ params.redrive }}"  # rendered at run time
+    with pytest.raises(BatchSpecError, match="redrive_rejected must be true or false"):
+        make(redrive_rejected="maybe")
+    # not fingerprinted: a re-drive runs under the spec that committed the shards
+    assert make(redrive_rejected=True).fingerprint == make().fingerprint

@@ -103,15 +103,18 @@ class DagTester:
         extra_env: dict[str, str] | None = None,
         dag_id: str | None = None,
         logical_date: str | None = None,
+        conf: dict[str, Any] | None = None,
     ) -> DagRun:
         """One ``airflow dags test``; the same ``logical_date`` again is the same DAG run (its
-        run id comes from the date), as a cleared run is."""
+        run id comes from the date), as a cleared run is. ``conf``: the DAG run's conf, as a
+        user triggering the DAG gives it."""
         spec_path = os.path.join(self.home, "spec.json")
         with open(spec_path, "w") as handle:
             json.dump(spec.to_dict() if hasattr(spec, "to_dict") else spec or {}, handle)  # either spec: the DAG builds the Airflow one
         env = {**self.env, "ABP_TEST_SPEC": spec_path, "ABP_TEST_SHARD_RETRIES": str(shard_retries), **(extra_env or {})}
         proc = subprocess.run(
-            [self._airflow, "dags", "test", dag_id or self.dag_id, *([logical_date] if logical_date else [])],
+            [self._airflow, "dags", "test", *(["--conf", json.dumps(conf)] if conf else []), dag_id or self.dag_id,
+             *([logical_date] if logical_date else [])],
             env=env, capture_output=True, text=True, cwd=ROOT, timeout=600,
         )
         return DagRun(proc.returncode, proc.stdout + proc.stderr)

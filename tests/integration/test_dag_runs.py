@@ -160,3 +160,34 @@ def test_messy_jsonl_with_file_urls_gives_one_schema(dag_tester, tmp_path):
     assert table.column("value").to_pylist()[99:101] == [99.0, 100.5]
     assert table.column("note").to_pylist()[98:] == [None] * 52 + [f"n{i}" for i in range(150, 160)]
     assert json.load(open(tmp_path / "out" / "_SUCCESS"))["schema"]["columns"] == {"id": "int64", "value": "float64", "note": "string"}
+
+
+def test_redrive_after_a_fix_computes_only_the_rejected_rows(dag_tester, jsonl_source, tmp_path):
+    """A predictor that raises on some rows under bad_rows="skip": the run succeeds with them in
+    _rejected/. The user fixes the predictor and triggers the same DAG with
+    conf {"redrive_rejected": true} (the spec templates it): only those rows are computed, each
+    lands once in the sink, the rejected files are retired and _SUCCESS counts them."""
+    calls, marker = tmp_path / "calls.log", tmp_path / "predictor-broken"
+    marker.touch()
+    spec = make_spec(
+        jsonl_source, str(tmp_path / "out"), bad_rows="skip", redrive_rejected="{{ dag_run.conf.get('redrive_rejected', False) }}",
+        predictor_kwargs={"calls_log": str(calls), "fail_marker": str(marker), "fail_mod": 97},
+    )
+    first = dag_tester.run(spec)
+    assert first.state == "success", first.output[-3000:]
+    manifest = json.load(open(os.path.join(spec.sink_root, "_SUCCESS")))
+    assert (manifest["rows_out"], manifest["rows_rejected"]) == (376, 4)
+    rejected = os.path.join(spec.sink_root, "_rejected")
+    assert len([n for n in os.listdir(rejected) if n.endswith(".jsonl")]) == 3
+    os.remove(marker)  # the fix
+    calls.write_text("")
+
+    second = dag_tester.run(spec, conf={"redrive_rejected": True})
+    assert second.state == "success", second.output[-3000:]
+    assert second.plan_counts() == (5, 5, 3)  # no shard again: three re-drive units
+    assert sorted(logged_ids(calls)) == [0, 97, 194, 291]  # only the rejected rows were computed
+    assert sink_table(spec.sink_root).column("id").to_pylist() == list(range(380))
+    assert [n for n in os.listdir(rejected) if n.endswith(".jsonl")] == []
+    assert len(os.listdir(os.path.join(rejected, "_retired"))) == 3
+    manifest = json.load(open(os.path.join(spec.sink_root, "_SUCCESS")))
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"], manifest["rows_redriven"]) == (380, 380, 0, 4)

@@ -30,6 +30,9 @@ was computed under (``attempt["plan_id"]``) withdraws its commit when that plan 
 replaced by one without its shard; the planner withdraws what such an attempt commits too
 late to see the new plan (``withdraw``), so a superseded plan never adds rows to a sink.
 
+A shard's rejected-rows file may later be *retired* by a re-drive (``redrive.py``), which
+computed its rows again: it then lives under ``_rejected/_retired/`` and counts as in place.
+
 What this promises a user across crashes and reruns, and how it was tested: docs/guarantees.md.
 """
 
@@ -43,7 +46,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_batch_provider.core import failpoints
-from airflow_batch_provider.core.domain.layout import SENTINEL_SCHEMA_VERSION, InvalidSentinel, JobStorage, parse_sentinel
+from airflow_batch_provider.core.domain.layout import (
+    SENTINEL_SCHEMA_VERSION,
+    InvalidSentinel,
+    JobStorage,
+    parse_sentinel,
+    redrive_id,
+    split_redrive_id,
+)
 from airflow_batch_provider.core.domain.planning import Shard
 from airflow_batch_provider.core.errors import CommitError, StaleCheckpointError, StorageError
 from airflow_batch_provider.core.spec import JobSpec, describe_fingerprint_change
@@ -92,7 +102,7 @@ def check_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
         return ShardCheck(committed=False)
     problem, rolled = _published_problem(storage, storage.part_path(shard.shard_id), sentinel) if _has_part(sentinel) else ("", False)
     rejected = sentinel.get("rejected")
-    if not problem and rejected:
+    if not problem and rejected and not _retired(storage, shard.shard_id, rejected):
         problem, _ = _published_problem(storage, storage.rejected_path(shard.shard_id), rejected)
     if problem:
         return ShardCheck(False, note=quarantine(storage, shard.shard_id, problem))
@@ -125,10 +135,21 @@ def inspect_shard(storage: JobStorage, shard: Shard) -> ShardCheck:
     if _has_part(sentinel):
         part = storage.part_path(shard.shard_id)
         problem = _part_problem(part, sentinel, storage.sink.size(part))
-    if not problem and sentinel.get("rejected"):
+    if not problem and sentinel.get("rejected") and not _retired(storage, shard.shard_id, sentinel["rejected"]):
         path = storage.rejected_path(shard.shard_id)
         problem = _part_problem(path, sentinel["rejected"], storage.sink.size(path))
     return ShardCheck(committed=not problem, sentinel=None if problem else sentinel, note=problem)
+
+
+def _retired(storage: JobStorage, unit_id: str, record: dict[str, Any]) -> bool:
+    """Whether the rejected-rows file ``record`` names is missing from ``_rejected/`` because
+    the next re-drive of ``unit_id`` retired it (``redrive.py``): then it is in place. The
+    re-drive sentinel is read only when the file is missing."""
+    if storage.sink.size(storage.rejected_path(unit_id)) is not None:
+        return False
+    shard_id, generation = split_redrive_id(unit_id)
+    link = storage.read_redrive_sentinel(redrive_id(shard_id, generation + 1)).record
+    return link is not None and (link.get("retires") or {}).get("sha256") == record.get("sha256")
 
 
 def _read_sentinel(storage: JobStorage, shard: Shard) -> tuple[dict[str, Any] | None, str]:

@@ -71,6 +71,11 @@ class SinkStatus:
     rows_out: int = 0
     rows_rejected: int = 0
     bytes: int = 0
+    #: re-drives committed (``domain/redrive.py``), the rows they computed again, and the
+    #: rejected-rows files still in ``_rejected/`` (what a re-drive would take next)
+    redrives: int = 0
+    rows_redriven: int = 0
+    rejected_files: int = 0
     finalized_at: float | None = None
     #: when ``plan.json`` was last written: the start the speed is measured from
     planned_at: float | None = None
@@ -196,6 +201,20 @@ class SinkReading:
                 _sentinel_cache.popitem(last=False)
         return [found[n] for n in sorted(found)]
 
+    def redrive_links(self) -> list[dict[str, Any]]:
+        """Every re-drive sentinel that names its unit (read leniently): one listing, then a
+        GET each (none when nothing was ever re-driven). Unreadable ones join ``unreadable``."""
+        files = self.files
+        listed = files.redrive_sentinel_files()
+
+        def read(name: str) -> tuple[str, dict[str, Any] | None]:
+            return name, files.read_redrive_sentinel(name[: -len(SENTINEL_SUFFIX)], strict=False).record
+
+        with ThreadPoolExecutor(SENTINEL_READ_THREADS) as pool:
+            read_now = list(pool.map(read, sorted(listed)))
+        self.unreadable += sorted(f"{files.redrive_dir}/{n}" for n, d in read_now if d is None)
+        return [d for _, d in read_now if d is not None]
+
     def manifest_raw(self) -> bytes | None:
         """``_SUCCESS``'s bytes, read once per ``SinkReading``."""
         if not hasattr(self, "_manifest_raw"):
@@ -215,14 +234,20 @@ class SinkReading:
         """A finalized sink's ``_SUCCESS`` holds every committed part's figures: one GET instead
         of one per sentinel, when it names exactly the sentinels listed."""
         manifest = self.manifest()
-        parts = (manifest or {}).get("parts")
+        parts = [p for p in (manifest or {}).get("parts") or [] if isinstance(p, dict) and not p.get("redrive_of")]
         if not parts or {f"{p.get('shard_id')}{SENTINEL_SUFFIX}" for p in parts} != set(listed):
             return None
         return sorted(parts, key=lambda p: p["shard_id"])
 
 
+def retired_names(links: list[dict[str, Any]]) -> set[str]:
+    """The rejected-row files that committed re-drives retired (moved to ``_rejected/_retired/``)."""
+    return {(link.get("retires") or {}).get("name") for link in links} - {None}
+
+
 def layout_problems(reading: SinkReading, plan: Plan | None, sentinels: list[dict[str, Any]],
-                    before: tuple[dict[str, Any], dict[str, Any]], *, check_parts: bool) -> list[str]:
+                    before: tuple[dict[str, Any], dict[str, Any]], *, check_parts: bool,
+                    links: list[dict[str, Any]] = ()) -> list[str]:
     """What the listings show wrong, one line each: sentinels that do not parse, part and
     rejected-row files that no sentinel names, and (``check_parts``) committed files gone or of
     another size; a plan and a ``_SUCCESS`` that disagree with the sentinels. Listings only, no
@@ -238,7 +263,8 @@ def layout_problems(reading: SinkReading, plan: Plan | None, sentinels: list[dic
     rejected_dir = files.rejected_dir
     parts, rejected = reading.outputs() if check_parts else before
     named_parts, named_rejected = set(), set()
-    for sentinel in sentinels:
+    retired = retired_names(links)
+    for sentinel in [*sentinels, *links]:
         shard_id, part, record = sentinel["shard_id"], sentinel.get("part"), sentinel.get("rejected")
         expected = [(sink, part, sentinel.get("bytes"), parts)] if part else []
         if record:  # a sentinel holds {name, bytes, ...}; _SUCCESS's copy only the name
@@ -246,7 +272,7 @@ def layout_problems(reading: SinkReading, plan: Plan | None, sentinels: list[dic
             expected.append((rejected_dir, name, record.get("bytes") if isinstance(record, dict) else None, rejected))
         for directory, name, size, found in expected:
             (named_parts if found is parts else named_rejected).add(name)
-            if not check_parts:
+            if not check_parts or (found is rejected and name in retired):  # a retired file lives in _retired/
                 continue
             if name not in found:
                 problems.append(f"{directory}/{name}: missing (shard {shard_id} is committed)")
@@ -267,7 +293,7 @@ def layout_problems(reading: SinkReading, plan: Plan | None, sentinels: list[dic
     if reading.manifest_raw() is not None and manifest is None:
         problems.append(f"{manifest_path}: does not parse as JSON; readers cannot trust this sink. Run the finalize task again")
     if manifest is not None:
-        listed_parts = {p.get("shard_id"): p for p in manifest.get("parts") or [] if isinstance(p, dict)}
+        listed_parts = {p.get("shard_id"): p for p in manifest.get("parts") or [] if isinstance(p, dict) and not p.get("redrive_of")}
         not_committed = sorted(planned - set(committed))
         if not_committed:
             problems.append(f"{manifest_path} is there, but {len(not_committed)} planned shard(s) are not committed "
@@ -298,6 +324,7 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
     plan = files.read_plan()
     before = reading.outputs()
     sentinels = reading.sentinels()
+    links = reading.redrive_links()
     reading.require_sink(plan)
     if plan is not None:
         status.planned_at = files.checkpoint.modified_at(files.plan_path)
@@ -312,11 +339,15 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
                int(s.get("rows_rejected", 0)), int(s.get("bytes", 0)), s.get("committed_at"), dict(s.get("counters") or {}))
         for s in sentinels
     ]
-    status.counters = summed(c.counters for c in commits)
+    status.counters = summed([*(c.counters for c in commits), *(link.get("counters") for link in links)])
+    retired = retired_names(links)
+    current = [s for s in [*sentinels, *links] if _rejected_name(s) and _rejected_name(s) not in retired]
     status.rows_in = sum(c.rows_in for c in commits)
-    status.rows_out = sum(c.rows_out for c in commits)
-    status.rows_rejected = sum(c.rows_rejected for c in commits)
-    status.bytes = sum(c.bytes for c in commits)
+    status.rows_out = sum(c.rows_out for c in commits) + sum(int(link.get("rows_out", 0)) for link in links)
+    status.rows_rejected = sum(int(s.get("rows_rejected", 0)) for s in current)
+    status.rejected_files = len(current)
+    status.redrives, status.rows_redriven = len(links), sum(int(link.get("rows_in", 0)) for link in links)
+    status.bytes = sum(c.bytes for c in commits) + sum(int(link.get("bytes", 0)) for link in links)
     stamped = sorted((c for c in commits if c.committed_at), key=lambda c: c.committed_at)
     if stamped:
         status.first_commit_at, status.last_commit_at = stamped[0].committed_at, stamped[-1].committed_at
@@ -329,7 +360,7 @@ def sink_status(sink: str, checkpoint_dir: str | None = None, storage_options: d
     manifest = reading.manifest() or {}
     status.finalized_at = manifest.get("finalized_at")
     status.gpu_hour_price = _price(gpu_hour_price, manifest, sentinels)
-    status.problems = layout_problems(reading, plan, sentinels, before, check_parts=True)
+    status.problems = layout_problems(reading, plan, sentinels, before, check_parts=True, links=links)
     status.seconds = time.perf_counter() - started
     return status
 
@@ -359,6 +390,8 @@ def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: d
     plan = files.read_plan()
     before = reading.outputs()
     sentinels = reading.sentinels(use_manifest=False)
+    links = reading.redrive_links()
+    retired = retired_names(links)
     reading.require_sink(plan)
 
     def check_file(path: str, recorded: dict[str, Any], shard_id: str) -> str:
@@ -381,15 +414,15 @@ def verify_sink(sink: str, checkpoint_dir: str | None = None, storage_options: d
         if not ("part" in sentinel and sentinel["part"] is None):  # a shard with no rows out has no part
             problem = check_file(f"{files.sink_root}/{sentinel.get('part', '')}", sentinel, sentinel["shard_id"])
         rejected = sentinel.get("rejected")
-        if not problem and rejected:
+        if not problem and rejected and rejected.get("name") not in retired:
             problem = check_file(files.rejected_path(sentinel["shard_id"]), rejected, sentinel["shard_id"])
         return problem
 
     with ThreadPoolExecutor(VERIFY_THREADS) as pool:
-        problems = [p for p in pool.map(check, sentinels) if p]
+        problems = [p for p in pool.map(check, [*sentinels, *links]) if p]
     found = set(problems)  # a part gone is named once, by its re-read
-    problems += [p for p in layout_problems(reading, plan, sentinels, before, check_parts=False) if p not in found]
-    return Verification(checked=len(sentinels), problems=sorted(problems))
+    problems += [p for p in layout_problems(reading, plan, sentinels, before, check_parts=False, links=links) if p not in found]
+    return Verification(checked=len(sentinels) + len(links), problems=sorted(problems))
 
 
 def collect_garbage(sink: str, checkpoint_dir: str | None = None, storage_options: dict[str, Any] | None = None,
@@ -408,6 +441,7 @@ def collect_garbage(sink: str, checkpoint_dir: str | None = None, storage_option
             "staged data is committed. If the job sets checkpoint_dir, pass it (--checkpoint-dir)."
         )
     sentinels = reading.sentinels(use_manifest=False)
+    sentinels += reading.redrive_links()  # a re-drive's staged files are committed the same way
     if reading.unreadable:
         raise NotASinkError(
             f"{len(reading.unreadable)} sentinel(s) cannot be read (e.g. {reading.unreadable[0]}): gc cannot tell what "
@@ -438,6 +472,11 @@ def collect_garbage(sink: str, checkpoint_dir: str | None = None, storage_option
             remove()
         lines.append(("removed " if apply else "would remove ") + what)
     return lines
+
+
+def _rejected_name(commit: dict[str, Any]) -> str | None:
+    record = commit.get("rejected")
+    return record.get("name") if isinstance(record, dict) else record
 
 
 def _same_staged(handle: dict[str, Any], referenced: dict[str, Any]) -> bool:

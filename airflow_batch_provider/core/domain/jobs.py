@@ -16,6 +16,7 @@ from typing import Any
 
 from airflow_batch_provider.core import failpoints
 from airflow_batch_provider.core.counters import cost, summed
+from airflow_batch_provider.core.domain import redrive
 from airflow_batch_provider.core.domain.commit import check_shard, different_spec_error, remove_stale_rejected, withdraw
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import LINES, Plan, Shard, find_inputs, hidden_inputs_note, split_file
@@ -59,6 +60,11 @@ def plan_job(spec: JobSpec, storage: JobStorage | None = None, *, reset_key: str
     for _ in range(2):
         job = _plan_once(storage, files, notes)
         if job is not None:
+            if spec.redrive_rejected is True:
+                pending = {s.shard_id for s in job.pending}
+                units, redrive_notes = redrive.plan_units(storage, job.plan.shards, storage.committed_ids() - pending)
+                job.pending += units
+                job.notes += redrive_notes
             return job
     raise StaleCheckpointError(f"{storage.plan_path} keeps changing under this planner (several runs are planning this sink at once); retry the plan task")
 
@@ -275,6 +281,7 @@ def reset_job(storage: JobStorage) -> str:
             kept += 1
             continue
         removed += withdraw(storage, shard_id, raw, sentinel)  # its part and its rejected rows
+    removed += redrive.withdraw_all(storage)  # re-drives: their parts, rejected rows, retired files
     removed_quarantined = _remove_quarantined_parts(storage)
     delete_output_schema(storage)
     storage.checkpoint.delete(storage.plan_path)
@@ -349,7 +356,10 @@ def finalize_job(
     ]
     if short:
         raise IncompleteJobError(_incomplete_message(spec, short, "read a different number of rows than planned"))
-    expected = {storage.part_name(s.shard_id) for s in plan.shards}
+    # Re-drives of rejected rows: stale ones withdrawn, committed ones rolled forward.
+    chains = redrive.settle_all(storage, plan.shards, [c.sentinel or {} for c in checks])
+    links = [link for chain in chains for link in chain.links]
+    expected = {storage.part_name(s.shard_id) for s in plan.shards} | {link["part"] for link in links if link.get("part")}
     strays = sorted(n for n in storage.part_files() if n not in expected)
     if strays:
         raise IncompleteJobError(
@@ -358,11 +368,14 @@ def finalize_job(
             "this job's sentinels name, never files it did not write)."
         )
     rejected_names = {storage.rejected_path(s.shard_id).rsplit("/", 1)[-1] for s in plan.shards}
+    rejected_names |= {redrive.rejected_name(link["shard_id"]) for link in links}
     _abort_idle_staged(storage, expected | rejected_names, orphan_grace_s)
     _remove_stale_rejected(storage, plan.shards, checks)
     # Parts committed with a column as type null that a later shard typed: re-typed (the
     # model is not called), so every part has the schema _SUCCESS records.
     sentinels = retype_parts(storage, plan.shards, [c.sentinel or {} for c in checks])
+    retired = {name for chain in chains for name in chain.retired}
+    commits = [*sentinels, *links]  # every commit record: a shard's or a re-drive's
     failpoints.hit("finalize_before_manifest")
     output_schema = known_output_schema(storage)
     manifest = {
@@ -372,11 +385,15 @@ def finalize_job(
         "sink": spec.sink_root,
         "finalized_at": time.time(),
         "shards": len(plan.shards),
+        # rows_in: the input's rows (a re-drive reads no new ones); rows_out: every part's;
+        # rows_rejected: the rows still rejected (each chain's tip), not those a re-drive retired
         "rows_in": sum(s.get("rows_in", 0) for s in sentinels),
-        "rows_out": sum(s.get("rows_out", 0) for s in sentinels),
-        "rows_rejected": sum(s.get("rows_rejected", 0) for s in sentinels),
+        "rows_out": sum(s.get("rows_out", 0) for s in commits),
+        "rows_rejected": sum(s.get("rows_rejected", 0) for s in commits if _rejected_name(s) not in retired),
+        "rows_redriven": sum(link.get("rows_in", 0) for link in links),
+        "redrives": len(links),
         "rejected_dir": storage.rejected_dir,
-        "bytes": sum(s.get("bytes", 0) for s in sentinels),
+        "bytes": sum(s.get("bytes", 0) for s in commits),
         "input_schema": plan.input_schema,
         "schema": schema_to_json(output_schema) if output_schema is not None else None,
         "parts": [
@@ -392,11 +409,14 @@ def finalize_job(
                 "input_fingerprint": s["input_fingerprint"],
                 "committed_at": s.get("committed_at"),
                 "counters": s.get("counters") or {},
+                # additive: only where a re-drive is involved
+                **({"rejected_retired": True} if _rejected_name(s) in retired else {}),
+                **({"redrive_of": s["redrive_of"], "generation": s.get("generation")} if s.get("redrive_of") else {}),
             }
-            for s in sentinels  # a shard that wrote no rows has no part: "part" is null
+            for s in commits  # a shard that wrote no rows has no part: "part" is null
         ],
-        # every shard's counters added up (a sentinel from before counters adds nothing)
-        "counters": summed(s.get("counters") for s in sentinels),
+        # every commit's counters added up, re-drives too (a sentinel from before counters adds nothing)
+        "counters": summed(s.get("counters") for s in commits),
     }
     if spec.gpu_hour_price is not None:
         manifest["gpu_hour_price"] = spec.gpu_hour_price
@@ -417,6 +437,10 @@ def finalize_job(
             "rerun this one (from its plan task) only if its own output is wanted."
         )
     return manifest
+
+
+def _rejected_name(commit: dict[str, Any]) -> str | None:
+    return (commit.get("rejected") or {}).get("name")
 
 
 def _resetting_message(spec: JobSpec) -> str:

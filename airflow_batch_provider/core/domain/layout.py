@@ -5,6 +5,10 @@
     {sink}/part-{shard_id}.{ext}                 committed output, one per shard
     {sink}/_SUCCESS                              manifest written by finalize
     {sink}/_rejected/{shard_id}.jsonl            rows a shard rejected (bad_rows="skip"), committed with it
+    {sink}/part-{shard_id}-r{n}.{ext}            rows re-drive n of a shard's rejected rows computed
+    {sink}/_rejected/{shard_id}-r{n}.jsonl       rows re-drive n rejected again (or carried: unreadable ones)
+    {sink}/_rejected/_retired/{name}.jsonl       rejected-row files a re-drive retired (kept for the record)
+    {checkpoint_dir}/redrive/{shard_id}-r{n}.json  re-drive sentinels (the re-drives' commit records)
     {checkpoint_dir}/plan.json                   the plan, persisted once
     {checkpoint_dir}/plan.id                     its id, read by every commit (superseded plans)
     {checkpoint_dir}/reset.json                  every run that started fresh, and the reset generation
@@ -46,6 +50,9 @@ PLAN_ID_NAME = "plan.id"
 RESET_NAME = "reset.json"
 REJECTED_DIR = "_rejected"
 REJECTED_SUFFIX = ".jsonl"
+REDRIVE_DIR = "redrive"
+RETIRED_DIR = "_retired"
+REDRIVE_MARK = "-r"
 OUTPUT_SCHEMA_PREFIX = "output_schema-"
 INPUT_SCHEMA_PREFIX = "input_schema-"
 _PART_EXTENSIONS = tuple(FORMAT_EXTENSIONS[f][0] for f in FORMAT_EXTENSIONS)
@@ -67,6 +74,21 @@ def rejected_path(sink_root: str, shard_id: str) -> str:
 def is_part_name(name: str) -> bool:
     """Whether a file name in a sink has the form of our part files (any sink format)."""
     return name.startswith(PART_PREFIX) and name.endswith(_PART_EXTENSIONS)
+
+
+def redrive_id(shard_id: str, generation: int) -> str:
+    """The id of re-drive ``generation`` (1, 2, ...) of shard ``shard_id``'s rejected rows: it
+    names the re-drive's part, rejected-rows file and sentinel as a shard id names a shard's."""
+    return f"{shard_id}{REDRIVE_MARK}{generation}"
+
+
+def split_redrive_id(unit_id: str) -> tuple[str, int]:
+    """(shard id, generation) of a re-drive id; (the id, 0) for a shard's own id. Shard ids are
+    hex, so ``-r`` cannot occur in one."""
+    shard_id, mark, generation = unit_id.rpartition(REDRIVE_MARK)
+    if mark and generation.isdigit() and shard_id:
+        return shard_id, int(generation)
+    return unit_id, 0
 
 
 class InvalidSentinel(Exception):
@@ -167,6 +189,37 @@ class SinkLayout:
 
     def rejected_path(self, shard_id: str) -> str:
         return rejected_path(self.sink_root, shard_id)
+
+    @property
+    def retired_dir(self) -> str:
+        """Where re-drives move the rejected-row files they retired: below ``_rejected/``, so
+        ``read_json('sink/_rejected/*.jsonl')`` reads only the rows still rejected."""
+        return f"{self.rejected_dir}/{RETIRED_DIR}"
+
+    def retired_path(self, name: str) -> str:
+        return f"{self.retired_dir}/{name}"
+
+    @property
+    def redrive_dir(self) -> str:
+        return f"{self.checkpoint_root}/{REDRIVE_DIR}"
+
+    def redrive_sentinel_path(self, unit_id: str) -> str:
+        return f"{self.redrive_dir}/{unit_id}{SENTINEL_SUFFIX}"
+
+    def redrive_sentinel_files(self) -> dict[str, FileInfo]:
+        """The re-drive sentinels, by name: one listing (none when nothing was re-driven)."""
+        return {n: info for n, info in self.checkpoint.list_files(self.redrive_dir).items() if n.endswith(SENTINEL_SUFFIX)}
+
+    def read_redrive_sentinel(self, unit_id: str, *, strict: bool = True) -> SentinelRead:
+        """Re-drive ``unit_id``'s sentinel, parsed as a shard's is (``parse_sentinel``)."""
+        path = self.redrive_sentinel_path(unit_id)
+        raw = self.checkpoint.read_bytes(path)
+        if raw is None:
+            return SentinelRead(None, None)
+        try:
+            return SentinelRead(raw, parse_sentinel(raw, path, unit_id, strict=strict))
+        except InvalidSentinel as err:
+            return SentinelRead(raw, None, str(err))
 
     @property
     def plan_path(self) -> str:

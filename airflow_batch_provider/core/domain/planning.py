@@ -48,6 +48,10 @@ class Shard:
     rows: int  # planned rows (JSONL: physical lines, blank ones included)
     byte_start: int | None = None
     byte_end: int | None = None
+    #: set on a re-drive unit only (``domain/redrive.py``): which shard's rejected rows it
+    #: computes again, its generation and the rejected-rows file it reads and retires. Such a
+    #: unit's ``shard_id`` is ``{shard}-r{n}``; never written into plan.json.
+    redrive: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     @property
     def input_fingerprint(self) -> str:
@@ -66,7 +70,15 @@ class Shard:
         return "line" if self.unit == LINES else "row"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["redrive"] is None:
+            del data["redrive"]  # plan.json stays as older providers read it
+        return data
+
+    @property
+    def base_id(self) -> str:
+        """The shard's id; for a re-drive unit, the id of the shard whose rejected rows it computes."""
+        return self.redrive["shard_id"] if self.redrive else self.shard_id
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Shard:
@@ -122,6 +134,7 @@ class Plan:
 
     def to_json(self) -> bytes:
         data = asdict(self)
+        data["shards"] = [s.to_dict() for s in self.shards]
         return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod

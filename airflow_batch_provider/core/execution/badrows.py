@@ -18,7 +18,7 @@ from typing import Any
 
 from airflow_batch_provider.core.domain.layout import JobStorage
 from airflow_batch_provider.core.domain.planning import LINES, Shard
-from airflow_batch_provider.core.errors import BadRowLimitError, BatchError
+from airflow_batch_provider.core.errors import BadRowLimitError, BatchError, InputDataError
 from airflow_batch_provider.core.execution.writers import jsonable
 from airflow_batch_provider.core.redaction import Redactor
 from airflow_batch_provider.core.stores import StagedPart
@@ -35,7 +35,8 @@ class BadRows:
         self._storage = storage
         self._shard = shard
         self._redactor = redactor or Redactor()  # secret values never reach the sink
-        self.limit = storage.spec.bad_row_limit(shard.rows)
+        # a re-drive rejects at most the rows it was given, all rejected before: no limit
+        self.limit = None if shard.redrive else storage.spec.bad_row_limit(shard.rows)
         self.count = 0
         self.count_unread = 0  # rejected before reaching the predictor (not in the reader's row count)
         self.staged: StagedPart | None = None
@@ -76,6 +77,25 @@ class BadRows:
                 self._first.append(f"{self.position_key.replace('_', ' ')} {position} ({message})")
             if self.limit is not None and self.count > self.limit:
                 raise BadRowLimitError(self._limit_message())
+
+    def carry(self, record: dict[str, Any]) -> None:
+        """Keep a rejected record as it is in this unit's rejected rows (a re-drive's record of
+        a row it does not compute again); under ``bad_rows="fail"`` it fails the unit, as the
+        row still cannot be computed."""
+        if self._storage.spec.bad_rows == "fail":
+            where = f"{record.get('file')} {self.position_key.replace('_', ' ')} {record.get(self.position_key)}"
+            raise InputDataError(
+                f"{where}: rejected earlier ({record.get('error')}) and not computed again by this re-drive"
+                + (f" ({record['redrive_error']})" if record.get("redrive_error") else "")
+                + "; with bad_rows='fail' every re-driven row must be computed. Set bad_rows='skip' to keep it rejected."
+            )
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=jsonable) + "\n"
+        with self._lock:
+            if self.staged is None:
+                self.staged = self._storage.sink.open_staged(self._storage.rejected_path(self._shard.shard_id))
+            self.staged.stream.write(line.encode())
+            self.count += 1
+            self.count_unread += 1
 
     def _limit_message(self) -> str:
         spec = self._storage.spec

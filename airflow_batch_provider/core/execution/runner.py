@@ -15,15 +15,17 @@ import pyarrow as pa
 
 from airflow_batch_provider.core import counters, failpoints
 from airflow_batch_provider.core.domain.commit import check_shard, commit_shard
-from airflow_batch_provider.core.domain.layout import JobStorage
+from airflow_batch_provider.core.domain.layout import JobStorage, redrive_id
 from airflow_batch_provider.core.domain.planning import Shard
+from airflow_batch_provider.core.domain.redrive import check_unit, commit_unit, read_chain, read_records
 from airflow_batch_provider.core.domain.results import ShardResult
 from airflow_batch_provider.core.domain.schema.input import load_input_schema
 from airflow_batch_provider.core.domain.schema.output import has_open_columns, known_output_schema, record_output_schema, widen_output_schema
-from airflow_batch_provider.core.errors import PredictorFailedError, PredictorOutputError, PredictorUnavailableError, RowsFailed
+from airflow_batch_provider.core.errors import PredictorFailedError, PredictorOutputError, PredictorUnavailableError, RowsFailed, StaleCheckpointError
 from airflow_batch_provider.core.execution.badrows import BadRows
 from airflow_batch_provider.core.execution.batches import build_predictor, from_batch, to_batch
 from airflow_batch_provider.core.execution.readers import Batch, ReadStats, read_shard
+from airflow_batch_provider.core.execution.redrive_rows import redrive_batches
 from airflow_batch_provider.core.execution.threads import BackgroundWriter, prefetch
 from airflow_batch_provider.core.execution.writers import OutputSchemaWidened, PartWriter
 from airflow_batch_provider.core.redaction import Redactor
@@ -74,6 +76,8 @@ class ShardRunner:
 
     def _run(self, shard: Shard, attempt: dict[str, Any], on_rows: Callable[[int], None] | None) -> ShardResult:
         started = time.perf_counter()
+        if shard.redrive:
+            return self._run_redrive(shard, attempt, on_rows, started)
         check = check_shard(self.storage, shard)
         if check.committed:
             return ShardResult.skipped(shard.shard_id, check.sentinel, time.perf_counter() - started, note="already committed")
@@ -88,19 +92,18 @@ class ShardRunner:
                 # (uncommitted) shard again with it, rather than commit a part that cannot hold it.
                 log.info("shard %s: %s; writing the shard again with the widened schema", shard.shard_id, widened)
                 self._output_schema = None
-        replica_seconds = time.perf_counter() - started
-        figures = {
-            **reported,
-            counters.REPLICA_SECONDS: replica_seconds,
-            counters.MODEL_SECONDS: model_seconds,
-            counters.GPU_SECONDS: replica_seconds * float(self.spec.num_gpus or 0),
-        }
+        figures = self._figures(reported, model_seconds, started)
         won, sentinel = commit_shard(
             storage, shard, staged if part.rows else None, rows_in=stats.rows + bad.count_unread, rows_out=part.rows,
             lines=stats.lines, attempt=attempt, rejected=rejected, rows_rejected=bad.count, null_columns=part.null_columns,
             counters=figures,
         )
         failpoints.hit("after_publish")
+        if won and storage.checkpoint.size(storage.redrive_sentinel_path(redrive_id(shard.shard_id, 1))) is not None:
+            # An earlier, quarantined commit of this shard was re-driven: those re-drives are
+            # stale unless this commit rejected the very same rows (its rows are all here), so
+            # they go at once, not at finalize. One small request per commit finds out.
+            read_chain(storage, shard.shard_id, sentinel)
         return ShardResult(
             shard.shard_id,
             "computed" if won else "lost_race",
@@ -114,11 +117,56 @@ class ShardRunner:
             counters=dict(sentinel.get("counters") or {}),
         )
 
-    def _write_part(self, shard: Shard, input_schema: pa.Schema, on_rows: Callable[[int], None] | None) -> tuple:
+    def _run_redrive(self, unit: Shard, attempt: dict[str, Any], on_rows: Callable[[int], None] | None, started: float) -> ShardResult:
+        """A re-drive unit (``domain/redrive.py``): the rows of the rejected file it retires,
+        computed and committed as a shard's are."""
+        check = check_unit(self.storage, unit)
+        if check.committed:
+            return ShardResult.skipped(unit.shard_id, check.sentinel, time.perf_counter() - started, note="already committed")
+        try:
+            records = read_records(self.storage, unit.redrive["retires"]["name"], unit.redrive["retires"])
+        except StaleCheckpointError:
+            check = check_unit(self.storage, unit)  # another run's attempt committed it (and retired the file) meanwhile
+            if check.committed:
+                return ShardResult.skipped(unit.shard_id, check.sentinel, time.perf_counter() - started, note="committed by another run")
+            raise
+        input_schema = load_input_schema(self.storage)
+        while True:
+            try:
+                staged, part, _, bad, rejected, model_seconds, reported = self._write_part(unit, input_schema, on_rows, records)
+                break
+            except OutputSchemaWidened as widened:
+                log.info("re-drive %s: %s; writing it again with the widened schema", unit.shard_id, widened)
+                self._output_schema = None
+        won, sentinel = commit_unit(
+            self.storage, unit, staged if part.rows else None, rows_in=len(records), rows_out=part.rows,
+            attempt=attempt, rejected=rejected, rows_rejected=bad.count, null_columns=part.null_columns,
+            counters=self._figures(reported, model_seconds, started),
+        )
+        return ShardResult(
+            unit.shard_id, "computed" if won else "lost_race", sentinel["rows_in"], sentinel["rows_out"], sentinel["bytes"],
+            sentinel.get("rows_rejected", 0), time.perf_counter() - started, model_seconds, note=check.note,
+            counters=dict(sentinel.get("counters") or {}),
+        )
+
+    def _figures(self, reported: dict[str, Any], model_seconds: float, started: float) -> dict[str, Any]:
+        """The predictor's counters and the runner's own: the replica's seconds on the unit up
+        to its commit, the model's, and GPU-seconds (replica seconds x the spec's GPUs)."""
+        replica_seconds = time.perf_counter() - started
+        return {
+            **reported,
+            counters.REPLICA_SECONDS: replica_seconds,
+            counters.MODEL_SECONDS: model_seconds,
+            counters.GPU_SECONDS: replica_seconds * float(self.spec.num_gpus or 0),
+        }
+
+    def _write_part(self, shard: Shard, input_schema: pa.Schema, on_rows: Callable[[int], None] | None,
+                    records: list[dict[str, Any]] | None = None) -> tuple:
         """Read, predict and write ``shard`` into a staged part: (staged, part writer, read
         stats, bad rows, staged rejected rows, model seconds, the predictor's counters).
         Nothing is committed yet. The counters are this write's: a shard written again (its
-        schema widened) counts its last write, as its model seconds do."""
+        schema widened) counts its last write, as its model seconds do. ``records``: a re-drive
+        unit's rejected records, whose rows are computed instead."""
         spec, storage = self.spec, self.storage
         staged = storage.sink.open_staged(storage.part_path(shard.shard_id))
         stats = ReadStats()
@@ -135,8 +183,12 @@ class ShardRunner:
             )
             writer = BackgroundWriter(lambda item: part.write(*item))
             rows_done = 0
+            batches = (
+                read_shard(storage.source, spec, shard, stats, input_schema, bad) if records is None
+                else redrive_batches(records, input_schema, shard, spec.batch_size, bad)
+            )
             with counters.collecting() as tally:
-                for index, batch in enumerate(prefetch(read_shard(storage.source, spec, shard, stats, input_schema, bad))):
+                for index, batch in enumerate(prefetch(batches)):
                     tick = time.perf_counter()
                     outputs = self._predict(batch, shard, bad)
                     if tally.problem:
