@@ -156,7 +156,7 @@ def test_the_tasks_the_status_page_and_the_cli_resolve_the_same_options(monkeypa
         monkeypatch.delenv("AIRFLOW_CONN_AWS_DEFAULT", raising=False)
     spec = BatchSpec(source="/data/in.jsonl", sink=sink, checkpoint_dir=checkpoint_dir, storage_conn_id=conn_id, predictor="m:C")
     page_read = {}
-    monkeypatch.setattr(page.api, "sink_status", lambda sink, checkpoint_dir, options: page_read.setdefault("options", options))
+    monkeypatch.setattr(page.api, "sink_status", lambda sink, checkpoint_dir, options, **_: page_read.setdefault("options", options))
     page._status(spec)
 
     tasks = storage_options_for(spec)
