@@ -183,7 +183,9 @@ def test_autoscaler_sees_a_gpu_node_type_from_zero(cluster):
     types = autoscaler_node_types(cluster)
     gpu = types["gpu"]
     assert (gpu["min_workers"], gpu["max_workers"]) == (0, 8)
-    assert gpu["resources"]["GPU"] == 1 and gpu["resources"]["CPU"] == 8
+    assert gpu["resources"]["GPU"] == 1 and gpu["resources"]["CPU"] == 8 and gpu["resources"]["memory"] == 32 << 30
+    # the GPU model as a resource of the node type, so that a spec's accelerator_type can be met
+    assert gpu["resources"]["accelerator_type:L4"] == 1
     assert types["headgroup"]["resources"]["CPU"] == 0
     assert "GPU" not in types["cpu"]["resources"]
 
