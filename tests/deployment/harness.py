@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from tests.helpers import BIN, ROOT, free_port, logged_ids, sink_ids, write_jsonl
 
@@ -311,7 +312,6 @@ class Deployment:
     def stale_transactions(self) -> list[dict[str, Any]]:
         """Sessions of this deployment's database idle inside a transaction, with the local
         process that holds their socket (pid and command line), if any."""
-        import psutil
 
         conn = _pg_connect()
         try:
@@ -359,7 +359,6 @@ class Deployment:
         scheduler's Postgres connection, and its open transaction's row locks, alive: the next
         scheduler would then skip that DAG run); with ``descendants`` also every process it
         started in a group of its own (task processes: the supervisor gives each its own group)."""
-        import psutil
 
         proc = self.procs[name]
         victims = []
@@ -386,10 +385,10 @@ class Deployment:
 
     # -- stop --------------------------------------------------------------------------
     def stop(self) -> None:
+        # The deployment is thrown away: a short grace, then SIGKILL (Airflow's components and
+        # Ray's head take 10 s and more to shut down gracefully, for nothing a test checks).
         groups = [p.pgid for p in self.procs.values() if p.name != "ray-head"] + self.old_pgids
-        _stop_groups(groups)
-        if self.ray_pgid:
-            _stop_groups([self.ray_pgid])
+        _stop_groups(groups + ([self.ray_pgid] if self.ray_pgid else []), grace=3.0)
         for proc in self.procs.values():
             try:
                 proc.popen.wait(timeout=5)
@@ -421,11 +420,20 @@ def _stop_groups(pgids: list[int], grace: float = 10.0) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs. A member that exited but that this process
+    has not reaped yet (a zombie: the group leader we started) does not count, or every stop
+    would wait out its whole grace period."""
     try:
         os.killpg(pgid, 0)
-        return True
     except ProcessLookupError:
         return False
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.info["pid"]) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
 
 
 def _secret(root: Path, name: str) -> str:
