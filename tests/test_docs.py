@@ -18,9 +18,6 @@ DOCS = ROOT / "docs"
 #: the README is a front page: what it is, install, the two commands, a first job, links
 README_MAX_BYTES = 12 * 1024
 
-#: Pages other branches are writing at the same time as this test (issue 23). A link to one
-#: of them is accepted only while the file is absent; empty this once they are merged.
-PAGES_MERGED_LATER = {"docs/kubernetes.md"}
 
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^\s*(```|~~~)")
@@ -84,8 +81,7 @@ def test_every_relative_link_resolves(page: Path):
         dest = (page.parent / path_part).resolve() if path_part else page
         relative = dest.relative_to(ROOT.resolve()).as_posix() if dest.is_relative_to(ROOT.resolve()) else str(dest)
         if not dest.exists():
-            if relative not in PAGES_MERGED_LATER:
-                broken.append(f"{target}: no such file")
+            broken.append(f"{target}: no such file")
             continue
         if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target}: no heading with anchor #{anchor} in {relative}")

@@ -62,7 +62,7 @@ def check_wiring(config: dict) -> None:
         assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
         assert "@postgres:5432/airflow" in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
         ray = json.loads(env["AIRFLOW_CONN_RAY_BATCH_DEFAULT"])
-        assert ray["conn_type"] == "ray_batch" and ray["host"] == "ray-head"
+        assert ray["conn_type"] == "ray_batch" and ray["host"] == "ray://ray-head:10001"  # Airflow's containers are no Ray nodes
         aws = json.loads(env["AIRFLOW_CONN_AWS_DEFAULT"])
         assert aws["extra"]["endpoint_url"] == "http://s3:8333"
         assert "airflow-init" in services[name]["depends_on"]
@@ -72,6 +72,7 @@ def check_wiring(config: dict) -> None:
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
     assert "--address=ray-head:6379" in worker["command"]
+    assert "--ray-client-server-port=10001" in services["ray-head"]["command"]
     assert services["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
     assert services["airflow-init"]["build"]["dockerfile"] == "docker/Dockerfile"
 
