@@ -250,6 +250,55 @@ def withdraw(storage: JobStorage, shard_id: str, raw: bytes, sentinel: dict[str,
     return storage.checkpoint.remove_if_unchanged(storage.sentinel_path(shard_id), raw)
 
 
+def sentinel_record(
+    storage: JobStorage,
+    unit: Shard,
+    staged: StagedPart | None,
+    *,
+    rejected_name: str,
+    rows_in: int,
+    rows_out: int,
+    lines: int,
+    attempt: dict[str, Any],
+    rejected: StagedPart | None,
+    rows_rejected: int,
+    null_columns: list[str] | None,
+    counters: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The commit record of a shard or a re-drive unit (``redrive.py`` adds its own keys):
+    what was computed, where it is staged, and what the spec and input were."""
+    spec = storage.spec
+    record = {
+        "schema_version": SENTINEL_SCHEMA_VERSION,
+        "shard_id": unit.shard_id,
+        "part": storage.part_name(unit.shard_id) if staged is not None else None,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "rows_rejected": rows_rejected,
+        "rejected": None if rejected is None else {
+            "name": rejected_name,
+            "bytes": rejected.stream.bytes_written,
+            "sha256": rejected.stream.sha256,
+            "staged": rejected.handle,
+        },
+        "lines": lines,
+        "null_columns": list(null_columns or []) if staged is not None else [],
+        "bytes": staged.stream.bytes_written if staged is not None else 0,
+        "sha256": staged.stream.sha256 if staged is not None else None,
+        "input_fingerprint": unit.input_fingerprint,
+        "spec_fingerprint": spec.fingerprint,
+        "fingerprint_inputs": spec.fingerprint_inputs(),
+        "attempt": attempt,
+        "sink": spec.sink_root,
+        "staged": staged.handle if staged is not None else None,
+        "committed_at": time.time(),
+        "counters": dict(counters or {}),
+    }
+    if spec.gpu_hour_price is not None:
+        record["gpu_hour_price"] = spec.gpu_hour_price
+    return record
+
+
 def commit_shard(
     storage: JobStorage,
     shard: Shard,
@@ -275,35 +324,11 @@ def commit_shard(
     ``counters``: what computing the shard took (``core/counters.py``), recorded with the
     spec's ``gpu_hour_price`` when it sets one (so that a reader without the spec can price it).
     """
-    spec = storage.spec
-    sentinel = {
-        "schema_version": SENTINEL_SCHEMA_VERSION,
-        "shard_id": shard.shard_id,
-        "part": storage.part_name(shard.shard_id) if staged is not None else None,
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "rows_rejected": rows_rejected,
-        "rejected": None if rejected is None else {
-            "name": storage.rejected_path(shard.shard_id).rsplit("/", 1)[-1],
-            "bytes": rejected.stream.bytes_written,
-            "sha256": rejected.stream.sha256,
-            "staged": rejected.handle,
-        },
-        "lines": lines,
-        "null_columns": list(null_columns or []) if staged is not None else [],
-        "bytes": staged.stream.bytes_written if staged is not None else 0,
-        "sha256": staged.stream.sha256 if staged is not None else None,
-        "input_fingerprint": shard.input_fingerprint,
-        "spec_fingerprint": spec.fingerprint,
-        "fingerprint_inputs": spec.fingerprint_inputs(),
-        "attempt": attempt,
-        "sink": spec.sink_root,
-        "staged": staged.handle if staged is not None else None,
-        "committed_at": time.time(),
-        "counters": dict(counters or {}),
-    }
-    if spec.gpu_hour_price is not None:
-        sentinel["gpu_hour_price"] = spec.gpu_hour_price
+    sentinel = sentinel_record(
+        storage, shard, staged, rejected_name=storage.rejected_path(shard.shard_id).rsplit("/", 1)[-1], rows_in=rows_in,
+        rows_out=rows_out, lines=lines, attempt=attempt, rejected=rejected, rows_rejected=rows_rejected,
+        null_columns=null_columns, counters=counters,
+    )
     failpoints.hit("before_sentinel")
     path = storage.sentinel_path(shard.shard_id)
     raw = json.dumps(sentinel, sort_keys=True).encode()

@@ -27,15 +27,21 @@ import dataclasses
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_batch_provider.core import failpoints
-from airflow_batch_provider.core.domain.commit import ShardCheck, _abort, _gone, _published_problem, different_spec_error, plan_still_has
+from airflow_batch_provider.core.domain.commit import (
+    ShardCheck,
+    _abort,
+    _gone,
+    _published_problem,
+    different_spec_error,
+    plan_still_has,
+    sentinel_record,
+)
 from airflow_batch_provider.core.domain.layout import (
     REJECTED_SUFFIX,
-    SENTINEL_SCHEMA_VERSION,
     SENTINEL_SUFFIX,
     InvalidSentinel,
     JobStorage,
@@ -284,38 +290,16 @@ def commit_unit(
     """Create the re-drive's sentinel (the commit point), then publish its part and rejected
     rows and retire the file it read. As ``commit.commit_shard``: (won, sentinel), the
     ``counters`` recorded as a shard's are."""
-    spec, redrive = storage.spec, unit.redrive or {}
+    redrive = unit.redrive or {}
     sentinel = {
-        "schema_version": SENTINEL_SCHEMA_VERSION,
-        "shard_id": unit.shard_id,
         "redrive_of": unit.base_id,
         "generation": redrive.get("generation"),
         "retires": redrive.get("retires"),
-        "part": storage.part_name(unit.shard_id) if staged is not None else None,
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "rows_rejected": rows_rejected,
-        "rejected": None if rejected is None else {
-            "name": rejected_name(unit.shard_id),
-            "bytes": rejected.stream.bytes_written,
-            "sha256": rejected.stream.sha256,
-            "staged": rejected.handle,
-        },
-        "lines": 0,
-        "null_columns": list(null_columns or []) if staged is not None else [],
-        "bytes": staged.stream.bytes_written if staged is not None else 0,
-        "sha256": staged.stream.sha256 if staged is not None else None,
-        "input_fingerprint": unit.input_fingerprint,
-        "spec_fingerprint": spec.fingerprint,
-        "fingerprint_inputs": spec.fingerprint_inputs(),
-        "attempt": attempt,
-        "sink": spec.sink_root,
-        "staged": staged.handle if staged is not None else None,
-        "committed_at": time.time(),
-        "counters": dict(counters or {}),
+        **sentinel_record(
+            storage, unit, staged, rejected_name=rejected_name(unit.shard_id), rows_in=rows_in, rows_out=rows_out, lines=0,
+            attempt=attempt, rejected=rejected, rows_rejected=rows_rejected, null_columns=null_columns, counters=counters,
+        ),
     }
-    if spec.gpu_hour_price is not None:
-        sentinel["gpu_hour_price"] = spec.gpu_hour_price
     failpoints.hit("redrive_before_sentinel")
     path = storage.redrive_sentinel_path(unit.shard_id)
     raw = json.dumps(sentinel, sort_keys=True).encode()
