@@ -169,12 +169,37 @@ class Deployment:
         finally:
             conn.close()
 
-    def start_ray(self) -> None:
+    def start_ray(self, attempts: int = 3) -> None:
+        """Start the Ray head. Its ports come from ``free_port()``, which another process can
+        take before Ray binds one (Ray's GCS then dies with "Address already in use"): a head
+        that exits before it is up is started again on fresh ports."""
+        self.ray_token = secrets.token_hex(32)
+        for attempt in range(1, attempts + 1):
+            proc, address_file = self._spawn_ray_head()
+            wait_for(lambda proc=proc, address_file=address_file: _up_or_exited(proc, address_file), 120, what="the Ray head")
+            if address_file.exists() and address_file.read_text().strip():
+                break
+            if attempt == attempts:
+                raise RuntimeError(f"the Ray head exited ({proc.popen.returncode}); log tail:\n{proc.log.read_text()[-3000:]}")
+            shutil.rmtree(address_file.parent, ignore_errors=True)
+        env = {**self.base_env(), "RAY_AUTH_MODE": "token"}
+        self.ray_address = address_file.read_text().strip()
+        probe = (
+            "import ray; ray.init(address=%r, logging_level='ERROR'); "
+            "assert ray.cluster_resources().get('CPU'); print('ray ok')" % self.ray_address
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env={**env, "RAY_AUTH_TOKEN": self.ray_token},
+            capture_output=True, text=True, timeout=120,
+        )
+        if "ray ok" not in out.stdout:
+            raise RuntimeError(f"cannot connect to the Ray head at {self.ray_address}: {out.stderr[-2000:]}")
+
+    def _spawn_ray_head(self) -> tuple[Proc, Path]:
         # Ray's socket paths must stay short: a temp dir under /tmp, not under pytest's tmp.
         temp_dir = Path(f"/tmp/abp-ray-{os.getpid()}-{uuid.uuid4().hex[:4]}")
         temp_dir.mkdir()
         (self.root / "ray_temp_dir").write_text(str(temp_dir))
-        self.ray_token = secrets.token_hex(32)
         port = free_port()
         env = self.base_env()
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.ray_token)
@@ -189,19 +214,7 @@ class Deployment:
         ]
         proc = self._spawn("ray-head", cmd, env)
         self.ray_pgid = proc.pgid
-        address_file = temp_dir / "ray_current_cluster"
-        wait_for(lambda: address_file.exists() and address_file.read_text().strip(), 120, what="the Ray head")
-        self.ray_address = address_file.read_text().strip()
-        probe = (
-            "import ray; ray.init(address=%r, logging_level='ERROR'); "
-            "assert ray.cluster_resources().get('CPU'); print('ray ok')" % self.ray_address
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", probe], env={**env, "RAY_AUTH_TOKEN": self.ray_token},
-            capture_output=True, text=True, timeout=120,
-        )
-        if "ray ok" not in out.stdout:
-            raise RuntimeError(f"cannot connect to the Ray head at {self.ray_address}: {out.stderr[-2000:]}")
+        return proc, temp_dir / "ray_current_cluster"
 
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RAY_"))}
@@ -385,10 +398,10 @@ class Deployment:
 
     # -- stop --------------------------------------------------------------------------
     def stop(self) -> None:
-        # The deployment is thrown away: a short grace, then SIGKILL (Airflow's components and
-        # Ray's head take 10 s and more to shut down gracefully, for nothing a test checks).
         groups = [p.pgid for p in self.procs.values() if p.name != "ray-head"] + self.old_pgids
-        _stop_groups(groups + ([self.ray_pgid] if self.ray_pgid else []), grace=3.0)
+        _stop_groups(groups)
+        if self.ray_pgid:
+            _stop_groups([self.ray_pgid])
         for proc in self.procs.values():
             try:
                 proc.popen.wait(timeout=5)
@@ -417,6 +430,11 @@ def _stop_groups(pgids: list[int], grace: float = 10.0) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(_group_alive(g) for g in pgids):
         time.sleep(0.1)
+
+
+def _up_or_exited(proc: Proc, address_file: Path) -> bool:
+    """A Ray head is up once it wrote its address file; one that exited will never be."""
+    return bool(address_file.exists() and address_file.read_text().strip()) or proc.popen.poll() is not None
 
 
 def _group_alive(pgid: int) -> bool:
